@@ -1,0 +1,20 @@
+"""The typed Python face of every sparsesam op.
+
+One module per op (or op family); each checks its arguments (clear errors
+naming the argument), registers the fake impl and autograd, and routes CUDA
+tensors to the selected backend. Callers never pick kernels.
+"""
+from ._library import BACKENDS, backend, cuda_cpp_available
+from .masked_conv2d import masked_conv2d
+from .masked_linear import masked_linear
+from .masked_weight import apply_mask, masked_weight_grad
+
+__all__ = [
+    "BACKENDS",
+    "backend",
+    "cuda_cpp_available",
+    "apply_mask",
+    "masked_weight_grad",
+    "masked_linear",
+    "masked_conv2d",
+]
