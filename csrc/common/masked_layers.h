@@ -44,7 +44,9 @@ inline at::Tensor masked_linear_impl(const MaskKernels& k, const at::Tensor& x, 
                                                         : at::mm(x2, w_eff.t());
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
-  return y2.view(out_shape);
+  // _unsafe_view (as ATen's matmul does): same storage, but not marked as a
+  // view, since an op's output must not alias (autograd forbids in-place on it).
+  return at::_unsafe_view(y2, out_shape);
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_impl(
@@ -54,7 +56,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_imp
   at::Tensor g2 = grad_out.reshape({-1, grad_out.size(-1)});
   at::Tensor dx = empty_output(x), dweight = empty_output(weight), dmask = empty_output(weight);
   if (want_dx) {
-    dx = at::mm(g2, k.apply_mask(weight, mask)).view(x.sizes());
+    dx = at::_unsafe_view(at::mm(g2, k.apply_mask(weight, mask)), x.sizes());
   }
   if (want_dweight || want_dmask) {
     at::Tensor g = at::mm(g2.t(), x.reshape({-1, x.size(-1)}));  // G = dL/d(W*M), fresh buffer

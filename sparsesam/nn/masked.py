@@ -1,0 +1,123 @@
+"""MaskedLinear and MaskedConv2d: drop-in nn.Linear / nn.Conv2d with a weight mask.
+
+They subclass the torch layers (``isinstance(m, nn.Linear)`` stays true and
+every attribute is where code expects it) and add one tensor, ``weight_mask``:
+
+* ``mask_mode="fixed"``: a bool buffer (1 byte per weight); pruned entries
+  are exact zeros and never receive gradient.
+* ``mask_mode="trainable"``: a float ``nn.Parameter`` of the weight's dtype,
+  a soft or learnable mask; it receives ``dL/dM = G * W``.
+
+The name ``weight_mask`` is the one ``torch.nn.utils.prune`` uses, and
+state_dicts load in three shapes: our own, a dense model's (no mask: the
+current mask is kept) and a ``torch.nn.utils.prune`` model's
+(``weight_orig`` + ``weight_mask``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..ops import apply_mask, masked_conv2d, masked_linear
+
+MASK_MODES = ("fixed", "trainable")
+
+
+class _MaskedWeight:
+    """The mask bookkeeping shared by the masked layers (a mixin over nn.Module)."""
+
+    weight: nn.Parameter
+    weight_mask: torch.Tensor
+    mask_mode: str
+
+    def _init_mask(self, mask_mode: str = "fixed", mask: torch.Tensor | None = None) -> None:
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        self.mask_mode = mask_mode
+        if mask_mode == "fixed":
+            self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool))
+        else:
+            self.weight_mask = nn.Parameter(torch.ones_like(self.weight))
+        if mask is not None:
+            self.set_mask(mask)
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Copy ``mask`` in (bool or numeric, the weight's shape); fixed masks keep ``mask != 0``."""
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but weight has {tuple(self.weight.shape)}")
+        if mask.is_floating_point() and torch.isnan(mask).any():
+            raise ValueError("mask contains NaN")
+        if self.mask_mode == "fixed":
+            self.weight_mask.copy_(mask != 0)
+        else:
+            self.weight_mask.copy_(mask)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of weights whose mask entry is zero."""
+        return 1.0 - float(torch.count_nonzero(self.weight_mask)) / max(self.weight_mask.numel(), 1)
+
+    def effective_weight(self) -> torch.Tensor:
+        """``weight * mask``: what the forward uses (differentiable)."""
+        return apply_mask(self.weight, self.weight_mask)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A torch.nn.utils.prune checkpoint stores the dense weight as weight_orig.
+        orig = state_dict.pop(prefix + "weight_orig", None)
+        if orig is not None and prefix + "weight" not in state_dict:
+            state_dict[prefix + "weight"] = orig
+        mask_key = prefix + "weight_mask"
+        had_mask = mask_key in state_dict
+        if had_mask and self.mask_mode == "fixed":
+            state_dict[mask_key] = state_dict[mask_key] != 0
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if not had_mask and mask_key in missing_keys:
+            # A dense checkpoint: the weights load, the current mask stays.
+            missing_keys.remove(mask_key)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mask_mode={self.mask_mode}, sparsity={self.sparsity:.4f}"
+
+
+class MaskedLinear(_MaskedWeight, nn.Linear):
+    """``nn.Linear`` computing ``x (W*M)^T + b`` with sparsesam's fused masked op."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 mask_mode: str = "fixed", mask: torch.Tensor | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_mask(mask_mode, mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return masked_linear(x, self.weight, self.weight_mask, self.bias)
+
+
+class MaskedConv2d(_MaskedWeight, nn.Conv2d):
+    """``nn.Conv2d`` convolving with ``W*M`` through sparsesam's fused masked op.
+
+    Every nn.Conv2d option works: string paddings ('same', 'valid') and
+    non-zero padding modes are applied with ``F.pad`` first, as nn.Conv2d does.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
+                 mask_mode: str = "fixed", mask: torch.Tensor | None = None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
+        self._init_mask(mask_mode, mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0, 0)
+        return masked_conv2d(x, self.weight, self.weight_mask, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+# The dense layer each masked layer stands in for.
+DENSE_OF = {MaskedLinear: nn.Linear, MaskedConv2d: nn.Conv2d}
+MASKED_OF = {dense: masked for masked, dense in DENSE_OF.items()}

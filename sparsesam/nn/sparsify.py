@@ -1,0 +1,89 @@
+"""sparsify(): swap a model's Linear/Conv2d layers for masked ones, in place; export(): back again.
+
+The swap changes each module's class and adds a mask, nothing else: the
+module objects, their parameters (so an optimizer built before still holds
+the right tensors), hooks and names stay, so an existing ``state_dict``
+loads and, with masks of ones, outputs and gradients are the original's.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .masked import DENSE_OF, MASKED_OF, MaskedConv2d, MaskedLinear, _MaskedWeight
+
+Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
+    if callable(selector):
+        return bool(selector(name, module))
+    patterns = [selector] if isinstance(selector, str) else list(selector)
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def masked_layers(model: nn.Module) -> Iterator[Tuple[str, _MaskedWeight]]:
+    """``(name, layer)`` for every masked layer of ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, _MaskedWeight):
+            yield name, module
+
+
+def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = None, mask_mode: str = "fixed") -> nn.Module:
+    """Make every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` a masked layer, in place; returns ``model``.
+
+    include / exclude: glob patterns on qualified module names (``"layer1.*"``),
+    a list of them, or a callable ``(name, module) -> bool``. Only modules of
+    exactly these types are swapped: subclasses (such as the
+    ``out_proj`` of ``nn.MultiheadAttention``, whose weight is read directly,
+    never through forward) are left alone, so no mask is silently ignored.
+    A layer pruned with ``torch.nn.utils.prune`` keeps its mask.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, module in list(model.named_modules()):
+        masked_cls = MASKED_OF.get(type(module))
+        if masked_cls is None:
+            continue
+        if include is not None and not _matches(include, name, module):
+            continue
+        if exclude is not None and _matches(exclude, name, module):
+            continue
+        mask = _take_torch_prune_mask(module)
+        module.__class__ = masked_cls
+        module._init_mask(mask_mode, mask)
+    return model
+
+
+def _take_torch_prune_mask(module: nn.Module) -> Optional[torch.Tensor]:
+    """If torch.nn.utils.prune pruned ``module.weight``, undo its reparametrisation and return the mask."""
+    if not hasattr(module, "weight_orig"):
+        return None
+    mask = module.weight_mask.detach().clone()
+    weight_orig = module.weight_orig
+    torch.nn.utils.prune.remove(module, "weight")  # weight := weight_orig * mask, a plain Parameter
+    with torch.no_grad():
+        module.weight.copy_(weight_orig)  # keep the pruned values: the mask, not the weight, prunes
+    return mask
+
+
+def export(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with plain nn.Linear / nn.Conv2d layers whose weights are ``W*M``."""
+    exported = copy.deepcopy(model)
+    for _, layer in list(masked_layers(exported)):
+        with torch.no_grad():
+            baked = layer.effective_weight().detach().clone()
+        mask = layer.weight_mask
+        del layer.weight_mask  # works for the buffer and the parameter alike
+        del layer.mask_mode
+        layer.__class__ = DENSE_OF[type(layer)]
+        layer.weight = nn.Parameter(baked, requires_grad=layer.weight.requires_grad)
+        del mask
+    return exported
+
+
+__all__ = ["sparsify", "export", "masked_layers", "MaskedLinear", "MaskedConv2d"]
