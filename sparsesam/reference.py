@@ -12,12 +12,18 @@ learnable mask, whose gradient ``G * W`` the backward ops provide).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as a matrix (leading dims flattened); explicit, as ``reshape(-1, 0)`` is ambiguous."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def _empty_like_none(like: Tensor) -> Tensor:
@@ -54,7 +60,7 @@ def masked_linear_backward(
     want_dx, want_dweight, want_dmask = output_mask
     dx = grad_out @ apply_mask(weight, mask) if want_dx else _empty_like_none(x)
     if want_dweight or want_dmask:
-        grad_eff = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        grad_eff = _rows(grad_out).t() @ _rows(x)
         dweight, dmask = masked_weight_grad(grad_eff, weight, mask, (want_dweight, want_dmask))
     else:
         dweight, dmask = _empty_like_none(weight), _empty_like_none(weight)

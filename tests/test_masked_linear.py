@@ -9,8 +9,10 @@ from sparsesam.ops import masked_linear
 from op_cases import DTYPES, MASK_KINDS, make_mask, noncontiguous, outputs_and_grads, to64
 from tolerance import assert_within_torch_error
 
-# (leading dims of x, in_features, out_features): odd sizes, 1s, a batch of 0, 3-D input.
-SHAPES = [((1,), 1, 1), ((7,), 7, 7), ((5,), 129, 7), ((129,), 33, 129), ((0,), 7, 5), ((2, 3), 7, 4)]
+# (leading dims of x, in_features, out_features): odd sizes, 1s, a batch of 0, 3-D and 1-D
+# input, layers with no inputs or no outputs.
+SHAPES = [((1,), 1, 1), ((7,), 7, 7), ((5,), 129, 7), ((129,), 33, 129), ((0,), 7, 5), ((2, 3), 7, 4),
+          ((), 7, 3), ((3,), 0, 4), ((3,), 5, 0)]
 
 
 def _inputs(lead, n_in, n_out, dtype, mask_kind, bias=True, contiguous=True):

@@ -1,0 +1,19 @@
+"""Triton kernels for sparsesam's ops (the default backend for CUDA tensors).
+
+Every function here has the name and signature of the op it implements, so
+``sparsesam.ops._library`` routes to it with one ``getattr``. Under
+``TRITON_INTERPRET=1`` (set before triton is imported) the same kernels run on
+CPU tensors, which is how the tests exercise them without a GPU.
+"""
+from .masked_conv2d import masked_conv2d, masked_conv2d_backward
+from .masked_linear import masked_linear, masked_linear_backward
+from .masked_weight import apply_mask, masked_weight_grad
+
+__all__ = [
+    "apply_mask",
+    "masked_weight_grad",
+    "masked_linear",
+    "masked_linear_backward",
+    "masked_conv2d",
+    "masked_conv2d_backward",
+]

@@ -26,6 +26,13 @@ struct MaskKernels {
 
 inline at::Tensor empty_output(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// t as a matrix, leading dimensions flattened. The row count is explicit
+// because reshape({-1, 0}) is ambiguous when the last dimension is 0.
+inline at::Tensor as_rows(const at::Tensor& t) {
+  const auto sizes = t.sizes();
+  return t.reshape({c10::multiply_integers(sizes.begin(), sizes.end() - 1), sizes.back()});
+}
+
 inline std::tuple<at::Tensor, at::Tensor> masked_weight_grad_impl(
     const MaskKernels& k, const at::Tensor& grad_weight, const at::Tensor& weight,
     const at::Tensor& mask, std::array<bool, 2> output_mask) {
@@ -39,7 +46,7 @@ inline at::Tensor masked_linear_impl(const MaskKernels& k, const at::Tensor& x, 
                                      const at::Tensor& mask, const std::optional<at::Tensor>& bias) {
   const int64_t out_features = weight.size(0);
   at::Tensor w_eff = k.apply_mask(weight, mask);
-  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  at::Tensor x2 = as_rows(x);
   at::Tensor y2 = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2, w_eff.t())
                                                         : at::mm(x2, w_eff.t());
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -53,13 +60,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_imp
     const MaskKernels& k, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& mask, std::array<bool, 3> output_mask) {
   const auto [want_dx, want_dweight, want_dmask] = output_mask;
-  at::Tensor g2 = grad_out.reshape({-1, grad_out.size(-1)});
+  at::Tensor g2 = as_rows(grad_out);
   at::Tensor dx = empty_output(x), dweight = empty_output(weight), dmask = empty_output(weight);
   if (want_dx) {
     dx = at::_unsafe_view(at::mm(g2, k.apply_mask(weight, mask)), x.sizes());
   }
   if (want_dweight || want_dmask) {
-    at::Tensor g = at::mm(g2.t(), x.reshape({-1, x.size(-1)}));  // G = dL/d(W*M), fresh buffer
+    at::Tensor g = at::mm(g2.t(), as_rows(x));  // G = dL/d(W*M), fresh buffer
     at::Tensor dm = k.weight_grad_inplace(g, weight, mask, want_dweight, want_dmask);
     if (want_dweight) dweight = g;
     if (want_dmask) dmask = dm;

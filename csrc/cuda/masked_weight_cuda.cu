@@ -13,9 +13,10 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -46,10 +47,15 @@ bool is_aligned(const T* p) {
   return p == nullptr || reinterpret_cast<std::uintptr_t>(p) % alignof(Pack<T, N>) == 0;
 }
 
+// The SM count comes straight from the runtime (a cached attribute read)
+// rather than at::cuda::getCurrentDeviceProperties(): that lives in
+// ATen/cuda/CUDAContext.h, which pulls in the cuBLAS/cuSPARSE/cuSOLVER
+// headers, and a toolkit with only nvcc and the runtime lacks them.
 int64_t num_blocks(int64_t n, int vec) {
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
   const int64_t items = (n + vec - 1) / vec;
-  const int64_t max_blocks =
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * kBlocksPerSm;
+  const int64_t max_blocks = static_cast<int64_t>(sm_count) * kBlocksPerSm;
   return std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, max_blocks);
 }
 

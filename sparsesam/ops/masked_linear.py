@@ -78,7 +78,8 @@ def _backward(ctx, grad_out):
         )
         dx, dweight, dmask = none_if_empty(dx, want_dx), none_if_empty(dweight, want_dweight), none_if_empty(dmask, want_dmask)
     if want_dbias:
-        dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        # (sum over dim=() would reduce everything: a 1-D grad_out is its own sum.)
+        dbias = grad_out if grad_out.dim() == 1 else grad_out.sum(tuple(range(grad_out.dim() - 1)))
     return dx, dweight, dmask, dbias
 
 

@@ -1,0 +1,35 @@
+# The README's commands. Every target sets up first (idempotent, seconds when done).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-triton test-slow build-cuda ctest bench ci
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/sparsesam demo
+
+# The default suite (a few minutes on 2 cores); pytest's "no tests" (5) is not a pass.
+test: setup
+	$(PY) -m pytest -q
+
+# Triton kernels on the CPU through Triton's interpreter.
+test-triton: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+# Compile every .cu file (no GPU needed) in a scratch copy and import it.
+build-cuda: setup
+	bash scripts/check_cuda_build.sh
+
+# The libtorch CMake build and its C++ tests.
+ctest: setup
+	bash scripts/ctest.sh
+
+bench: setup
+	$(PY) -m pytest bench -q --benchmark-enable
+
+ci: test test-triton build-cuda ctest
