@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-triton test-slow build-cuda ctest bench ci
+.PHONY: setup demo test test-triton test-slow build-cuda ctest check-wheel bench ci
 
 setup:
 	bash scripts/setup.sh
@@ -29,7 +29,11 @@ build-cuda: setup
 ctest: setup
 	bash scripts/ctest.sh
 
+# A wheel with the compiled library, installed into a second venv.
+check-wheel: setup
+	bash scripts/check_wheel.sh
+
 bench: setup
 	$(PY) -m pytest bench -q --benchmark-enable
 
-ci: test test-triton build-cuda ctest
+ci: test test-triton build-cuda ctest check-wheel

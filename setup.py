@@ -36,7 +36,7 @@ def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx = opt + ["-fopenmp", "-std=c++20", "-DPy_LIMITED_API=0x03090000"]
+    cxx = opt + ["-fopenmp", "-std=c++20"]
     extra = dict(
         extra_compile_args={"cxx": cxx},
         # libgomp.so.1: the soname torch's own bundled runtime has, so one

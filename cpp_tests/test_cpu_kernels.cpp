@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/StringUtil.h>
+#include <c10/util/accumulate.h>
 
 #include <array>
 #include <cmath>
@@ -67,7 +68,9 @@ void expect_throws(Fn&& fn, const std::string& needle, const std::string& what) 
     message = e.what_without_backtrace();
   }
   EXPECT(threw, what, ": expected an error");
-  if (threw) EXPECT(message.find(needle) != std::string::npos, what, ": error \"", message, "\" lacks \"", needle, "\"");
+  if (threw) {
+    EXPECT(message.find(needle) != std::string::npos, what, ": error \"", message, "\" lacks \"", needle, "\"");
+  }
 }
 
 // ---- the ops, as the dispatcher sees them ---------------------------------
@@ -130,6 +133,13 @@ Tensor3 masked_conv2d_backward(const Tensor& g, const Tensor& x, const Tensor& w
 // ---- float64 references (sparsesam/reference.py) ------------------------
 
 Tensor f64(const Tensor& t) { return t.to(at::kDouble); }
+
+// t as a matrix, leading dimensions flattened; the row count is spelled out
+// because reshape({-1, 0}) is ambiguous for a zero-size last dimension.
+Tensor rows(const Tensor& t) {
+  const auto sizes = t.sizes();
+  return t.reshape({c10::multiply_integers(sizes.begin(), sizes.end() - 1), sizes.back()});
+}
 
 Tensor ref_apply_mask(const Tensor& w, const Tensor& m) {
   if (m.scalar_type() == at::kBool) return at::where(m, f64(w), 0.0);  // selects: inf/nan pruned -> 0
@@ -198,7 +208,8 @@ void test_apply_mask() {
   for (const auto dtype : kDtypes) {
     for (const auto& shape : shapes) {
       for (const bool bool_mask : {true, false}) {
-        const std::string what = c10::str("apply_mask ", dtype, " ", at::IntArrayRef(shape), " ", bool_mask ? "bool" : "float");
+        const std::string what =
+            c10::str("apply_mask ", dtype, " ", at::IntArrayRef(shape), " ", bool_mask ? "bool" : "float");
         auto [w, m] = make_weight_and_mask(shape, dtype, bool_mask);
         const Tensor out = apply_mask(w, m);
         expect_close(out, ref_apply_mask(w, m), dtype, what);
@@ -216,7 +227,8 @@ void test_apply_mask() {
     }
     // Non-contiguous operands are read through .contiguous().
     auto [w, m] = make_weight_and_mask({129, 7}, dtype, false);
-    expect_close(apply_mask(w.t(), m.t()), ref_apply_mask(w.t(), m.t()), dtype, c10::str("apply_mask ", dtype, " transposed"));
+    expect_close(apply_mask(w.t(), m.t()), ref_apply_mask(w.t(), m.t()), dtype,
+                 c10::str("apply_mask ", dtype, " transposed"));
   }
   // The single inf case the schema documents, spelled out.
   const Tensor w = at::tensor({1.5f, std::numeric_limits<float>::infinity(), -2.0f});
@@ -231,7 +243,7 @@ void test_apply_mask() {
 }
 
 void test_masked_weight_grad() {
-  const std::vector<std::vector<int64_t>> shapes{{1}, {7, 129}, {129, 7, 1}, {1000, 129}};
+  const std::vector<std::vector<int64_t>> shapes{{1}, {7, 129}, {129, 7, 1}, {1000, 129}, {0, 7}};
   for (const auto dtype : kDtypes) {
     for (const auto& shape : shapes) {
       for (const bool bool_mask : {true, false}) {
@@ -250,12 +262,12 @@ void test_masked_weight_grad() {
             if (want_dw) {
               expect_close(dw, ref_apply_mask(g, m), dtype, what + " dW");
             } else {
-              EXPECT(is_empty_output(dw) && dw.scalar_type() == dtype, what, ": dW not asked for but shape ", dw.sizes());
+              EXPECT(is_empty_output(dw) && dw.scalar_type() == dtype, what, ": dW not asked for but ", dw.sizes());
             }
             if (want_dm) {
               expect_close(dm, f64(g) * f64(w), dtype, what + " dM");
             } else {
-              EXPECT(is_empty_output(dm) && dm.scalar_type() == dtype, what, ": dM not asked for but shape ", dm.sizes());
+              EXPECT(is_empty_output(dm) && dm.scalar_type() == dtype, what, ": dM not asked for but ", dm.sizes());
             }
             EXPECT(at::equal(g, g_before), what, ": grad_weight was modified (the op is out of place)");
           }
@@ -277,6 +289,8 @@ void test_masked_linear() {
   const std::vector<LinearCase> cases{
       {{1}, 1, 1, false},  {{7}, 129, 7, true}, {{129}, 7, 129, false}, {{1}, 129, 129, true},
       {{0}, 7, 5, true},   {{0}, 129, 1, false}, {{2, 3}, 7, 129, true}, {{3, 1, 7}, 129, 1, false},
+      // Zero features: an empty reduction (y = bias) and an empty output.
+      {{7}, 0, 5, true},   {{0}, 0, 3, false},   {{2, 3}, 7, 0, true},
   };
   const std::vector<std::array<bool, 3>> out_masks{
       {true, true, true},  {true, false, false}, {false, true, false}, {false, false, true},
@@ -299,9 +313,8 @@ void test_masked_linear() {
         expect_close(y, at::linear(f64(x), wm, b ? std::optional<Tensor>(f64(*b)) : std::nullopt), dtype, what + " y");
 
         const Tensor g = at::randn(y_shape, opts);
-        const Tensor g2 = f64(g).reshape({-1, c.out});
         const Tensor ref_dx = at::matmul(f64(g), wm);
-        const Tensor ref_G = at::mm(g2.t(), f64(x).reshape({-1, c.in}));  // dL/d(W*M)
+        const Tensor ref_G = at::mm(rows(f64(g)).t(), rows(f64(x)));  // dL/d(W*M)
         for (const auto o : out_masks) {
           const std::string bwd = what + " backward " + out_name(o);
           if (bool_mask && o[2]) {
