@@ -63,8 +63,8 @@ def test_masked_linear_fwd_bwd(benchmark, impl, sparsity, n):
     grad = torch.randn(BATCH, n)
     fn = IMPLS_LINEAR[impl]
     benchmark.group = f"linear B={BATCH} {n}x{n} sparsity={sparsity}"
-    benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: fn(*inputs))
-    benchmark.pedantic(_fwd_bwd(fn, inputs, grad), rounds=7 if n == 4096 else 30, warmup_rounds=2)
+    benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: fn(*inputs), inputs)
+    benchmark.pedantic(_fwd_bwd(fn, inputs, grad), rounds=9 if n == 4096 else 40, warmup_rounds=3)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS_CONV))
@@ -74,5 +74,5 @@ def test_masked_conv2d_fwd_bwd(benchmark, impl, sparsity):
     grad = torch.randn(64, 64, 32, 32)
     fn = IMPLS_CONV[impl]
     benchmark.group = f"conv3x3 B=64 C=64 32x32 sparsity={sparsity}"
-    benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: fn(*inputs))
-    benchmark.pedantic(_fwd_bwd(fn, inputs, grad), rounds=10, warmup_rounds=2)
+    benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: fn(*inputs), inputs)
+    benchmark.pedantic(_fwd_bwd(fn, inputs, grad), rounds=15, warmup_rounds=3)
