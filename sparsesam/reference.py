@@ -13,7 +13,7 @@ learnable mask, whose gradient ``G * W`` the backward ops provide).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -105,3 +105,93 @@ def masked_conv2d_backward(
     else:
         dweight, dmask = _empty_like_none(weight), _empty_like_none(weight)
     return dx, dweight, dmask
+
+
+# ---------------------------------------------------------------------------
+# The fused SAM step (DESIGN.md primitive 3). Multi-tensor ops: one call
+# covers every parameter. ``masks`` entries may be None (dense parameter);
+# a mask entry that is zero (False) marks a pruned weight, which never moves
+# and does not count in the norm.
+
+
+def _kept(t: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return t if mask is None else torch.where(mask != 0, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _per_channel(rho: Tensor, like: Tensor) -> Tensor:
+    """A 0-d rho, or one rho per output channel (dim 0) broadcast over the rest."""
+    return rho if rho.dim() == 0 else rho.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def sam_grad_sq_norm(grads: Sequence[Tensor], weights: Sequence[Tensor], masks: Sequence[Optional[Tensor]],
+                     adaptive: bool) -> Tensor:
+    """sum over all tensors of (s * g)^2 at kept entries, s = |w| (ASAM) or 1; a float64 0-d tensor."""
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    for i, (g, m) in enumerate(zip(grads, masks)):
+        scaled = g.double() * weights[i].double().abs() if adaptive else g.double()  # weights read only when adaptive
+        total = total + _kept(scaled, m).square().sum()
+    return total
+
+
+def sam_perturb(params: Sequence[Tensor], grads: Sequence[Tensor], masks: Sequence[Optional[Tensor]],
+                rhos: Sequence[Tensor], sq_norm: Tensor, adaptive: bool, eps: float) -> List[Tensor]:
+    """The ascent point ``w + e``, ``e = rho * s^2 * g / (||s*g|| + eps)`` (s = |w| or 1), kept entries only.
+
+    rho: a 0-d tensor or one value per output channel. Computed in float64,
+    rounded once to the parameter's dtype.
+    """
+    scale = 1.0 / (sq_norm.double().sqrt() + eps)
+    out = []
+    for w, g, m, rho in zip(params, grads, masks, rhos):
+        w64 = w.double()
+        e = _per_channel(rho.double(), w) * scale * g.double()
+        if adaptive:
+            e = e * w64.square()
+        out.append(_kept_update(w64, w64 + e, m).to(w.dtype))
+    return out
+
+
+def _kept_update(old: Tensor, new: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return new if mask is None else torch.where(mask != 0, new, old)
+
+
+def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+             masks: Sequence[Optional[Tensor]], lr: float, momentum: float, dampening: float,
+             weight_decay: float, nesterov: bool, maximize: bool, first_step: bool) -> Tuple[List[Tensor], List[Tensor]]:
+    """torch.optim.SGD's update, out of place, with pruned entries (weight and buffer) left as they are.
+
+    Returns (new params, new momentum buffers); buffers are empty when momentum == 0.
+    On the first step the buffer starts as the (decayed) gradient, as in torch.
+    """
+    new_params, new_buffers = [], []
+    for i, (w, g, m) in enumerate(zip(params, grads, masks)):
+        d = -g if maximize else g
+        if weight_decay:
+            d = d + weight_decay * w
+        if momentum:
+            buf = momentum_buffers[i]
+            new_buf = d.clone() if first_step else buf * momentum + (1 - dampening) * d
+            d = d + momentum * new_buf if nesterov else new_buf
+            new_buffers.append(_kept_update(buf, new_buf, m))
+        new_params.append(_kept_update(w, w - lr * d, m))
+    return new_params, new_buffers
+
+
+def sam_perturb_(out: Sequence[Tensor], params: Sequence[Tensor], grads: Sequence[Tensor],
+                 masks: Sequence[Optional[Tensor]], rhos: Sequence[Tensor], sq_norm: Tensor, adaptive: bool,
+                 eps: float) -> None:
+    """In-place form of :func:`sam_perturb` (the op's signature)."""
+    for o, value in zip(out, sam_perturb(params, grads, masks, rhos, sq_norm, adaptive, eps)):
+        o.copy_(value)
+
+
+def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+              masks: Sequence[Optional[Tensor]], lr: float, momentum: float, dampening: float, weight_decay: float,
+              nesterov: bool, maximize: bool, first_step: bool) -> None:
+    """In-place form of :func:`sgd_step` (the op's signature)."""
+    new_params, new_buffers = sgd_step(params, grads, momentum_buffers, masks, lr, momentum, dampening,
+                                       weight_decay, nesterov, maximize, first_step)
+    for p, value in zip(params, new_params):
+        p.copy_(value)
+    for b, value in zip(momentum_buffers, new_buffers):
+        b.copy_(value)

@@ -257,3 +257,222 @@ def test_kernels_follow_the_tensors_device_not_the_current_one():
         dweight, dmask = ops.masked_weight_grad(w, w, m, [True, True])
     assert out.device == w.device and dweight.device == w.device and dmask.device == w.device
     assert_exact(out, reference.apply_mask(w, m))
+
+
+# ---------------------------------------------------------------------------
+# The fused SAM step: sam_grad_sq_norm, sam_perturb_, sgd_step_ (multi-tensor).
+
+# Odd sizes, a 0-d parameter, an empty one, a conv weight, one whose output
+# channels straddle the kernels' 16384-element chunks and one whose channels
+# span several chunks.
+PARAM_SHAPES = [(7, 13), (5,), (), (0, 3), (6, 3, 3, 3), (300, 257), (3, 40000)]
+MASK_CHOICES = ["none", "bool", "float", "mixed"]
+RHO_KINDS = ["scalar", "cpu_scalar", "per_channel"]
+EPS = 1e-12
+# Each block accumulates 64 terms per thread in float (one fma each), then
+# an 8-level tree; all terms are >= 0, so the relative error stays below
+# ~75 units of roundoff. float64 inputs: the same in double.
+NORM_RTOL = {torch.float64: 1e-12, torch.float32: 100 * torch.finfo(torch.float32).eps}
+NORM_RTOL[torch.bfloat16] = NORM_RTOL[torch.float32]
+
+
+def make_tensors(dtype, shapes=PARAM_SHAPES):
+    return [torch.randn(s, device="cuda", dtype=dtype) for s in shapes]
+
+
+def make_masks(choice, dtype, shapes=PARAM_SHAPES):
+    if choice == "mixed":
+        kinds = [("none", "bool", "float")[i % 3] for i in range(len(shapes))]
+    else:
+        kinds = [choice] * len(shapes)
+    return [None if kind == "none" else make_mask(s, kind, dtype) for s, kind in zip(shapes, kinds)]
+
+
+def make_rhos(params, kind):
+    if kind == "cpu_scalar":
+        return [torch.tensor(0.05, dtype=torch.float64) for _ in params]
+    if kind == "per_channel":
+        return [torch.rand(p.shape[0], device="cuda") + 0.01 if p.dim() else torch.tensor(0.3, device="cuda")
+                for p in params]
+    return [torch.tensor(0.05, device="cuda") for _ in params]
+
+
+def pruned(mask, like):
+    return torch.zeros_like(like, dtype=torch.bool) if mask is None else mask == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masks", MASK_CHOICES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_grad_sq_norm(dtype, masks, adaptive):
+    grads, weights = make_tensors(dtype), make_tensors(dtype)
+    ms = make_masks(masks, dtype)
+    out = ops.sam_grad_sq_norm(grads, weights, ms, adaptive)
+    ref = reference.sam_grad_sq_norm(grads, weights, ms, adaptive)
+    assert out.shape == () and out.dtype == torch.float64 and out.device == ref.device
+    torch.testing.assert_close(out, ref, rtol=NORM_RTOL[dtype], atol=0)
+
+
+def test_sam_grad_sq_norm_is_bitwise_deterministic():
+    shapes = [(1000, 1000), (257,), (64, 3, 7, 7)]
+    grads = [10 * g for g in make_tensors(torch.float32, shapes)]
+    weights = make_tensors(torch.float32, shapes)
+    masks = [make_mask(shapes[0], "bool", torch.float32), None, make_mask(shapes[2], "float", torch.float32)]
+    first = ops.sam_grad_sq_norm(grads, weights, masks, True)
+    for _ in range(5):
+        assert torch.equal(ops.sam_grad_sq_norm(grads, weights, masks, True), first)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        on_stream = ops.sam_grad_sq_norm(grads, weights, masks, True)
+    stream.synchronize()
+    assert torch.equal(on_stream, first)
+
+    # Misaligned copies take the element-wise loads, which visit the
+    # elements in the same order: the same bits.
+    def shifted(t):
+        storage = torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)
+        storage[1:].copy_(t.flatten())
+        return storage[1:].view(t.shape)
+
+    out = ops.sam_grad_sq_norm([shifted(g) for g in grads], [shifted(w) for w in weights], masks, True)
+    assert torch.equal(out, first)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masks", MASK_CHOICES)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("rho_kind", RHO_KINDS)
+def test_sam_perturb(dtype, masks, adaptive, rho_kind):
+    params, grads = make_tensors(dtype), make_tensors(dtype)
+    ms = make_masks(masks, dtype)
+    rhos = make_rhos(params, rho_kind)
+    sq_norm = reference.sam_grad_sq_norm(grads, params, ms, adaptive)
+    params_before = [p.clone() for p in params]
+    out = [torch.full_like(p, float("nan")) for p in params]
+    ops.sam_perturb_(out, params, grads, ms, rhos, sq_norm, adaptive, EPS)
+    refs = reference.sam_perturb(params, grads, ms, rhos, sq_norm, adaptive, EPS)
+    for o, ref, p, before, m in zip(out, refs, params, params_before, ms):
+        # Computed in float64 and rounded once, as the reference: bit for bit,
+        # and pruned entries are the weight itself.
+        assert_exact(o, ref)
+        assert_exact(o[pruned(m, o)], p[pruned(m, p)])
+        assert_exact(p, before)
+
+
+def test_sam_perturb_in_place_misaligned_and_strided():
+    shape = (37, 41)
+    # Storage offset 1: the element-wise variant; the transposed gradient is
+    # copied into the weight's layout.
+    w = torch.randn(shape[0] * shape[1] + 1, device="cuda")[1:].view(shape)
+    g = torch.randn(shape, device="cuda").t().contiguous().t()
+    m = make_mask(shape, "bool", torch.float32)
+    rho = torch.rand(shape[0], device="cuda", dtype=torch.float64)
+    sq_norm = ops.sam_grad_sq_norm([g], [w], [m], True)
+    ref = reference.sam_perturb([w], [g], [m], [rho], sq_norm, True, EPS)[0]
+    ops.sam_perturb_([w], [w], [g], [m], [rho], sq_norm, True, EPS)
+    assert_exact(w, ref)
+
+
+SGD_OPTIONS = [
+    # (momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    (0.0, 0.0, 0.0, False, False, False),
+    (0.0, 0.0, 1e-2, False, True, False),
+    (0.9, 0.0, 0.0, False, False, True),
+    (0.9, 0.0, 5e-4, True, False, True),
+    (0.9, 0.1, 5e-4, False, False, False),
+    (0.9, 0.0, 5e-4, True, True, False),
+    (0.5, 0.3, 0.0, False, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masks", MASK_CHOICES)
+@pytest.mark.parametrize("options", SGD_OPTIONS)
+def test_sgd_step(dtype, masks, options):
+    momentum, dampening, weight_decay, nesterov, maximize, first_step = options
+    args = (0.1, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    params, grads = make_tensors(dtype), make_tensors(dtype)
+    # Random buffers even on the first step: pruned entries keep whatever they hold.
+    bufs = make_tensors(dtype) if momentum else []
+    ms = make_masks(masks, dtype)
+    ref_params, ref_bufs = reference.sgd_step(params, grads, bufs, ms, *args)
+    ref64_params, ref64_bufs = reference.sgd_step(f64(*params), f64(*grads), f64(*bufs), ms, *args)
+    params_before, bufs_before = [p.clone() for p in params], [b.clone() for b in bufs]
+    ops.sgd_step_(params, grads, bufs, ms, *args)
+    results = list(zip(params, ref_params, ref64_params, params_before, ms))
+    results += list(zip(bufs, ref_bufs, ref64_bufs, bufs_before, ms))
+    for new, ref, ref64, before, m in results:
+        if dtype == torch.bfloat16:
+            # Computed in float and rounded once (the reference rounds every op).
+            assert_as_accurate_as_pytorch(new, ref, ref64)
+        else:
+            # The reference's operations in its order, each rounded: bit for bit.
+            assert_exact(new, ref)
+        assert_exact(new[pruned(m, new)], before[pruned(m, before)])
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_sam_step_ops_ignore_pruned_inf_and_nan(kind):
+    shape = (129, 65)
+    w, g, buf = (torch.randn(shape, device="cuda") for _ in range(3))
+    m = make_mask(shape, kind, torch.float32)
+    g[m == 0] = float("nan")
+    w[m == 0] = float("inf")
+    for adaptive in (False, True):
+        sq_norm = ops.sam_grad_sq_norm([g], [w], [m], adaptive)
+        assert torch.isfinite(sq_norm)
+        ref = reference.sam_grad_sq_norm([g], [w], [m], adaptive)
+        torch.testing.assert_close(sq_norm, ref, rtol=NORM_RTOL[torch.float32], atol=0)
+        out = torch.empty_like(w)
+        rho = torch.tensor(0.1, device="cuda")
+        ops.sam_perturb_([out], [w], [g], [m], [rho], sq_norm, adaptive, EPS)
+        assert_exact(out, reference.sam_perturb([w], [g], [m], [rho], sq_norm, adaptive, EPS)[0])
+    args = (0.1, 0.9, 0.0, 1e-2, True, False, False)
+    ref_w, ref_buf = reference.sgd_step([w], [g], [buf], [m], *args)
+    ops.sgd_step_([w], [g], [buf], [m], *args)
+    assert_exact(w, ref_w[0])
+    assert_exact(buf, ref_buf[0])
+
+
+def test_sam_step_ops_group_mixed_dtypes():
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32]
+    shapes = [(33, 17), (20000,), (9, 5), (2, 3)]
+    grads = [torch.randn(s, device="cuda", dtype=d) for s, d in zip(shapes, dtypes)]
+    weights = [torch.randn(s, device="cuda", dtype=d) for s, d in zip(shapes, dtypes)]
+    masks = [make_mask(s, "bool", d) if i % 2 == 0 else None for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    sq_norm = ops.sam_grad_sq_norm(grads, weights, masks, True)
+    ref = reference.sam_grad_sq_norm(grads, weights, masks, True)
+    torch.testing.assert_close(sq_norm, ref, rtol=NORM_RTOL[torch.float32], atol=0)
+    rhos = [torch.tensor(0.1, device="cuda") for _ in shapes]
+    out = [torch.empty_like(w) for w in weights]
+    ops.sam_perturb_(out, weights, grads, masks, rhos, sq_norm, True, EPS)
+    for o, r in zip(out, reference.sam_perturb(weights, grads, masks, rhos, sq_norm, True, EPS)):
+        assert_exact(o, r)
+    args = (0.1, 0.0, 0.0, 0.0, False, False, False)
+    ref_params, _ = reference.sgd_step(weights, grads, [], masks, *args)
+    ops.sgd_step_(weights, grads, [], masks, *args)
+    for w, r, d in zip(weights, ref_params, dtypes):
+        if d == torch.bfloat16:
+            torch.testing.assert_close(w, r)
+        else:
+            assert_exact(w, r)
+
+
+def test_sam_step_ops_reject_bad_input():
+    w = torch.randn(4, 5, device="cuda")
+    g = torch.randn_like(w)
+    one = torch.ones((), device="cuda", dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="masks has 0 tensors but grads has 1"):
+        ops.sam_grad_sq_norm([g], [w], [], False)
+    with pytest.raises(RuntimeError, match=r"masks\[0\] must be bool or floating"):
+        ops.sam_grad_sq_norm([g], [w], [torch.ones(4, 5, device="cuda", dtype=torch.int32)], False)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape"):
+        ops.sgd_step_([w], [g[:, :3]], [], [None], 0.1, 0.0, 0.0, 0.0, False, False, False)
+    with pytest.raises(RuntimeError, match=r"momentum_buffers has 0 tensors"):
+        ops.sgd_step_([w], [g], [], [None], 0.1, 0.9, 0.0, 0.0, False, False, True)
+    with pytest.raises(RuntimeError, match=r"rhos\[0\] must hold one value"):
+        ops.sam_perturb_([torch.empty_like(w)], [w], [g], [None], [torch.ones(3, device="cuda")], one, False, EPS)
+    with pytest.raises(RuntimeError, match="non-overlapping and dense"):
+        strided = torch.randn(4, 10, device="cuda")[:, ::2]
+        ops.sgd_step_([strided], [g], [], [None], 0.1, 0.0, 0.0, 0.0, False, False, False)

@@ -8,6 +8,7 @@ CPU tensors, which is how the tests exercise them without a GPU.
 from .masked_conv2d import masked_conv2d, masked_conv2d_backward
 from .masked_linear import masked_linear, masked_linear_backward
 from .masked_weight import apply_mask, masked_weight_grad
+from .sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
 
 __all__ = [
     "apply_mask",
@@ -16,4 +17,7 @@ __all__ = [
     "masked_linear_backward",
     "masked_conv2d",
     "masked_conv2d_backward",
+    "sam_grad_sq_norm",
+    "sam_perturb_",
+    "sgd_step_",
 ]

@@ -36,3 +36,29 @@
   "masked_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mask, "  \
   "int[2] stride, int[2] padding, int[2] dilation, int groups, "        \
   "bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
+
+// --- The fused SAM step (multi-tensor: one call over every parameter) -----
+// masks: one entry per parameter, None for a dense one; a zero entry is a
+// pruned weight that never moves and does not count in the norm.
+
+// sum over all tensors of (s*g)^2 at kept entries, s = |w| if adaptive else
+// 1, as a float64 0-d tensor. Deterministic: fixed-size blocks summed in
+// float, block partials combined in double in a fixed order, so the bits do
+// not depend on the thread count. `weights` is read only when adaptive.
+#define SPARSESAM_SCHEMA_SAM_GRAD_SQ_NORM \
+  "sam_grad_sq_norm(Tensor[] grads, Tensor[] weights, Tensor?[] masks, bool adaptive) -> Tensor"
+
+// out_i = w_i + rho_i * s^2 * g_i / (sqrt(sq_norm) + eps) at kept entries,
+// w_i elsewhere; rho_i is 0-d or one value per output channel (dim 0).
+// Writes into `out` (persistent buffers: no allocation per step).
+#define SPARSESAM_SCHEMA_SAM_PERTURB                                                              \
+  "sam_perturb_(Tensor(a!)[] out, Tensor[] params, Tensor[] grads, Tensor?[] masks, Tensor[] rhos, " \
+  "Tensor sq_norm, bool adaptive, float eps) -> ()"
+
+// torch.optim.SGD's update in one pass per element (weight decay, momentum,
+// dampening, nesterov, maximize), pruned entries of weight and momentum
+// buffer left untouched. momentum_buffers is empty when momentum == 0.
+#define SPARSESAM_SCHEMA_SGD_STEP                                                                  \
+  "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] masks, " \
+  "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "    \
+  "bool first_step) -> ()"

@@ -1,0 +1,127 @@
+"""The fused SAM step: three multi-tensor ops, one call each over every parameter.
+
+* ``sam_grad_sq_norm``: the global squared gradient norm (of ``|w|*g`` for
+  ASAM), pruned entries excluded; deterministic to the bit.
+* ``sam_perturb_``: writes the ascent point ``w + e`` into persistent
+  buffers (the optimizer swaps them in, so the weights are never modified
+  and never need restoring).
+* ``sgd_step_``: torch.optim.SGD's update in one pass, pruned entries frozen.
+
+They run under ``torch.no_grad()`` inside the optimizer: no autograd.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import _checks
+from ._library import register_cuda_router
+
+Tensor = torch.Tensor
+MaskList = Sequence[Optional[Tensor]]
+
+
+def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], masks: MaskList, names=("params", "grads")) -> None:
+    if len(params) != len(grads) or len(params) != len(masks):
+        raise ValueError(f"{names[0]}, {names[1]} and masks must have one entry per parameter, "
+                         f"got {len(params)}, {len(grads)} and {len(masks)}")
+    for i, (p, g, m) in enumerate(zip(params, grads, masks)):
+        _checks.tensor(f"{names[0]}[{i}]", p)
+        _checks.tensor(f"{names[1]}[{i}]", g)
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(f"{names[1]}[{i}] must match {names[0]}[{i}] in shape, dtype and device "
+                             f"({tuple(g.shape)} {g.dtype} {g.device} vs {tuple(p.shape)} {p.dtype} {p.device})")
+        if m is not None:
+            if not isinstance(m, torch.Tensor):
+                raise TypeError(f"masks[{i}] must be a tensor or None, got {type(m).__name__}")
+            if m.shape != p.shape or m.device != p.device:
+                raise ValueError(f"masks[{i}] has shape {tuple(m.shape)} on {m.device}, "
+                                 f"{names[0]}[{i}] has {tuple(p.shape)} on {p.device}")
+
+
+def _contiguous(name: str, tensors: Sequence[Tensor]) -> None:
+    for i, t in enumerate(tensors):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name}[{i}] must be contiguous (the op writes or reads it as flat memory)")
+
+
+def sam_grad_sq_norm(grads: Sequence[Tensor], weights: Sequence[Tensor], masks: MaskList, adaptive: bool = False) -> Tensor:
+    """Sum over all tensors of ``(s*g)^2`` at kept entries (``s = |w|`` if adaptive, else 1), float64, 0-d."""
+    _check_lists(weights, grads, masks, names=("weights", "grads"))
+    grads = [g.contiguous() for g in grads]
+    weights = [w.contiguous() for w in weights] if adaptive else list(weights)
+    masks = [m.contiguous() if m is not None else None for m in masks]
+    return torch.ops.sparsesam.sam_grad_sq_norm.default(grads, weights, masks, bool(adaptive))
+
+
+def sam_perturb_(out: Sequence[Tensor], params: Sequence[Tensor], grads: Sequence[Tensor], masks: MaskList,
+                 rhos: Sequence[Tensor], sq_norm: Tensor, adaptive: bool = False, eps: float = 1e-12) -> None:
+    """``out[i] = w + rho * s^2 * g / (sqrt(sq_norm) + eps)`` at kept entries, ``w`` at pruned ones."""
+    _check_lists(params, grads, masks)
+    _check_lists(params, out, masks, names=("params", "out"))
+    if len(rhos) != len(params):
+        raise ValueError(f"rhos must have one entry per parameter, got {len(rhos)} for {len(params)}")
+    for i, (p, rho) in enumerate(zip(params, rhos)):
+        if not isinstance(rho, torch.Tensor) or not rho.is_floating_point():
+            raise TypeError(f"rhos[{i}] must be a floating tensor")
+        if rho.dim() not in (0, 1) or (rho.dim() == 1 and (p.dim() == 0 or rho.numel() != p.shape[0])):
+            raise ValueError(f"rhos[{i}] must be 0-d or hold one value per output channel "
+                             f"({p.shape[0] if p.dim() else 1}), got shape {tuple(rho.shape)}")
+        if rho.device != p.device:
+            raise ValueError(f"rhos[{i}] is on {rho.device} but params[{i}] is on {p.device}")
+    if not isinstance(sq_norm, torch.Tensor) or sq_norm.dim() != 0:
+        raise TypeError("sq_norm must be a 0-d tensor (from sam_grad_sq_norm)")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    _contiguous("out", out)
+    _contiguous("params", params)
+    torch.ops.sparsesam.sam_perturb_.default(
+        list(out), list(params), [g.contiguous() for g in grads], [m.contiguous() if m is not None else None for m in masks],
+        list(rhos), sq_norm, bool(adaptive), float(eps),
+    )
+
+
+def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], masks: MaskList, *,
+              lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+              nesterov: bool = False, maximize: bool = False, first_step: bool = False) -> None:
+    """torch.optim.SGD's update in place, in one pass per element; pruned entries (weight and buffer) frozen."""
+    _check_lists(params, grads, masks)
+    if momentum:
+        _check_lists(params, momentum_buffers, masks, names=("params", "momentum_buffers"))
+        _contiguous("momentum_buffers", momentum_buffers)
+    elif len(momentum_buffers):
+        raise ValueError("momentum_buffers must be empty when momentum == 0")
+    if lr < 0 or momentum < 0 or weight_decay < 0:
+        raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as in torch.optim.SGD)")
+    _contiguous("params", params)
+    torch.ops.sparsesam.sgd_step_.default(
+        list(params), [g.contiguous() for g in grads], list(momentum_buffers),
+        [m.contiguous() if m is not None else None for m in masks],
+        float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first_step),
+    )
+
+
+@torch.library.register_fake("sparsesam::sam_grad_sq_norm")
+def _sam_grad_sq_norm_fake(grads, weights, masks, adaptive):
+    device = grads[0].device if len(grads) else torch.device("cpu")
+    return torch.empty((), dtype=torch.float64, device=device)
+
+
+@torch.library.register_fake("sparsesam::sam_perturb_")
+def _sam_perturb_fake(out, params, grads, masks, rhos, sq_norm, adaptive, eps):
+    return None
+
+
+@torch.library.register_fake("sparsesam::sgd_step_")
+def _sgd_step_fake(params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
+    return None
+
+
+register_cuda_router("sam_grad_sq_norm")
+register_cuda_router("sam_perturb_")
+register_cuda_router("sgd_step_")
+
+__all__: List[str] = ["sam_grad_sq_norm", "sam_perturb_", "sgd_step_"]
