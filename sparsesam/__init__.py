@@ -4,9 +4,9 @@ Masked layers over fused kernels (C++ CPU, Triton, CUDA), a drop-in
 ``sparsify`` / ``export``, and (in later modules) the SAM family of
 optimizers and the AdaSAP / HARP / C-SAM algorithms.
 """
-from . import ops, reference
+from . import ops, optim, reference
 from .nn import MaskedConv2d, MaskedLinear, export, masked_layers, sparsify
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "MaskedLinear", "MaskedConv2d", "sparsify", "export", "masked_layers", "__version__"]
+__all__ = ["ops", "optim", "reference", "MaskedLinear", "MaskedConv2d", "sparsify", "export", "masked_layers", "__version__"]

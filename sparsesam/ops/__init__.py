@@ -8,6 +8,7 @@ from ._library import BACKENDS, backend, cuda_cpp_available
 from .masked_conv2d import masked_conv2d
 from .masked_linear import masked_linear
 from .masked_weight import apply_mask, masked_weight_grad
+from .sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
 
 __all__ = [
     "BACKENDS",
@@ -17,4 +18,7 @@ __all__ = [
     "masked_weight_grad",
     "masked_linear",
     "masked_conv2d",
+    "sam_grad_sq_norm",
+    "sam_perturb_",
+    "sgd_step_",
 ]
