@@ -36,7 +36,7 @@ def _by_group(results: dict, prefix: str) -> dict:
     groups = defaultdict(dict)
     for b in results["benchmarks"]:
         if b["name"].startswith(prefix):
-            groups[b["group"]][b["params"].get("impl", b["name"])] = b
+            groups[b["group"]][(b["params"] or {}).get("impl", b["name"])] = b
     return groups
 
 

@@ -378,3 +378,13 @@ def test_bad_input_is_refused():
         ops.sgd_step_.default([a.t()], [b.t()], [], [None], 0.1, 0.0, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match=r"params\[0\] and grads\[0\] overlap"):
         ops.sgd_step_.default([a], [a], [], [None], 0.1, 0.0, 0.0, 0.0, False, False, False)
+
+
+def test_python_faces_handle_empty_lists_and_bad_mask_dtypes():
+    from sparsesam.ops import sam_grad_sq_norm, sgd_step_
+    norm = sam_grad_sq_norm([], [], [], adaptive=False)
+    assert norm.dtype == torch.float64 and norm.item() == 0.0
+    sgd_step_([], [], [], [], lr=0.1)  # nothing to do, no error
+    p = torch.randn(3)
+    with pytest.raises(TypeError, match=r"masks\[0\] must be bool, uint8, int8 or floating"):
+        sam_grad_sq_norm([p], [p], [torch.ones(3, dtype=torch.int64)])

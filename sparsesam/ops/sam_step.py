@@ -35,6 +35,8 @@ def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], masks: MaskL
         if m is not None:
             if not isinstance(m, torch.Tensor):
                 raise TypeError(f"masks[{i}] must be a tensor or None, got {type(m).__name__}")
+            if not (m.dtype in (torch.bool, torch.uint8, torch.int8) or m.is_floating_point()):
+                raise TypeError(f"masks[{i}] must be bool, uint8, int8 or floating, got {m.dtype}")
             if m.shape != p.shape or m.device != p.device:
                 raise ValueError(f"masks[{i}] has shape {tuple(m.shape)} on {m.device}, "
                                  f"{names[0]}[{i}] has {tuple(p.shape)} on {p.device}")
@@ -48,7 +50,13 @@ def _contiguous(name: str, tensors: Sequence[Tensor]) -> None:
 
 def sam_grad_sq_norm(grads: Sequence[Tensor], weights: Sequence[Tensor], masks: MaskList, adaptive: bool = False) -> Tensor:
     """Sum over all tensors of ``(s*g)^2`` at kept entries (``s = |w|`` if adaptive, else 1), float64, 0-d."""
-    _check_lists(weights, grads, masks, names=("weights", "grads"))
+    if adaptive or len(weights):
+        _check_lists(weights, grads, masks, names=("weights", "grads"))
+    else:
+        _check_lists(grads, grads, masks, names=("grads", "grads"))
+    if not len(grads):
+        # No tensor to dispatch on: the empty sum, here.
+        return torch.zeros((), dtype=torch.float64)
     grads = [g.contiguous() for g in grads]
     weights = [w.contiguous() for w in weights] if adaptive else list(weights)
     masks = [m.contiguous() if m is not None else None for m in masks]
@@ -97,6 +105,8 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as in torch.optim.SGD)")
     _contiguous("params", params)
+    if not len(params):
+        return
     torch.ops.sparsesam.sgd_step_.default(
         list(params), [g.contiguous() for g in grads], list(momentum_buffers),
         [m.contiguous() if m is not None else None for m in masks],
