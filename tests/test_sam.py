@@ -317,3 +317,22 @@ def test_bad_arguments():
     optimizer.first_step()
     with pytest.raises(RuntimeError, match="called twice"):
         optimizer.first_step()
+
+
+def test_clipping_under_grad_scaler_unscales_once():
+    # unscale_ between the second backward and step(): clip real gradients; the
+    # optimizer must then not unscale a second time.
+    def run(use_scaler):
+        model = _model()
+        optimizer = SAM(model.parameters(), torch.optim.SGD, rho=0.05, model=model, **SGD_KWARGS)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 6, enabled=use_scaler)
+        x, y = _data()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        optimizer.first_step(zero_grad=True)
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        scaler.step(optimizer)
+        scaler.update()
+        return model
+    _assert_same_model(run(True), run(False), rtol=1e-5, atol=1e-6)
