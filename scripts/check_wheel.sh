@@ -13,7 +13,13 @@ trap 'rm -rf "$scratch"' EXIT
 MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" -m pip wheel -q --no-build-isolation --no-deps -w "$scratch/dist" .
 wheel=$(ls "$scratch"/dist/sparsesam-*.whl)
 echo "built $(basename "$wheel")"
-"$VENV/bin/python" -m zipfile -l "$wheel" | grep -q 'sparsesam/_C.*\.so' || { echo "the wheel has no compiled library" >&2; exit 1; }
+"$VENV/bin/python" -c 'import sys, zipfile; print("\n".join(zipfile.ZipFile(sys.argv[1]).namelist()))' "$wheel" > "$scratch/contents"
+grep -q '^sparsesam/_C.*\.so$' "$scratch/contents" || { echo "the wheel has no compiled library" >&2; exit 1; }
+# Every package of the tree must be in the wheel (pyproject lists them by hand).
+for init in $(find sparsesam -name __init__.py) triton_kernels/__init__.py; do
+  inside=${init/#triton_kernels/sparsesam/triton_kernels}
+  grep -qx "$inside" "$scratch/contents" || { echo "the wheel lacks $inside" >&2; exit 1; }
+done
 
 "$VENV/bin/python" -m venv "$scratch/venv"
 site=$("$scratch/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
