@@ -77,12 +77,10 @@ def export(model: nn.Module) -> nn.Module:
     for _, layer in list(masked_layers(exported)):
         with torch.no_grad():
             baked = layer.effective_weight().detach().clone()
-        mask = layer.weight_mask
         del layer.weight_mask  # works for the buffer and the parameter alike
         del layer.mask_mode
         layer.__class__ = DENSE_OF[type(layer)]
         layer.weight = nn.Parameter(baked, requires_grad=layer.weight.requires_grad)
-        del mask
     return exported
 
 

@@ -38,9 +38,12 @@ def mask(weight: torch.Tensor, value, name: str = "mask") -> None:
         raise ValueError(f"{name} has shape {tuple(value.shape)} but weight has shape {tuple(weight.shape)}")
     if value.device != weight.device:
         raise ValueError(f"{name} is on {value.device} but weight is on {weight.device}")
-    # A data-dependent check: skipped while torch.compile traces (it would
-    # break the graph); eager calls pay one read of the mask.
-    if value.dtype != torch.bool and not torch.compiler.is_compiling() and torch.isnan(value).any():
+    # A data-dependent check, so only where it is cheap: on CPU (one read of
+    # the mask, no device sync) and not while torch.compile traces (it would
+    # break the graph). On accelerators it would cost a host sync per layer
+    # per step; there MaskedLinear/MaskedConv2d.set_mask checks instead.
+    if (value.dtype != torch.bool and value.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch.isnan(value).any()):
         raise ValueError(f"{name} contains NaN")
 
 

@@ -133,20 +133,21 @@ class SAM(torch.optim.Optimizer):
         """
         if self._in_ascent:
             raise RuntimeError("first_step() was called twice: call second_step() (or step()) in between")
-        entries = list(self._with_grads())
+        # SAM and ASAM groups share one global norm but scale it differently.
+        by_mode = {False: [], True: []}
+        for group, p in self._with_grads():
+            by_mode[bool(group["adaptive"])].append((group, p))
         if self.model is not None:
             self._bn_snapshot = snapshot_bn_stats(self.model)
         self._in_ascent = True
         sq_norm = None
-        for adaptive in (False, True):
-            chosen = [(g, p) for g, p in entries if bool(g["adaptive"]) == adaptive]
+        for adaptive, chosen in by_mode.items():
             if chosen:
                 part = sam_grad_sq_norm([p.grad for _, p in chosen], [p for _, p in chosen],
                                         [self._masks.get(p) for _, p in chosen], adaptive)
                 sq_norm = part if sq_norm is None else sq_norm + part
         if sq_norm is not None and bool(torch.isfinite(sq_norm)) and float(sq_norm) > 0:
-            for adaptive in (False, True):
-                chosen = [(g, p) for g, p in entries if bool(g["adaptive"]) == adaptive]
+            for adaptive, chosen in by_mode.items():
                 if chosen:
                     self._perturb(chosen, sq_norm, adaptive)
         if zero_grad:
