@@ -17,16 +17,26 @@ with the parameter's storage, so the weights themselves are never modified;
 
 Masks (from masked layers, via ``model=`` or ``masks=``) are honoured: a
 pruned entry never moves and does not count in the gradient norm.
+
+With ``norm_in_backward=True`` each large gradient's squared norm is taken
+by a hook the moment backward has produced it, while it is still in cache,
+so ``first_step`` does not read the gradients once more just for the norm.
+A value is used only if that gradient tensor is unchanged since (same
+tensor, same version counter: ``clip_grad_norm_``, ``GradScaler.unscale_``
+or any in-place change makes ``first_step`` recompute it), and never under
+multi-process data parallelism (DDP averages the gradients after the hooks).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+import weakref
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..nn import masked_layers
-from ..ops.sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
+from ..ops import sam_step  # noqa: F401  (the ops' fake impls and CUDA routers; the optimizer calls the ops directly)
 from .batchnorm import restore_bn_stats, snapshot_bn_stats
 
 Tensor = torch.Tensor
@@ -67,7 +77,7 @@ class SAM(torch.optim.Optimizer):
 
     def __init__(self, params, base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD, rho: float = 0.05,
                  adaptive: bool = False, eps: float = 1e-12, *, model: Optional[nn.Module] = None,
-                 masks: Optional[Mapping[Tensor, Tensor]] = None, **kwargs) -> None:
+                 masks: Optional[Mapping[Tensor, Tensor]] = None, norm_in_backward: bool = False, **kwargs) -> None:
         _check_rho(rho)
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD), "
@@ -80,12 +90,19 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self.eps = eps
         self.model = model
-        self._masks: Dict[Tensor, Tensor] = dict(param_masks(model)) if model is not None else {}
-        self._masks.update(masks or {})
-        self._ascent_buffers: Dict[Tensor, Tensor] = {}   # persistent, not in state_dict
+        # Masks are looked up live at every step (a layer's mask tensor may be
+        # replaced, e.g. by model.to()); only the layers are remembered.
+        self._masked_layers = [layer for _, layer in masked_layers(model)] if model is not None else []
+        self._extra_masks: Dict[int, Tuple[Tensor, Tensor]] = {id(p): (p, m) for p, m in (masks or {}).items()}
+        self._rho_tensors: Dict[Tuple[float, torch.device], Tensor] = {}
+        self._ascent_buffers: Dict[int, Tensor] = {}      # id(param) -> buffer; persistent, not in state_dict
         self._swapped: List[Tuple[Tensor, Tensor]] = []    # (param, its own storage) while at w + e
         self._bn_snapshot = None
         self._in_ascent = False
+        self._hook_norms: Dict[int, Tuple["weakref.ref[Tensor]", int, Optional[Tensor], int, bool, float]] = {}
+        self._hook_handles = []
+        if norm_in_backward:
+            self._register_norm_hooks()
 
     def add_param_group(self, param_group: dict) -> None:
         if "rho" in param_group:
@@ -107,10 +124,85 @@ class SAM(torch.optim.Optimizer):
         self.state[param]["channel_rho"] = rho.detach().to(device=param.device, dtype=torch.float64).clone()
 
     def _rho_of(self, param: Tensor, group: dict) -> Tensor:
-        channel = self.state.get(param, {}).get("channel_rho")
+        state = self.state.get(param)
+        channel = state.get("channel_rho") if state else None
         if channel is not None:
             return channel
-        return torch.tensor(float(group["rho"]), dtype=torch.float64, device=param.device)
+        # One 0-d tensor per distinct radius, not one per parameter per step.
+        key = (float(group["rho"]), param.device)
+        rho = self._rho_tensors.get(key)
+        if rho is None:
+            rho = self._rho_tensors[key] = torch.tensor(key[0], dtype=torch.float64, device=param.device)
+        return rho
+
+    # ----------------------------------------------------------------- masks
+    def _mask_table(self) -> Dict[int, Tensor]:
+        """``{id(param): mask}`` as the masks are now."""
+        table = {id(layer.weight): layer.weight_mask for layer in self._masked_layers}
+        table.update((key, mask) for key, (_, mask) in self._extra_masks.items())
+        return table
+
+    def _masks_of(self, params: List[Tensor]) -> List[Optional[Tensor]]:
+        table = self._mask_table()
+        masks = [table.get(id(p)) for p in params]
+        return [m if m is None or m.is_contiguous() else m.contiguous() for m in masks]
+
+    # ------------------------------------------------- norm during backward
+    # Below this size a gradient's norm costs less in first_step's single
+    # multi-tensor call than a hook's dispatch does during backward.
+    _HOOK_MIN_NUMEL = 1 << 16
+
+    def _register_norm_hooks(self) -> None:
+        # The parameters must not keep the optimizer alive through its hooks.
+        optimizer = weakref.ref(self)
+
+        def hook(p: Tensor) -> None:
+            sam = optimizer()
+            if sam is not None:
+                sam._norm_hook(p)
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p.numel() >= self._HOOK_MIN_NUMEL:
+                    self._hook_handles.append(p.register_post_accumulate_grad_hook(hook))
+
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    @torch.no_grad()
+    def _norm_hook(self, p: Tensor) -> None:
+        # The second backward (at w + e) needs no norm; DDP changes the
+        # gradients after this hook.
+        if self._in_ascent or self._distributed():
+            return
+        g = p.grad
+        if g is None or g.is_sparse or not g.is_contiguous() or not p.is_contiguous():
+            return
+        adaptive = self._adaptive_of(p)
+        mask = self._mask_table().get(id(p))
+        if mask is not None and not mask.is_contiguous():
+            return
+        value = torch.ops.sparsesam.sam_grad_sq_norm.default([g], [p] if adaptive else [], [mask], adaptive)
+        self._hook_norms[id(p)] = (weakref.ref(g), g._version, mask, mask._version if mask is not None else 0,
+                                   adaptive, float(value))
+
+    def _adaptive_of(self, p: Tensor) -> bool:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return bool(group["adaptive"])
+        return False
+
+    def _hook_norm(self, p: Tensor, adaptive: bool, mask: Optional[Tensor]) -> Optional[float]:
+        """The squared norm the hook took of ``p.grad``, if it still holds."""
+        entry = self._hook_norms.pop(id(p), None)
+        if entry is None:
+            return None
+        grad_ref, version, hook_mask, mask_version, hook_adaptive, value = entry
+        g = p.grad
+        if (grad_ref() is not g or g._version != version or hook_adaptive != adaptive or hook_mask is not mask
+                or (mask is not None and mask._version != mask_version)):
+            return None
+        return value
 
     # ----------------------------------------------------------------- steps
     def _with_grads(self):
@@ -134,34 +226,61 @@ class SAM(torch.optim.Optimizer):
         if self._in_ascent:
             raise RuntimeError("first_step() was called twice: call second_step() (or step()) in between")
         # SAM and ASAM groups share one global norm but scale it differently.
-        by_mode = {False: [], True: []}
+        by_mode: Dict[bool, List[Tuple[dict, Tensor]]] = {False: [], True: []}
         for group, p in self._with_grads():
             by_mode[bool(group["adaptive"])].append((group, p))
         if self.model is not None:
             self._bn_snapshot = snapshot_bn_stats(self.model)
         self._in_ascent = True
-        sq_norm = None
-        for adaptive, chosen in by_mode.items():
-            if chosen:
-                part = sam_grad_sq_norm([p.grad for _, p in chosen], [p for _, p in chosen],
-                                        [self._masks.get(p) for _, p in chosen], adaptive)
-                sq_norm = part if sq_norm is None else sq_norm + part
+        batches = {adaptive: self._ascent_batch(chosen) for adaptive, chosen in by_mode.items() if chosen}
+        sq_norm = self._global_sq_norm(batches)
         if sq_norm is not None and bool(torch.isfinite(sq_norm)) and float(sq_norm) > 0:
-            for adaptive, chosen in by_mode.items():
-                if chosen:
-                    self._perturb(chosen, sq_norm, adaptive)
+            for adaptive, batch in batches.items():
+                self._perturb(batch, sq_norm, adaptive)
         if zero_grad:
             self.zero_grad()
 
-    def _perturb(self, entries, sq_norm: Tensor, adaptive: bool) -> None:
+    def _ascent_batch(self, entries: List[Tuple[dict, Tensor]]) -> dict:
         params = [p for _, p in entries]
+        # The ops read flat memory: non-contiguous tensors (rare) go through
+        # contiguous copies.
+        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        return dict(params=params, grads=grads, masks=self._masks_of(params),
+                    rhos=[self._rho_of(p, g) for g, p in entries])
+
+    def _global_sq_norm(self, batches: Dict[bool, dict]) -> Optional[Tensor]:
+        """The squared norm over every gradient: hook values where they still hold, one fused call for the rest."""
+        total = None
+        for adaptive, batch in batches.items():
+            from_hooks = 0.0
+            rest = {"grads": [], "params": [], "masks": []}
+            for p, g, m in zip(batch["params"], batch["grads"], batch["masks"]):
+                value = self._hook_norm(p, adaptive, m) if self._hook_handles else None
+                if value is None:
+                    rest["grads"].append(g)
+                    rest["params"].append(p if p.is_contiguous() else p.contiguous())
+                    rest["masks"].append(m)
+                else:
+                    from_hooks += value
+            part = torch.ops.sparsesam.sam_grad_sq_norm.default(
+                rest["grads"], rest["params"] if adaptive else [], rest["masks"], adaptive) if rest["grads"] else None
+            if from_hooks:
+                part = torch.tensor(from_hooks, dtype=torch.float64) if part is None else part + from_hooks
+            if part is not None:
+                total = part if total is None else total + part
+        self._hook_norms.clear()
+        return total
+
+    def _perturb(self, batch: dict, sq_norm: Tensor, adaptive: bool) -> None:
+        params = batch["params"]
         buffers = [self._buffer_for(p) for p in params]
-        # The op works on flat memory: non-contiguous parameters (rare) go
-        # through contiguous copies.
         flat_params = [p if p.is_contiguous() else p.contiguous() for p in params]
         flat_out = [b if p.is_contiguous() else torch.empty_like(fp) for b, p, fp in zip(buffers, params, flat_params)]
-        sam_perturb_(flat_out, flat_params, [p.grad for p in params], [self._masks.get(p) for p in params],
-                     [self._rho_of(p, g) for g, p in entries], sq_norm, adaptive, self.eps)
+        # Straight to the op: the optimizer builds these lists itself, and the
+        # face's per-tensor Python checks would cost more than the pass (the
+        # kernel still checks every tensor).
+        torch.ops.sparsesam.sam_perturb_.default(flat_out, flat_params, batch["grads"], batch["masks"], batch["rhos"],
+                                                sq_norm, bool(adaptive), float(self.eps))
         for p, buf, out in zip(params, buffers, flat_out):
             if out is not buf:
                 buf.copy_(out)
@@ -170,10 +289,10 @@ class SAM(torch.optim.Optimizer):
             self._swapped.append((p, original))
 
     def _buffer_for(self, p: Tensor) -> Tensor:
-        buf = self._ascent_buffers.get(p)
+        buf = self._ascent_buffers.get(id(p))
         if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
             buf = torch.empty_like(p)
-            self._ascent_buffers[p] = buf
+            self._ascent_buffers[id(p)] = buf
         return buf
 
     @torch.no_grad()
@@ -181,7 +300,7 @@ class SAM(torch.optim.Optimizer):
         for p, original in self._swapped:
             ascent_point = p.data
             p.data = original
-            self._ascent_buffers[p] = ascent_point  # reused next step
+            self._ascent_buffers[id(p)] = ascent_point  # reused next step
         self._swapped.clear()
         if self._bn_snapshot is not None:
             restore_bn_stats(self._bn_snapshot)
@@ -236,12 +355,17 @@ class SAM(torch.optim.Optimizer):
             if not batch:
                 continue
             work = [p if p.is_contiguous() else p.contiguous() for p in batch]
-            sgd_step_(work, [p.grad for p in batch],
-                      [state[p]["momentum_buffer"] for p in batch] if momentum else [],
-                      [self._masks.get(p) for p in batch],
-                      lr=float(group["lr"]), momentum=momentum, dampening=float(group["dampening"]),
-                      weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
-                      maximize=bool(group.get("maximize", False)), first_step=first)
+            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in batch]
+            lr, dampening, weight_decay = float(group["lr"]), float(group["dampening"]), float(group["weight_decay"])
+            nesterov = bool(group["nesterov"])
+            # torch.optim.SGD validated these at construction; a scheduler or
+            # a user may have changed them since.
+            if lr < 0 or weight_decay < 0 or (nesterov and (momentum <= 0 or dampening != 0)):
+                raise ValueError(f"invalid SGD settings: lr={lr}, weight_decay={weight_decay}, nesterov={nesterov} "
+                                 f"with momentum={momentum}, dampening={dampening}")
+            torch.ops.sparsesam.sgd_step_.default(
+                work, grads, [state[p]["momentum_buffer"] for p in batch] if momentum else [], self._masks_of(batch),
+                lr, momentum, dampening, weight_decay, nesterov, bool(group.get("maximize", False)), first)
             for p, w in zip(batch, work):
                 if w is not p:
                     p.copy_(w)
@@ -249,8 +373,9 @@ class SAM(torch.optim.Optimizer):
     def _generic_step_for(self, groups: List[dict]) -> None:
         # The base optimizer knows nothing of masks: keep the pruned entries
         # of masked parameters as they were.
-        masked = [(p, self._masks[p], p.detach().clone()) for g in groups for p in g["params"]
-                  if p in self._masks and p.grad is not None]
+        table = self._mask_table()
+        masked = [(p, table[id(p)], p.detach().clone()) for g in groups for p in g["params"]
+                  if id(p) in table and p.grad is not None]
         if groups is self.param_groups:
             self.base_optimizer.step()
         else:
