@@ -105,7 +105,8 @@ def prune_channels(model: nn.Module, scores: Mapping[str, torch.Tensor], fractio
             raise ValueError(f"scores[{name!r}] contains NaN")
 
     units = _units(layers, coupled)
-    unit_scores = [sum(_normalized(scores[name], normalize).cpu() for name, _ in unit) for unit in units]
+    # A unit's score is the mean of its layers' scores, so tied and single layers rank on one scale.
+    unit_scores = [sum(_normalized(scores[name], normalize).cpu() for name, _ in unit) / len(unit) for unit in units]
     if scope == "layer":
         keeps = []
         for s in unit_scores:
@@ -119,7 +120,16 @@ def prune_channels(model: nn.Module, scores: Mapping[str, torch.Tensor], fractio
             r[_keep_top(s, min(min_channels, s.numel()))] = float("inf")
             reserved.append(r)
         flat = torch.cat(reserved)
-        kept = _keep_top(flat, flat.numel() - round(fraction * flat.numel()))
+        # A channel of a unit of k tied layers is k layer channels: count it k times toward the target.
+        weight = torch.cat([torch.full((s.numel(),), len(unit), dtype=torch.float64)
+                            for unit, s in zip(units, unit_scores)])
+        order = torch.sort(flat, stable=True).indices  # lowest first; reserved (+inf) last
+        pruned_weight = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(weight[order], 0)])
+        limit = int(torch.isfinite(flat).sum())  # reserved channels are never pruned
+        # Prune the number of lowest channels whose total weight comes closest to the target.
+        cut = int((pruned_weight[:limit + 1] - fraction * float(weight.sum())).abs().argmin())
+        kept = torch.ones_like(flat, dtype=torch.bool)
+        kept[order[:cut]] = False
         keeps = list(torch.split(kept, [s.numel() for s in unit_scores]))
 
     pruned = {}
