@@ -90,7 +90,7 @@ class TopKStraightThrough(torch.autograd.Function):
 
 
 def _check_rate_value(rate) -> None:
-    value = float(rate)
+    value = float(rate.detach()) if isinstance(rate, torch.Tensor) else float(rate)
     if not 0.0 < value <= 1.0:
         raise ValueError(f"keep_rate must be in (0, 1], got {value}")
 
@@ -166,7 +166,7 @@ def _is_scored(layer: nn.Module) -> bool:
 def attach_scores(model: nn.Module, keep_rate: Union[Rate, Mapping[str, Rate], None] = None,
                   granularity: str = "unstructured", n: int = 2, m: int = 4, init: str = "hydra",
                   include: Selector = None, exclude: Selector = None,
-                  keep_output_layer: bool = False) -> Dict[str, ScoreMask]:
+                  keep_output_layer: Optional[bool] = None) -> Dict[str, ScoreMask]:
     """Make the selected layers' masks ``topk(|scores|)``; returns {layer name: its ScoreMask}.
 
     keep_rate: the fraction kept, one for all layers or {layer name: rate}
@@ -175,11 +175,16 @@ def attach_scores(model: nn.Module, keep_rate: Union[Rate, Mapping[str, Rate], N
     hydra_score_init(weight) (so the first mask is the magnitude mask);
     "kaiming_uniform" is HYDRA's random start. Layers must have
     mask_mode="trainable". For granularity="nm", layers whose input
-    dimension is not a multiple of m are left dense.
+    dimension is not a multiple of m are left dense. keep_output_layer
+    (default: only for granularity="channel", whose masks would remove
+    classes) leaves the classifier without scores.
     """
     check_choice("granularity", granularity, GRANULARITIES)
     check_choice("init", init, SCORE_INITS)
-    attached = {}
+    if keep_output_layer is None:
+        keep_output_layer = granularity == "channel"
+    # Check everything first, then change the model: a bad argument leaves it as it was.
+    planned = []
     for name, layer in prunable_layers(model, include, exclude, keep_output_layer):
         if _is_scored(layer):
             raise ValueError(f"layer {name!r} already has scores (call freeze_scores first)")
@@ -188,21 +193,23 @@ def attach_scores(model: nn.Module, keep_rate: Union[Rate, Mapping[str, Rate], N
                              "sparsify(model, mask_mode='trainable')")
         if granularity == "nm" and layer.weight.shape[1] % m:
             continue
-        rate = keep_rate.get(name) if isinstance(keep_rate, Mapping) else keep_rate
         if isinstance(keep_rate, Mapping) and name not in keep_rate and granularity != "nm":
             raise ValueError(f"keep_rate has no entry for layer {name!r}")
-        score_mask_module = ScoreMask(rate, granularity, n, m)
+        rate = keep_rate.get(name) if isinstance(keep_rate, Mapping) else keep_rate
         if init == "hydra":
             start = hydra_score_init(layer.weight)
         else:
             start = torch.empty_like(layer.weight)
             nn.init.kaiming_uniform_(start, a=math.sqrt(5))
+        planned.append((name, layer, ScoreMask(rate, granularity, n, m), start))
+    if not planned:
+        raise ValueError("no layer received scores")
+    attached = {}
+    for name, layer, score_mask_module, start in planned:
         layer.weight_mask.copy_(start.to(layer.weight_mask.dtype))
         # The existing mask Parameter becomes `original`: the scores, in place, same object.
         parametrize.register_parametrization(layer, "weight_mask", score_mask_module)
         attached[name] = score_mask_module
-    if not attached:
-        raise ValueError("no layer received scores")
     return attached
 
 
