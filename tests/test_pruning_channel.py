@@ -102,6 +102,7 @@ def test_channel_prune_keeps_the_highest_scores_and_is_cumulative():
 
 
 def test_coupled_layers_lose_the_same_channels():
+    pytest.importorskip("torch_pruning")
     model = sparsesam.sparsify(ResNet18(width=8))
     groups = coupled_channel_groups(model, torch.randn(2, 3, 16, 16))
     # The stem and the residual stream of stage 1, and each later stage's stream, are tied.

@@ -12,6 +12,8 @@ from sparsesam.nn import masked_layers
 from sparsesam.pruning import (channel_prune, channel_sparsity, compact_channels, coupled_channel_groups,
                                gate_pruned_channels)
 
+pytest.importorskip("torch_pruning")
+
 
 def _with_statistics(model, shape):
     """Non-trivial BatchNorm running statistics and affine parameters, so that BN's constant is visible."""
@@ -118,11 +120,11 @@ def test_uncoupled_pruning_removes_only_what_is_dead_everywhere():
     assert all(small_convs[n].out_channels == int(alive.sum()) for n in stream)
 
 
-class _SigmoidNet(nn.Module):
-    def __init__(self):
+class _ActivationNet(nn.Module):
+    def __init__(self, act):
         super().__init__()
         self.conv = nn.Conv2d(2, 6, 3, padding=1)
-        self.act = nn.Sigmoid()  # sigmoid(0) = 0.5: a dead channel is not zero afterwards
+        self.act = act
         self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
         self.fc = nn.Linear(4, 3)
 
@@ -130,15 +132,35 @@ class _SigmoidNet(nn.Module):
         return self.fc(self.conv2(self.act(self.conv(x))).mean(dim=(2, 3)))
 
 
-def test_operations_that_do_not_keep_zero_keep_the_channel():
-    model = sparsesam.sparsify(_SigmoidNet()).double().eval()
+# sigmoid(0) = 0.5 and hardtanh clamps 0 up to 0.5: a dead channel is not zero afterwards.
+@pytest.mark.parametrize("act", [nn.Sigmoid(), nn.Hardtanh(0.5, 1.0)], ids=["sigmoid", "hardtanh"])
+def test_operations_that_do_not_keep_zero_keep_the_channel(act):
+    model = sparsesam.sparsify(_ActivationNet(act)).double().eval()
     x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
     channel_prune(model, 0.5)
     gate_pruned_channels(model, x)
     small, report = compact_channels(model, x)
     _assert_same_function(model, small, (2, 2, 8, 8))
-    assert small.conv.out_channels == 6  # behind a sigmoid: kept (exact) rather than removed (wrong)
+    assert small.conv.out_channels == 6  # kept (exact) rather than removed (wrong)
     assert small.conv2.out_channels == 2  # mean and the Linear keep zeros: removed
+
+
+def test_depthwise_convs_are_tied_to_the_layer_before():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5),
+    )
+    model = _with_statistics(sparsesam.sparsify(model).double(), (4, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    groups = coupled_channel_groups(model, x)
+    assert ["0", "3"] in groups
+    channel_prune(model, 0.5, coupled=groups)
+    gate_pruned_channels(model, x)
+    small, _ = compact_channels(model, x)
+    _assert_same_function(model, small, (2, 3, 8, 8))
+    assert small[0].out_channels == small[3].out_channels == small[3].groups == 4
+    assert small[6].out_channels == 3
 
 
 def test_bad_arguments():

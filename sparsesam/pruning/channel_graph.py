@@ -32,9 +32,19 @@ from ..nn.sparsify import Selector
 from ._common import output_channels, prunable_layers
 
 
+def import_torch_pruning():
+    """torch-pruning, an optional dependency (``pip install sparsesam[structured]``)."""
+    try:
+        import torch_pruning
+    except ImportError as error:
+        raise ImportError("channel graphs and compaction need torch-pruning: "
+                          "pip install 'sparsesam[structured]' (or torch-pruning)") from error
+    return torch_pruning
+
+
 def dependency_graph(model: nn.Module, example_inputs) -> Tuple[nn.Module, "object"]:
     """(plain copy of ``model``, torch_pruning.DependencyGraph traced on it); module names match the model's."""
-    import torch_pruning as tp
+    tp = import_torch_pruning()
 
     plain = export(model)
     for module in plain.modules():
@@ -52,6 +62,7 @@ def coupled_channel_groups(model: nn.Module, example_inputs, include: Selector =
     Pass the result as ``coupled=`` to prune_channels / channel_prune so
     that tied layers lose the same channels.
     """
+    tp = import_torch_pruning()
     names = [name for name, _ in prunable_layers(model, include, exclude, keep_output_layer)]
     plain, graph = dependency_graph(model, example_inputs)
     modules = dict(plain.named_modules())
@@ -66,8 +77,12 @@ def coupled_channel_groups(model: nn.Module, example_inputs, include: Selector =
         members = []
         for item in group.items:
             target = item.dep.target.module
-            if (isinstance(target, (nn.Conv2d, nn.Linear)) and graph.is_out_channel_pruning_fn(item.dep.handler)
-                    and not graph.is_in_channel_pruning_fn(item.dep.handler) and name_of.get(target) in names
+            # Producers of the channels: convs / linears pruned on their outputs, and depthwise convs,
+            # whose output channel c is their input channel c (so they are tied to the layer before).
+            depthwise = item.dep.target.type == tp.ops.OPTYPE.DEPTHWISE_CONV
+            produces = graph.is_out_channel_pruning_fn(item.dep.handler) and (
+                depthwise or not graph.is_in_channel_pruning_fn(item.dep.handler))
+            if (isinstance(target, (nn.Conv2d, nn.Linear)) and produces and name_of.get(target) in names
                     and list(item.idxs) == list(item.root_idxs)):
                 members.append(name_of[target])
         members = sorted(set(members), key=names.index)

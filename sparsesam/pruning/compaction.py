@@ -31,11 +31,11 @@ from torch import nn
 
 from ..nn import masked_layers
 from ._common import output_layer_name
-from .channel_graph import _ChannelGate, _remove_gates, channel_gates, dependency_graph
+from .channel_graph import _remove_gates, channel_gates, dependency_graph, import_torch_pruning
 
 # Autograd nodes (as torch-pruning records them) that map an all-zero channel to an all-zero channel.
 _ZERO_PRESERVING = {
-    "ReluBackward0", "ReluBackward1", "ThresholdBackward0", "HardtanhBackward0", "LeakyReluBackward0",
+    "ReluBackward0", "ReluBackward1", "HardtanhBackward0", "LeakyReluBackward0",
     "GeluBackward0", "SiluBackward0", "MishBackward0", "TanhBackward0", "HardswishBackward0", "EluBackward0",
     "MulBackward0", "MulBackward1", "AddBackward0", "SubBackward0",
     "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
@@ -133,7 +133,7 @@ def _zero_rows(module: nn.Module, idxs: List[int]) -> List[bool]:
 
 def _removable(graph, group, candidates: List[int], protected) -> List[int]:
     """The candidate root channels that every producer in ``group`` leaves exactly zero (see module doc)."""
-    import torch_pruning as tp
+    tp = import_torch_pruning()
 
     alive = set()
     for item in group.items:
@@ -159,6 +159,8 @@ def _removable(graph, group, candidates: List[int], protected) -> List[int]:
                 return []
             if fn_name in _NEEDS_ALL_OPERANDS and any(f is None for f, _ in grad_fn.next_functions):
                 return []
+            if fn_name == "HardtanhBackward0" and not grad_fn._saved_min_val <= 0 <= grad_fn._saved_max_val:
+                return []  # clamps 0 to a non-zero bound
         elif node.type in (tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT,
                            tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.EXPAND):
             continue  # moves values, keeps zeros
@@ -179,8 +181,7 @@ def compact_channels(model: nn.Module, example_inputs, protect: Iterable[str] = 
     example_inputs and report the largest output difference.
     ``model`` is left unchanged.
     """
-    import torch_pruning as tp
-
+    tp = import_torch_pruning()
     if not list(masked_layers(model)):
         raise ValueError("model has no masked layers: call sparsesam.sparsify(model) first")
     protect = list(protect)
