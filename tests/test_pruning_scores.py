@@ -185,3 +185,20 @@ def test_a_bad_argument_leaves_the_model_unchanged():
     assert not score_parameters(model)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_scored_model_state_dict_round_trip():
+    model = sparsesam.sparsify(SmallCNN(width=8), mask_mode="trainable")
+    attach_scores(model, 0.4)
+    with torch.no_grad():
+        for s in score_parameters(model):
+            s.copy_(torch.randn_like(s))  # masks no longer the magnitude ones
+    state = model.state_dict()
+    assert "features.3.parametrizations.weight_mask.original" in state
+    clone = sparsesam.sparsify(SmallCNN(width=8), mask_mode="trainable")
+    attach_scores(clone, 0.4)
+    clone.load_state_dict(state)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(clone.eval()(x), model.eval()(x))
+    for (_, a), (_, b) in zip(masked_layers(model), masked_layers(clone)):
+        assert torch.equal(a.weight_mask, b.weight_mask)

@@ -92,15 +92,16 @@ def _output_producers(model: nn.Module, example_inputs) -> List[nn.Module]:
     produced, handles = {}, []
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
+            # Hold the output too, so that its id cannot be reused by another tensor.
             handles.append(module.register_forward_hook(
-                lambda mod, args, out: produced.__setitem__(id(out), mod)))
+                lambda mod, args, out: produced.__setitem__(id(out), (mod, out))))
     try:
         with torch.no_grad():
             outputs = list(_tensors(_call(model, example_inputs)))
     finally:
         for handle in handles:
             handle.remove()
-    return [produced[id(t)] for t in outputs if id(t) in produced]
+    return [produced[id(t)][0] for t in outputs if id(t) in produced and produced[id(t)][1] is t]
 
 
 @torch.no_grad()
