@@ -1,4 +1,21 @@
 """Pruning criteria and masks."""
 from .magnitude import SCOPES, global_sparsity, magnitude_prune
+from .channel_criteria import CHANNEL_CRITERIA, TaylorAccumulator, accumulate_taylor, channel_l2_norms, channel_scores
+from .channel import channel_mask, channel_prune, channel_sparsity, prune_channels
+from .channel_graph import ChannelGates, coupled_channel_groups, gate_pruned_channels
+from .compaction import CompactionReport, compact_channels
+from .nm import is_nm_sparse, nm_mask, nm_prune
+from .scores import (GRANULARITIES, ScoreMask, TopKStraightThrough, attach_scores, freeze_scores, hydra_score_init,
+                     score_mask, score_parameters, topk_mask)
+from .schedules import GradualCubic, Iterative, OneShot, SparsitySchedule
 
-__all__ = ["SCOPES", "magnitude_prune", "global_sparsity"]
+__all__ = [
+    "SCOPES", "magnitude_prune", "global_sparsity",
+    "CHANNEL_CRITERIA", "channel_l2_norms", "TaylorAccumulator", "accumulate_taylor", "channel_scores",
+    "channel_mask", "prune_channels", "channel_prune", "channel_sparsity",
+    "coupled_channel_groups", "gate_pruned_channels", "ChannelGates", "compact_channels", "CompactionReport",
+    "nm_mask", "is_nm_sparse", "nm_prune",
+    "GRANULARITIES", "hydra_score_init", "topk_mask", "TopKStraightThrough", "score_mask", "ScoreMask",
+    "attach_scores", "score_parameters", "freeze_scores",
+    "SparsitySchedule", "OneShot", "Iterative", "GradualCubic",
+]
