@@ -160,7 +160,7 @@ def test_cifar10_rejects_a_wrong_batch(tmp_path):
 # ---------------------------------------------------------------- sklearn digits
 
 def test_digits_original_pixels_and_split():
-    from sklearn.datasets import load_digits as sklearn_digits
+    sklearn_digits = pytest.importorskip("sklearn.datasets").load_digits
 
     raw = sklearn_digits()
     train, test = load_dataset("digits", image_size=8)
@@ -179,6 +179,7 @@ def test_digits_original_pixels_and_split():
 
 
 def test_digits_upsampled_by_default():
+    pytest.importorskip("sklearn")
     train = build_dataset("digits", "train")
     assert train.images.shape[1:] == (1, 32, 32)
     assert 0 <= train.images.min() and train.images.max() <= 1

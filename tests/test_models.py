@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 from torch import nn
-import torch_pruning as tp
 
 import sparsesam
 from sparsesam.models import MODELS, Normalize, ResNet18, SmallCNN, build_model, output_layer, with_normalization
@@ -102,6 +101,7 @@ def test_sparsify_masks_every_layer_and_ones_change_nothing(name):
 
 
 def _channel_prune(model: nn.Module, example: torch.Tensor, ratio: float = 0.5) -> None:
+    tp = pytest.importorskip("torch_pruning")  # in requirements-dev.txt, not a dependency of the package
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
                                   pruning_ratio=ratio, ignored_layers=[output_layer(model)])
     pruner.step()
@@ -156,6 +156,7 @@ def test_unknown_model_names_the_choices():
 
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(width=64), r"width is a multiplier"),
+    (dict(width=16), r"width is a multiplier"),
     (dict(width=0), r"width must be a positive number"),
     (dict(width=-0.5), r"width must be a positive number"),
     (dict(width="1"), r"width must be a positive number"),

@@ -38,8 +38,8 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "smallcnn": _smallcnn,
 }
 
-# A multiplier above this is almost surely a channel count (ResNet18(width=64) style) passed by mistake.
-MAX_WIDTH = 16.0
+# A multiplier above this is almost surely a channel count (ResNet18(width=16) style) passed by mistake.
+MAX_WIDTH = 8.0
 
 
 def build_model(name: str, in_channels: int = 3, num_classes: int = 10, width: float = 1.0, *,
@@ -49,7 +49,8 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, width: f
 
     width: a multiplier of the paper's channel counts for every model (1.0 =
         ResNet-18 with 64 stem channels, SmallCNN with 32, ...), not a
-        channel count.
+        channel count (at most 8: a larger value is taken for a channel count
+        passed by mistake).
     image_size: only SmallCNN uses it (its classifier is sized to the
         feature map); the others end in global average pooling and take any
         size (28x28 and 32x32 tested).
