@@ -101,9 +101,31 @@ def test_twenty_steps_match_the_per_parameter_loop_float32(variant, sparse):
     # small random batches, float32 training is chaotic here: 1-ulp
     # differences grow to O(1) in 20 steps even between the loop run in
     # float32 and in float64. The float64 test below covers train mode.
+    #
+    # Even so, 20 float32 steps amplify rounding: for ASAM the float32 loop
+    # itself ends 5e-4 away from the float64 loop, and fused vs loop ends
+    # 6e-7 apart with 2 threads but 8e-6 with 1 (oneDNN's float32 sums
+    # change order with the thread count). A fixed 1e-6 would test the
+    # thread count. The rule is flash-attention's instead: against the
+    # float64 loop, the fused float32 run is at most twice as far off as the
+    # float32 loop (plus one float32 ulp of slack).
     fused = _train(_fused(variant, sparse), sparse=sparse, train_mode=False)
+    assert_float32_run_within_loop_error(fused, variant, sparse)
+
+
+def assert_float32_run_within_loop_error(model, variant, sparse):
+    """``model`` (20 eval-mode float32 steps) is at most twice as far from
+    the float64 loop as the float32 loop is."""
     loop = _train(_loop(variant, sparse), sparse=sparse, train_mode=False)
-    _assert_same_model(fused, loop, rtol=1e-6, atol=1e-6)
+    truth = _train(_loop(variant, sparse), sparse=sparse, train_mode=False, dtype=torch.float64)
+    for (name, f), (_, l), (_, t) in zip(model.state_dict().items(), loop.state_dict().items(),
+                                         truth.state_dict().items()):
+        if not f.is_floating_point():
+            assert torch.equal(f, l), name
+            continue
+        error = float((f.double() - t).abs().max())
+        loop_error = float((l.double() - t).abs().max())
+        assert error <= 2 * loop_error + 1e-7 * max(float(t.abs().max()), 1.0), (name, error, loop_error)
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "masked"])
