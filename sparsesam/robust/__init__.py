@@ -1,0 +1,1 @@
+"""Robustness: corruptions, attacks, certification."""
