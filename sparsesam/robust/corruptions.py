@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import Callable, Dict, Tuple
 
 import torch
-import torchvision
 
 from . import _checks
 from . import _image_ops as ops
@@ -240,6 +239,11 @@ def pixelate(x: Tensor, severity: int, scale: float, generator: torch.Generator)
 
 
 def jpeg_compression(x: Tensor, severity: int, scale: float, generator: torch.Generator) -> Tensor:
+    try:
+        import torchvision
+    except ImportError as error:  # optional for the package, required for this corruption
+        raise ImportError("the jpeg_compression corruption needs torchvision (pip install torchvision, "
+                          "or sparsesam[robust])") from error
     quality = JPEG_QUALITY[severity - 1]
     as_bytes = torch.round(x.clamp(0, 1) * 255).to(torch.uint8).cpu()
     encoded = torchvision.io.encode_jpeg(list(as_bytes), quality=quality)
