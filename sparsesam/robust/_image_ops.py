@@ -86,22 +86,37 @@ def filter2d_reflect101(x: Tensor, kernel: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- resampling
-def area_resize_matrix(size_in: int, size_out: int, dtype=torch.float32, device=None) -> Tensor:
-    """(size_out, size_in) weights of box (area-average) resampling, PIL's ``Image.BOX``.
+def box_resize_matrix(size_in: int, size_out: int, dtype=torch.float32, device=None) -> Tensor:
+    """(size_out, size_in) weights of PIL's ``Image.BOX`` resampling along one axis.
 
-    Output pixel j covers input interval [j r, (j+1) r), r = size_in / size_out;
-    its value is the average of the input over that interval.
+    PIL's box filter (``precompute_coeffs`` in libImaging/Resample.c): output
+    pixel j, centred at ``c = (j + 0.5) s`` in input coordinates (s = in / out),
+    averages with equal weights the input pixels whose centres lie in
+    ``(c - S/2, c + S/2]``, S = max(s, 1). Downscaling by a non-integer factor
+    is therefore not an exact area average, and upscaling repeats pixels.
     """
-    r = size_in / size_out
-    j = torch.arange(size_out, dtype=torch.float64).reshape(-1, 1)
-    i = torch.arange(size_in, dtype=torch.float64).reshape(1, -1)
-    overlap = (torch.minimum((j + 1) * r, i + 1) - torch.maximum(j * r, i)).clamp_min(0)
-    return (overlap / r).to(dtype=dtype, device=device)
+    scale = size_in / size_out
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale
+    weights = torch.zeros(size_out, size_in, dtype=torch.float64)
+    for j in range(size_out):
+        centre = (j + 0.5) * scale
+        first = max(int(centre - support + 0.5), 0)
+        last = min(int(centre + support + 0.5), size_in)
+        for i in range(first, last):
+            u = (i - centre + 0.5) / filterscale
+            if -0.5 < u <= 0.5:
+                weights[j, i] = 1.0
+        total = weights[j].sum()
+        if total > 0:
+            weights[j] /= total
+    return weights.to(dtype=dtype, device=device)
 
 
-def area_resize(x: Tensor, height: int, width: int) -> Tensor:
-    a_h = area_resize_matrix(x.shape[-2], height, x.dtype, x.device)
-    a_w = area_resize_matrix(x.shape[-1], width, x.dtype, x.device)
+def box_resize(x: Tensor, height: int, width: int) -> Tensor:
+    """Resize the last two dimensions like PIL's ``Image.resize(..., Image.BOX)``."""
+    a_h = box_resize_matrix(x.shape[-2], height, x.dtype, x.device)
+    a_w = box_resize_matrix(x.shape[-1], width, x.dtype, x.device)
     return torch.einsum("oh,nchw,pw->ncop", a_h, x, a_w)
 
 

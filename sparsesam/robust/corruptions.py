@@ -14,6 +14,7 @@ integer pixel lattice (defocus disk radius, glass-blur swap distance). Differenc
 
 * ``frost`` uses a procedural texture instead of the six frost photographs
   (see sparsesam/robust/frost.py);
+* ``jpeg_compression`` uses Pillow's encoder as the original did;
 * ``motion_blur`` and ``snow`` use a PyTorch port of ImageMagick's motion blur
   instead of calling ImageMagick through Wand;
 * elastic's affine warp reflects at the border half-sample symmetrically
@@ -27,8 +28,10 @@ seed and batch give the same corruption on every device.
 """
 from __future__ import annotations
 
+import io
 from typing import Callable, Dict, Tuple
 
+import numpy as np
 import torch
 
 from . import _checks
@@ -69,12 +72,14 @@ PIXELATE = (0.95, 0.9, 0.85, 0.75, 0.65)                    # downscale factor
 JPEG_QUALITY = (80, 65, 58, 50, 40)
 
 
+# Random numbers are always drawn in float64 on the CPU, then cast and moved:
+# the same seed gives the same corruption for every dtype and device.
 def _noise_like(x: Tensor, generator: torch.Generator) -> Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
 
 
 def _rand_like(x: Tensor, generator: torch.Generator) -> Tensor:
-    return torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return torch.rand(x.shape, generator=generator, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
 
 
 # ---------------------------------------------------------------------------- noise
@@ -84,7 +89,7 @@ def gaussian_noise(x: Tensor, severity: int, scale: float, generator: torch.Gene
 
 def shot_noise(x: Tensor, severity: int, scale: float, generator: torch.Generator) -> Tensor:
     c = SHOT_NOISE[severity - 1]
-    return torch.poisson(x.cpu() * c, generator=generator).to(x.device) / c
+    return torch.poisson(x.cpu().double() * c, generator=generator).to(x.device, x.dtype) / c
 
 
 def impulse_noise(x: Tensor, severity: int, scale: float, generator: torch.Generator) -> Tensor:
@@ -163,7 +168,7 @@ def zoom_blur(x: Tensor, severity: int, scale: float, generator: torch.Generator
 def snow(x: Tensor, severity: int, scale: float, generator: torch.Generator) -> Tensor:
     loc, std, zoom, threshold, radius, sigma, keep = SNOW[severity - 1]
     n, _, h, w = x.shape
-    layer = (torch.randn(n, 1, h, w, generator=generator, dtype=x.dtype) * std + loc).to(x.device)
+    layer = (torch.randn(n, 1, h, w, generator=generator, dtype=torch.float64) * std + loc).to(x.device, x.dtype)
     layer = ops.zoom_center(layer, zoom)
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer)
     layer = ops.quantize_uint8(layer, floor=True)  # stored as an 8-bit PNG for ImageMagick
@@ -234,21 +239,27 @@ def elastic_transform(x: Tensor, severity: int, scale: float, generator: torch.G
 def pixelate(x: Tensor, severity: int, scale: float, generator: torch.Generator) -> Tensor:
     c = PIXELATE[severity - 1]
     h, w = x.shape[-2:]
-    small = ops.area_resize(x, max(1, int(h * c)), max(1, int(w * c)))
-    return ops.area_resize(small, h, w)
+    small = ops.box_resize(x, max(1, int(h * c)), max(1, int(w * c)))
+    return ops.box_resize(small, h, w)
 
 
 def jpeg_compression(x: Tensor, severity: int, scale: float, generator: torch.Generator) -> Tensor:
+    # PIL's encoder, as make_cifar_c.py (torchvision.io's JPEG codec is deprecated since 0.29).
     try:
-        import torchvision
+        from PIL import Image
     except ImportError as error:  # optional for the package, required for this corruption
-        raise ImportError("the jpeg_compression corruption needs torchvision (pip install torchvision, "
+        raise ImportError("the jpeg_compression corruption needs Pillow (pip install pillow, "
                           "or sparsesam[robust])") from error
     quality = JPEG_QUALITY[severity - 1]
-    as_bytes = torch.round(x.clamp(0, 1) * 255).to(torch.uint8).cpu()
-    encoded = torchvision.io.encode_jpeg(list(as_bytes), quality=quality)
-    decoded = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.UNCHANGED)
-    return torch.stack(decoded).to(device=x.device, dtype=x.dtype) / 255
+    as_bytes = torch.round(x.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for image in as_bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, "JPEG", quality=quality)
+        buffer.seek(0)
+        decoded = np.asarray(Image.open(buffer))
+        out.append(decoded.reshape(image.shape))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(device=x.device, dtype=x.dtype) / 255
 
 
 _FUNCTIONS: Dict[str, Callable[[Tensor, int, float, torch.Generator], Tensor]] = {
