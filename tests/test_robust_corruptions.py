@@ -9,7 +9,7 @@ import torch
 
 from sparsesam.robust import CORRUPTIONS, corrupt
 from sparsesam.robust import _image_ops as ops
-from sparsesam.robust.corruptions import CORRUPTION_GROUPS, DEFOCUS_BLUR, _disk_kernel
+from sparsesam.robust.corruptions import CORRUPTION_GROUPS, DEFOCUS_BLUR, _disk_kernel, glass_jitter
 from sparsesam.robust.frost import frost_texture
 
 from robust_data import natural_images
@@ -103,7 +103,7 @@ def test_strength_grows_with_severity(name, channels, size):
     constants are not ordered by one pixel distance for every corruption:
     elastic's severity 1 is a large *global* affine jitter while higher ones
     add *local* elastic warps (measured on a ramp); glass blur's severities
-    trade blur against pixel swaps (checked pairwise); motion blur's
+    trade blur against pixel jitter (checked pairwise); motion blur's
     severities 3 and 4 differ only in the far tail of the kernel (equal within 1e-6)."""
     if name == "elastic_transform":
         residual = [_ramp_residual(size, channels, s) for s in range(1, 6)]
@@ -182,6 +182,25 @@ def test_motion_blur_horizontal_is_a_one_sided_gaussian_smear():
     for i, weight in enumerate(k):
         expect += weight * x[0, 0].numpy()[:, np.minimum(np.arange(12) + i, 11)]
     np.testing.assert_allclose(y[0, 0].numpy(), expect, atol=1e-12)
+
+
+def test_glass_jitter_is_what_hendrycks_sweep_does_on_numpy():
+    # Run the original statement on numpy arrays with the same offsets: its
+    # "swap" of two views copies one pixel and leaves the other.
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 256, (2, 3, 9, 11), generator=g).double() / 255
+    offsets = torch.randint(-1, 1, (2, 2, 7, 9), generator=g)
+    ours = glass_jitter(y, offsets)
+    for n in range(2):
+        x = y[n].permute(1, 2, 0).numpy().copy()  # H, W, C as in make_cifar_c.py
+        for h in range(9 - 1, 1, -1):
+            for w in range(11 - 1, 1, -1):
+                dy, dx = int(offsets[n, 0, h - 2, w - 2]), int(offsets[n, 1, h - 2, w - 2])
+                h_prime, w_prime = h + dy, w + dx
+                x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]
+        np.testing.assert_array_equal(ours[n].permute(1, 2, 0).numpy(), x)
+    with pytest.raises(ValueError, match="offsets"):
+        glass_jitter(y, offsets + 1)
 
 
 def test_disk_kernels_are_normalised_symmetric_and_widen_with_severity():

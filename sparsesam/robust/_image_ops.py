@@ -169,7 +169,7 @@ def motion_blur(x: Tensor, radius: int, sigma: float, angle_deg: Tensor) -> Tens
         dy = torch.ceil(i * sin - 0.5).to(torch.long).to(x.device).reshape(n, 1)
         dx = torch.ceil(i * cos - 0.5).to(torch.long).to(x.device).reshape(n, 1)
         if bool((dy.abs() >= h).any() or (dx.abs() >= w).any()):
-            break  # the motion left the image (make_cifar_c's imagecorruptions port stops here too)
+            break  # the motion left the image: stop, as the imagecorruptions port of this blur does
         rows = (rows0 + dy).clamp(0, h - 1)  # (N, H)
         cols = (cols0 + dx).clamp(0, w - 1)  # (N, W)
         shifted = x[batch, :, rows.unsqueeze(2), cols.unsqueeze(1)]  # (N, H, W, C)

@@ -130,24 +130,46 @@ def defocus_blur(x: Tensor, severity: int, scale: float, generator: torch.Genera
 def glass_blur(x: Tensor, severity: int, scale: float, generator: torch.Generator) -> Tensor:
     sigma, max_delta, iterations = GLASS_BLUR[severity - 1]
     sigma *= scale
-    # The original stores the first blur as uint8 (truncating), then swaps
-    # every pixel with a random neighbour, sweeping bottom-right to top-left.
+    # Blur, store as uint8 (truncating), jitter pixels, blur again.
     y = ops.quantize_uint8(ops.gaussian_filter(x, sigma, mode="nearest"), floor=True)
     n, _, h, w = y.shape
-    batch = torch.arange(n, device=y.device)
-    rows = range(h - max_delta, max_delta, -1)
-    cols = range(w - max_delta, max_delta, -1)
     for _ in range(iterations):
-        # np.random.randint(-d, d): offsets in [-d, d) -- the original's range.
-        offsets = torch.randint(-max_delta, max_delta, (len(rows), len(cols), 2, n), generator=generator)
-        offsets = offsets.to(y.device)
-        for i, r in enumerate(rows):
-            for j, c in enumerate(cols):
-                dy, dx = offsets[i, j, 0], offsets[i, j, 1]
-                here = y[:, :, r, c].clone()
-                y[:, :, r, c] = y[batch, :, r + dy, c + dx]
-                y[batch, :, r + dy, c + dx] = here
+        # np.random.randint(-d, d) draws from [-d, d): {-1, 0} for d = 1.
+        offsets = torch.randint(-max_delta, max_delta, (n, 2, h - max_delta - 1, w - max_delta - 1),
+                                generator=generator)
+        y = glass_jitter(y, offsets.to(y.device))
     return ops.gaussian_filter(y, sigma, mode="nearest")
+
+
+def glass_jitter(y: Tensor, offsets: Tensor) -> Tensor:
+    """One pass of make_cifar_c.py's "local pixel shuffling", as it actually behaves.
+
+    The original sweeps h, w from the bottom-right corner down to ``max_delta + 1``
+    and runs ``x[h, w], x[h', w'] = x[h', w'], x[h, w]`` with
+    ``(h', w') = (h, w) + randint(-max_delta, max_delta)``. On numpy arrays the
+    right-hand side holds *views*, so this copies x[h', w'] into x[h, w] and
+    leaves x[h', w'] as it was: a copy, not a swap. With max_delta = 1 (every
+    CIFAR severity) the offsets are in {-1, 0}, the sources lie up-left and are
+    visited later in the sweep, so every visited pixel takes the *original* value
+    of a random neighbour in {(0,0), (-1,0), (0,-1), (-1,-1)}: one gather here.
+
+    offsets: (N, 2, H - 2, W - 2) row / column offsets in {-1, 0} for the
+    visited pixels (rows and columns 2 .. size-1).
+    """
+    n, _, h, w = y.shape
+    first = 2
+    if tuple(offsets.shape) != (n, 2, h - first, w - first):
+        raise ValueError(f"offsets must have shape {(n, 2, h - first, w - first)}, got {tuple(offsets.shape)}")
+    if bool(((offsets < -1) | (offsets > 0)).any()):
+        raise ValueError("offsets must be -1 or 0 (the CIFAR sweep's max_delta = 1)")
+    rows = torch.arange(first, h, device=y.device)
+    cols = torch.arange(first, w, device=y.device)
+    src_rows = rows.reshape(1, -1, 1) + offsets[:, 0]
+    src_cols = cols.reshape(1, 1, -1) + offsets[:, 1]
+    batch = torch.arange(n, device=y.device).reshape(n, 1, 1)
+    out = y.clone()
+    out[:, :, first:, first:] = y[batch, :, src_rows, src_cols].permute(0, 3, 1, 2)
+    return out
 
 
 def motion_blur(x: Tensor, severity: int, scale: float, generator: torch.Generator) -> Tensor:

@@ -38,15 +38,18 @@ def _save(figure, path: str) -> str:
 
 
 def _named(results: Mapping, marker_key: str) -> dict:
-    """A single result (it has ``marker_key``) becomes {its model name: it}."""
+    """A single result (it has ``marker_key``) becomes {its model name: it}.
+
+    Labels lose leading underscores: matplotlib hides legend entries that start with one.
+    """
     if not isinstance(results, Mapping) or not results:
         raise ValueError("results must be a result dict or a non-empty {label: result} mapping")
     if marker_key in results:
-        return {str(results.get("model") or "model"): results}
+        results = {str(results.get("model") or "model"): results}
     for label, result in results.items():
         if not isinstance(result, Mapping) or marker_key not in result:
             raise ValueError(f"results[{label!r}] is not a result with a {marker_key!r} entry")
-    return dict(results)
+    return {str(label).lstrip("_") or "model": result for label, result in results.items()}
 
 
 def plot_corruption_accuracy(results: Mapping, path: str, *, title: Optional[str] = None) -> str:
