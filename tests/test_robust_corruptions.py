@@ -184,6 +184,26 @@ def test_motion_blur_horizontal_is_a_one_sided_gaussian_smear():
     np.testing.assert_allclose(y[0, 0].numpy(), expect, atol=1e-12)
 
 
+@pytest.mark.parametrize("size", [32, 28])
+@pytest.mark.parametrize("factor", [1.01, 1.05, 1.13, 1.25, 1.75, 2.25])
+def test_clipped_zoom_matches_make_cifar_c(size, factor):
+    scipy_zoom = pytest.importorskip("scipy.ndimage").zoom
+
+    def clipped_zoom(img, zoom_factor):  # make_cifar_c.py, verbatim
+        h = img.shape[0]
+        ch = int(np.ceil(h / zoom_factor))
+        top = (h - ch) // 2
+        img = scipy_zoom(img[top:top + ch, top:top + ch], (zoom_factor, zoom_factor, 1), order=1)
+        trim_top = (img.shape[0] - h) // 2
+        return img[trim_top:trim_top + h, trim_top:trim_top + h]
+
+    x = torch.rand(2, 3, size, size, dtype=torch.float64)
+    ours = ops.clipped_zoom(x, factor)
+    for n in range(2):
+        expect = clipped_zoom(x[n].permute(1, 2, 0).numpy(), factor)
+        np.testing.assert_allclose(ours[n].permute(1, 2, 0).numpy(), expect, rtol=0, atol=1e-12)
+
+
 def test_glass_jitter_is_what_hendrycks_sweep_does_on_numpy():
     # Run the original statement on numpy arrays with the same offsets: its
     # "swap" of two views copies one pixel and leaves the other.

@@ -182,7 +182,7 @@ def zoom_blur(x: Tensor, severity: int, scale: float, generator: torch.Generator
     out = x.clone()
     steps = ZOOM_BLUR_STEPS[severity - 1]
     for k in range(steps):
-        out += ops.zoom_center(x, 1.0 + 0.01 * k)
+        out += ops.clipped_zoom(x, 1.0 + 0.01 * k)
     return out / (steps + 1)
 
 
@@ -191,7 +191,7 @@ def snow(x: Tensor, severity: int, scale: float, generator: torch.Generator) -> 
     loc, std, zoom, threshold, radius, sigma, keep = SNOW[severity - 1]
     n, _, h, w = x.shape
     layer = (torch.randn(n, 1, h, w, generator=generator, dtype=torch.float64) * std + loc).to(x.device, x.dtype)
-    layer = ops.zoom_center(layer, zoom)
+    layer = ops.clipped_zoom(layer, zoom)
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer)
     layer = ops.quantize_uint8(layer, floor=True)  # stored as an 8-bit PNG for ImageMagick
     angles = ops.uniform((n,), -135.0, -45.0, generator)
