@@ -10,21 +10,26 @@ other sizes the continuous ones (blur sigmas, motion-blur radii, elastic and
 affine displacements) are scaled by ``min(H, W) / 32`` (so 28x28
 Fashion-MNIST gets 7/8 of them), while ratios (zoom factors, pixelate
 factors, JPEG quality, noise levels) are kept, and so are lengths on the
-integer pixel lattice (defocus disk radius, glass-blur swap distance). Differences from the original, all deliberate:
+integer pixel lattice (defocus disk radius, glass-blur jitter distance).
+
+The original's quirks are kept where CIFAR-10-C has them: glass blur's pixel
+"swap" on numpy views is a copy (see ``glass_jitter``), ``clipped_zoom``
+zooms slightly off-centre, pixelate uses PIL's BOX filter, JPEG uses Pillow.
+Deliberate differences:
 
 * ``frost`` uses a procedural texture instead of the six frost photographs
   (see sparsesam/robust/frost.py);
-* ``jpeg_compression`` uses Pillow's encoder as the original did;
 * ``motion_blur`` and ``snow`` use a PyTorch port of ImageMagick's motion blur
   instead of calling ImageMagick through Wand;
 * elastic's affine warp reflects at the border half-sample symmetrically
-  (scipy's ``reflect``) where OpenCV reflected about the edge pixel.
+  (scipy's ``reflect``) where OpenCV reflected about the edge pixel;
+* outputs stay floating point (CIFAR-10-C stored them as uint8, truncated).
 
 Grey (1-channel) images go through the same formulas: brightness adds to the
 value directly, snow's greying step uses the image itself.
 
 Randomness comes from a CPU ``torch.Generator`` seeded by ``seed``: the same
-seed and batch give the same corruption on every device.
+seed and batch give the same corruption on every device and dtype.
 """
 from __future__ import annotations
 
