@@ -1,0 +1,74 @@
+"""Robust accuracy of a model under an attack, over a list of epsilons.
+
+The result is a JSON-ready dict that sparsesam.robust.plots can draw:
+
+    {"model": "...", "attack": "pgd", "norm": "linf", "steps": 10, "restarts": 1,
+     "examples": 1000, "seed": 0, "clean_accuracy": 0.91,
+     "epsilons": [0.0, 0.01, ...], "accuracy": [0.91, 0.72, ...]}
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import _checks
+from .attacks import autoattack, fgsm, pgd
+from .model_state import eval_mode
+
+ATTACKS = ("pgd", "fgsm", "autoattack")
+
+
+@torch.no_grad()
+def adversarial_accuracy(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *,
+                         epsilons: Sequence[float], attack: str = "pgd", norm: str = "linf", steps: int = 10,
+                         restarts: int = 1, step_size_factor: float = 2.5, seed: int = 0,
+                         device: Optional[torch.device] = None, model_name: Optional[str] = None,
+                         progress: bool = False) -> dict:
+    """Accuracy on adversarial examples of ``attack`` at every eps of ``epsilons``.
+
+    PGD's step size is ``step_size_factor * eps / steps`` at each eps. Every
+    batch gets its own attack seed (derived from ``seed``), the same at every eps.
+    """
+    _checks.choice("attack", attack, ATTACKS)
+    epsilons = [_checks.non_negative("epsilons", e) for e in epsilons]
+    if not epsilons:
+        raise ValueError("epsilons is empty")
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    correct = np.zeros(len(epsilons), dtype=np.int64)
+    clean_correct = total = 0
+    with eval_mode(model):
+        for b, (x, y) in enumerate(tqdm(batches, desc=f"{attack} attack", disable=not progress, leave=False)):
+            x, y = x.to(device), y.to(device)
+            _checks.images("images", x)
+            _checks.labels("labels", y, x.shape[0])
+            clean_correct += (model(x).argmax(dim=1) == y).sum().item()
+            total += len(y)
+            batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0])
+            for i, eps in enumerate(epsilons):
+                if attack == "pgd":
+                    x_adv = pgd(model, x, y, eps=eps, norm=norm, steps=steps, restarts=restarts,
+                                step_size=step_size_factor * eps / steps, seed=batch_seed)
+                elif attack == "fgsm":
+                    x_adv = fgsm(model, x, y, eps=eps, norm=norm)
+                else:
+                    x_adv = autoattack(model, x, y, eps=eps, norm=norm, seed=batch_seed) if eps > 0 else x
+                correct[i] += (model(x_adv).argmax(dim=1) == y).sum().item()
+    if total == 0:
+        raise ValueError("batches is empty: nothing to evaluate")
+    return {
+        "model": model_name or type(model).__name__,
+        "attack": attack,
+        "norm": norm,
+        "steps": steps if attack == "pgd" else (1 if attack == "fgsm" else None),
+        "restarts": restarts if attack == "pgd" else None,
+        "examples": total,
+        "seed": seed,
+        "clean_accuracy": clean_correct / total,
+        "epsilons": epsilons,
+        "accuracy": (correct / total).tolist(),
+    }

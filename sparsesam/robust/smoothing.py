@@ -1,0 +1,180 @@
+"""Randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019).
+
+The smoothed classifier ``g(x) = argmax_c P(f(x + N(0, sigma^2 I)) = c)`` is
+certified by Monte Carlo, as in the paper's CERTIFY / PREDICT:
+
+* CERTIFY: n0 noisy copies choose the top class cA; n more count how often
+  f returns cA; with probability >= 1 - alpha, ``pA >= pA_lower``, the
+  one-sided Clopper-Pearson bound. If pA_lower > 1/2, g returns cA within
+  the L2 radius ``sigma * Phi^-1(pA_lower)``; otherwise it abstains.
+* PREDICT: the top two counts of n samples; abstain unless a two-sided
+  binomial test rejects "both equally likely" at level alpha.
+
+Noise is added to the [0, 1] image and not clipped (clipping would break the
+Gaussian assumption); the model sees those noisy images. Noise is drawn in
+batches from a generator seeded per call, so results are reproducible.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import _checks
+from .model_state import eval_mode
+
+ABSTAIN = -1
+
+
+def _stats():
+    try:
+        from scipy import stats
+    except ImportError as error:  # scipy is optional for the package, required here
+        raise ImportError("randomized smoothing needs scipy (pip install scipy, or sparsesam[robust])") from error
+    return stats
+
+
+def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion.
+
+    ``Beta.ppf(alpha, k, n - k + 1)`` (0 when k = 0): the bound
+    ``proportion_confint(k, n, alpha=2 * alpha, method="beta")[0]`` of Cohen's code.
+    """
+    if not 0 <= successes <= trials or trials < 1:
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got successes={successes}, trials={trials}")
+    _checks.probability("alpha", alpha)
+    if successes == 0:
+        return 0.0
+    return float(_stats().beta.ppf(alpha, successes, trials - successes + 1))
+
+
+def certified_radius(p_lower: float, sigma: float) -> float:
+    """``sigma * Phi^-1(p_lower)``: the L2 radius certified when pA >= p_lower > 1/2."""
+    _checks.positive("sigma", sigma)
+    return float(sigma * _stats().norm.ppf(p_lower))
+
+
+def _check_common(model, x, sigma, n, alpha, batch_size):
+    if not callable(model):
+        raise TypeError(f"model must be an nn.Module or callable, got {type(model).__name__}")
+    _checks.image("x", x)
+    _checks.positive("sigma", sigma)
+    _checks.positive_int("n", n)
+    _checks.probability("alpha", alpha)
+    _checks.positive_int("batch_size", batch_size)
+
+
+@torch.no_grad()
+def sample_counts(model: nn.Module, x: torch.Tensor, sigma: float, num: int, batch_size: int,
+                  generator: torch.Generator) -> np.ndarray:
+    """How often ``model(x + sigma * noise)`` predicts each class, over ``num`` noise draws."""
+    counts: Optional[np.ndarray] = None
+    remaining = num
+    while remaining > 0:
+        this = min(batch_size, remaining)
+        batch = x.unsqueeze(0).expand(this, *x.shape)
+        noise = torch.randn(batch.shape, generator=generator, device=x.device, dtype=x.dtype)
+        logits = model(batch + sigma * noise)
+        if counts is None:
+            counts = np.zeros(logits.shape[1], dtype=np.int64)
+        counts += np.bincount(logits.argmax(dim=1).cpu().numpy(), minlength=len(counts))
+        remaining -= this
+    return counts
+
+
+def _generator(x: torch.Tensor, seed: int) -> torch.Generator:
+    return torch.Generator(device=x.device).manual_seed(int(seed))
+
+
+def predict(model: nn.Module, x: torch.Tensor, sigma: float, n: int, alpha: float, batch_size: int, *,
+            seed: int = 0) -> int:
+    """The smoothed prediction for one (C, H, W) image, or ABSTAIN (-1).
+
+    Abstains when the two-sided binomial test of the top two counts
+    (``binomtest(n1, n1 + n2, 0.5)``) has a p-value above alpha, so a wrong
+    answer has probability at most alpha.
+    """
+    _check_common(model, x, sigma, n, alpha, batch_size)
+    with eval_mode(model):
+        counts = sample_counts(model, x, sigma, n, batch_size, _generator(x, seed))
+    order = np.argsort(-counts, kind="stable")
+    n1 = int(counts[order[0]])
+    n2 = int(counts[order[1]]) if len(counts) > 1 else 0
+    if _stats().binomtest(n1, n1 + n2, 0.5).pvalue > alpha:
+        return ABSTAIN
+    return int(order[0])
+
+
+def certify(model: nn.Module, x: torch.Tensor, sigma: float, n0: int, n: int, alpha: float, batch_size: int, *,
+            seed: int = 0) -> Tuple[int, float]:
+    """(prediction, L2 radius) of the smoothed classifier at one (C, H, W) image, or (ABSTAIN, 0.0).
+
+    Selection and estimation use separate noise draws (both from ``seed``).
+    """
+    _check_common(model, x, sigma, n, alpha, batch_size)
+    _checks.positive_int("n0", n0)
+    if n0 > n:
+        raise ValueError(f"n0 (selection samples, {n0}) must not exceed n (estimation samples, {n})")
+    generator = _generator(x, seed)
+    with eval_mode(model):
+        selection = sample_counts(model, x, sigma, n0, batch_size, generator)
+        top = int(np.argmax(selection))
+        estimation = sample_counts(model, x, sigma, n, batch_size, generator)
+    p_lower = clopper_pearson_lower(int(estimation[top]), n, alpha)
+    if p_lower < 0.5:
+        return ABSTAIN, 0.0
+    return top, certified_radius(p_lower, sigma)
+
+
+def certify_dataset(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *, sigma: float,
+                    n0: int = 100, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000, seed: int = 0,
+                    max_examples: Optional[int] = None, skip: int = 1, device: Optional[torch.device] = None,
+                    model_name: Optional[str] = None, progress: bool = False) -> dict:
+    """``certify`` every ``skip``-th example (at most ``max_examples``) of ``batches``.
+
+    Example i uses seed ``seed + i``. Returns the settings and one record per
+    certified example: ``{"index", "label", "prediction", "radius", "correct"}``.
+    """
+    _checks.positive_int("skip", skip)
+    if max_examples is not None:
+        _checks.positive_int("max_examples", max_examples)
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    records = []
+    index = 0
+    bar = tqdm(total=max_examples, desc=f"certify sigma={sigma}", disable=not progress, leave=False)
+    for x_batch, y_batch in batches:
+        _checks.labels("labels", y_batch, x_batch.shape[0])
+        for x, y in zip(x_batch, y_batch):
+            if max_examples is not None and len(records) >= max_examples:
+                break
+            if index % skip == 0:
+                prediction, radius = certify(model, x.to(device), sigma, n0, n, alpha, batch_size, seed=seed + index)
+                records.append({"index": index, "label": int(y), "prediction": prediction, "radius": radius,
+                                "correct": prediction == int(y)})
+                bar.update(1)
+            index += 1
+        if max_examples is not None and len(records) >= max_examples:
+            break
+    bar.close()
+    if not records:
+        raise ValueError("batches is empty: nothing to certify")
+    return {"model": model_name or type(model).__name__, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
+            "seed": seed, "examples": len(records), "records": records}
+
+
+def certified_accuracy(result: dict, radii: Sequence[float]) -> dict:
+    """Fraction of examples certified correct at L2 radius >= r, for every r in ``radii``.
+
+    Abstentions and wrong predictions count as failures at every radius.
+    """
+    records = result["records"]
+    radii = [float(r) for r in radii]
+    ok = np.array([r["correct"] for r in records], dtype=bool)
+    radius = np.array([r["radius"] for r in records], dtype=np.float64)
+    accuracy = [float(np.mean(ok & (radius >= r))) for r in radii]
+    return {"model": result.get("model"), "sigma": result.get("sigma"), "radii": radii,
+            "certified_accuracy": accuracy}

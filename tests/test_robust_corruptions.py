@@ -1,0 +1,295 @@
+"""sparsesam.robust.corruptions: contract (shape, dtype, range, determinism),
+strength growing with severity, the building blocks against scipy / PIL /
+colorsys, and bad input."""
+import colorsys
+
+import numpy as np
+import pytest
+import torch
+
+from sparsesam.robust import CORRUPTIONS, corrupt
+from sparsesam.robust import _image_ops as ops
+from sparsesam.robust.corruptions import CORRUPTION_GROUPS, DEFOCUS_BLUR, _disk_kernel, glass_jitter
+from sparsesam.robust.frost import frost_texture
+
+from robust_data import natural_images
+
+# Corruptions without randomness: the seed must not matter.
+DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression"}
+SHAPES = [(3, 32), (1, 28)]
+
+
+def test_fifteen_corruptions_in_four_groups():
+    assert len(CORRUPTIONS) == 15 and len(set(CORRUPTIONS)) == 15
+    assert {k: len(v) for k, v in CORRUPTION_GROUPS.items()} == {"noise": 3, "blur": 4, "weather": 3, "digital": 5}
+
+
+@pytest.mark.parametrize("channels,size", SHAPES)
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_shape_dtype_range_and_determinism(name, channels, size):
+    x = natural_images(3, channels, size, seed=1)
+    y = corrupt(x, name, 3, seed=7)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
+    assert not torch.equal(y, x), f"{name} left the images unchanged"
+    assert torch.equal(corrupt(x, name, 3, seed=7), y), "same seed must give the same corruption"
+    other = corrupt(x, name, 3, seed=8)
+    if name in DETERMINISTIC:
+        assert torch.equal(other, y)
+    else:
+        assert not torch.equal(other, y), f"{name} ignores its seed"
+    assert torch.equal(x, natural_images(3, channels, size, seed=1)), "the input must not be modified"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("name", ["gaussian_noise", "glass_blur", "fog", "elastic_transform", "jpeg_compression"])
+def test_other_dtypes_keep_their_dtype(name, dtype):
+    x = natural_images(2, 3, 32, seed=2).to(dtype)
+    y = corrupt(x, name, 2, seed=0)
+    assert y.dtype == dtype and y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    # Same result as float32 up to the dtype's resolution (float16 only stores ~3 digits).
+    reference = corrupt(x.float(), name, 2, seed=0)
+    tol = 1e-5 if dtype == torch.float64 else 2e-2
+    if name == "jpeg_compression":
+        tol = max(tol, 1.5 / 255)  # rounding to bytes may flip where the float16 input was rounded
+    assert (y.float() - reference).abs().mean() < tol
+
+
+def test_empty_batch():
+    x = torch.rand(0, 3, 32, 32)
+    assert corrupt(x, "snow", 5).shape == (0, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- strength vs severity
+def _ssim(a, b):
+    """Mean windowed SSIM (Gaussian window sigma 1.5) of two batches in [0, 1]."""
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+
+    def blur(t):
+        return ops.gaussian_filter(t.double(), 1.5, truncate=3.5, mode="reflect")
+
+    a, b = a.double(), b.double()
+    ma, mb = blur(a), blur(b)
+    va, vb, cov = blur(a * a) - ma ** 2, blur(b * b) - mb ** 2, blur(a * b) - ma * mb
+    return (((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))).mean().item()
+
+
+def _dissimilarity(x, y):
+    return 1.0 - _ssim(x, y)
+
+
+def _rms(x, y):
+    return (x - y).pow(2).mean().sqrt().item()
+
+
+def _ramp_residual(size, channels, severity):
+    """RMS of the best affine-in-(row, col) fit to an elastically warped linear ramp, inside an
+    8-pixel border (where reflected edges do not reach): a global affine warp keeps a ramp a
+    ramp, local elastic warps do not."""
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    ramp = (0.05 + 0.9 * (0.3 * ys + 0.6 * xs) / (0.9 * (size - 1))).clamp(0, 1)
+    y = corrupt(ramp.expand(16, channels, size, size).contiguous(), "elastic_transform", severity, seed=3)
+    b = 8
+    design = torch.stack([torch.ones_like(ys), ys, xs], -1)[b:-b, b:-b].reshape(-1, 3).double()
+    values = y[:, :, b:-b, b:-b].reshape(-1, design.shape[0]).T.double()
+    fit = design @ torch.linalg.lstsq(design, values).solution
+    return (fit - values).pow(2).mean().sqrt().item()
+
+
+@pytest.mark.parametrize("channels,size", SHAPES)
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_strength_grows_with_severity(name, channels, size):
+    """Each corruption gets the measure its severity constants move. Hendrycks'
+    constants are not ordered by one pixel distance for every corruption:
+    elastic's severity 1 is a large *global* affine jitter while higher ones
+    add *local* elastic warps (measured on a ramp); glass blur's severities
+    trade blur against pixel jitter (checked pairwise); motion blur's
+    severities 3 and 4 differ only in the far tail of the kernel (equal within 1e-6)."""
+    if name == "elastic_transform":
+        residual = [_ramp_residual(size, channels, s) for s in range(1, 6)]
+        assert residual[0] < 1e-4, "severity 1 is a pure affine warp (alpha = 0)"
+        assert all(a < b for a, b in zip(residual, residual[1:])), residual
+        return
+    x = natural_images(32, channels, size, seed=0)
+    ys = {s: corrupt(x, name, s, seed=1) for s in range(1, 6)}
+    if name == "glass_blur":
+        d = {s: _dissimilarity(x, y) for s, y in ys.items()}
+        # (sigma, swap passes): 1 (0.05, 1) <= 2 (0.25, 1); 4 (0.25, 2) > 2; 5 (0.4, 2) > 3 (0.4, 1).
+        assert d[2] >= d[1] - 1e-3 and d[4] > d[2] and d[5] > d[3], d
+        return
+    measure = _rms if name == "snow" else _dissimilarity
+    strength = [measure(x, ys[s]) for s in range(1, 6)]
+    if name == "motion_blur":
+        assert strength[3] >= strength[2] - 1e-6 and all(strength[i] < strength[i + 1] for i in (0, 1, 3)), strength
+        return
+    assert all(a < b for a, b in zip(strength, strength[1:])), strength
+
+
+# ----------------------------------------------------------------------------- building blocks
+@pytest.mark.parametrize("mode", ["nearest", "reflect"])
+@pytest.mark.parametrize("sigma,truncate", [(0.4, 4.0), (1.5, 3.0), (6.4, 3.0)])
+def test_gaussian_filter_matches_scipy(mode, sigma, truncate):
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = torch.rand(2, 3, 11, 13, dtype=torch.float64)
+    ours = ops.gaussian_filter(x, sigma, truncate=truncate, mode=mode)
+    theirs = ndimage.gaussian_filter(x.numpy(), sigma=(0, 0, sigma, sigma), truncate=truncate, mode=mode)
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=1e-12)
+
+
+def test_gaussian_filter_per_image_sigma():
+    x = torch.rand(3, 1, 9, 9, dtype=torch.float64)
+    sigma = torch.tensor([0.0, 0.7, 1.3], dtype=torch.float64)
+    ours = ops.gaussian_filter(x, sigma, truncate=3.0, mode="reflect")
+    torch.testing.assert_close(ours[0], x[0], rtol=0, atol=0)
+    for i in (1, 2):
+        expect = ops.gaussian_filter(x[i:i + 1], float(sigma[i]), truncate=3.0 * 1.3 / float(sigma[i]), mode="reflect")
+        torch.testing.assert_close(ours[i:i + 1], expect, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size_in,size_out", [(32, 30), (32, 20), (20, 32), (28, 24), (24, 28), (13, 5)])
+def test_box_resize_matches_pil_box(size_in, size_out):
+    Image = pytest.importorskip("PIL.Image")
+    x = np.random.default_rng(0).random((size_in, size_in + 3)).astype(np.float32)
+    theirs = np.asarray(Image.fromarray(x).resize((size_out + 1, size_out), Image.BOX))
+    ours = ops.box_resize(torch.from_numpy(x).reshape(1, 1, size_in, size_in + 3), size_out, size_out + 1)[0, 0]
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=1e-5)
+
+
+def test_brightness_matches_hsv_value_shift():
+    x = natural_images(2, 3, 8, seed=4).double()
+    x[0, :, 0, 0] = 0.0  # a black pixel: HSV saturation 0, becomes grey
+    y = corrupt(x, "brightness", 4)
+    for n, i, j in [(0, 0, 0), (0, 3, 5), (1, 7, 2), (1, 4, 4)]:
+        h, s, v = colorsys.rgb_to_hsv(*x[n, :, i, j].tolist())
+        expect = colorsys.hsv_to_rgb(h, s, min(v + 0.2, 1.0))
+        np.testing.assert_allclose(y[n, :, i, j].numpy(), expect, atol=1e-12)
+
+
+def test_contrast_scales_around_channel_means():
+    x = natural_images(2, 3, 16, seed=5).double()
+    y = corrupt(x, "contrast", 2)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(y, ((x - mean) * 0.5 + mean).clamp(0, 1))
+
+
+def test_motion_blur_horizontal_is_a_one_sided_gaussian_smear():
+    x = torch.rand(1, 1, 6, 12, dtype=torch.float64)
+    radius, sigma = 2, 1.0
+    y = ops.motion_blur(x, radius, sigma, torch.tensor([0.0]))
+    k = np.exp(-np.arange(2 * radius + 1) ** 2 / (2 * sigma ** 2))
+    k /= k.sum()
+    expect = np.zeros((6, 12))
+    for i, weight in enumerate(k):
+        expect += weight * x[0, 0].numpy()[:, np.minimum(np.arange(12) + i, 11)]
+    np.testing.assert_allclose(y[0, 0].numpy(), expect, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [32, 28])
+@pytest.mark.parametrize("factor", [1.01, 1.05, 1.13, 1.25, 1.75, 2.25])
+def test_clipped_zoom_matches_make_cifar_c(size, factor):
+    scipy_zoom = pytest.importorskip("scipy.ndimage").zoom
+
+    def clipped_zoom(img, zoom_factor):  # make_cifar_c.py, verbatim
+        h = img.shape[0]
+        ch = int(np.ceil(h / zoom_factor))
+        top = (h - ch) // 2
+        img = scipy_zoom(img[top:top + ch, top:top + ch], (zoom_factor, zoom_factor, 1), order=1)
+        trim_top = (img.shape[0] - h) // 2
+        return img[trim_top:trim_top + h, trim_top:trim_top + h]
+
+    x = torch.rand(2, 3, size, size, dtype=torch.float64)
+    ours = ops.clipped_zoom(x, factor)
+    for n in range(2):
+        expect = clipped_zoom(x[n].permute(1, 2, 0).numpy(), factor)
+        np.testing.assert_allclose(ours[n].permute(1, 2, 0).numpy(), expect, rtol=0, atol=1e-12)
+
+
+def test_glass_jitter_is_what_hendrycks_sweep_does_on_numpy():
+    # Run the original statement on numpy arrays with the same offsets: its
+    # "swap" of two views copies one pixel and leaves the other.
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 256, (2, 3, 9, 11), generator=g).double() / 255
+    offsets = torch.randint(-1, 1, (2, 2, 7, 9), generator=g)
+    ours = glass_jitter(y, offsets)
+    for n in range(2):
+        x = y[n].permute(1, 2, 0).numpy().copy()  # H, W, C as in make_cifar_c.py
+        for h in range(9 - 1, 1, -1):
+            for w in range(11 - 1, 1, -1):
+                dy, dx = int(offsets[n, 0, h - 2, w - 2]), int(offsets[n, 1, h - 2, w - 2])
+                h_prime, w_prime = h + dy, w + dx
+                x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]
+        np.testing.assert_array_equal(ours[n].permute(1, 2, 0).numpy(), x)
+    with pytest.raises(ValueError, match="offsets"):
+        glass_jitter(y, offsets + 1)
+
+
+def test_disk_kernels_are_normalised_symmetric_and_widen_with_severity():
+    spread = []
+    for radius, alias in DEFOCUS_BLUR:
+        k = _disk_kernel(radius, alias, torch.float64)
+        torch.testing.assert_close(k.sum(), torch.tensor(1.0, dtype=torch.float64))
+        torch.testing.assert_close(k, k.flip(0))
+        torch.testing.assert_close(k, k.T)
+        r = torch.arange(k.shape[0], dtype=torch.float64) - k.shape[0] // 2
+        spread.append(float((k * (r[:, None] ** 2 + r[None, :] ** 2)).sum()))
+    assert all(a < b for a, b in zip(spread, spread[1:])), spread
+    # Radius 1.5 with almost no alias blur: the 3x3 block of the aliased disk.
+    torch.testing.assert_close(_disk_kernel(1.5, 1e-3, torch.float64), torch.full((3, 3), 1 / 9, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jpeg_is_a_pil_round_trip_at_hendrycks_quality(channels):
+    Image = pytest.importorskip("PIL.Image")
+    import io
+
+    x = natural_images(2, channels, 32, seed=6)
+    y = corrupt(x, "jpeg_compression", 5)  # quality 40
+    for n in range(2):
+        array = (x[n].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(array[..., 0] if channels == 1 else array).save(buffer, "JPEG", quality=40)
+        expect = np.asarray(Image.open(buffer)).astype(np.float32).reshape(array.shape) / 255
+        np.testing.assert_array_equal(y[n].permute(1, 2, 0).numpy(), expect)
+
+
+def test_plasma_fractal_and_frost_texture():
+    g = torch.Generator().manual_seed(0)
+    maps = ops.plasma_fractal(4, 32, 2.0, g)
+    assert maps.shape == (4, 32, 32)
+    assert torch.allclose(maps.amin(dim=(1, 2)), torch.zeros(4, dtype=maps.dtype))
+    assert torch.allclose(maps.amax(dim=(1, 2)), torch.ones(4, dtype=maps.dtype))
+    with pytest.raises(ValueError, match="mapsize"):
+        ops.plasma_fractal(1, 24, 2.0, g)
+    t1 = frost_texture(8, 3, 32, 32, torch.Generator().manual_seed(1))
+    t2 = frost_texture(8, 3, 32, 32, torch.Generator().manual_seed(1))
+    assert torch.equal(t1, t2) and t1.min() >= 0 and t1.max() <= 1
+    assert 0.25 < t1.mean() < 0.75, "frost should be a mid-bright overlay"
+    assert (t1[:, 2] >= t1[:, 0]).all(), "frost is blue-white: blue >= red"
+    assert t1.std(dim=(2, 3)).min() > 0.05, "frost needs texture, not a flat veil"
+    assert frost_texture(2, 1, 28, 28, torch.Generator().manual_seed(1)).shape == (2, 1, 28, 28)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_names_the_argument():
+    x = natural_images(2, 3, 32)
+    with pytest.raises(ValueError, match="corruption"):
+        corrupt(x, "speckle_noise", 1)
+    for bad in (0, 6, 2.0, True, "3"):
+        with pytest.raises(ValueError, match="severity"):
+            corrupt(x, "fog", bad)
+    with pytest.raises(ValueError, match=r"x must hold values in \[0, 1\]"):
+        corrupt(x * 2, "fog", 1)
+    with pytest.raises(ValueError, match=r"x must hold values in \[0, 1\]"):
+        corrupt(x - 0.5, "fog", 1)
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x must hold values"):
+        corrupt(nan, "fog", 1)
+    with pytest.raises(ValueError, match="rank 4"):
+        corrupt(x[0], "fog", 1)
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        corrupt(torch.rand(2, 2, 32, 32), "fog", 1)
+    with pytest.raises(TypeError, match="floating"):
+        corrupt((x * 255).to(torch.uint8), "fog", 1)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        corrupt(x.numpy(), "fog", 1)
