@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -302,31 +303,39 @@ std::vector<at::Tensor> mask_flip_scores(at::TensorList grads, const c10::List<s
 // a strict total order, so the answer is unique (torch.sort(stable=True)'s
 // order, which the reference uses).
 //
-// Selection needs a whole layer's scores, so this op is parallel over layers
-// (one thread scores a layer in one pass, appending candidates, then runs
-// nth_element and sorts the k chosen), not over chunks.
-template <typename score_t>
-struct Candidate {
-  score_t score;
-  int64_t index;
-};
+// A layer at a time, each in parallel over chunks: one pass counts the kept
+// entries per chunk (the mask alone), a second scores every entry and
+// writes its candidate -- (order key, index), two integers -- to the kept or
+// the pruned array at the place the prefix counts give it, so the arrays
+// hold exactly the eligible entries. nth_element then finds the k smallest
+// and a sort orders them.
 
+// An order-preserving integer image of a score: -inf < ... < -0 = +0 < ...
+// < +inf < NaN (every NaN equal), so candidates compare as plain integers.
 template <typename score_t>
-inline bool comes_before(const Candidate<score_t>& a, const Candidate<score_t>& b) {
-  const bool a_nan = std::isnan(a.score);
-  const bool b_nan = std::isnan(b.score);
-  if (a_nan != b_nan) return b_nan;
-  if (!a_nan && a.score != b.score) return a.score < b.score;
-  return a.index < b.index;
+inline uint64_t order_key(score_t s) {
+  using bits_t = typename UIntOfSize<sizeof(score_t)>::type;
+  constexpr bits_t kSign = bits_t(1) << (8 * sizeof(score_t) - 1);
+  bits_t b = std::bit_cast<bits_t>(s);
+  if (std::isnan(s)) b = std::bit_cast<bits_t>(std::numeric_limits<score_t>::quiet_NaN()) & ~kSign;
+  if (s == score_t(0)) b = 0;  // -0.0 ties with +0.0, as in torch.sort
+  return static_cast<uint64_t>((b & kSign) ? static_cast<bits_t>(~b) : static_cast<bits_t>(b | kSign));
 }
 
+struct Candidate {
+  uint64_t key;
+  int64_t index;
+  bool operator<(const Candidate& other) const {
+    return key < other.key || (key == other.key && index < other.index);
+  }
+};
+
 // The k smallest candidates' indices, in order, into out.
-template <typename score_t>
-void write_smallest(std::vector<Candidate<score_t>>& candidates, int64_t k, int64_t* out) {
+void write_smallest(std::vector<Candidate>& candidates, int64_t k, int64_t* out) {
   if (k == 0) return;
   const auto nth = candidates.begin() + k;
-  if (nth != candidates.end()) std::nth_element(candidates.begin(), nth, candidates.end(), comes_before<score_t>);
-  std::sort(candidates.begin(), nth, comes_before<score_t>);
+  if (nth != candidates.end()) std::nth_element(candidates.begin(), nth, candidates.end());
+  std::sort(candidates.begin(), nth);
   for (int64_t j = 0; j < k; ++j) out[j] = candidates[j].index;
 }
 
@@ -342,31 +351,49 @@ struct TopkLayer {
 };
 
 template <typename scalar_t, int kMask, bool kWeights>
-struct FlipTopkKernel {
-  static void select(TopkLayer& layer) {
-    using score_t = at::opmath_type<scalar_t>;
-    const scalar_t* __restrict g = static_cast<const scalar_t*>(layer.job.grad);
-    const scalar_t* __restrict w = static_cast<const scalar_t*>(layer.job.weight);
-    const auto* __restrict m = static_cast<const mask_elem_t<scalar_t, kMask>*>(layer.job.other);
-    std::vector<Candidate<score_t>> prune, grow;
-    int64_t kept = 0;
-    for (int64_t i = 0; i < layer.numel; ++i) {
-      const bool keep = is_kept<scalar_t, kMask>(m, i);
-      kept += keep;
-      if (keep ? layer.k_prune == 0 : layer.k_grow == 0) continue;
-      const Candidate<score_t> c{round_to<score_t>(flip_score<scalar_t, kMask, kWeights>(g, w, m, i)), i};
-      (keep ? prune : grow).push_back(c);
-    }
-    layer.kept = kept;
-    if (layer.k_prune > kept || layer.k_grow > layer.numel - kept) return;  // refused by the caller
-    write_smallest(prune, layer.k_prune, layer.prune_out);
-    write_smallest(grow, layer.k_grow, layer.grow_out);
-  }
-};
-
-template <typename scalar_t, int kMask, bool kWeights>
 void select_flips(TopkLayer& layer) {
-  FlipTopkKernel<scalar_t, kMask, kWeights>::select(layer);
+  using score_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict g = static_cast<const scalar_t*>(layer.job.grad);
+  const scalar_t* __restrict w = static_cast<const scalar_t*>(layer.job.weight);
+  const auto* __restrict m = static_cast<const mask_elem_t<scalar_t, kMask>*>(layer.job.other);
+  const int64_t n = layer.numel;
+  layer.kept = 0;
+  if (layer.k_prune == 0 && layer.k_grow == 0) return;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  // kept_before[c]: kept entries in chunks before c.
+  std::vector<int64_t> kept_before(chunks + 1, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t count = 0;
+      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) count += is_kept<scalar_t, kMask>(m, i);
+      kept_before[c + 1] = count;
+    }
+  });
+  for (int64_t c = 0; c < chunks; ++c) kept_before[c + 1] += kept_before[c];
+  layer.kept = kept_before[chunks];
+  if (layer.k_prune > layer.kept || layer.k_grow > n - layer.kept) return;  // refused by the caller
+  std::vector<Candidate> prune(layer.k_prune ? layer.kept : 0), grow(layer.k_grow ? n - layer.kept : 0);
+  const bool want_prune = layer.k_prune > 0, want_grow = layer.k_grow > 0;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t at_kept = kept_before[c], at_pruned = c * kChunk - kept_before[c];
+      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
+        const bool keep = is_kept<scalar_t, kMask>(m, i);
+        if (keep ? !want_prune : !want_grow) {
+          (keep ? at_kept : at_pruned) += 1;
+          continue;
+        }
+        const Candidate candidate{order_key(round_to<score_t>(flip_score<scalar_t, kMask, kWeights>(g, w, m, i))), i};
+        if (keep) {
+          prune[at_kept++] = candidate;
+        } else {
+          grow[at_pruned++] = candidate;
+        }
+      }
+    }
+  });
+  write_smallest(prune, layer.k_prune, layer.prune_out);
+  write_smallest(grow, layer.k_grow, layer.grow_out);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> mask_flip_topk(
@@ -408,9 +435,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> mask_flip_topk(
       }
     });
   }
-  at::parallel_for(0, static_cast<int64_t>(n), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) layers[t].select(layers[t]);
-  });
+  // Layer after layer: each is parallel inside.
+  for (TopkLayer& layer : layers) layer.select(layer);
   // Checked here, in layer order, so the first offending layer is named.
   for (size_t t = 0; t < n; ++t) {
     const TopkLayer& layer = layers[t];
