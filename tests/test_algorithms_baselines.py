@@ -28,9 +28,6 @@ def test_magnitude_reaches_target_and_keeps_accuracy():
     assert result.summary["val_accuracy"] > CHANCE + 0.5
     assert_history_finite(result.history, 2)
     assert [r["phase"] for r in result.history] == ["finetune", "finetune"]
-    # Global ranking: one threshold over all layers, so the kept weights are the largest |w| overall.
-    kept = torch.cat([l.weight[l.weight_mask].abs().flatten() for _, l in masked_layers(result.model)])
-    assert kept.numel() > 0
 
 
 def test_magnitude_prunes_the_smallest_weights_globally():
