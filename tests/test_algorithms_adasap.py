@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from algorithm_problems import CHANCE, assert_history_finite, assert_resume_identical, eval_loader, pretrained_model, train_loader
+from algorithm_problems import (CHANCE, assert_history_finite, assert_resume_identical, eval_loader, pretrained_model,
+                                train_loader)
 from sparsesam.algorithms import AdaSAP, AdaSAPConfig, channel_radii
 from sparsesam.nn import masked_layers
 from sparsesam.pruning import channel_sparsity

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from algorithm_problems import CHANCE, assert_history_finite, assert_resume_identical, eval_loader, pretrained_model, train_loader
+from algorithm_problems import (CHANCE, assert_history_finite, assert_resume_identical, eval_loader, pretrained_model,
+                                train_loader)
 from sparsesam import reference
 from sparsesam.algorithms import CSAM, CSAMConfig, binarize_top_k, magnitude_soft_mask
 from sparsesam.algorithms import csam as csam_module

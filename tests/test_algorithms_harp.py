@@ -1,10 +1,10 @@
 """HARP: learnable rates, the hardware loss and its schedule, the three granularities, resume."""
-import math
 
 import pytest
 import torch
 
-from algorithm_problems import CHANCE, assert_history_finite, assert_resume_identical, eval_loader, pretrained_model, train_loader
+from algorithm_problems import (CHANCE, assert_history_finite, assert_resume_identical, eval_loader, pretrained_model,
+                                train_loader)
 from sparsesam.algorithms import HARP, HARPConfig, LearnableRate, rescale_rates
 from sparsesam.nn import masked_layers
 from sparsesam.pruning import is_nm_sparse

@@ -36,7 +36,7 @@ def choice(name: str, value, choices: Iterable) -> None:
 
 @dataclass
 class TrainingConfig:
-    """Fields every algorithm has: the target, the seed, and SGD's settings (per-phase learning rates live in each config)."""
+    """Fields every algorithm has: the target, the seed and SGD's settings (each config has its own learning rates)."""
 
     target_sparsity: float = 0.5
     seed: int = 0

@@ -77,7 +77,10 @@ class ScorePruning(Algorithm):
 
     # ----------------------------------------------------------- structure
     def scored_layers(self, model: nn.Module) -> List[tuple]:
-        """The layers that get scores: as attach_scores picks them (no classifier for channel masks, N:M needs m | inputs)."""
+        """The layers that get scores, as attach_scores picks them.
+
+        No classifier under channel masks (it would lose classes); N:M only where m divides the inputs.
+        """
         c = self.config
         layers = prunable_layers(model, keep_output_layer=c.granularity == "channel")
         return [(name, layer) for name, layer in layers if not (c.granularity == "nm" and layer.weight.shape[1] % c.m)]

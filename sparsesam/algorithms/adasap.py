@@ -41,7 +41,7 @@ from ..pruning import (CHANNEL_CRITERIA, accumulate_taylor, channel_prune, chann
 from ..pruning._common import prunable_layers
 from . import _config
 from ._steps import EpochMeter, clean_loss, sam_step
-from .base import Algorithm, example_input, model_device
+from .base import Algorithm, example_input, model_device, on_device
 
 
 @dataclass
@@ -74,7 +74,8 @@ class AdaSAPConfig(_config.TrainingConfig):
         _config.count("taylor_batches", self.taylor_batches, 1)
 
 
-def channel_radii(scores: Dict[str, torch.Tensor], rho_min: float, rho_max: float, scope: str) -> Dict[str, torch.Tensor]:
+def channel_radii(scores: Dict[str, torch.Tensor], rho_min: float, rho_max: float,
+                  scope: str) -> Dict[str, torch.Tensor]:
     """AdaSAP's rho_i: rho_max for the least important channel, rho_min for the most important.
 
     s_min / s_max over each layer (scope="layer") or all layers ("global").
@@ -94,7 +95,7 @@ def channel_radii(scores: Dict[str, torch.Tensor], rho_min: float, rho_max: floa
 
 
 class AdaSAP(Algorithm):
-    """Adaptive per-channel ASAM -> structured channel pruning -> uniform ASAM fine-tuning (see the module docstring)."""
+    """Adaptive per-channel ASAM -> structured channel pruning -> uniform ASAM fine-tuning (module docstring)."""
 
     config_type = AdaSAPConfig
     name = "adasap"
@@ -134,8 +135,8 @@ class AdaSAP(Algorithm):
 
     def _taylor_scores(self, model, loader) -> Dict[str, torch.Tensor]:
         names = [name for name, _ in prunable_layers(model)]
-        return accumulate_taylor(model, loader, F.cross_entropy, num_batches=self.config.taylor_batches,
-                                 include=names)
+        batches = on_device(loader, model_device(model))
+        return accumulate_taylor(model, batches, F.cross_entropy, num_batches=self.config.taylor_batches, include=names)
 
     def _scores(self, model, loader) -> Dict[str, torch.Tensor]:
         if self.config.criterion == "taylor":

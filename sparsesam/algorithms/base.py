@@ -22,7 +22,7 @@ atomically. The state holds only tensors, numbers, strings, lists and dicts
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -72,6 +72,26 @@ def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+class _Batches:
+    """The epoch's progress bar, yielding batches moved to the model's device (the loader gives CPU tensors)."""
+
+    def __init__(self, bar, device: torch.device) -> None:
+        self.bar = bar
+        self.device = device
+
+    def __iter__(self):
+        for x, y in self.bar:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        self.bar.set_postfix(*args, **kwargs)
+
+
+def on_device(loader: DataLoader, device: torch.device):
+    """``loader``'s batches moved to ``device``."""
+    return _Batches(loader, device)
 
 
 def _rng_state(loader: DataLoader) -> Dict[str, Any]:
@@ -210,11 +230,15 @@ class Algorithm:
                 bar = tqdm(train_loader, desc=f"{self.name} {phase} {epoch + 1}/{epochs}", disable=not progress,
                            leave=False)
                 model.train()
-                stats = self._train_epoch(phase, epoch, model, train_loader, optimizer, bar)
+                try:
+                    stats = self._train_epoch(phase, epoch, model, train_loader, optimizer,
+                                              _Batches(bar, model_device(model)))
+                finally:
+                    bar.close()
                 record = {"phase": phase, "epoch": epoch, **{k: float(v) for k, v in stats.items()},
                           "lr": float(optimizer.param_groups[0]["lr"]), "sparsity": float(self._sparsity(model))}
                 if val_loader is not None:
-                    val = evaluate(model, val_loader, progress=False)
+                    val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
                     record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
                 _finite(record)
                 history.append(record)
@@ -231,6 +255,6 @@ class Algorithm:
         summary = {"algorithm": self.name, "target_sparsity": self.config.target_sparsity,
                    "sparsity": float(self._sparsity(model)), "epochs": len(history), **summary}
         if val_loader is not None:
-            val = evaluate(model, val_loader, progress=False)
+            val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
             summary.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         return FitResult(model, history, summary, compact)
