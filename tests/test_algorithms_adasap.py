@@ -9,6 +9,9 @@ from sparsesam.nn import masked_layers
 from sparsesam.pruning import channel_sparsity
 from sparsesam.pruning._common import output_channels, prunable_layers
 
+pytest.importorskip("sklearn", reason="the digits problem ships with scikit-learn")
+pytest.importorskip("torch_pruning", reason="channel groups, gates and compaction need torch-pruning")
+
 
 def test_channel_radii_follow_the_formula():
     scores = {"a": torch.tensor([1.0, 3.0, 2.0]), "b": torch.tensor([5.0, 5.0])}

@@ -11,6 +11,8 @@ from sparsesam.algorithms import (ALGORITHMS, AdaSAPConfig, CSAMConfig, FitResul
 from sparsesam.nn import masked_layers
 from sparsesam.pruning import global_sparsity
 
+pytest.importorskip("sklearn", reason="the digits problem ships with scikit-learn")
+
 
 def test_registry_names_every_algorithm():
     assert set(ALGORITHMS) == {"adasap", "harp", "csam", "magnitude", "hydra", "sam_prune"}
@@ -136,3 +138,9 @@ def test_same_seed_same_result():
     b = Magnitude(dataclasses.replace(config)).fit(pretrained_model(), train_loader(), progress=False)
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_progress_bar_names_the_phase(capsys):
+    Magnitude(MagnitudeConfig(target_sparsity=0.5, finetune_epochs=1)).fit(pretrained_model(), train_loader(),
+                                                                           progress=True)
+    assert "magnitude finetune 1/1" in capsys.readouterr().err

@@ -10,6 +10,8 @@ from sparsesam.algorithms import csam as csam_module
 from sparsesam.nn import masked_layers
 from sparsesam.pruning import global_sparsity
 
+pytest.importorskip("sklearn", reason="the digits problem ships with scikit-learn")
+
 
 def cheap(**overrides) -> CSAMConfig:
     base = dict(target_sparsity=0.8, mask_epochs=2, finetune_epochs=1, transforms=("rotation", "brightness"))

@@ -10,6 +10,8 @@ from sparsesam.nn import masked_layers
 from sparsesam.pruning import is_nm_sparse
 from sparsesam.pruning._common import output_layer_name
 
+pytest.importorskip("sklearn", reason="the digits problem ships with scikit-learn")
+
 
 def cheap(**overrides) -> HARPConfig:
     base = dict(target_sparsity=0.8, search_epochs=2, finetune_epochs=1, loss="pgd_at", eps=0.03, attack_steps=1)
@@ -125,3 +127,17 @@ def test_harp_nm_granularity_is_exactly_n_of_m():
 def test_harp_resume_is_bitwise_identical(stop_after):
     # 1: inside the search (scores, rates and their momentum restored); 2: at the boundary (rescale, freeze).
     assert_resume_identical(lambda: HARP(cheap(target_sparsity=0.7)), stop_after)
+
+
+def test_harp_search_learns_which_and_how_many():
+    def run(search_epochs):
+        config = cheap(target_sparsity=0.8, search_epochs=search_epochs, finetune_epochs=0, loss="clean")
+        return HARP(config).fit(pretrained_model(), train_loader(), progress=False)
+
+    start, searched = run(0), run(2)  # no search: the masks are the magnitude masks of the init
+    changed = sum(int((layer.weight_mask != dict(masked_layers(start.model))[name].weight_mask).sum())
+                  for name, layer in masked_layers(searched.model))
+    assert changed > 0
+    rates = searched.summary["learnt_keep_rates"].values()
+    assert max(rates) - min(rates) > 0.05  # per-layer rates, not one uniform rate
+    assert abs(searched.summary["sparsity"] - 0.8) < 0.01  # rescaled to the target all the same
