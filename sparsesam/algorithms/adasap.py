@@ -109,8 +109,8 @@ class AdaSAP(Algorithm):
 
     # ----------------------------------------------------------- structure
     def _gate(self, model: nn.Module, loader) -> None:
-        if self.gates is not None:
-            self.gates.remove()
+        # The gates stay on the returned model (its pruned channels output exactly zero); self.gates.remove()
+        # takes them off.
         self.gates = gate_pruned_channels(model, example_input(loader).to(model_device(model)))
 
     def _restructure(self, phase, model, loader):

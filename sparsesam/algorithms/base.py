@@ -199,6 +199,7 @@ class Algorithm:
         optimizer, base_lrs = None, []
         if saved is None:
             torch.manual_seed(self.config.seed)
+            self.step = 0
             start_phase, start_epoch = 0, 0
         else:
             if saved.get("algorithm") != self.name or saved.get("version") != STATE_VERSION:
