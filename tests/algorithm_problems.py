@@ -14,7 +14,7 @@ import math
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from sparsesam.data import load_digits
 from sparsesam.models import SmallCNN
@@ -31,9 +31,12 @@ def _datasets():
                                                                                            limit=TRAIN_LIMIT)
 
 
-def train_loader(seed: int = 0) -> DataLoader:
-    """Shuffled batches of 64 from a 640-image subset, drawn from a seeded generator."""
-    return DataLoader(_datasets()[2], batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+def train_loader(seed: int = 0, size: Optional[int] = None) -> DataLoader:
+    """Shuffled batches of 64 from a 640-image subset (its first ``size`` images), drawn from a seeded generator."""
+    data = _datasets()[2]
+    if size is not None:
+        data = Subset(data, range(size))
+    return DataLoader(data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loader() -> DataLoader:

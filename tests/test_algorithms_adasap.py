@@ -5,8 +5,9 @@ import torch
 from algorithm_problems import (CHANCE, assert_history_finite, assert_resume_identical, eval_loader, pretrained_model,
                                 train_loader)
 from sparsesam.algorithms import AdaSAP, AdaSAPConfig, channel_radii
+from sparsesam.models import build_model
 from sparsesam.nn import masked_layers
-from sparsesam.pruning import channel_sparsity
+from sparsesam.pruning import channel_sparsity, coupled_channel_groups
 from sparsesam.pruning._common import output_channels, prunable_layers
 
 pytest.importorskip("sklearn", reason="the digits problem ships with scikit-learn")
@@ -80,3 +81,23 @@ def test_adasap_resume_is_bitwise_identical(stop_after):
     # 1: inside the adaptive phase (radii recomputed); 3: inside fine-tuning (gates rebuilt on the fresh model).
     assert_resume_identical(lambda: AdaSAP(AdaSAPConfig(target_sparsity=0.5, adaptive_epochs=2, finetune_epochs=2)),
                             stop_after)
+
+
+def test_adasap_prunes_residual_coupled_channels_together():
+    torch.manual_seed(0)
+    model = build_model("resnet18", in_channels=1, num_classes=10, width=0.125)
+    loader = train_loader(size=128)
+    result = AdaSAP(AdaSAPConfig(target_sparsity=0.5, adaptive_epochs=1, finetune_epochs=0)).fit(
+        model, loader, progress=False)
+    x = next(iter(loader))[0]
+    layers = dict(masked_layers(result.model))
+    groups = coupled_channel_groups(result.model, x[:1])
+    assert groups, "ResNet-18 has residual sums: some channels must be tied"
+    for group in groups:
+        kept = [output_channels(layers[name].weight_mask) for name in group]
+        assert all(torch.equal(k, kept[0]) for k in kept), group
+    # Tied channels pruned together are what lets compaction remove them: a quarter of the parameters remain.
+    assert result.summary["param_ratio"] < 0.35
+    result.model.eval(), result.compact_model.eval()
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), result.compact_model(x), atol=1e-5, rtol=1e-5)
