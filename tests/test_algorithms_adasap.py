@@ -76,11 +76,13 @@ def test_adasap_prunes_whole_channels_and_compacts_exactly(criterion, scope):
         assert compact_modules[name].weight.shape[0] == kept
 
 
-@pytest.mark.parametrize("stop_after", [1, 3])
-def test_adasap_resume_is_bitwise_identical(stop_after):
-    # 1: inside the adaptive phase (radii recomputed); 3: inside fine-tuning (gates rebuilt on the fresh model).
-    assert_resume_identical(lambda: AdaSAP(AdaSAPConfig(target_sparsity=0.5, adaptive_epochs=2, finetune_epochs=2)),
-                            stop_after)
+@pytest.mark.parametrize("stop_after, criterion", [(1, "l2"), (3, "l2"), (1, "taylor")])
+def test_adasap_resume_is_bitwise_identical(stop_after, criterion):
+    # 1: inside the adaptive phase (radii recomputed; Taylor scores draw batches from the loader);
+    # 3: inside fine-tuning (gates rebuilt on the fresh model).
+    config = AdaSAPConfig(target_sparsity=0.5, adaptive_epochs=2, finetune_epochs=2, criterion=criterion,
+                          taylor_batches=2)
+    assert_resume_identical(lambda: AdaSAP(config), stop_after)
 
 
 def test_adasap_prunes_residual_coupled_channels_together():
