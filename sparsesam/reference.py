@@ -247,8 +247,14 @@ def mask_grad_sq_norm(grads: Sequence[Tensor], weights: Optional[Sequence[Option
 
 
 def _clip01(v: Tensor) -> Tensor:
-    """clip(v, 0, 1) that propagates NaN (as torch.clamp) and keeps the sign of a zero, written as selects."""
-    return torch.where(v < 0, torch.zeros_like(v), torch.where(v > 1, torch.ones_like(v), v))
+    """clip(v, 0, 1) with NaN propagated (as torch.clamp) and every v <= 0 sent to +0.0.
+
+    Sending -0.0 to +0.0 too makes clipping commute with rounding (both are
+    monotone, and 0 and 1 are exact in every dtype), so a kernel may clip
+    after rounding -- in the narrow type, where it vectorises -- and still
+    give these bits.
+    """
+    return torch.where(v <= 0, torch.zeros_like(v), torch.where(v >= 1, torch.ones_like(v), v))
 
 
 def mask_ascent(grads: Sequence[Tensor], weights: Optional[Sequence[Optional[Tensor]]], masks: Sequence[Tensor],

@@ -170,6 +170,9 @@ def test_mask_ascent_clips_and_propagates_nan():
     mask_ascent_(out, [g], None, [m], torch.tensor(1.0, dtype=torch.float64), 1.0, 0.0)
     assert torch.equal(out[0][:4], torch.tensor([1.0, 0.0, 0.5, 1.0]))
     assert math.isnan(out[0][4].item())
+    # Whatever is at or below 0 becomes +0.0 (-0.0 too): clip and rounding commute.
+    mask_ascent_(out, [torch.full((5,), -0.0)], None, [torch.full((5,), -0.0)], torch.tensor(1.0), 1.0, 0.0)
+    assert torch.equal(bits(out[0]), torch.zeros(5, dtype=torch.int32))
     # rho = 0: the masks themselves.
     mask_ascent_(out, [g], None, [m], torch.tensor(1.0, dtype=torch.float64), 0.0, 0.0)
     assert torch.equal(out[0][:4], m[:4])

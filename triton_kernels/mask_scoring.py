@@ -90,9 +90,9 @@ def _ascent_block(out_ptr, g_ptr, w_ptr, m_ptr, coef, lo, end, HAS_WEIGHTS: tl.c
     zero = 0.0 if TAIL else None
     dm = _mask_grad(g_ptr, w_ptr, offs, inb, zero, HAS_WEIGHTS)
     v = tl.load(m_ptr + offs, mask=inb, other=zero).to(tl.float64) + coef * dm
-    # clip to [0, 1] as selects: NaN fails both tests and comes through.
-    v = tl.where(v < 0.0, 0.0, v)
-    v = tl.where(v > 1.0, 1.0, v)
+    # The reference's clip: v <= 0 -> +0.0, v >= 1 -> 1; NaN fails both tests and comes through.
+    v = tl.where(v <= 0.0, 0.0, v)
+    v = tl.where(v >= 1.0, 1.0, v)
     tl.store(out_ptr + offs, _rounded(v, out_ptr.dtype.element_ty), mask=inb)
 
 

@@ -199,13 +199,18 @@ struct AscentKernel {
     const scalar_t* __restrict w = static_cast<const scalar_t*>(job.weight);
     const scalar_t* __restrict m = static_cast<const scalar_t*>(job.other);
     scalar_t* __restrict out = static_cast<scalar_t*>(job.out);
+    using acc_t = at::opmath_type<scalar_t>;
     const double coef = job.coef;
     for (int64_t i = begin; i < end; ++i) {
-      double v = static_cast<double>(load(m[i])) + coef * mask_grad<scalar_t, kWeights>(g, w, i);
-      // A NaN fails both tests and comes through, as with torch.clamp.
-      v = v < 0.0 ? 0.0 : v;
-      v = v > 1.0 ? 1.0 : v;
-      out[i] = round_to<scalar_t>(v);
+      const double v = static_cast<double>(load(m[i])) + coef * mask_grad<scalar_t, kWeights>(g, w, i);
+      // Clipped after rounding to acc_t: a loop of one float width
+      // vectorises, one that mixes a double test with a float result does
+      // not. Exact: with v <= 0 -> +0.0 and v >= 1 -> 1 (the reference's
+      // clip), clipping commutes with rounding. NaN fails both tests.
+      acc_t f = static_cast<acc_t>(v);
+      f = f <= acc_t(0) ? acc_t(0) : f;
+      f = f >= acc_t(1) ? acc_t(1) : f;
+      out[i] = store<scalar_t>(f);
     }
     return 0.0;
   }
@@ -465,8 +470,8 @@ struct ScoreGradKernel {
     return blocked_sum<double>(begin, end, [&](int64_t i) -> double {
       const double dm = mask_grad<scalar_t, kWeights>(g, w, i);
       const double si = static_cast<double>(load(s[i]));
-      // torch.sign: +0.0 for +-0 and NaN.
-      const double sign = si > 0.0 ? 1.0 : (si < 0.0 ? -1.0 : 0.0);
+      // torch.sign: +0.0 for +-0 and NaN (1 - 0, 0 - 1, 0 - 0: selects of constants vectorise).
+      const double sign = (si > 0.0 ? 1.0 : 0.0) - (si < 0.0 ? 1.0 : 0.0);
       out[i] = round_to<scalar_t>(sign * dm);
       return dm;
     });

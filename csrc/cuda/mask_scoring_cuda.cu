@@ -78,9 +78,9 @@ __device__ __forceinline__ const T* at_chunk(const void* base, const Chunk& c) {
 // mask_ascent_: out = clip(M + coef * dM, 0, 1), coef = rho * (1 / (sqrt(sq_norm) + eps))
 
 __device__ __forceinline__ double clip01(double v) {
-  // Selects: NaN fails both tests and comes through (torch.clamp); -0.0 stays.
-  v = v < 0.0 ? 0.0 : v;
-  return v > 1.0 ? 1.0 : v;
+  // The reference's clip: v <= 0 -> +0.0, v >= 1 -> 1; NaN fails both tests and comes through.
+  v = v <= 0.0 ? 0.0 : v;
+  return v >= 1.0 ? 1.0 : v;
 }
 
 template <typename scalar_t>
