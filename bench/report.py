@@ -134,9 +134,13 @@ The optimizer part of a SAM step (ascent + descent; no forward/backward) on
 the 11.2 M float32 parameters of ResNet-18, SGD with momentum 0.9, nesterov,
 weight decay. `loop`: the widely used per-parameter SAM code (davda54/sam,
 first_step / second_step around torch.optim.SGD); `foreach`: the same with
-`torch._foreach_*` ops and a foreach SGD (`bench/sam_baselines.py`). A 128 MB
-buffer is rewritten between ascent and descent (the forward/backward in
-between would evict the parameters); only ascent and descent are timed.
+`torch._foreach_*` ops and a foreach SGD (`bench/sam_baselines.py`);
+`sparsesam`: `SAM(...)`; `sparsesam-hooks`: `SAM(..., norm_in_backward=True)`,
+whose gradient norm is taken by hooks during backward while each gradient is
+in cache: the bench writes each gradient as backward would and counts the
+hooks' time in the step. A 128 MB buffer is rewritten before the ascent and
+between ascent and descent (the forward/backward in between would evict the
+parameters); only ascent, descent (and the hooks) are timed.
 
 {sam_table(results)}
 """
