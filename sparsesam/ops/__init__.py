@@ -9,6 +9,7 @@ from .masked_conv2d import masked_conv2d
 from .masked_linear import masked_linear
 from .masked_weight import apply_mask, masked_weight_grad
 from .sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
+from .sparse_linear import sparse_linear
 
 __all__ = [
     "BACKENDS",
@@ -21,4 +22,5 @@ __all__ = [
     "sam_grad_sq_norm",
     "sam_perturb_",
     "sgd_step_",
+    "sparse_linear",
 ]
