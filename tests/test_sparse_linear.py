@@ -261,8 +261,8 @@ def _corrupt(pattern: CSRPattern, field: str, position: int, value: int) -> CSRP
         ("col_indices", -1, -1, "col_indices must lie in"),
         ("crow_indices", 2, 100, "crow_indices must be non-decreasing"),
         ("crow_indices", -1, 3, "crow_indices must start at 0 and end at nnz"),
-        ("row_indices", 0, 4, "row_indices must lie in"),
-        ("csr_positions", 0, 1000, "csr_positions must lie in"),
+        ("row_indices", 0, 4, "row_indices in"),
+        ("csr_positions", 0, 1000, "csr_positions in"),
         ("ccol_indices", 0, 1, "ccol_indices must start at 0"),
     ],
 )
