@@ -9,6 +9,7 @@ from .masked_conv2d import masked_conv2d, masked_conv2d_backward
 from .masked_linear import masked_linear, masked_linear_backward
 from .masked_weight import apply_mask, masked_weight_grad
 from .sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
+from .sparse_linear import sparse_linear, sparse_linear_backward
 
 __all__ = [
     "apply_mask",
@@ -20,4 +21,6 @@ __all__ = [
     "sam_grad_sq_norm",
     "sam_perturb_",
     "sgd_step_",
+    "sparse_linear",
+    "sparse_linear_backward",
 ]
