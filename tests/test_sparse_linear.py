@@ -434,3 +434,21 @@ def test_constructor_checks():
         SparseLinear(4, 3, torch.ones(3, 4))
     layer = SparseLinear(4, 3, pattern)
     assert layer.values.abs().max() <= 0.5 and layer.bias.abs().max() <= 0.5
+
+
+def test_whole_model_to_sparse_and_back():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_masked_layer(23, 17, 0.1), torch.nn.ReLU(), _masked_layer(17, 5, 0.8),
+                                MaskedLinear(5, 3, mask_mode="trainable"))
+    x = torch.randn(4, 23)
+    before = model(x)
+    from sparsesam.nn import to_masked, to_sparse
+    to_sparse(model, min_sparsity=0.5)
+    # Only the fixed mask at >= 50% sparsity became sparse.
+    assert [type(m).__name__ for m in model] == ["SparseLinear", "ReLU", "MaskedLinear", "MaskedLinear"]
+    torch.testing.assert_close(model(x), before)
+    to_masked(model)
+    assert all(not isinstance(m, SparseLinear) for m in model)
+    torch.testing.assert_close(model(x), before)
+    with pytest.raises(ValueError, match="min_sparsity"):
+        to_sparse(model, min_sparsity=2.0)

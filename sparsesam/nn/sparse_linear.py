@@ -171,3 +171,42 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"nnz={self.nnz}, sparsity={self.sparsity:.4f}")
+
+
+# --- Whole models ------------------------------------------------------------------
+# The swap a dense/sparse dispatcher (or a user who knows a layer is sparse
+# enough) performs: a new module replaces the old one under the same name.
+# Unlike sparsify()'s in-place class change, the parameters are new tensors
+# (values instead of weight): build the optimizer after converting.
+
+
+def _swap(model: nn.Module, convert) -> nn.Module:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = convert(child)
+            if new is not None:
+                setattr(parent, name, new)
+    return model
+
+
+def to_sparse(model: nn.Module, min_sparsity: float = 0.0) -> nn.Module:
+    """Replace, in place, every fixed-mask ``MaskedLinear`` of ``model`` whose
+    sparsity is at least ``min_sparsity`` by its ``SparseLinear``; returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
+
+    def convert(child):
+        if isinstance(child, MaskedLinear) and child.mask_mode == "fixed" and child.sparsity >= min_sparsity:
+            return SparseLinear.from_masked(child)
+        return None
+
+    return _swap(model, convert)
+
+
+def to_masked(model: nn.Module) -> nn.Module:
+    """Replace, in place, every ``SparseLinear`` of ``model`` by its ``MaskedLinear``; returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return _swap(model, lambda child: child.to_masked() if isinstance(child, SparseLinear) else None)
