@@ -36,7 +36,13 @@ struct Simd {
     return v;
   }
   static inline void store(acc_t* p, vec v) { __builtin_memcpy(p, &v, sizeof(vec)); }
-  static inline vec splat(acc_t a) { return vec{} + a; }
+  // Lane 0 copied to every lane: one broadcast. (Not `vec{} + a`: adding
+  // +0.0 is not an identity for -0.0, so the add would stay in front of it.)
+  template <int... I>
+  static inline vec broadcast(vec v, std::integer_sequence<int, I...>) {
+    return __builtin_shufflevector(v, v, (I * 0)...);
+  }
+  static inline vec splat(acc_t a) { return broadcast(vec{a}, std::make_integer_sequence<int, kLanes>{}); }
   static inline acc_t sum(vec v) {
     acc_t s = v[0];
     for (int i = 1; i < kLanes; ++i) s += v[i];
