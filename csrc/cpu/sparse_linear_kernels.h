@@ -69,31 +69,73 @@ struct Simd {
   }
   using Lanes = std::make_integer_sequence<int, kLanes>;
 
-  // r[i][j] -> r[j][i] for a kLanes x kLanes block: log2(kLanes) rounds of
-  // the perfect shuffle (row i with row i + kLanes/2) transpose it.
+  // r[i][j] -> r[j][i] for a kLanes x kLanes block. Eight lanes (AVX2
+  // float): the classic unpack / shuffle / 128-bit-swap sequence, in-lane
+  // shuffles but for the last round. Otherwise: log2(kLanes) rounds of the
+  // perfect shuffle (row i with row i + kLanes/2).
   static inline void transpose(vec* r) {
-    for (int round = 1; round < kLanes; round *= 2) {
-      vec t[kLanes];
-#pragma GCC unroll 8
-      for (int i = 0; i < kLanes / 2; ++i) {
-        t[2 * i] = interleave_lo(r[i], r[i + kLanes / 2], Lanes{});
-        t[2 * i + 1] = interleave_hi(r[i], r[i + kLanes / 2], Lanes{});
+    if constexpr (kLanes == 8) {
+      vec t[8], u[8];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = __builtin_shufflevector(r[2 * i], r[2 * i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[2 * i + 1] = __builtin_shufflevector(r[2 * i], r[2 * i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
       }
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {  // rows 0-3, then 4-7
+        vec* o = u + 4 * h;
+        const vec* q = t + 4 * h;
+        o[0] = __builtin_shufflevector(q[0], q[2], 0, 1, 8, 9, 4, 5, 12, 13);
+        o[1] = __builtin_shufflevector(q[0], q[2], 2, 3, 10, 11, 6, 7, 14, 15);
+        o[2] = __builtin_shufflevector(q[1], q[3], 0, 1, 8, 9, 4, 5, 12, 13);
+        o[3] = __builtin_shufflevector(q[1], q[3], 2, 3, 10, 11, 6, 7, 14, 15);
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        r[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        r[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+      }
+    } else {
+      for (int round = 1; round < kLanes; round *= 2) {
+        vec t[kLanes];
 #pragma GCC unroll 8
-      for (int i = 0; i < kLanes; ++i) r[i] = t[i];
+        for (int i = 0; i < kLanes / 2; ++i) {
+          t[2 * i] = interleave_lo(r[i], r[i + kLanes / 2], Lanes{});
+          t[2 * i + 1] = interleave_hi(r[i], r[i + kLanes / 2], Lanes{});
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < kLanes; ++i) r[i] = t[i];
+      }
     }
   }
 
   // [sum(a[0]), sum(a[1]), ...] for kLanes vectors (a is overwritten):
-  // each round adds neighbouring lanes of two vectors into one.
+  // each round adds neighbouring lanes of two vectors into one. Eight lanes:
+  // two rounds of in-lane shuffles, then one 128-bit swap.
   static inline vec lane_sums(vec* a) {
-    for (int n = kLanes; n > 1; n /= 2) {
-#pragma GCC unroll 8
-      for (int i = 0; i < n / 2; ++i) {
-        a[i] = evens(a[2 * i], a[2 * i + 1], Lanes{}) + odds(a[2 * i], a[2 * i + 1], Lanes{});
+    if constexpr (kLanes == 8) {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        a[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 2, 8, 10, 4, 6, 12, 14) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 3, 9, 11, 5, 7, 13, 15);
       }
+#pragma GCC unroll 2
+      for (int i = 0; i < 2; ++i) {
+        a[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 2, 8, 10, 4, 6, 12, 14) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 3, 9, 11, 5, 7, 13, 15);
+      }
+      // a[0] = [sums 0-3 of the low halves | of the high halves], a[1] likewise for 4-7.
+      return __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+             __builtin_shufflevector(a[0], a[1], 4, 5, 6, 7, 12, 13, 14, 15);
+    } else {
+      for (int n = kLanes; n > 1; n /= 2) {
+#pragma GCC unroll 8
+        for (int i = 0; i < n / 2; ++i) {
+          a[i] = evens(a[2 * i], a[2 * i + 1], Lanes{}) + odds(a[2 * i], a[2 * i + 1], Lanes{});
+        }
+      }
+      return a[0];
     }
-    return a[0];
   }
 };
 
