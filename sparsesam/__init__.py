@@ -10,3 +10,9 @@ from .nn import MaskedConv2d, MaskedLinear, export, masked_layers, sparsify
 __version__ = "0.1.0"
 
 __all__ = ["ops", "optim", "reference", "MaskedLinear", "MaskedConv2d", "sparsify", "export", "masked_layers", "__version__"]
+
+# True sparse execution of fixed masks (CSR weights).
+from . import sparse  # noqa: E402
+from .nn import SparseLinear  # noqa: E402
+
+__all__ += ["sparse", "SparseLinear"]

@@ -366,3 +366,39 @@ def mask_score_grad(grads: Sequence[Tensor], weights: Optional[Sequence[Optional
         rates.append(dm.sum())
     device = grads[0].device if len(grads) else "cpu"
     return score_grads, torch.stack(rates) if rates else torch.zeros(0, dtype=torch.float64, device=device)
+# True sparse execution (DESIGN.md primitive 2): a weight kept as `values` at
+# the entries of a CSR index (sparsesam/sparse/csr.py). The reference builds
+# the dense weight from the CSR half only; the transposed index
+# (ccol_indices, row_indices, csr_positions) is what the kernels use for dx
+# and is checked against this definition, never used by it.
+
+
+def _csr_dense(values: Tensor, crow_indices: Tensor, col_indices: Tensor, in_features: int) -> Tensor:
+    """The dense weight: ``values`` at the CSR entries, zeros elsewhere."""
+    out_features = crow_indices.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(out_features, device=values.device), crow_indices.diff().long())
+    dense = values.new_zeros(out_features, in_features)
+    dense[rows, col_indices.long()] = values
+    return dense
+
+
+def sparse_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, ccol_indices: Tensor,
+                  row_indices: Tensor, csr_positions: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """y = x W^T + b over the last dimension of x, W the dense form of the CSR weight."""
+    return F.linear(x, _csr_dense(values, crow_indices, col_indices, ccol_indices.numel() - 1), bias)
+
+
+def sparse_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
+                           ccol_indices: Tensor, row_indices: Tensor, csr_positions: Tensor,
+                           output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor]:
+    """(dx, dvalues) of :func:`sparse_linear`: dvalues is dL/dW at the kept entries, in CSR order."""
+    want_dx, want_dvalues = output_mask
+    in_features = ccol_indices.numel() - 1
+    dx = grad_out @ _csr_dense(values, crow_indices, col_indices, in_features) if want_dx else _empty_like_none(x)
+    if want_dvalues:
+        rows = torch.repeat_interleave(torch.arange(crow_indices.numel() - 1, device=values.device),
+                                       crow_indices.diff().long())
+        dvalues = (_rows(grad_out).t() @ _rows(x))[rows, col_indices.long()]
+    else:
+        dvalues = _empty_like_none(values)
+    return dx, dvalues

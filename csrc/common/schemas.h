@@ -97,3 +97,23 @@
 // one per layer), deterministic.
 #define SPARSESAM_SCHEMA_MASK_SCORE_GRAD \
   "mask_score_grad(Tensor[] grads, Tensor?[] weights, Tensor[] scores) -> (Tensor[], Tensor)"
+// --- True sparse execution (fixed masks) ------------------------------------
+// A weight kept only at its nonzeros: `values` (nnz, CSR order) with the CSR
+// index (crow_indices: out_features + 1 offsets, col_indices: nnz columns)
+// and the transposed index precomputed from it (ccol_indices: in_features + 1
+// offsets; row_indices: the row of each entry in column order; csr_positions:
+// where that entry sits in `values`). All indices int32. See
+// sparsesam/sparse/csr.py.
+
+// y = x W^T + b over the last dimension of x (W as above, never densified).
+#define SPARSESAM_SCHEMA_SPARSE_LINEAR                                                    \
+  "sparse_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, " \
+  "Tensor ccol_indices, Tensor row_indices, Tensor csr_positions, Tensor? bias) -> Tensor"
+
+// (dx, dvalues) for output_mask = [dx, dvalues]: dx through the transposed
+// index (no atomics), dvalues only at kept entries (an SDDMM); empty [0] when
+// not asked for. The bias gradient is a plain sum and stays in Python.
+#define SPARSESAM_SCHEMA_SPARSE_LINEAR_BACKWARD                                                      \
+  "sparse_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "       \
+  "Tensor col_indices, Tensor ccol_indices, Tensor row_indices, Tensor csr_positions, bool[2] " \
+  "output_mask) -> (Tensor, Tensor)"

@@ -1,0 +1,212 @@
+"""SparseLinear: a linear layer that stores and computes only a fixed mask's kept weights.
+
+Where a :class:`~sparsesam.nn.MaskedLinear` keeps the dense weight and a mask
+and computes ``x (W*M)^T`` densely (pruning saves nothing), a
+``SparseLinear`` keeps ``values`` (the kept weights, a Parameter of nnz
+entries) and the int32 :class:`~sparsesam.sparse.CSRPattern` of the mask,
+and runs :func:`sparsesam.ops.sparse_linear`: memory and time grow with
+nnz. The pattern is fixed: to change the mask, go back to a MaskedLinear
+(:meth:`SparseLinear.to_masked`), prune, and convert again; both directions
+are exact (kept weights, mask and bias come back bit for bit).
+
+state_dict: ``values``, ``bias``, and the CSR half of the pattern
+(``crow_indices``, ``col_indices``); the transposed index is rebuilt on load,
+so a checkpoint of another pattern (another nnz) loads too.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import sparse_linear
+from ..sparse.csr import CSRPattern
+from .masked import MaskedLinear
+
+_CSR_BUFFERS = ("crow_indices", "col_indices")
+_TRANSPOSED_BUFFERS = ("ccol_indices", "row_indices", "csr_positions")
+
+
+class SparseLinear(nn.Module):
+    """``y = x W^T + b`` with W kept only at the entries of a fixed ``pattern``.
+
+    Build one from a layer with :meth:`from_masked` / :meth:`from_dense`, or
+    directly from a pattern (values then start like ``nn.Linear``'s weight).
+    """
+
+    def __init__(self, in_features: int, out_features: int, pattern: CSRPattern, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(pattern, CSRPattern):
+            raise TypeError(f"pattern must be a sparsesam.sparse.CSRPattern, got {type(pattern).__name__}")
+        if pattern.shape != (out_features, in_features):
+            raise ValueError(f"pattern has shape {pattern.shape}; expected (out_features, in_features) = "
+                             f"({out_features}, {in_features})")
+        factory = dict(device=device, dtype=dtype)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.values = nn.Parameter(torch.empty(pattern.nnz, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self._set_pattern(pattern.to(self.values.device))
+        self.reset_parameters()
+
+    def _set_pattern(self, pattern: CSRPattern) -> None:
+        for name in _CSR_BUFFERS:
+            self.register_buffer(name, getattr(pattern, name))
+        for name in _TRANSPOSED_BUFFERS:  # derived: not saved, rebuilt on load
+            self.register_buffer(name, getattr(pattern, name), persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation: U(-1/sqrt(in_features), 1/sqrt(in_features)) for values and bias."""
+        bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        self.values.uniform_(-bound, bound)
+        if self.bias is not None:
+            self.bias.uniform_(-bound, bound)
+
+    @property
+    def pattern(self) -> CSRPattern:
+        return CSRPattern(*(getattr(self, name) for name in CSRPattern._fields))
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the weight that is pruned."""
+        return 1.0 - self.pattern.density
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, self.values, self.pattern, self.bias)
+
+    # --- conversions ----------------------------------------------------------
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "SparseLinear":
+        """The layer with ``weight`` kept where ``mask != 0`` (values copied, not shared)."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError("weight must be a 2-D tensor (out_features, in_features)")
+        if not isinstance(mask, torch.Tensor) or mask.shape != weight.shape:
+            raise ValueError(f"mask must be a tensor of the weight's shape {tuple(weight.shape)}")
+        pattern = CSRPattern.from_mask(mask.to(weight.device))
+        layer = cls(weight.shape[1], weight.shape[0], pattern, bias=bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+        with torch.no_grad():
+            layer.values.copy_(pattern.gather(weight.detach()))
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_masked(cls, layer: MaskedLinear) -> "SparseLinear":
+        """The sparse form of a MaskedLinear with a fixed (bool) mask."""
+        if not isinstance(layer, MaskedLinear):
+            raise TypeError(f"layer must be a MaskedLinear, got {type(layer).__name__}")
+        if layer.mask_mode != "fixed":
+            raise ValueError("only a fixed (bool) mask has a fixed pattern; this layer's mask is trainable")
+        return cls.from_dense(layer.weight, layer.weight_mask, layer.bias)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, mask: Optional[torch.Tensor] = None) -> "SparseLinear":
+        """The sparse form of ``layer`` pruned by ``mask`` (default: its zero weights are pruned)."""
+        if isinstance(layer, MaskedLinear):
+            return cls.from_masked(layer)
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"layer must be an nn.Linear, got {type(layer).__name__}")
+        return cls.from_dense(layer.weight, layer.weight != 0 if mask is None else mask, layer.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight (zeros at pruned entries), detached."""
+        return self.pattern.scatter(self.values.detach())
+
+    def to_masked(self) -> MaskedLinear:
+        """A MaskedLinear with the same kept weights, mask and bias (pruned weights are zeros)."""
+        layer = MaskedLinear(self.in_features, self.out_features, bias=self.bias is not None,
+                             device=self.values.device, dtype=self.values.dtype, mask=self.pattern.mask())
+        with torch.no_grad():
+            layer.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    def to_dense(self) -> nn.Linear:
+        """A plain nn.Linear computing the same function (its weight has the pruned zeros)."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    # --- state_dict -------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
+        if crow is not None and col is not None:
+            # Another pattern may come with another nnz: take it, resize values,
+            # then let nn.Module copy values and bias in as usual.
+            try:
+                pattern = CSRPattern.from_csr(crow, col, self.in_features)
+            except (TypeError, ValueError) as err:
+                error_msgs.append(f"{prefix}crow_indices/col_indices: {err}")
+                return
+            if pattern.out_features != self.out_features:
+                error_msgs.append(f"{prefix}crow_indices: the pattern has {pattern.out_features} rows, the layer "
+                                  f"{self.out_features}")
+                return
+            self._set_pattern(pattern.to(self.crow_indices.device))
+            if self.values.numel() != pattern.nnz:
+                self.values.data = self.values.data.new_empty(pattern.nnz)
+            state_dict = dict(state_dict)
+            for name in _CSR_BUFFERS:  # already taken (and converted to int32)
+                state_dict[prefix + name] = getattr(self, name)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"nnz={self.nnz}, sparsity={self.sparsity:.4f}")
+
+
+# --- Whole models ------------------------------------------------------------------
+# The swap a dense/sparse dispatcher (or a user who knows a layer is sparse
+# enough) performs: a new module replaces the old one under the same name.
+# Unlike sparsify()'s in-place class change, the parameters are new tensors
+# (values instead of weight): build the optimizer after converting.
+
+
+def _swap(model: nn.Module, convert) -> nn.Module:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = convert(child)
+            if new is not None:
+                setattr(parent, name, new)
+    return model
+
+
+def to_sparse(model: nn.Module, min_sparsity: float = 0.0) -> nn.Module:
+    """Replace, in place, every fixed-mask ``MaskedLinear`` of ``model`` whose
+    sparsity is at least ``min_sparsity`` by its ``SparseLinear``; returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
+
+    def convert(child):
+        if isinstance(child, MaskedLinear) and child.mask_mode == "fixed" and child.sparsity >= min_sparsity:
+            return SparseLinear.from_masked(child)
+        return None
+
+    return _swap(model, convert)
+
+
+def to_masked(model: nn.Module) -> nn.Module:
+    """Replace, in place, every ``SparseLinear`` of ``model`` by its ``MaskedLinear``; returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return _swap(model, lambda child: child.to_masked() if isinstance(child, SparseLinear) else None)

@@ -1,0 +1,97 @@
+"""sparse_linear: ``y = x W^T + b`` with W kept only at a fixed mask's entries.
+
+W is ``values`` (the kept entries, CSR order) at the entries of a
+:class:`~sparsesam.sparse.CSRPattern`, and is never densified. Forward is a
+row-parallel SpMM; backward gives dx through the pattern's precomputed
+transposed index (no atomics) and the weight gradient only at kept entries
+(an SDDMM), so both cost in proportion to nnz (csrc/cpu/sparse_linear_cpu.cpp).
+Autograd saves only what the requested gradients read: x for dvalues, values
+for dx, and the pattern (inputs already alive, so nothing new is kept).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..sparse.csr import CSRPattern
+from . import _autocast, _checks
+from ._library import none_if_empty, register_cuda_router
+
+Tensor = torch.Tensor
+
+
+def sparse_linear(x: Tensor, values: Tensor, pattern: CSRPattern, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, W, bias)`` for ``W = pattern.scatter(values)``; differentiable in x, values and bias."""
+    _checks.tensor("x", x)
+    _checks.tensor("values", values, rank=(1,))
+    if not isinstance(pattern, CSRPattern):
+        raise TypeError(f"pattern must be a sparsesam.sparse.CSRPattern, got {type(pattern).__name__}")
+    if values.shape[0] != pattern.nnz:
+        raise ValueError(f"values has {values.shape[0]} entries but the pattern has nnz={pattern.nnz}")
+    if bias is not None:
+        _checks.tensor("bias", bias, rank=(1,))
+        if bias.shape[0] != pattern.out_features:
+            raise ValueError(f"bias has {bias.shape[0]} entries but the pattern has {pattern.out_features} outputs")
+    _checks.same_device(x=x, values=values, pattern=pattern.crow_indices, bias=bias)
+    if x.dim() == 0 or x.shape[-1] != pattern.in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={pattern.in_features}")
+    x, values, bias = _autocast.cast_inputs(x.device.type, x, values, bias)
+    _checks.same_dtype(x=x, values=values)
+    if bias is not None:
+        _checks.same_dtype(values=values, bias=bias)
+    return torch.ops.sparsesam.sparse_linear.default(x, values, *pattern, bias)
+
+
+@torch.library.register_fake("sparsesam::sparse_linear")
+def _sparse_linear_fake(x, values, crow_indices, col_indices, ccol_indices, row_indices, csr_positions, bias):
+    torch._check(x.shape[-1] == ccol_indices.shape[0] - 1, lambda: "x's last dimension must be in_features")
+    torch._check(values.shape[0] == col_indices.shape[0], lambda: "values must have one entry per column index")
+    return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
+
+
+@torch.library.register_fake("sparsesam::sparse_linear_backward")
+def _sparse_linear_backward_fake(grad_out, x, values, crow_indices, col_indices, ccol_indices, row_indices,
+                                 csr_positions, output_mask):
+    want_dx, want_dvalues = output_mask
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if want_dx else x.new_empty((0,)),
+        values.new_empty(values.shape) if want_dvalues else values.new_empty((0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, crow_indices, col_indices, ccol_indices, row_indices, csr_positions, bias = inputs
+    want_dx, want_dvalues = ctx.needs_input_grad[:2]
+    # dx reads the values, dvalues reads x; the index is always an input alive anyway.
+    ctx.save_for_backward(x if want_dvalues else None, values if want_dx else None,
+                          crow_indices, col_indices, ccol_indices, row_indices, csr_positions)
+
+
+def _placeholder(like: Tensor, shape) -> Tensor:
+    return like.new_zeros(()).expand(shape)
+
+
+def _backward(ctx, grad_out):
+    x, values, crow_indices, col_indices, ccol_indices, row_indices, csr_positions = ctx.saved_tensors
+    want_dx, want_dvalues = ctx.needs_input_grad[:2]
+    want_dbias = ctx.needs_input_grad[7]
+    dx = dvalues = dbias = None
+    if want_dx or want_dvalues:
+        # What was not saved goes in as a zero-stride placeholder of the right
+        # shape (no memory); the kernel does not read it.
+        x_arg = x if x is not None else _placeholder(grad_out, (*grad_out.shape[:-1], ccol_indices.numel() - 1))
+        v_arg = values if values is not None else _placeholder(grad_out, (col_indices.numel(),))
+        dx, dvalues = torch.ops.sparsesam.sparse_linear_backward.default(
+            grad_out, x_arg, v_arg, crow_indices, col_indices, ccol_indices, row_indices, csr_positions,
+            [want_dx, want_dvalues],
+        )
+        dx, dvalues = none_if_empty(dx, want_dx), none_if_empty(dvalues, want_dvalues)
+    if want_dbias:
+        dbias = grad_out if grad_out.dim() == 1 else grad_out.sum(tuple(range(grad_out.dim() - 1)))
+    return dx, dvalues, None, None, None, None, None, dbias
+
+
+torch.library.register_autograd("sparsesam::sparse_linear", _backward, setup_context=_setup_context)
+register_cuda_router("sparse_linear")
+register_cuda_router("sparse_linear_backward")
