@@ -19,10 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .. import robust
-from ..nn import export as export_plain
 from ..training import evaluate
 from .common import (ConfigError, dataset_key, echo_config, load_data, prepare_out, seed_everything, write_json)
-from .export import example_input, load_compacted, load_model_folder
+from .export import example_input, load_compacted, load_model_folder, plain_model
 
 RESULT = "eval.json"
 
@@ -58,7 +57,7 @@ def size_and_ops(model: nn.Module, spec: Dict[str, Any], compacted: Optional[nn.
     from ..pruning.channel_graph import import_torch_pruning
     tp = import_torch_pruning()
     x = example_input(spec)
-    plain = export_plain(model).eval()  # count_ops_and_params knows nn.Conv2d / nn.Linear, not their subclasses
+    plain = plain_model(model).eval()  # count_ops_and_params knows nn.Conv2d / nn.Linear, not their subclasses
     macs, params = tp.utils.count_ops_and_params(plain, x)
     zeros = sum(int((layer.weight_mask == 0).sum()) for layer in model.modules() if hasattr(layer, "weight_mask"))
     result = {"parameters": int(params), "macs": float(macs), "nonzero_parameters": int(params) - zeros}
@@ -125,7 +124,7 @@ def evaluate_model(model: nn.Module, info: Dict[str, Any], test, args: argparse.
     result.update(clean_accuracy=clean["accuracy"], clean_loss=clean["loss"])
     result.update(size_and_ops(model, spec, compacted))
     # Latency of what one would deploy: the compacted model, or the masks baked into plain layers.
-    deployed = compacted if compacted is not None else export_plain(model)
+    deployed = compacted if compacted is not None else plain_model(model)
     result["latency"] = cpu_latency(deployed, spec, args.latency_batch, args.latency_repeats)
     if args.corruptions and args.severities:
         loader = _subset_loader(test, args.corruption_examples, args.batch_size)

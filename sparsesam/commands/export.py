@@ -119,6 +119,16 @@ def save_model_folder(model: nn.Module, spec: Dict[str, Any], out: str, *,
     return info
 
 
+def plain_model(model: nn.Module) -> nn.Module:
+    """``model`` as plain nn.Conv2d / nn.Linear layers computing the same function: masks baked into the
+    weights, channel gates into the BatchNorm / bias that follows (what one would deploy)."""
+    from ..nn import export
+    from ..pruning.compaction import _bake_gates
+    plain = export(model)
+    _bake_gates(model, plain)  # also takes the copied gate hooks off (they point at the masked layers)
+    return plain
+
+
 def is_model_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MODEL_JSON)) and os.path.isfile(os.path.join(path, WEIGHTS))
 
