@@ -74,7 +74,18 @@ class Checkpointer:
                 os.unlink(tmp)
             raise
         _fsync_directory(directory)
+        self._remove_stale_temporaries(directory)
         self.saves += 1
+
+    def _remove_stale_temporaries(self, directory: str) -> None:
+        # A process killed mid-save (SIGKILL, power loss) leaves its temporary file behind.
+        prefix = f".{os.path.basename(self.path)}."
+        for name in os.listdir(directory):
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except FileNotFoundError:
+                    pass
 
     def remove(self) -> None:
         """Delete the checkpoint (e.g. once a run has finished and exported its results)."""

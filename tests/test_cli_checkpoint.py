@@ -128,3 +128,22 @@ def test_prune_with_pretraining_interrupted_in_pretraining(monkeypatch, tmp_path
     assert run(argv_of(split, "--resume")) == 0
     assert_same_weights(read_weights(full), read_weights(split))
     assert not (split / "pretrain_checkpoint.pt").exists()
+
+
+def test_temporary_file_of_a_killed_save_is_removed_by_the_next_save(tmp_path):
+    (tmp_path / ".ckpt.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    ckpt = Checkpointer(tmp_path / "ckpt.pt")
+    assert ckpt.load() is None  # the stray temporary file is never read
+    ckpt.save({"epoch": 1})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_resume_with_different_settings_is_refused(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_after_saves(patch, 1)
+        with pytest.raises(Interrupted):
+            run(train_argv(out, 2))
+    assert run(train_argv(out, 2, "--lr", "0.2", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "differ from the interrupted run" in err and "lr (0.1 -> 0.2)" in err

@@ -95,10 +95,20 @@ def echo_config(args: argparse.Namespace, out: str, extra: Optional[Dict[str, An
     """Write the run's settings to ``out/config.json`` (and return them)."""
     config = {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")}
     config.update(extra or {})
+    path = os.path.join(out, CONFIG_FILE)
+    if getattr(args, "resume", False) and os.path.isfile(path):
+        # Resuming with other settings would silently mix two runs.
+        before = read_json(path)
+        ignored = {"resume", "progress", "environment"}
+        changed = sorted(k for k in set(before) | set(config) - ignored
+                         if k not in ignored and jsonable(before.get(k)) != jsonable(config.get(k)))
+        if changed:
+            raise ConfigError(f"--resume with settings that differ from the interrupted run in {out}: "
+                              + ", ".join(f"{k} ({before.get(k)!r} -> {config.get(k)!r})" for k in changed))
     from .. import __version__
     config["environment"] = {"sparsesam": __version__, "torch": torch.__version__, "python": platform.python_version(),
                              "threads": torch.get_num_threads(), "argv": sys.argv[1:]}
-    write_json(os.path.join(out, CONFIG_FILE), config)
+    write_json(path, config)
     return config
 
 

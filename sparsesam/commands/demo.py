@@ -148,8 +148,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=_positive_int, default=None, help="digits / synthetic only")
     parser.add_argument("--model", default="smallcnn")
     parser.add_argument("--width", type=float, default=0.5)
-    parser.add_argument("--limit", type=_positive_int, default=12000, help="training images used")
-    parser.add_argument("--test-limit", type=_positive_int, default=2000, help="test images used")
+    parser.add_argument("--limit", type=_positive_int, default=10000, help="training images used")
+    parser.add_argument("--test-limit", type=_positive_int, default=1000, help="test images used")
     parser.add_argument("--batch-size", type=_positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sparsity", type=float, default=0.9)
@@ -160,7 +160,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     add_optimizer_arguments(parser, epochs=2)
-    add_robustness_arguments(parser, examples=300)
+    add_robustness_arguments(parser, examples=200)
     parser.set_defaults(func=run_demo, pgd_eps=[0.0, 0.05], pgd_steps=5, radii=[0.0, 0.25, 0.5],
                         smoothing_examples=40, smoothing_n=200, cc_examples=40, cc_samples=50, latency_repeats=10)
     return parser
