@@ -195,3 +195,168 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
         p.copy_(value)
     for b, value in zip(momentum_buffers, new_buffers):
         b.copy_(value)
+
+
+# ---------------------------------------------------------------------------
+# Mask-perturbation scoring (DESIGN.md primitive 4). Multi-tensor ops over
+# the masked layers of a model. For layer i, grads[i] is the effective
+# weight's gradient G = dL/d(W*M) -- what a masked layer's backward holds --
+# and weights[i] is W. Everything here is a function of the *mask gradient*
+#
+#     dM = dL/dM = G * W,
+#
+# because the loss sees the mask only through W*M. Where weights[i] is None,
+# grads[i] is taken to be dM itself (e.g. the .grad of a soft-mask
+# parameter, which the masked layers' backward already computed as G*W).
+# All arithmetic is float64; outputs are rounded once.
+
+
+def _mask_grad(grad: Tensor, weight: Optional[Tensor]) -> Tensor:
+    """dM = G*W in float64 (or G itself when weight is None)."""
+    return grad.double() if weight is None else grad.double() * weight.double()
+
+
+def _weights_or_none(weights: Optional[Sequence[Optional[Tensor]]], n: int) -> List[Optional[Tensor]]:
+    return [None] * n if weights is None else list(weights)
+
+
+def _mask_value(mask: Tensor) -> Tensor:
+    """M in float64: a bool/integer mask is binary (M = mask != 0), a floating one is soft (its value)."""
+    return mask.double() if mask.is_floating_point() else (mask != 0).double()
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores are float32, or float64 for float64 gradients: a 16-bit score would tie too often to rank."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mask_grad_sq_norm(grads: Sequence[Tensor], weights: Optional[Sequence[Optional[Tensor]]]) -> Tensor:
+    """``||dM||^2`` summed over every layer: C-SAM's global normaliser, a float64 0-d tensor.
+
+    The mask-space ascent moves all layers' masks together along the steepest
+    direction of the loss, so, as in SAM, the step is normalised by the norm
+    of the whole model's mask gradient, not per layer. The kernels reduce in
+    a fixed order (bits independent of the thread count); with every weight
+    given this equals ``sam_grad_sq_norm(grads, weights, None, adaptive=True)``.
+    """
+    weights = _weights_or_none(weights, len(grads))
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if len(grads) else "cpu")
+    for g, w in zip(grads, weights):
+        total = total + _mask_grad(g, w).square().sum()
+    return total
+
+
+def _clip01(v: Tensor) -> Tensor:
+    """clip(v, 0, 1) that propagates NaN (as torch.clamp) and keeps the sign of a zero, written as selects."""
+    return torch.where(v < 0, torch.zeros_like(v), torch.where(v > 1, torch.ones_like(v), v))
+
+
+def mask_ascent(grads: Sequence[Tensor], weights: Optional[Sequence[Optional[Tensor]]], masks: Sequence[Tensor],
+                sq_norm: Tensor, rho: float, eps: float) -> List[Tensor]:
+    """C-SAM's ascent point in mask space: ``M' = clip(M + rho * dM / (||dM|| + eps), 0, 1)``.
+
+    C-SAM perturbs the (soft, [0, 1]) pruning mask rather than the weights:
+    to first order the worst mask within an L2 ball of radius rho around M
+    is M + rho * dM / ||dM|| (SAM's argument, in mask space), with ||dM|| the
+    global norm of :func:`mask_grad_sq_norm`. Clipping keeps it a valid
+    mask. The loss gradient at M' is then applied to M (the descent), so M'
+    is written to separate buffers. Computed in float64 as
+    ``M + (rho * scale) * dM``, ``scale = 1 / (sqrt(sq_norm) + eps)``, and
+    rounded once to the mask's dtype.
+    """
+    weights = _weights_or_none(weights, len(grads))
+    scale = 1.0 / (sq_norm.double().sqrt() + eps)
+    coef = rho * scale
+    return [_clip01(m.double() + coef * _mask_grad(g, w)).to(m.dtype) for g, w, m in zip(grads, weights, masks)]
+
+
+def mask_ascent_(out: Sequence[Tensor], grads: Sequence[Tensor], weights: Optional[Sequence[Optional[Tensor]]],
+                 masks: Sequence[Tensor], sq_norm: Tensor, rho: float, eps: float) -> None:
+    """In-place form of :func:`mask_ascent` (the op's signature)."""
+    for o, value in zip(out, mask_ascent(grads, weights, masks, sq_norm, rho, eps)):
+        o.copy_(value)
+
+
+def mask_flip_scores(grads: Sequence[Tensor], weights: Optional[Sequence[Optional[Tensor]]],
+                     masks: Sequence[Tensor]) -> List[Tensor]:
+    """First-order loss change of flipping each mask entry: ``dM * (M' - M)``.
+
+    The loss depends on M through W*M, so changing one entry from M to M'
+    changes it by ``dL/dM * (M' - M)`` to first order (exactly, for a loss
+    linear in the effective weight). A flip sends a kept entry (M != 0) to
+    M' = 0 -- the score ``-dM * M`` is what pruning it costs -- and a pruned
+    entry (M == 0) to M' = 1 -- ``dM`` is what growing it gains (negative:
+    the loss falls). For a binary mask this is ``dM * (1 - 2M)``. Negative
+    is good in both cases, so iterative pruning and regrowth take the
+    smallest scores (:func:`mask_flip_topk`).
+
+    masks: bool/uint8/int8 (binary) or floating (soft, its value is M).
+    Scores are float32 (float64 for float64 gradients).
+    """
+    weights = _weights_or_none(weights, len(grads))
+    out = []
+    for g, w, m in zip(grads, weights, masks):
+        value = _mask_value(m)
+        target = torch.where(m != 0, torch.zeros_like(value), torch.ones_like(value))
+        out.append((_mask_grad(g, w) * (target - value)).to(_score_dtype(g.dtype)))
+    return out
+
+
+def _smallest(scores: Tensor, eligible: Tensor, k: int, name: str, what: str) -> Tensor:
+    """Flat indices of the k smallest eligible scores, by (score, index) with NaN last."""
+    idx = eligible.reshape(-1).nonzero().reshape(-1)
+    if k > idx.numel():
+        raise ValueError(f"{name} = {k} but the mask {what} only {idx.numel()} entries")
+    # A stable sort orders ties by index and puts NaN last: a unique answer.
+    order = torch.sort(scores.reshape(-1)[idx], stable=True).indices[:k]
+    return idx[order]
+
+
+def mask_flip_topk(grads: Sequence[Tensor], weights: Optional[Sequence[Optional[Tensor]]], masks: Sequence[Tensor],
+                   k_prune: Sequence[int], k_grow: Sequence[int]) -> Tuple[List[Tensor], List[Tensor]]:
+    """Per layer, the flips that help most: (prune indices, grow indices), flat int64 into each layer.
+
+    Among kept entries, the ``k_prune[i]`` with the smallest flip score (the
+    cheapest to prune); among pruned entries, the ``k_grow[i]`` with the
+    smallest flip score (growing them lowers the loss most). Each list is
+    ordered by (score, flat index) ascending, NaN scores last, so the choice
+    is unique and deterministic (ties go to the lower index). Scores are the
+    values :func:`mask_flip_scores` returns (rounded to their dtype first).
+    A k larger than the number of eligible entries is a ValueError.
+    """
+    weights = _weights_or_none(weights, len(grads))
+    scores = mask_flip_scores(grads, weights, masks)
+    prune, grow = [], []
+    for i, (s, m) in enumerate(zip(scores, masks)):
+        keep = m != 0
+        prune.append(_smallest(s, keep, int(k_prune[i]), f"k_prune[{i}]", "keeps"))
+        grow.append(_smallest(s, ~keep, int(k_grow[i]), f"k_grow[{i}]", "prunes"))
+    return prune, grow
+
+
+def mask_score_grad(grads: Sequence[Tensor], weights: Optional[Sequence[Optional[Tensor]]],
+                    scores: Sequence[Tensor]) -> Tuple[List[Tensor], Tensor]:
+    """HARP's straight-through gradients of the scores and of the per-layer keep rates.
+
+    HARP (Zhao & Wressnegger, ICLR 2023; github.com/intellisec/harp,
+    models/layers.py) keeps in layer l the top-r_l fraction of |s| (s: a
+    score per weight, r_l = sigmoid(p_l) * (1 - r_min) + r_min). The mask is
+    a step function of both, so its ``GetSubnet.backward`` passes the mask
+    gradient straight through: to |s| as dM itself (hence to s as
+    ``sign(s) * dM``, torch's abs backward, sign(0) = 0), and to the rate as
+    ``g_r = torch.sum(g)``, i.e. ``dL/dr_l = sum(dM_l)`` over *all* entries
+    of the layer, kept and pruned -- the rate acts on every entry's chance to
+    be kept. The chain through the sigmoid (and HARP's hardware loss) is
+    scalar work left to the caller.
+
+    Returns (score gradients in each score's dtype, rate gradients: float64,
+    one per layer).
+    """
+    weights = _weights_or_none(weights, len(grads))
+    score_grads, rates = [], []
+    for g, w, s in zip(grads, weights, scores):
+        dm = _mask_grad(g, w)
+        score_grads.append((torch.sign(s.double()) * dm).to(s.dtype))
+        rates.append(dm.sum())
+    device = grads[0].device if len(grads) else "cpu"
+    return score_grads, torch.stack(rates) if rates else torch.zeros(0, dtype=torch.float64, device=device)

@@ -202,3 +202,17 @@ def test_scored_model_state_dict_round_trip():
     torch.testing.assert_close(clone.eval()(x), model.eval()(x))
     for (_, a), (_, b) in zip(masked_layers(model), masked_layers(clone)):
         assert torch.equal(a.weight_mask, b.weight_mask)
+
+
+def test_scored_layers_export_their_current_mask_and_refuse_set_mask():
+    model = sparsesam.sparsify(SmallCNN(width=8), mask_mode="trainable")
+    attach_scores(model, 0.3)
+    model.eval()
+    x = torch.randn(2, 1, 28, 28)
+    expected = model(x)
+    exported = sparsesam.export(model)
+    assert not any(True for _ in masked_layers(exported))
+    torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-5)
+    layer = next(layer for _, layer in masked_layers(model))
+    with pytest.raises(RuntimeError, match="freeze_scores"):
+        layer.set_mask(torch.ones_like(layer.weight))

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 from sparsesam import reference  # noqa: E402
 from sparsesam.triton_kernels import sam_grad_sq_norm, sam_perturb_, sgd_step_  # noqa: E402
+from sparsesam.triton_kernels import multi_tensor  # noqa: E402
 from sparsesam.triton_kernels import sam_step as kernels  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.float16]
@@ -339,10 +340,11 @@ def test_sgd_step_empty():
 
 def test_one_launch_for_masked_and_dense_tensors(monkeypatch):
     """Masked weights and dense biases of one dtype go in one launch; empty tensors in none."""
-    norm = _CountLaunches(kernels._sq_norm_partials_kernel)
+    norm = _CountLaunches(multi_tensor._sq_norm_partials_kernel)
     perturb = _CountLaunches(kernels._sam_perturb_kernel)
     sgd = _CountLaunches(kernels._sgd_step_kernel)
-    monkeypatch.setattr(kernels, "_sq_norm_partials_kernel", norm)
+    # The norm kernel is launched from the shared multi-tensor module.
+    monkeypatch.setattr(multi_tensor, "_sq_norm_partials_kernel", norm)
     monkeypatch.setattr(kernels, "_sam_perturb_kernel", perturb)
     monkeypatch.setattr(kernels, "_sgd_step_kernel", sgd)
     shapes = [(7,), (3, 5, 3, 3), (0,), (129,)]

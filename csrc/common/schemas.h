@@ -62,3 +62,38 @@
   "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] masks, " \
   "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "    \
   "bool first_step) -> ()"
+
+// --- Mask-perturbation scoring (multi-tensor: one call over every layer) ---
+// grads[i] = G = dL/d(W*M) of layer i and weights[i] = W; the ops work on the
+// mask gradient dM = G*W, or on dM = grads[i] itself where weights[i] is None
+// (a soft mask's .grad). sparsesam/reference.py has the math and the why.
+
+// sum over all layers of dM^2 as a float64 0-d tensor, deterministic like
+// sam_grad_sq_norm (C-SAM's global norm of the mask-space ascent).
+#define SPARSESAM_SCHEMA_MASK_GRAD_SQ_NORM \
+  "mask_grad_sq_norm(Tensor[] grads, Tensor?[] weights) -> Tensor"
+
+// C-SAM's mask-space ascent: out_i = clip(M_i + rho * dM_i / (sqrt(sq_norm) + eps), 0, 1)
+// for soft masks M_i (the gradients' dtype). Writes into `out` (persistent buffers).
+#define SPARSESAM_SCHEMA_MASK_ASCENT                                                              \
+  "mask_ascent_(Tensor(a!)[] out, Tensor[] grads, Tensor?[] weights, Tensor[] masks, Tensor sq_norm, " \
+  "float rho, float eps) -> ()"
+
+// First-order loss change of flipping each mask entry, dM * (M' - M) with
+// M' = 0 where M != 0 (prune) and 1 where M == 0 (grow); float32 (float64
+// for float64 gradients). masks: bool/uint8/int8 (binary) or the gradients' dtype (soft).
+#define SPARSESAM_SCHEMA_MASK_FLIP_SCORES \
+  "mask_flip_scores(Tensor[] grads, Tensor?[] weights, Tensor[] masks) -> Tensor[]"
+
+// Per layer, flat int64 indices of the k_prune[i] kept entries and the
+// k_grow[i] pruned entries with the smallest flip scores, ordered by
+// (score, index) with NaN last: one unique answer.
+#define SPARSESAM_SCHEMA_MASK_FLIP_TOPK                                                      \
+  "mask_flip_topk(Tensor[] grads, Tensor?[] weights, Tensor[] masks, int[] k_prune, int[] k_grow) " \
+  "-> (Tensor[], Tensor[])"
+
+// HARP's straight-through gradients: score_grads_i = sign(s_i) * dM_i (the
+// mask is the top fraction of |s|) and rate_grads[i] = sum(dM_i) (float64,
+// one per layer), deterministic.
+#define SPARSESAM_SCHEMA_MASK_SCORE_GRAD \
+  "mask_score_grad(Tensor[] grads, Tensor?[] weights, Tensor[] scores) -> (Tensor[], Tensor)"

@@ -16,6 +16,7 @@ current mask is kept) and a ``torch.nn.utils.prune`` model's
 from __future__ import annotations
 
 import torch
+from torch.nn.utils import parametrize
 from torch import nn
 import torch.nn.functional as F
 
@@ -51,6 +52,11 @@ class _MaskedWeight:
             raise ValueError(f"mask has shape {tuple(mask.shape)} but weight has {tuple(self.weight.shape)}")
         if mask.is_floating_point() and torch.isnan(mask).any():
             raise ValueError("mask contains NaN")
+        if parametrize.is_parametrized(self, "weight_mask"):
+            # The mask is computed from scores at every read: a copy into it
+            # would be lost without a trace.
+            raise RuntimeError("this layer's mask is driven by scores (sparsesam.pruning.attach_scores); "
+                               "call sparsesam.pruning.freeze_scores(model) before set_mask")
         if self.mask_mode == "fixed":
             self.weight_mask.copy_(mask != 0)
         else:

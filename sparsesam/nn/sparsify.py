@@ -12,6 +12,7 @@ import fnmatch
 from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
+from torch.nn.utils import parametrize
 from torch import nn
 
 from .masked import DENSE_OF, MASKED_OF, MaskedConv2d, MaskedLinear, _MaskedWeight
@@ -75,6 +76,10 @@ def export(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with plain nn.Linear / nn.Conv2d layers whose weights are ``W*M``."""
     exported = copy.deepcopy(model)
     for _, layer in list(masked_layers(exported)):
+        if parametrize.is_parametrized(layer, "weight_mask"):
+            # A score-driven mask (sparsesam.pruning.attach_scores): keep the
+            # mask it gives now; this also restores the layer's own class.
+            parametrize.remove_parametrizations(layer, "weight_mask", leave_parametrized=True)
         with torch.no_grad():
             baked = layer.effective_weight().detach().clone()
         del layer.weight_mask  # works for the buffer and the parameter alike

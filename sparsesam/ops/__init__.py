@@ -9,6 +9,7 @@ from .masked_conv2d import masked_conv2d
 from .masked_linear import masked_linear
 from .masked_weight import apply_mask, masked_weight_grad
 from .sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
+from .mask_scoring import mask_ascent_, mask_flip_scores, mask_flip_topk, mask_grad_sq_norm, mask_score_grad
 
 __all__ = [
     "BACKENDS",
@@ -21,4 +22,9 @@ __all__ = [
     "sam_grad_sq_norm",
     "sam_perturb_",
     "sgd_step_",
+    "mask_grad_sq_norm",
+    "mask_ascent_",
+    "mask_flip_scores",
+    "mask_flip_topk",
+    "mask_score_grad",
 ]

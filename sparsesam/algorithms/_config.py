@@ -1,0 +1,61 @@
+"""Checks on the algorithms' config fields: every error names the field."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+
+def fraction(name: str, value, *, high_open: bool = True) -> None:
+    """A real number in [0, 1) (or [0, 1] with high_open=False)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (0.0 <= value < 1.0 if high_open else 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, {'1)' if high_open else '1]'}, got {value}")
+
+
+def count(name: str, value, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def non_negative(name: str, value, *, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+
+
+def choice(name: str, value, choices: Iterable) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class TrainingConfig:
+    """Fields every algorithm has: the target, the seed and SGD's settings (each config has its own learning rates)."""
+
+    target_sparsity: float = 0.5
+    seed: int = 0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    cosine: bool = True  # cosine-anneal each phase's learning rate over its epochs
+
+    def check(self) -> None:
+        fraction("target_sparsity", self.target_sparsity)
+        count("seed", self.seed)
+        fraction("momentum", self.momentum)
+        non_negative("weight_decay", self.weight_decay)
+        if not isinstance(self.cosine, bool):
+            raise TypeError(f"cosine must be a bool, got {type(self.cosine).__name__}")
+
+    def __post_init__(self) -> None:
+        self.check()
+
+
+def check_config(config) -> None:
+    """Check a config again (a dataclass may have been changed after construction)."""
+    config.check()

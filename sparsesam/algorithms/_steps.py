@@ -1,0 +1,102 @@
+"""Training steps the algorithms share: a plain step, a SAM step, and the (adversarial) losses.
+
+A loss function here is ``loss_fn(model, x, y, step) -> (loss, logits)``:
+``step`` seeds whatever it draws (the attack's random start), so a run
+resumed from a checkpoint draws the same numbers; ``logits`` are the clean
+predictions used for the training accuracy (None: measured separately).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..robust import mart_loss, pgd_at_loss, trades_loss
+from ..robust.model_state import eval_mode
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+ADVERSARIAL_LOSSES = {"pgd_at": pgd_at_loss, "trades": trades_loss, "mart": mart_loss}
+LOSSES = ("clean", *ADVERSARIAL_LOSSES)
+
+
+def clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int):
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
+
+def make_loss(name: str, *, eps: float, attack_steps: int, beta: float, seed: int) -> LossFn:
+    """"clean" (cross-entropy) or an adversarial training loss of sparsesam.robust, L-inf, eps in [0, 1] pixels."""
+    if name == "clean":
+        return clean_loss
+    adversarial = ADVERSARIAL_LOSSES[name]
+    extra = {} if name == "pgd_at" else {"beta": beta}
+
+    def loss_fn(model, x, y, step):
+        # Attack seeds differ per step and per run seed, and are reproducible from the step counter alone.
+        loss = adversarial(model, x, y, eps=eps, steps=attack_steps, seed=seed * 1_000_003 + step, **extra)
+        return loss, None
+
+    return loss_fn
+
+
+class EpochMeter:
+    """Running means of a training epoch, shown on the progress bar."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+        self.sums: Dict[str, float] = {}
+        self.seen = 0
+        self.correct = 0
+
+    def add(self, batch_size: int, logits: Optional[torch.Tensor], y: torch.Tensor, **values: float) -> None:
+        self.seen += batch_size
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value) * batch_size
+        if logits is not None:
+            self.correct += int((logits.argmax(1) == y).sum())
+        self.bar.set_postfix({k: f"{v / self.seen:.3f}" for k, v in self.sums.items()})
+
+    def means(self) -> Dict[str, float]:
+        out = {key: value / max(self.seen, 1) for key, value in self.sums.items()}
+        out["accuracy"] = self.correct / max(self.seen, 1)
+        return out
+
+
+@torch.no_grad()
+def clean_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Predictions in eval mode (BatchNorm statistics untouched), for the accuracy of adversarial epochs."""
+    with eval_mode(model):
+        return model(x)
+
+
+def plain_step(model: nn.Module, x, y, optimizer: torch.optim.Optimizer, loss_fn: LossFn, step: int,
+               extra_loss: Optional[Callable[[], torch.Tensor]] = None) -> Tuple[float, torch.Tensor, Dict[str, float]]:
+    """One step of ``optimizer`` on ``loss_fn (+ extra_loss())``; returns (task loss, clean logits, extras)."""
+    loss, logits = loss_fn(model, x, y, step)
+    total = loss
+    extras = {}
+    if extra_loss is not None:
+        regulariser = extra_loss()
+        total = total + regulariser
+        extras["regulariser"] = regulariser.item()
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    if logits is None:
+        logits = clean_logits(model, x)
+    return loss.item(), logits.detach(), extras
+
+
+def sam_step(model: nn.Module, x, y, optimizer, loss_fn: LossFn, step: int) -> Tuple[float, torch.Tensor]:
+    """SAM's two passes: gradient at w, ascent to w + e, gradient there, descent from w."""
+    loss, logits = loss_fn(model, x, y, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.first_step(zero_grad=True)
+    loss_fn(model, x, y, step)[0].backward()
+    optimizer.second_step(zero_grad=True)
+    if logits is None:
+        logits = clean_logits(model, x)
+    return loss.item(), logits.detach()

@@ -1,0 +1,261 @@
+"""What every algorithm shares: the fit() driver, its result, and the checkpoint protocol.
+
+An algorithm is a list of phases (name, epochs); each phase begins with a
+transition of the model (sparsify, prune, attach or freeze scores, binarise)
+and then runs epochs of its own training step. fit() drives that list and,
+at the end of every epoch, hands ``checkpoint.save`` everything needed to
+continue exactly where it stopped: the model's and optimizer's state dicts,
+the algorithm's own state, the phase and epoch counters, the history and
+the random number generators (torch's, CUDA's and the train loader's).
+
+Resuming rebuilds the model's *structure* for the saved phase (layers
+swapped for masked ones, scores attached, gates on) with
+``_restructure(phase)`` -- no data-dependent value is computed there --
+then loads the saved values, so a run interrupted after epoch k and resumed
+ends with the same bits as one that never stopped.
+
+A checkpoint is duck-typed: ``load() -> Optional[dict]`` and
+``save(state: dict)``; sparsesam.checkpoint.Checkpointer writes it to disk
+atomically. The state holds only tensors, numbers, strings, lists and dicts
+(``torch.load(weights_only=True)`` can read it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..training import evaluate
+from ._config import check_config
+
+STATE_VERSION = 1
+
+
+@dataclass
+class FitResult:
+    """What fit() returns: the sparsified model, one dict per epoch, and a summary of the run.
+
+    compact_model: for structured algorithms, the physically smaller plain
+    model that computes what ``model`` computes (None otherwise).
+    """
+
+    model: nn.Module
+    history: List[Dict[str, Any]]
+    summary: Dict[str, Any]
+    compact_model: Optional[nn.Module] = None
+
+
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    """Cosine annealing from base_lr (epoch 0) towards 0, one value per epoch: stateless, so resuming is trivial."""
+    if epochs <= 1:
+        return base_lr
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lrs: Sequence[float]) -> None:
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+
+
+def example_input(loader: DataLoader) -> torch.Tensor:
+    """One training image as a batch of one: for tracing graphs, without drawing from any random stream."""
+    x = loader.dataset[0][0]
+    return x.unsqueeze(0) if isinstance(x, torch.Tensor) else torch.as_tensor(x).unsqueeze(0)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class _Batches:
+    """The epoch's progress bar, yielding batches moved to the model's device (the loader gives CPU tensors)."""
+
+    def __init__(self, bar, device: torch.device) -> None:
+        self.bar = bar
+        self.device = device
+
+    def __iter__(self):
+        for x, y in self.bar:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        self.bar.set_postfix(*args, **kwargs)
+
+
+def on_device(loader: DataLoader, device: torch.device):
+    """``loader``'s batches moved to ``device``."""
+    return _Batches(loader, device)
+
+
+def _rng_state(loader: DataLoader) -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        state["loader"] = generator.get_state()
+    return state
+
+
+def _set_rng_state(loader: DataLoader, state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        if "loader" not in state:
+            raise ValueError("the checkpoint has no train-loader generator state but train_loader has a generator")
+        generator.set_state(state["loader"])
+
+
+def _finite(record: Dict[str, Any]) -> None:
+    for key, value in record.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FloatingPointError(f"{record['phase']} epoch {record['epoch']}: {key} is {value}")
+
+
+class Algorithm:
+    """Base of the algorithms: subclasses define phases and what one phase does.
+
+    Subclasses implement:
+
+    * ``phases() -> [(name, epochs), ...]``
+    * ``_enter(phase, model, loader)``: the transition into ``phase`` during a run;
+    * ``_restructure(phase, model)``: only the structure ``phase`` runs on
+      (applied to the caller's fresh model when resuming);
+    * ``_optimizer(phase, model) -> (optimizer, base learning rates)``;
+    * ``_train_epoch(phase, epoch, model, loader, optimizer, bar) -> dict``
+      of mean loss, accuracy and anything else worth a history column;
+    * ``_sparsity(model) -> float`` and ``_summary(model, loader) -> dict``;
+    * optionally ``_state() / _load_state(dict)`` for their own counters.
+    """
+
+    config_type: type = object
+    name: str = "algorithm"
+
+    def __init__(self, config=None) -> None:
+        if config is None:
+            config = self.config_type()
+        if not isinstance(config, self.config_type):
+            raise TypeError(f"config must be a {self.config_type.__name__}, got {type(config).__name__}")
+        check_config(config)
+        self.config = config
+        self.step = 0  # optimisation steps taken so far; seeds per-step randomness (attacks, transforms)
+
+    # ------------------------------------------------------------ to override
+    def phases(self) -> List[Tuple[str, int]]:
+        raise NotImplementedError
+
+    def _enter(self, phase: str, model: nn.Module, loader: DataLoader) -> None:
+        raise NotImplementedError
+
+    def _restructure(self, phase: str, model: nn.Module, loader: DataLoader) -> None:
+        raise NotImplementedError
+
+    def _optimizer(self, phase: str, model: nn.Module) -> Tuple[torch.optim.Optimizer, List[float]]:
+        raise NotImplementedError
+
+    def _train_epoch(self, phase: str, epoch: int, model: nn.Module, loader: DataLoader,
+                     optimizer: torch.optim.Optimizer, bar) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def _sparsity(self, model: nn.Module) -> float:
+        raise NotImplementedError
+
+    def _summary(self, model: nn.Module, loader: DataLoader) -> Tuple[Dict[str, Any], Optional[nn.Module]]:
+        return {}, None
+
+    def _state(self) -> Dict[str, Any]:
+        return {}
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------- fit
+    def fit(self, model: nn.Module, train_loader: DataLoader, *, val_loader: Optional[DataLoader] = None,
+            progress: bool = True, checkpoint=None) -> FitResult:
+        """Sparsify ``model`` (in place) by this algorithm; see the class docstring for what it does.
+
+        checkpoint: an object with ``load() -> Optional[dict]`` and
+        ``save(state)``; if load() returns a state, the run continues from it
+        (``model`` must then be the same fresh model the run started from).
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if checkpoint is not None and not (callable(getattr(checkpoint, "load", None))
+                                           and callable(getattr(checkpoint, "save", None))):
+            raise TypeError("checkpoint must have load() and save(state) methods")
+        phases = self.phases()
+        names = [name for name, _ in phases]
+        history: List[Dict[str, Any]] = []
+        saved = checkpoint.load() if checkpoint is not None else None
+        optimizer, base_lrs = None, []
+        if saved is None:
+            torch.manual_seed(self.config.seed)
+            self.step = 0
+            start_phase, start_epoch = 0, 0
+        else:
+            if saved.get("algorithm") != self.name or saved.get("version") != STATE_VERSION:
+                raise ValueError(f"checkpoint is from {saved.get('algorithm')!r} (state version "
+                                 f"{saved.get('version')}), not {self.name!r} version {STATE_VERSION}")
+            if saved.get("config") != asdict(self.config):
+                raise ValueError("checkpoint was written with a different config")
+            start_phase = names.index(saved["phase"])
+            self._restructure(saved["phase"], model, train_loader)
+            model.load_state_dict(saved["model"])
+            optimizer, base_lrs = self._optimizer(saved["phase"], model)
+            optimizer.load_state_dict(saved["optimizer"])
+            self.step = int(saved["step"])
+            self._load_state(saved["algorithm_state"])
+            history = [dict(record) for record in saved["history"]]
+            _set_rng_state(train_loader, saved["rng"])
+            start_epoch = int(saved["epoch"]) + 1
+
+        for index in range(start_phase, len(phases)):
+            phase, epochs = phases[index]
+            if index > start_phase or saved is None:
+                self._enter(phase, model, train_loader)
+                optimizer, base_lrs = self._optimizer(phase, model)
+                first = 0
+            else:
+                first = start_epoch
+            for epoch in range(first, epochs):
+                set_lr(optimizer, [cosine_lr(lr, epoch, epochs) if self.config.cosine else lr for lr in base_lrs])
+                bar = tqdm(train_loader, desc=f"{self.name} {phase} {epoch + 1}/{epochs}", disable=not progress,
+                           leave=False)
+                model.train()
+                try:
+                    stats = self._train_epoch(phase, epoch, model, train_loader, optimizer,
+                                              _Batches(bar, model_device(model)))
+                finally:
+                    bar.close()
+                record = {"phase": phase, "epoch": epoch, **{k: float(v) for k, v in stats.items()},
+                          "lr": float(optimizer.param_groups[0]["lr"]), "sparsity": float(self._sparsity(model))}
+                if val_loader is not None:
+                    val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
+                    record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                _finite(record)
+                history.append(record)
+                if checkpoint is not None:
+                    checkpoint.save({
+                        "algorithm": self.name, "version": STATE_VERSION, "config": asdict(self.config),
+                        "phase": phase, "epoch": epoch, "step": self.step,
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "algorithm_state": self._state(), "history": [dict(r) for r in history],
+                        "rng": _rng_state(train_loader),
+                    })
+
+        summary, compact = self._summary(model, train_loader)
+        summary = {"algorithm": self.name, "target_sparsity": self.config.target_sparsity,
+                   "sparsity": float(self._sparsity(model)), "epochs": len(history), **summary}
+        if val_loader is not None:
+            val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
+            summary.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+        return FitResult(model, history, summary, compact)
