@@ -8,7 +8,7 @@ from typing import List
 import torch
 
 from sparsesam.cli import main
-from sparsesam.commands.registry import FitResult, MagnitudePruning
+from sparsesam.algorithms import ALGORITHMS, FitResult
 from sparsesam.nn import masked_layers, sparsify
 from sparsesam.pruning import magnitude_prune
 
@@ -71,18 +71,23 @@ class FakeConfig:
     layerwise: bool = False
 
 
-class FakeLayerwise(MagnitudePruning):
-    """Layer-wise magnitude pruning with its own config class: exercises config building and --set."""
+class FakeLayerwise:
+    """Magnitude pruning (global or layer-wise) with no training: exercises config building and --set."""
 
-    Config = FakeConfig
+    config_type = FakeConfig
     seen_configs: List[FakeConfig] = []
 
     def __init__(self, config: FakeConfig) -> None:
         assert isinstance(config, FakeConfig)
         FakeLayerwise.seen_configs.append(config)
-        from sparsesam.commands.registry import MagnitudeConfig
-        self.config = MagnitudeConfig(target_sparsity=config.target_sparsity, finetune_epochs=config.finetune_epochs,
-                                      lr=config.lr, scope="layer" if config.layerwise else "global")
+        self.config = config
+
+    def fit(self, model, train_loader, *, val_loader=None, progress=True, checkpoint=None):
+        sparsify(model)
+        magnitude_prune(model, self.config.target_sparsity, scope="layer" if self.config.layerwise else "global")
+        if checkpoint is not None:
+            checkpoint.save({"model": model.state_dict(), "epoch": 1})
+        return FitResult(model, [{"phase": "prune", "epoch": 1, "loss": 0.0, "accuracy": 0.0}], {})
 
 
 @dataclasses.dataclass
@@ -110,4 +115,4 @@ class FakeStructured:
 
 
 def fake_registry() -> dict:
-    return {"fake": FakeLayerwise, "adasap": FakeLayerwise, "structured": FakeStructured}
+    return {**ALGORITHMS, "fake": FakeLayerwise, "structured": FakeStructured}

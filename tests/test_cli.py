@@ -38,6 +38,7 @@ def test_prune_eval_report_pipeline(trained, tmp_path):
     prune = read(pruned / "prune.json")
     assert prune["sparsity"] == pytest.approx(0.75, abs=1e-3)
     assert prune["config"]["finetune_epochs"] == 1 and len(prune["history"]) == 1
+    assert prune["config"]["seed"] == 0 and prune["history"][0]["phase"] == "finetune"
     assert read(pruned / "config.json")["algorithm_config"]["target_sparsity"] == 0.75
     assert not (pruned / "prune_checkpoint.pt").exists()
 
@@ -104,7 +105,9 @@ def test_prune_structured_exports_compacted_model(monkeypatch, trained, tmp_path
 
 
 def test_demo_runs_available_methods_and_reports_the_others(monkeypatch, tmp_path):
-    monkeypatch.setattr(registry_module, "package_algorithms", lambda: {"adasap": FakeLayerwise})
+    from sparsesam.algorithms import ALGORITHMS
+    monkeypatch.setattr(registry_module, "package_algorithms",
+                        lambda: {"magnitude": ALGORITHMS["magnitude"], "adasap": FakeLayerwise})
     out = tmp_path / "demo"
     assert run(["demo", "--out", out, "--dataset", "digits", "--image-size", "8", "--limit", "64",
                 "--test-limit", "32", "--width", "0.25", "--epochs", "1", "--sparsity", "0.5", "--no-progress",

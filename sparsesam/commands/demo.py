@@ -98,6 +98,7 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
         os.makedirs(folder, exist_ok=True)
         algorithm = registry[method]
         defaults = {name: args.algo_epochs for name in epoch_fields(algorithm)}
+        defaults.update(seed=args.seed, attack_steps=args.algo_attack_steps)
         defaults.update({k: v for k, v in settings.items()})
         try:
             config = build_config(algorithm, args.sparsity, defaults=_typed(algorithm, defaults))
@@ -155,6 +156,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS))
     parser.add_argument("--algo-epochs", type=int, default=1, help="every '*epochs' field of the algorithms' configs")
+    parser.add_argument("--algo-attack-steps", type=int, default=3,
+                        help="PGD steps of adversarial training (HARP, HYDRA)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="set a config field of every algorithm that has it (repeatable)")
     parser.add_argument("--resume", action="store_true")

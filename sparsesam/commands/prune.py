@@ -35,6 +35,8 @@ def parse_settings(pairs) -> Dict[str, str]:
 
 def compacted_model(algorithm: Any, result: Any) -> Optional[nn.Module]:
     """The physically smaller model a structured algorithm reports (in its summary, or by a method)."""
+    if isinstance(getattr(result, "compact_model", None), nn.Module):
+        return result.compact_model
     summary = getattr(result, "summary", None) or {}
     for key in ("compacted_model", "compact_model", "compacted"):
         if isinstance(summary.get(key), nn.Module):
@@ -77,7 +79,7 @@ def run_prune(args: argparse.Namespace, registry=None) -> dict:
     check_fraction("--sparsity", args.sparsity)
     registry = algorithm_registry() if registry is None else registry
     algorithm = get_algorithm(args.algorithm, registry)
-    config = build_config(algorithm, args.sparsity, parse_settings(args.set))
+    config = build_config(algorithm, args.sparsity, parse_settings(args.set), defaults={"seed": args.seed})
     args.dataset = dataset_key(args.dataset)
     check_optimizer_arguments(args)
     if args.source is None:

@@ -2,27 +2,17 @@
 
 The algorithms live in ``sparsesam.algorithms`` (``ALGORITHMS``: name ->
 class taking a ``<Name>Config`` dataclass). That package is imported only
-when an algorithm is asked for, and the CLI still runs without it: then the
-one baseline defined here, global magnitude pruning followed by
-fine-tuning (``magnitude``), is what exists; a registry entry of the same
-name replaces it.
+when an algorithm is asked for; the other subcommands (train, eval,
+report) run without it, and the demo reports a method missing from the
+registry as not run.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import typing
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-import torch
-from torch import nn
-
-from ..checkpoint import capture_rng_state, restore_rng_state
-from ..nn import masked_layers, sparsify
-from ..pruning import global_sparsity, magnitude_prune
-from ..training import evaluate
 from .common import ConfigError
 
 KNOWN = ("adasap", "harp", "csam", "magnitude", "hydra", "sam_prune")
@@ -40,10 +30,8 @@ def package_algorithms() -> Mapping[str, type]:
 
 
 def algorithm_registry() -> Dict[str, type]:
-    """Every algorithm the CLI can run now: the package's, else the built-in magnitude baseline."""
-    registry: Dict[str, type] = {"magnitude": MagnitudePruning}
-    registry.update(package_algorithms())
-    return registry
+    """Every algorithm the CLI can run now (a copy of the package's registry)."""
+    return dict(package_algorithms())
 
 
 def get_algorithm(name: str, registry: Optional[Mapping[str, type]] = None) -> type:
@@ -56,7 +44,7 @@ def get_algorithm(name: str, registry: Optional[Mapping[str, type]] = None) -> t
 
 def config_class(algorithm: type) -> type:
     """The ``<Name>Config`` dataclass ``algorithm`` takes (class attribute, or the annotation of ``config``)."""
-    for attribute in ("Config", "config_class"):
+    for attribute in ("config_type", "Config", "config_class"):
         candidate = getattr(algorithm, attribute, None)
         if dataclasses.is_dataclass(candidate):
             return candidate
@@ -117,81 +105,3 @@ def build_config(algorithm: type, target_sparsity: float, overrides: Mapping[str
 def epoch_fields(algorithm: type) -> List[str]:
     """The config's epoch counts (fields named ``*epochs``): what a time budget shortens."""
     return [f.name for f in dataclasses.fields(config_class(algorithm)) if f.name.endswith("epochs")]
-
-
-# --- the built-in baseline -------------------------------------------------------------------------------
-
-
-@dataclass
-class MagnitudeConfig:
-    """One-shot global magnitude pruning of every conv / linear weight, then SGD fine-tuning with the mask fixed."""
-
-    target_sparsity: float = 0.9
-    scope: str = "global"           # "global": one threshold over all layers; "layer": each layer to the target
-    finetune_epochs: int = 1
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.target_sparsity < 1.0:
-            raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
-        if self.finetune_epochs < 0:
-            raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-
-
-@dataclass
-class FitResult:
-    model: nn.Module
-    history: List[dict] = field(default_factory=list)
-    summary: Dict[str, Any] = field(default_factory=dict)
-
-
-class MagnitudePruning:
-    """The classic baseline (Han et al. 2015): prune the smallest |w| once, fine-tune the survivors."""
-
-    Config = MagnitudeConfig
-    structured = False
-
-    def __init__(self, config: MagnitudeConfig) -> None:
-        if not isinstance(config, MagnitudeConfig):
-            raise TypeError(f"config must be a MagnitudeConfig, got {type(config).__name__}")
-        self.config = config
-
-    def fit(self, model: nn.Module, train_loader, *, val_loader=None, progress: bool = True,
-            checkpoint=None) -> FitResult:
-        from .train import train_epoch  # the CLI's epoch loop (SGD step, progress bar)
-
-        config = self.config
-        if not list(masked_layers(model)):
-            sparsify(model)
-        generator = getattr(train_loader, "generator", None)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                    momentum=config.momentum, weight_decay=config.weight_decay,
-                                    nesterov=config.momentum > 0)
-        state = checkpoint.load() if checkpoint is not None else None
-        if state is None:
-            magnitude_prune(model, config.target_sparsity, scope=config.scope)
-            history, start = [], 0
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            history, start = list(state["history"]), int(state["epoch"])
-            restore_rng_state(state["rng"], generator)
-        for epoch in range(start, config.finetune_epochs):
-            began = time.perf_counter()
-            stats = train_epoch(model, train_loader, optimizer, desc=f"finetune {epoch + 1}/{config.finetune_epochs}",
-                                progress=progress)
-            record = {"phase": "finetune", "epoch": epoch + 1, **stats, "sparsity": global_sparsity(model),
-                      "seconds": time.perf_counter() - began}
-            if val_loader is not None:
-                val = evaluate(model, val_loader, desc="val", progress=progress)
-                record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            history.append(record)
-            if checkpoint is not None:
-                checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                                 "history": history, "rng": capture_rng_state(generator)})
-        return FitResult(model, history, {"algorithm": "magnitude", "sparsity": global_sparsity(model),
-                                          "scope": config.scope})
