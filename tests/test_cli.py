@@ -157,3 +157,24 @@ def test_argparse_errors_exit_2():
     with pytest.raises(SystemExit) as exit_info:
         run(["prune"])  # --algorithm and --out missing
     assert exit_info.value.code == 2
+
+
+def test_demo_with_the_real_algorithms(tmp_path):
+    """Every default method of the demo runs through prune, export and eval (structured AdaSAP included)."""
+    pytest.importorskip("torch_pruning")
+    out = tmp_path / "demo"
+    assert run(["demo", "--out", out, "--dataset", "digits", "--image-size", "8", "--limit", "64",
+                "--test-limit", "16", "--width", "0.25", "--epochs", "1", "--sparsity", "0.5", "--no-progress",
+                "--algo-attack-steps", "1", "--no-smoothing", "--no-cc-cert", "--no-pgd",
+                "--corruptions", "contrast", "--severities", "1", "--corruption-examples", "16",
+                "--latency-repeats", "1"]) == 0
+    report = read(out / "report.json")
+    assert [r["name"] for r in report["runs"]] == ["dense", "magnitude", "adasap", "harp", "csam"]
+    assert report["not_run"] == {}
+    rows = {r["name"]: r for r in report["runs"]}
+    for name in ("magnitude", "harp", "csam"):
+        assert rows[name]["sparsity"] == pytest.approx(0.5, abs=0.02), name
+    assert rows["adasap"]["compacted_parameters"] < rows["dense"]["parameters"]  # structured: physically smaller
+    for name in ("adasap", "harp", "csam"):
+        history = read(out / name / "prune.json")["history"]
+        assert len(history) == 2 and len({h["phase"] for h in history}) == 2, name  # --algo-epochs 1 per phase
