@@ -41,8 +41,8 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-class Interrupted(Exception):
-    """Stands for a crash (or kill) right after a checkpoint was written."""
+class Interrupted(BaseException):
+    """Stands for a kill (or Ctrl-C) right after a checkpoint was written: no handler may swallow it."""
 
 
 def interrupt_after_saves(monkeypatch, count: int) -> None:

@@ -76,16 +76,23 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
     print(f"[demo] training a dense {args.model} (width {args.width}) on {len(train)} {args.dataset} images "
           f"for {args.epochs} epoch(s)", file=sys.stderr)
     os.makedirs(dense_dir, exist_ok=True)
-    dense = build_from_spec(spec)
-    checkpointer = Checkpointer(os.path.join(dense_dir, CHECKPOINT))
-    history = fit_dense(dense, train_loader, test_loader, generator, args, checkpointer, label="dense")
-    save_model_folder(dense, spec, dense_dir, extra={"stage": "train", "algorithm": None})
-    dense_test = evaluate(dense, test_loader, desc="test", progress=args.progress)
-    write_json(os.path.join(dense_dir, "train.json"), {"command": "demo", "history": history,
-                                                       "test_accuracy": dense_test["accuracy"]})
-    checkpointer.remove()
+    finished = lambda folder, marker: os.path.isfile(os.path.join(folder, marker)) and \
+        os.path.isfile(os.path.join(folder, "eval", "eval.json"))
+    if args.resume and finished(dense_dir, "train.json"):
+        # --resume after an interruption in a later step: the dense model is done (exported bit-exactly).
+        dense, _ = load_model_folder(dense_dir)
+        print("[demo] dense model already trained (--resume): reusing it", file=sys.stderr)
+    else:
+        dense = build_from_spec(spec)
+        checkpointer = Checkpointer(os.path.join(dense_dir, CHECKPOINT))
+        history = fit_dense(dense, train_loader, test_loader, generator, args, checkpointer, label="dense")
+        save_model_folder(dense, spec, dense_dir, extra={"stage": "train", "algorithm": None})
+        dense_test = evaluate(dense, test_loader, desc="test", progress=args.progress)
+        _eval_into(dense_dir, args, "dense", test)
+        write_json(os.path.join(dense_dir, "train.json"), {"command": "demo", "history": history,
+                                                           "test_accuracy": dense_test["accuracy"]})
+        checkpointer.remove()
     folders = [dense_dir]
-    _eval_into(dense_dir, args, "dense", test)
 
     # 2. every method that exists, from the same dense weights
     not_run, failed = {}, {}
@@ -95,6 +102,10 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
             print(f"[demo] {method}: not available, not run", file=sys.stderr)
             continue
         folder = os.path.join(out, method)
+        if args.resume and finished(folder, "prune.json"):
+            print(f"[demo] {method}: already done (--resume)", file=sys.stderr)
+            folders.append(folder)
+            continue
         os.makedirs(folder, exist_ok=True)
         algorithm = registry[method]
         defaults = {name: args.algo_epochs for name in epoch_fields(algorithm)}
