@@ -178,3 +178,9 @@ def test_demo_with_the_real_algorithms(tmp_path):
     for name in ("adasap", "harp", "csam"):
         history = read(out / name / "prune.json")["history"]
         assert len(history) == 2 and len({h["phase"] for h in history}) == 2, name  # --algo-epochs 1 per phase
+
+
+def test_bad_data_creates_no_output_folder(tmp_path):
+    assert run(["train", *MODEL, "--dataset", "fashion_mnist", "--data-dir", tmp_path / "missing",
+                "--out", tmp_path / "out"]) == 2
+    assert not (tmp_path / "out").exists()

@@ -93,7 +93,9 @@ def test_train_interrupted_and_resumed_equals_uninterrupted(monkeypatch, tmp_pat
     argv_of = lambda out, *extra: train_argv(out, 3, *optimizer, *extra)
     full, split = _interrupt_then_resume(monkeypatch, argv_of, tmp_path, interrupt_at=1)
     assert (split / "checkpoint.pt").exists() and not (split / "model.safetensors").exists()
-    assert run(argv_of(split)) == 2  # an unfinished run is not overwritten without --resume
+    config = (split / "config.json").read_text()
+    assert run(argv_of(split, "--lr", "0.3")) == 2  # an unfinished run is not overwritten without --resume
+    assert (split / "config.json").read_text() == config
     assert run(argv_of(split, "--resume")) == 0
     assert_same_weights(read_weights(full), read_weights(split))
     assert not (split / "checkpoint.pt").exists()  # removed once the run is complete

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import DATASETS, load_dataset
+from ..data import DATASETS, build_dataset, load_dataset
 from ..models import MODELS, build_model
 
 CONFIG_FILE = "config.json"
@@ -80,13 +80,10 @@ def read_json(path: str) -> Any:
         return json.load(f)
 
 
-def prepare_out(out: str, *, resume: bool = False, checkpoint_name: Optional[str] = None) -> str:
-    """Create the output folder; refuse to overwrite an interrupted run's checkpoint unless resuming."""
+def prepare_out(out: str) -> str:
+    """Create the output folder (an existing file of that name is a ConfigError)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} exists and is not a folder")
-    if checkpoint_name and not resume and os.path.exists(os.path.join(out, checkpoint_name)):
-        raise ConfigError(f"{os.path.join(out, checkpoint_name)} holds an unfinished run: "
-                          f"pass --resume to continue it or choose another --out")
     os.makedirs(out, exist_ok=True)
     return out
 
@@ -120,12 +117,15 @@ def data_options(dataset: str, image_size: Optional[int]) -> Dict[str, Any]:
     return {"image_size": image_size}
 
 
-def load_data(dataset: str, data_dir: Optional[str], limit: Optional[int], image_size: Optional[int] = None):
-    """``(train, test)`` of ``dataset``; a missing folder or a bad option is a ConfigError."""
+def load_data(dataset: str, data_dir: Optional[str], limit: Optional[int], image_size: Optional[int] = None,
+              split: Optional[str] = None):
+    """``(train, test)`` of ``dataset`` (or only ``split``); a missing folder or a bad option is a ConfigError."""
     key = dataset_key(dataset)
     if data_dir is not None and not os.path.isdir(data_dir):
         raise ConfigError(f"--data-dir {data_dir} does not exist or is not a folder")
     try:
+        if split is not None:
+            return build_dataset(key, split, data_dir, limit=limit, **data_options(key, image_size))
         return load_dataset(key, data_dir, limit=limit, **data_options(key, image_size))
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from error

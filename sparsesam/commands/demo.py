@@ -55,6 +55,9 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
     check_eval_arguments(args)
     settings = parse_settings(args.set)
     registry = algorithm_registry() if registry is None else registry
+    image_size = args.image_size
+    train, _ = load_data(args.dataset, args.data_dir, args.limit, image_size)  # bad data: no folder made
+    _, test = load_data(args.dataset, args.data_dir, args.test_limit, image_size)
     out = prepare_out(args.out)
     dense_dir = os.path.join(out, "dense")
     for method in args.methods:
@@ -66,9 +69,6 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
                           f"or choose another --out")
     echo_config(args, out)
     seed_everything(args.seed)
-    image_size = args.image_size
-    train, _ = load_data(args.dataset, args.data_dir, args.limit, image_size)
-    _, test = load_data(args.dataset, args.data_dir, args.test_limit, image_size)
     train_loader, test_loader, generator = make_loaders(train, test, args.batch_size, args.seed)
     spec = model_spec(args.model, args.width, train.info)
 

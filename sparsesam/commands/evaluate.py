@@ -163,11 +163,11 @@ def run_eval(args: argparse.Namespace) -> dict:
     dataset = dataset_key(args.dataset or spec["dataset"])
     if dataset != spec["dataset"]:
         raise ConfigError(f"{args.model_dir} holds a {spec['dataset']} model; it cannot be evaluated on {dataset}")
+    image_size = spec["image_size"] if dataset in ("digits", "synthetic") else None
+    test = load_data(dataset, args.data_dir, args.limit, image_size, split="test")
     out = prepare_out(args.out or os.path.join(args.model_dir, "eval"))
     echo_config(args, out)
     seed_everything(args.seed)
-    image_size = spec["image_size"] if dataset in ("digits", "synthetic") else None
-    _, test = load_data(dataset, args.data_dir, args.limit, image_size)
     result = evaluate_model(model, info, test, args, compacted)
     result["model_dir"] = os.path.abspath(args.model_dir)
     write_json(os.path.join(out, RESULT), result)

@@ -86,6 +86,7 @@ def run_prune(args: argparse.Namespace, registry=None) -> dict:
         check_model_name(args.model)
     elif not os.path.isdir(args.source):
         raise ConfigError(f"--from {args.source} is not a folder (give the --out of 'sparsesam train')")
+    train, test = load_data(args.dataset, args.data_dir, args.limit, args.image_size)  # bad data: no folder made
     out = prepare_out(args.out)
     for name in (PRETRAIN_CHECKPOINT, PRUNE_CHECKPOINT):
         if os.path.exists(os.path.join(out, name)) and not args.resume:
@@ -93,7 +94,6 @@ def run_prune(args: argparse.Namespace, registry=None) -> dict:
                               f"or choose another --out")
     echo_config(args, out, extra={"algorithm_config": dataclasses.asdict(config)})
     seed_everything(args.seed)
-    train, test = load_data(args.dataset, args.data_dir, args.limit, args.image_size)
     train_loader, test_loader, generator = make_loaders(train, test, args.batch_size, args.seed)
     pretrain = None
     if args.source is not None:

@@ -138,17 +138,17 @@ def run_train(args: argparse.Namespace) -> dict:
     check_model_name(args.model)
     args.dataset = dataset_key(args.dataset)
     check_optimizer_arguments(args)
-    out = prepare_out(args.out, resume=args.resume, checkpoint_name=None)
-    echo_config(args, out)
-    seed_everything(args.seed)
-    train, test = load_data(args.dataset, args.data_dir, args.limit, args.image_size)
-    spec = model_spec(args.model, args.width, train.info)
-    model = build_from_spec(spec)
-    train_loader, test_loader, generator = make_loaders(train, test, args.batch_size, args.seed)
+    train, test = load_data(args.dataset, args.data_dir, args.limit, args.image_size)  # bad data: no folder made
+    out = prepare_out(args.out)
     checkpointer = Checkpointer(os.path.join(out, CHECKPOINT))
     if checkpointer.exists() and not args.resume:
         raise ConfigError(f"{checkpointer.path} holds an unfinished run: pass --resume to continue it "
                           f"or choose another --out")
+    echo_config(args, out)  # after the check: the interrupted run's config.json stays until it is resumed
+    seed_everything(args.seed)
+    spec = model_spec(args.model, args.width, train.info)
+    model = build_from_spec(spec)
+    train_loader, test_loader, generator = make_loaders(train, test, args.batch_size, args.seed)
     history = fit_dense(model, train_loader, test_loader, generator, args, checkpointer)
     final = evaluate(model, test_loader, desc="test", progress=args.progress)
     save_model_folder(model, spec, out, extra={"stage": "train", "optimizer": "sam" if args.sam_rho > 0 else "sgd"})
