@@ -9,7 +9,7 @@ import torch
 
 from sparsesam.cli import main
 from sparsesam.algorithms import ALGORITHMS, FitResult
-from sparsesam.nn import masked_layers, sparsify
+from sparsesam.nn import sparsify
 from sparsesam.pruning import magnitude_prune
 
 DATA = ["--dataset", "digits", "--image-size", "8", "--limit", "96", "--batch-size", "32", "--no-progress"]

@@ -15,6 +15,9 @@ import sys
 import time
 import traceback
 
+import torch
+from torch.utils.data import DataLoader, Subset
+
 from ..checkpoint import Checkpointer
 from ..training import evaluate
 from .. import reporting
@@ -93,8 +96,12 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
                                                            "test_accuracy": dense_test["accuracy"]})
         checkpointer.remove()
     folders = [dense_dir]
+    print(f"[demo] dense: done at {time.perf_counter() - began:.0f} s", file=sys.stderr)
 
-    # 2. every method that exists, from the same dense weights
+    # 2. every method that exists, from the same dense weights, on the first --algo-limit training images
+    algo_set = train if args.algo_limit >= len(train) else Subset(train, range(args.algo_limit))
+    algo_generator = torch.Generator().manual_seed(args.seed)
+    algo_loader = DataLoader(algo_set, batch_size=args.batch_size, shuffle=True, generator=algo_generator)
     not_run, failed = {}, {}
     for method in args.methods:
         if method not in registry:
@@ -115,12 +122,13 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
             config = build_config(algorithm, args.sparsity, defaults=_typed(algorithm, defaults))
             print(f"[demo] {method}: {config}", file=sys.stderr)
             seed_everything(args.seed)
-            generator.manual_seed(args.seed)
-            prune_model(copy.deepcopy(dense), spec, method, config, train_loader, test_loader, folder,
+            algo_generator.manual_seed(args.seed)  # every method sees the same batches
+            prune_model(copy.deepcopy(dense), spec, method, config, algo_loader, test_loader, folder,
                         progress=args.progress, registry=registry,
                         extra={"source": dense_dir, "dataset": args.dataset, "model": args.model})
             _eval_into(folder, args, method, test)
             folders.append(folder)
+            print(f"[demo] {method}: done at {time.perf_counter() - began:.0f} s", file=sys.stderr)
         except ConfigError:
             raise
         except Exception as error:  # report the failure and go on with the other methods
@@ -166,6 +174,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS))
+    parser.add_argument("--algo-limit", type=_positive_int, default=3000,
+                        help="training images the pruning algorithms use (their epochs cost several passes)")
     parser.add_argument("--algo-epochs", type=int, default=1, help="every '*epochs' field of the algorithms' configs")
     parser.add_argument("--algo-attack-steps", type=int, default=3,
                         help="PGD steps of adversarial training (HARP, HYDRA)")
