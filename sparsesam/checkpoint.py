@@ -19,6 +19,7 @@ drawn from it once per epoch).
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from typing import Any, Dict, Optional
@@ -28,11 +29,11 @@ import torch
 
 
 class Checkpointer:
-    """Atomic, single-file checkpoints at ``path`` (a torch.save pickle of a dict).
+    """Atomic, single-file checkpoints at ``path`` (torch.save of a dict).
 
-    The files are pickles written by this run: load only checkpoints you
-    trust (``torch.load(weights_only=False)``, since algorithm states may hold
-    any picklable value).
+    A state may hold tensors, numbers, strings, None and (nested) lists,
+    tuples and dicts -- what ``torch.load(weights_only=True)`` reads back, so
+    loading a checkpoint never runs code from the file.
     """
 
     def __init__(self, path: str) -> None:
@@ -50,7 +51,11 @@ class Checkpointer:
         """The last saved state, or None when no checkpoint was written yet."""
         if not self.exists():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"checkpoint {self.path} holds objects other than tensors, numbers, strings, lists "
+                             f"and dicts, which are not loaded: {error}") from error
         if not isinstance(state, dict):
             raise ValueError(f"checkpoint {self.path} does not hold a dict (got {type(state).__name__})")
         return state
@@ -110,12 +115,18 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _numpy_state() -> tuple:
+    # As plain Python values (the key array as a list), so weights_only loading accepts it.
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return kind, key.tolist(), int(pos), int(has_gauss), float(cached)
+
+
 def capture_rng_state(loader_generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
     """Every random stream a training run draws from, as a picklable dict."""
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
     if loader_generator is not None:
@@ -132,7 +143,8 @@ def restore_rng_state(state: Dict[str, Any], loader_generator: Optional[torch.Ge
             raise ValueError(f"state has no {key!r} RNG state: was it made by capture_rng_state?")
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if loader_generator is not None:

@@ -171,3 +171,14 @@ def test_demo_interrupted_in_a_method_and_resumed_equals_uninterrupted(monkeypat
     assert run(argv_of(split, "--resume")) == 0
     for method in ("dense", "magnitude", "adasap"):
         assert_same_weights(read_weights(full / method), read_weights(split / method))
+
+
+class Payload:
+    """Any class: a checkpoint holding it is refused, since unpickling could run code."""
+
+
+def test_load_refuses_arbitrary_objects(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt.pt")
+    ckpt.save({"epoch": 1, "object": Payload()})
+    with pytest.raises(ValueError, match="not loaded"):
+        ckpt.load()
