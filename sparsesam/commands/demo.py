@@ -183,7 +183,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         help="set a config field of every algorithm that has it (repeatable)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
-    add_optimizer_arguments(parser, epochs=2)
+    add_optimizer_arguments(parser, epochs=2, what="training of the starting model")
     add_robustness_arguments(parser, examples=200)
     # Headline robustness on small subsets: one severity of five corruptions, PGD at one eps, smoothing and
     # CC-Cert on 30 images (raise them for tighter numbers).

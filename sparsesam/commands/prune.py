@@ -129,7 +129,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                              "first trained for --epochs")
     add_model_arguments(parser)
     add_data_arguments(parser)
-    add_optimizer_arguments(parser, epochs=1)
+    add_optimizer_arguments(parser, epochs=1, what="pre-training (without --from; the algorithm's own settings "
+                                                    "are --set fields)")
     parser.add_argument("--out", required=True, help="output folder (model, sparsity.json, prune.json, config.json)")
     parser.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
     parser.set_defaults(func=run_prune)

@@ -37,13 +37,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=float, default=1.0, help="multiplier of the paper's channel counts")
 
 
-def add_optimizer_arguments(parser: argparse.ArgumentParser, epochs: int = 5) -> None:
-    parser.add_argument("--epochs", type=_non_negative_int, default=epochs)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--sam-rho", type=float, default=0.0, help="SAM radius; 0 trains with plain SGD")
-    parser.add_argument("--adaptive", action="store_true", help="ASAM (scale-invariant radius); needs --sam-rho > 0")
+def add_optimizer_arguments(parser: argparse.ArgumentParser, epochs: int = 5, what: str = "training") -> None:
+    group = parser.add_argument_group(f"dense {what}")
+    group.add_argument("--epochs", type=_non_negative_int, default=epochs)
+    group.add_argument("--lr", type=float, default=0.05)
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--weight-decay", type=float, default=5e-4)
+    group.add_argument("--sam-rho", type=float, default=0.0, help="SAM radius; 0 trains with plain SGD")
+    group.add_argument("--adaptive", action="store_true", help="ASAM (scale-invariant radius); needs --sam-rho > 0")
 
 
 def _positive_int(text: str) -> int:
