@@ -174,10 +174,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS))
-    parser.add_argument("--algo-limit", type=_positive_int, default=3000,
+    parser.add_argument("--algo-limit", type=_positive_int, default=2000,
                         help="training images the pruning algorithms use (their epochs cost several passes)")
     parser.add_argument("--algo-epochs", type=int, default=1, help="every '*epochs' field of the algorithms' configs")
-    parser.add_argument("--algo-attack-steps", type=int, default=3,
+    parser.add_argument("--algo-attack-steps", type=int, default=2,
                         help="PGD steps of adversarial training (HARP, HYDRA)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="set a config field of every algorithm that has it (repeatable)")
