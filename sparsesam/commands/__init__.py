@@ -1,0 +1,1 @@
+"""The ``sparsesam`` command's subcommands, one module each (train, prune, eval, report, demo)."""

@@ -1,0 +1,165 @@
+"""What every subcommand shares: config errors, the echoed config, data, models and loaders."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data import DATASETS, build_dataset, load_dataset
+from ..models import MODELS, build_model
+
+CONFIG_FILE = "config.json"
+# Datasets whose image size is a loader option (the file-backed ones have a fixed size).
+SIZED_DATASETS = ("digits", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A bad setting given by the user: the CLI prints it on one line and exits with status 2."""
+
+
+def dataset_key(name: str) -> str:
+    key = name.lower().replace("-", "_")
+    if key not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return key
+
+
+def check_model_name(name: str) -> str:
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return name
+
+
+def check_fraction(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with tensors / numpy values turned into JSON numbers and lists; anything else
+    (modules, callables) becomes its repr. Non-finite floats become None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.detach().cpu().tolist()) if value.numel() <= 4096 else f"<tensor {tuple(value.shape)}>"
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return repr(value)
+
+
+def write_json(path: str, data: Any) -> str:
+    """Write ``data`` as indented JSON, atomically (temporary file + os.replace)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(jsonable(data), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def prepare_out(out: str) -> str:
+    """Create the output folder (an existing file of that name is a ConfigError)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def echo_config(args: argparse.Namespace, out: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Write the run's settings to ``out/config.json`` (and return them)."""
+    config = {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")}
+    config.update(extra or {})
+    path = os.path.join(out, CONFIG_FILE)
+    if getattr(args, "resume", False) and os.path.isfile(path):
+        # Resuming with other settings would silently mix two runs.
+        before = read_json(path)
+        ignored = {"resume", "progress", "environment"}
+        changed = sorted(k for k in set(before) | set(config) - ignored
+                         if k not in ignored and jsonable(before.get(k)) != jsonable(config.get(k)))
+        if changed:
+            raise ConfigError(f"--resume with settings that differ from the interrupted run in {out}: "
+                              + ", ".join(f"{k} ({before.get(k)!r} -> {config.get(k)!r})" for k in changed))
+    from .. import __version__
+    config["environment"] = {"sparsesam": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                             "threads": torch.get_num_threads(), "argv": sys.argv[1:]}
+    write_json(path, config)
+    return config
+
+
+def data_options(dataset: str, image_size: Optional[int]) -> Dict[str, Any]:
+    if image_size is None:
+        return {}
+    if dataset not in SIZED_DATASETS:
+        raise ConfigError(f"--image-size applies only to {list(SIZED_DATASETS)}, not {dataset!r}")
+    return {"image_size": image_size}
+
+
+def load_data(dataset: str, data_dir: Optional[str], limit: Optional[int], image_size: Optional[int] = None,
+              split: Optional[str] = None):
+    """``(train, test)`` of ``dataset`` (or only ``split``); a missing folder or a bad option is a ConfigError."""
+    key = dataset_key(dataset)
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise ConfigError(f"--data-dir {data_dir} does not exist or is not a folder")
+    try:
+        if split is not None:
+            return build_dataset(key, split, data_dir, limit=limit, **data_options(key, image_size))
+        return load_dataset(key, data_dir, limit=limit, **data_options(key, image_size))
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from error
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"dataset {key!r}: {error}") from error
+
+
+def model_spec(model: str, width: float, info) -> Dict[str, Any]:
+    """Everything needed to rebuild the architecture (written next to exported weights)."""
+    return {"model": model, "width": width, "dataset": info.name, "in_channels": info.in_channels,
+            "num_classes": info.num_classes, "image_size": info.image_size,
+            "mean": list(info.mean), "std": list(info.std)}
+
+
+def build_from_spec(spec: Dict[str, Any]) -> nn.Module:
+    check_model_name(spec["model"])
+    try:
+        return build_model(spec["model"], spec["in_channels"], spec["num_classes"], spec["width"],
+                           image_size=spec["image_size"], normalization=(spec["mean"], spec["std"]))
+    except ValueError as error:
+        raise ConfigError(f"model {spec['model']!r}: {error}") from error
+
+
+def make_loaders(train, test, batch_size: int, seed: int, eval_batch_size: int = 512
+                 ) -> Tuple[DataLoader, DataLoader, torch.Generator]:
+    """A shuffled training loader driven by its own generator (part of the checkpointed state) and a test loader."""
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator)
+    test_loader = DataLoader(test, batch_size=eval_batch_size, shuffle=False)
+    return train_loader, test_loader, generator
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,232 @@
+"""``sparsesam eval``: clean accuracy, size, CPU latency and robustness of an exported model.
+
+Robustness (each switchable, each on a configurable subset of the test set
+so the whole evaluation fits a small budget): mean accuracy under common
+corruptions, PGD accuracy against eps, randomized-smoothing certified
+accuracy against the L2 radius, and CC-Cert certified accuracy under
+semantic transforms.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from .. import robust
+from ..training import evaluate
+from .common import (ConfigError, dataset_key, echo_config, load_data, prepare_out, seed_everything, write_json)
+from .export import example_input, load_compacted, load_model_folder, plain_model
+
+RESULT = "eval.json"
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> List[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def size_and_ops(model: nn.Module, spec: Dict[str, Any], compacted: Optional[nn.Module]) -> Dict[str, Any]:
+    """Parameters and MACs per example (torch_pruning.utils.count_ops_and_params) of the plain model,
+    the non-zero weights, and, for a structured model, the compacted model's figures."""
+    from ..pruning.channel_graph import import_torch_pruning
+    tp = import_torch_pruning()
+    x = example_input(spec)
+    plain = plain_model(model).eval()  # count_ops_and_params knows nn.Conv2d / nn.Linear, not their subclasses
+    macs, params = tp.utils.count_ops_and_params(plain, x)
+    zeros = sum(int((layer.weight_mask == 0).sum()) for layer in model.modules() if hasattr(layer, "weight_mask"))
+    result = {"parameters": int(params), "macs": float(macs), "nonzero_parameters": int(params) - zeros}
+    if compacted is not None:
+        c_macs, c_params = tp.utils.count_ops_and_params(compacted, x)
+        result.update(compacted_parameters=int(c_params), compacted_macs=float(c_macs))
+    return result
+
+
+@torch.no_grad()
+def cpu_latency(model: nn.Module, spec: Dict[str, Any], batch_size: int, repeats: int, warmup: int = 2) -> Dict[str, Any]:
+    """Median (and spread) wall time of a forward pass on a batch of ``batch_size`` random images, on the CPU."""
+    model = model.eval()
+    x = torch.rand(batch_size, spec["in_channels"], spec["image_size"], spec["image_size"])
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - began)
+    return {"batch_size": batch_size, "repeats": repeats, "threads": torch.get_num_threads(),
+            "median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times), "max_ms": 1000 * max(times)}
+
+
+def _subset_loader(dataset, count: Optional[int], batch_size: int) -> DataLoader:
+    if count is not None and count < len(dataset):
+        dataset = Subset(dataset, range(count))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def check_eval_arguments(args: argparse.Namespace) -> None:
+    for name in args.corruptions:
+        if name not in robust.CORRUPTIONS:
+            raise ConfigError(f"unknown corruption {name!r}; choose from {list(robust.CORRUPTIONS)}")
+    for s in args.severities:
+        if not 1 <= s <= 5:
+            raise ConfigError(f"--severities must be in 1..5, got {s}")
+    if any(e < 0 for e in args.pgd_eps) or not args.pgd_eps:
+        raise ConfigError(f"--pgd-eps must be non-empty and >= 0, got {args.pgd_eps}")
+    if not args.sigma > 0:
+        raise ConfigError(f"--sigma must be > 0, got {args.sigma}")
+    if not 0 < args.alpha < 1:
+        raise ConfigError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if any(r < 0 for r in args.radii) or not args.radii:
+        raise ConfigError(f"--radii must be non-empty and >= 0, got {args.radii}")
+    for name in args.cc_transforms:
+        if name not in robust.TRANSFORMS:
+            raise ConfigError(f"unknown CC-Cert transform {name!r}; choose from {list(robust.TRANSFORMS)}")
+    if any(not 0 < e <= 1 for e in args.cc_eps) or not args.cc_eps:
+        raise ConfigError(f"--cc-eps must be non-empty and in (0, 1], got {args.cc_eps}")
+
+
+def evaluate_model(model: nn.Module, info: Dict[str, Any], test, args: argparse.Namespace,
+                   compacted: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """Every enabled measurement of ``model`` on ``test`` (a dataset of images in [0, 1])."""
+    spec = info["spec"]
+    progress = args.progress
+    result: Dict[str, Any] = {"name": args.name or info.get("algorithm") or "dense",
+                              "algorithm": info.get("algorithm"), "model": spec["model"], "dataset": spec["dataset"],
+                              "sparsity": info.get("sparsity", 0.0), "target_sparsity": info.get("target_sparsity"),
+                              "test_examples": len(test)}
+    clean = evaluate(model, _subset_loader(test, None, args.batch_size), desc="clean", progress=progress)
+    result.update(clean_accuracy=clean["accuracy"], clean_loss=clean["loss"])
+    result.update(size_and_ops(model, spec, compacted))
+    # Latency of what one would deploy: the compacted model, or the masks baked into plain layers.
+    deployed = compacted if compacted is not None else plain_model(model)
+    result["latency"] = cpu_latency(deployed, spec, args.latency_batch, args.latency_repeats)
+    if args.corruptions and args.severities:
+        loader = _subset_loader(test, args.corruption_examples, args.batch_size)
+        out = robust.evaluate_corruptions(model, loader, corruptions=args.corruptions, severities=args.severities,
+                                          seed=args.seed, model_name=result["name"], progress=progress)
+        result["corruption"] = out
+        result["mean_corruption_accuracy"] = out["mean_corruption_accuracy"]
+    if args.pgd:
+        loader = _subset_loader(test, args.pgd_examples, args.batch_size)
+        result["pgd"] = robust.adversarial_accuracy(model, loader, epsilons=args.pgd_eps, attack="pgd", norm="linf",
+                                                    steps=args.pgd_steps, seed=args.seed, model_name=result["name"],
+                                                    progress=progress)
+    if args.smoothing:
+        loader = _subset_loader(test, args.smoothing_examples, args.batch_size)
+        certified = robust.certify_dataset(model, loader, sigma=args.sigma, n0=args.smoothing_n0, n=args.smoothing_n,
+                                           alpha=args.alpha, batch_size=args.smoothing_batch, seed=args.seed,
+                                           model_name=result["name"], progress=progress)
+        curve = robust.certified_accuracy(certified, args.radii)
+        result["smoothing"] = {**{k: v for k, v in certified.items() if k != "records"}, "curve": curve,
+                               "records": certified["records"]}
+    if args.cc_cert:
+        loader = _subset_loader(test, args.cc_examples, args.batch_size)
+        ranges = {name: robust.DEFAULT_RANGES[name] for name in args.cc_transforms}
+        result["cc_cert"] = robust.cc_cert_dataset(model, loader, transforms=ranges, epsilons=args.cc_eps,
+                                                   n_samples=args.cc_samples, seed=args.seed,
+                                                   batch_size=args.smoothing_batch, model_name=result["name"],
+                                                   progress=progress)
+    return result
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    check_eval_arguments(args)
+    model, info = load_model_folder(args.model_dir)
+    compacted = load_compacted(args.model_dir, info)
+    spec = info["spec"]
+    dataset = dataset_key(args.dataset or spec["dataset"])
+    if dataset != spec["dataset"]:
+        raise ConfigError(f"{args.model_dir} holds a {spec['dataset']} model; it cannot be evaluated on {dataset}")
+    image_size = spec["image_size"] if dataset in ("digits", "synthetic") else None
+    test = load_data(dataset, args.data_dir, args.limit, image_size, split="test")
+    out = prepare_out(args.out or os.path.join(args.model_dir, "eval"))
+    echo_config(args, out)
+    seed_everything(args.seed)
+    result = evaluate_model(model, info, test, args, compacted)
+    result["model_dir"] = os.path.abspath(args.model_dir)
+    write_json(os.path.join(out, RESULT), result)
+    print(f"eval {result['name']}: accuracy {result['clean_accuracy']:.4f}, sparsity {result['sparsity']:.4f}; "
+          f"results in {os.path.join(out, RESULT)}")
+    return result
+
+
+def add_robustness_arguments(parser: argparse.ArgumentParser, *, examples: int = 200) -> None:
+    group = parser.add_argument_group("robustness (each on the first N test images)")
+    group.add_argument("--no-corruptions", dest="corruptions_on", action="store_false")
+    group.add_argument("--corruptions", type=_names,
+                       default=["gaussian_noise", "defocus_blur", "fog", "contrast", "pixelate"],
+                       help="comma-separated names of sparsesam.robust.CORRUPTIONS")
+    group.add_argument("--severities", type=_ints, default=[1, 3, 5])
+    group.add_argument("--corruption-examples", type=_positive_int, default=examples)
+    group.add_argument("--no-pgd", dest="pgd", action="store_false")
+    group.add_argument("--pgd-eps", type=_floats, default=[0.0, 0.01, 0.03, 0.1], help="L-inf budgets")
+    group.add_argument("--pgd-steps", type=_positive_int, default=10)
+    group.add_argument("--pgd-examples", type=_positive_int, default=examples)
+    group.add_argument("--no-smoothing", dest="smoothing", action="store_false")
+    group.add_argument("--sigma", type=float, default=0.25, help="randomized-smoothing noise level")
+    group.add_argument("--smoothing-n0", type=_positive_int, default=32)
+    group.add_argument("--smoothing-n", type=_positive_int, default=256, help="Monte-Carlo samples per image")
+    group.add_argument("--alpha", type=float, default=0.001)
+    group.add_argument("--radii", type=_floats, default=[0.0, 0.1, 0.25, 0.5, 0.75])
+    group.add_argument("--smoothing-examples", type=_positive_int, default=min(examples, 50))
+    group.add_argument("--smoothing-batch", type=_positive_int, default=256)
+    group.add_argument("--no-cc-cert", dest="cc_cert", action="store_false")
+    group.add_argument("--cc-transforms", type=_names, default=["rotation", "brightness", "contrast"])
+    group.add_argument("--cc-eps", type=_floats, default=[0.01, 0.05, 0.1], help="failure probabilities")
+    group.add_argument("--cc-samples", type=_positive_int, default=100)
+    group.add_argument("--cc-examples", type=_positive_int, default=min(examples, 50))
+    group.add_argument("--latency-batch", type=_positive_int, default=64)
+    group.add_argument("--latency-repeats", type=_positive_int, default=10)
+
+
+def normalize_robustness_arguments(args: argparse.Namespace) -> None:
+    """``--no-corruptions`` empties the corruption list (one switch per measurement)."""
+    if not args.corruptions_on:
+        args.corruptions = []
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser("eval", help="accuracy, size, latency and robustness of a model folder")
+    parser.add_argument("model_dir", help="a model folder written by 'sparsesam train' or 'sparsesam prune'")
+    parser.add_argument("--out", default=None, help="output folder (default: MODEL_DIR/eval)")
+    parser.add_argument("--name", default=None, help="label in reports (default: the algorithm, or 'dense')")
+    parser.add_argument("--dataset", default=None, help="default: the dataset the model was trained on")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--limit", type=_positive_int, default=None, help="use only the first N test images")
+    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_robustness_arguments(parser)
+    parser.set_defaults(func=_run_eval_normalized)
+    return parser
+
+
+def _run_eval_normalized(args: argparse.Namespace) -> dict:
+    normalize_robustness_arguments(args)
+    return run_eval(args)

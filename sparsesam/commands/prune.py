@@ -1,0 +1,137 @@
+"""``sparsesam prune``: sparsify a trained (or briefly trained) model with one of the registry's algorithms."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from typing import Any, Dict, Optional
+
+from torch import nn
+
+from ..checkpoint import Checkpointer
+from ..training import evaluate
+from .common import (ConfigError, build_from_spec, check_fraction, check_model_name, dataset_key, echo_config,
+                     jsonable, load_data, make_loaders, model_spec, prepare_out, seed_everything, write_json)
+from .export import load_model_folder, save_model_folder
+from .registry import algorithm_registry, build_config, get_algorithm
+from .train import (add_data_arguments, add_model_arguments, add_optimizer_arguments, check_optimizer_arguments,
+                    fit_dense)
+
+PRETRAIN_CHECKPOINT = "pretrain_checkpoint.pt"
+PRUNE_CHECKPOINT = "prune_checkpoint.pt"
+RESULT = "prune.json"
+
+
+def parse_settings(pairs) -> Dict[str, str]:
+    settings = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def compacted_model(algorithm: Any, result: Any) -> Optional[nn.Module]:
+    """The physically smaller model a structured algorithm reports (in its summary, or by a method)."""
+    if isinstance(getattr(result, "compact_model", None), nn.Module):
+        return result.compact_model
+    summary = getattr(result, "summary", None) or {}
+    for key in ("compacted_model", "compact_model", "compacted"):
+        if isinstance(summary.get(key), nn.Module):
+            return summary[key]
+    for name in ("compacted_model", "compact"):
+        method = getattr(algorithm, name, None)
+        if callable(method):
+            module = method()
+            if isinstance(module, nn.Module):
+                return module
+    return None
+
+
+def prune_model(model: nn.Module, spec: Dict[str, Any], algorithm_name: str, config: Any, train_loader, test_loader,
+                out: str, *, progress: bool, registry=None, extra: Optional[Dict[str, Any]] = None) -> dict:
+    """Run ``algorithm.fit`` (resumable through ``out/prune_checkpoint.pt``), export the model, write prune.json."""
+    algorithm = get_algorithm(algorithm_name, registry)(config)
+    checkpointer = Checkpointer(os.path.join(out, PRUNE_CHECKPOINT))
+    began = time.perf_counter()
+    result = algorithm.fit(model, train_loader, val_loader=test_loader, progress=progress, checkpoint=checkpointer)
+    seconds = time.perf_counter() - began
+    pruned = result.model
+    compacted = compacted_model(algorithm, result)
+    info = save_model_folder(pruned, spec, out, compacted=compacted,
+                             extra={"stage": "prune", "algorithm": algorithm_name,
+                                    "target_sparsity": getattr(config, "target_sparsity", None)})
+    test = evaluate(pruned, test_loader, desc="test", progress=progress)
+    summary = {k: v for k, v in dict(getattr(result, "summary", {}) or {}).items() if not isinstance(v, nn.Module)}
+    report = {"command": "prune", "algorithm": algorithm_name, "config": dataclasses.asdict(config),
+              "target_sparsity": getattr(config, "target_sparsity", None), "sparsity": info["sparsity"],
+              "test_accuracy": test["accuracy"], "test_loss": test["loss"], "fit_seconds": seconds,
+              "history": list(getattr(result, "history", []) or []), "summary": summary,
+              "compacted_parameters": (info["compacted"] or {}).get("parameters"), **(extra or {})}
+    write_json(os.path.join(out, RESULT), report)
+    checkpointer.remove()
+    return report
+
+
+def run_prune(args: argparse.Namespace, registry=None) -> dict:
+    check_fraction("--sparsity", args.sparsity)
+    registry = algorithm_registry() if registry is None else registry
+    algorithm = get_algorithm(args.algorithm, registry)
+    config = build_config(algorithm, args.sparsity, parse_settings(args.set), defaults={"seed": args.seed})
+    args.dataset = dataset_key(args.dataset)
+    check_optimizer_arguments(args)
+    if args.source is None:
+        check_model_name(args.model)
+    elif not os.path.isdir(args.source):
+        raise ConfigError(f"--from {args.source} is not a folder (give the --out of 'sparsesam train')")
+    train, test = load_data(args.dataset, args.data_dir, args.limit, args.image_size)  # bad data: no folder made
+    out = prepare_out(args.out)
+    for name in (PRETRAIN_CHECKPOINT, PRUNE_CHECKPOINT):
+        if os.path.exists(os.path.join(out, name)) and not args.resume:
+            raise ConfigError(f"{os.path.join(out, name)} holds an unfinished run: pass --resume to continue it "
+                              f"or choose another --out")
+    echo_config(args, out, extra={"algorithm_config": dataclasses.asdict(config)})
+    seed_everything(args.seed)
+    train_loader, test_loader, generator = make_loaders(train, test, args.batch_size, args.seed)
+    pretrain = None
+    if args.source is not None:
+        model, source_info = load_model_folder(args.source)
+        spec = source_info["spec"]
+        if spec["dataset"] != train.info.name or spec["image_size"] != train.info.image_size:
+            raise ConfigError(f"--from {args.source} was trained on {spec['dataset']} ({spec['image_size']}px), "
+                              f"not on {train.info.name} ({train.info.image_size}px)")
+    else:
+        spec = model_spec(args.model, args.width, train.info)
+        model = build_from_spec(spec)
+        pre_checkpoint = Checkpointer(os.path.join(out, PRETRAIN_CHECKPOINT))
+        history = fit_dense(model, train_loader, test_loader, generator, args, pre_checkpoint, label="pretrain")
+        pretrain = {"epochs": args.epochs, "history": history}
+    report = prune_model(model, spec, args.algorithm, config, train_loader, test_loader, out, progress=args.progress,
+                         registry=registry, extra={"source": args.source, "pretrain": pretrain,
+                                                   "dataset": args.dataset, "model": spec["model"]})
+    if args.source is None:
+        Checkpointer(os.path.join(out, PRETRAIN_CHECKPOINT)).remove()
+    print(f"prune {args.algorithm}: sparsity {report['sparsity']:.4f}, test accuracy {report['test_accuracy']:.4f}; "
+          f"model in {out}")
+    return jsonable(report)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser("prune", help="prune a model with adasap, harp, csam, magnitude, hydra or sam_prune")
+    parser.add_argument("--algorithm", required=True, help="a name of sparsesam.algorithms.ALGORITHMS")
+    parser.add_argument("--sparsity", type=float, default=0.9, help="target fraction of pruned weights, in [0, 1)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="set a field of the algorithm's config (repeatable), e.g. --set finetune_epochs=2")
+    parser.add_argument("--from", dest="source", default=None,
+                        help="folder of a trained model ('sparsesam train --out'); without it a dense model is "
+                             "first trained for --epochs")
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    add_optimizer_arguments(parser, epochs=1, what="pre-training (without --from; the algorithm's own settings "
+                                                    "are --set fields)")
+    parser.add_argument("--out", required=True, help="output folder (model, sparsity.json, prune.json, config.json)")
+    parser.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
+    parser.set_defaults(func=run_prune)
+    return parser

@@ -1,0 +1,173 @@
+"""``sparsesam train``: dense training (SGD, or SAM / ASAM) with a resumable checkpoint after every epoch."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Dict, List
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from ..optim import SAM
+from ..training import evaluate
+from .common import (ConfigError, check_model_name, dataset_key, echo_config, load_data, make_loaders, model_spec,
+                     prepare_out, seed_everything, write_json, build_from_spec)
+from .export import save_model_folder
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "train.json"
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist, cifar10, digits or synthetic")
+    parser.add_argument("--data-dir", default=None, help="folder of a file-backed dataset (default: its usual place)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images of each split")
+    parser.add_argument("--image-size", type=_positive_int, default=None, help="image size (digits / synthetic only)")
+    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smallcnn", help="resnet18, smallcnn, mobilenetv2, googlenet or vgg16bn")
+    parser.add_argument("--width", type=float, default=1.0, help="multiplier of the paper's channel counts")
+
+
+def add_optimizer_arguments(parser: argparse.ArgumentParser, epochs: int = 5, what: str = "training") -> None:
+    group = parser.add_argument_group(f"dense {what}")
+    group.add_argument("--epochs", type=_non_negative_int, default=epochs)
+    group.add_argument("--lr", type=float, default=0.05)
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--weight-decay", type=float, default=5e-4)
+    group.add_argument("--sam-rho", type=float, default=0.0, help="SAM radius; 0 trains with plain SGD")
+    group.add_argument("--adaptive", action="store_true", help="ASAM (scale-invariant radius); needs --sam-rho > 0")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def check_optimizer_arguments(args: argparse.Namespace) -> None:
+    if not args.lr > 0:
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.momentum < 1:
+        raise ConfigError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if args.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.sam_rho < 0:
+        raise ConfigError(f"--sam-rho must be >= 0, got {args.sam_rho}")
+    if args.adaptive and args.sam_rho == 0:
+        raise ConfigError("--adaptive needs --sam-rho > 0 (ASAM is a SAM variant)")
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    sgd = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.sam_rho > 0:
+        return SAM(params, torch.optim.SGD, rho=args.sam_rho, adaptive=args.adaptive, model=model, **sgd)
+    return torch.optim.SGD(params, **sgd)
+
+
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, desc: str,
+                progress: bool = True) -> Dict[str, float]:
+    """One epoch of cross-entropy training; a SAM optimizer takes its two-pass step."""
+    model.train()
+    sam = isinstance(optimizer, SAM)
+    total_loss = correct = seen = 0.0
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    for x, y in bar:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if sam:
+            optimizer.first_step(zero_grad=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.second_step(zero_grad=True)
+        else:
+            optimizer.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: the loss became {loss.item()} (lower --lr or --sam-rho)")
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
+
+
+def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Generator, args: argparse.Namespace,
+              checkpointer: Checkpointer, *, label: str = "train") -> List[dict]:
+    """Train ``args.epochs`` epochs, checkpointing after each; resumes from ``checkpointer`` if it holds a state."""
+    optimizer = build_optimizer(model, args)
+    history: List[dict] = []
+    start = 0
+    state = checkpointer.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        start = int(state["epoch"])
+        restore_rng_state(state["rng"], generator)
+    for epoch in range(start, args.epochs):
+        began = time.perf_counter()
+        stats = train_epoch(model, train_loader, optimizer, desc=f"{label} {epoch + 1}/{args.epochs}",
+                            progress=args.progress)
+        test = evaluate(model, test_loader, desc="test", progress=args.progress)
+        history.append({"phase": label, "epoch": epoch + 1, "loss": stats["loss"], "accuracy": stats["accuracy"],
+                        "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                        "seconds": time.perf_counter() - began})
+        checkpointer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                           "history": history, "rng": capture_rng_state(generator)})
+    return history
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    check_model_name(args.model)
+    args.dataset = dataset_key(args.dataset)
+    check_optimizer_arguments(args)
+    train, test = load_data(args.dataset, args.data_dir, args.limit, args.image_size)  # bad data: no folder made
+    out = prepare_out(args.out)
+    checkpointer = Checkpointer(os.path.join(out, CHECKPOINT))
+    if checkpointer.exists() and not args.resume:
+        raise ConfigError(f"{checkpointer.path} holds an unfinished run: pass --resume to continue it "
+                          f"or choose another --out")
+    echo_config(args, out)  # after the check: the interrupted run's config.json stays until it is resumed
+    seed_everything(args.seed)
+    spec = model_spec(args.model, args.width, train.info)
+    model = build_from_spec(spec)
+    train_loader, test_loader, generator = make_loaders(train, test, args.batch_size, args.seed)
+    history = fit_dense(model, train_loader, test_loader, generator, args, checkpointer)
+    final = evaluate(model, test_loader, desc="test", progress=args.progress)
+    save_model_folder(model, spec, out, extra={"stage": "train", "optimizer": "sam" if args.sam_rho > 0 else "sgd"})
+    result = {"command": "train", "model": args.model, "dataset": args.dataset, "epochs": args.epochs,
+              "history": history, "test_accuracy": final["accuracy"], "test_loss": final["loss"],
+              "train_examples": len(train), "test_examples": len(test)}
+    write_json(os.path.join(out, RESULT), result)
+    checkpointer.remove()  # the run is complete and exported
+    print(f"train: test accuracy {final['accuracy']:.4f} after {args.epochs} epoch(s); model in {out}")
+    return result
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser("train", help="train a dense model (SGD or SAM) with resumable checkpoints")
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    add_optimizer_arguments(parser)
+    parser.add_argument("--out", required=True, help="output folder (model.safetensors, train.json, config.json)")
+    parser.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    parser.set_defaults(func=run_train)
+    return parser
