@@ -30,6 +30,7 @@ from .registry import algorithm_registry, build_config, epoch_fields
 from .train import CHECKPOINT, check_optimizer_arguments, fit_dense
 
 DEFAULT_METHODS = ("magnitude", "adasap", "harp", "csam")
+STRUCTURED_METHODS = ("adasap",)
 
 
 def _methods(text: str):
@@ -52,6 +53,7 @@ def _eval_into(folder: str, args: argparse.Namespace, name: str, test) -> dict:
 def run_demo(args: argparse.Namespace, registry=None) -> dict:
     began = time.perf_counter()
     check_fraction("--sparsity", args.sparsity)
+    check_fraction("--channel-sparsity", args.channel_sparsity)
     args.dataset = dataset_key(args.dataset)
     check_optimizer_arguments(args)
     normalize_robustness_arguments(args)
@@ -119,7 +121,11 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
         defaults.update(seed=args.seed, attack_steps=args.algo_attack_steps)
         defaults.update({k: v for k, v in settings.items()})
         try:
-            config = build_config(algorithm, args.sparsity, defaults=_typed(algorithm, defaults))
+            # AdaSAP prunes whole channels: 90% of the channels is not the
+            # same model size as 90% of the weights, and leaves almost
+            # nothing of a small CNN; it gets its own (channel) target.
+            target = args.channel_sparsity if method in STRUCTURED_METHODS else args.sparsity
+            config = build_config(algorithm, target, defaults=_typed(algorithm, defaults))
             print(f"[demo] {method}: {config}", file=sys.stderr)
             seed_everything(args.seed)
             algo_generator.manual_seed(args.seed)  # every method sees the same batches
@@ -172,7 +178,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--test-limit", type=_positive_int, default=1000, help="test images used")
     parser.add_argument("--batch-size", type=_positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--sparsity", type=float, default=0.9, help="weight sparsity of the unstructured methods")
+    parser.add_argument("--channel-sparsity", type=float, default=0.5,
+                        help="fraction of channels the structured method (adasap) removes")
     parser.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS))
     parser.add_argument("--algo-limit", type=_positive_int, default=2000,
                         help="training images the pruning algorithms use (their epochs cost several passes)")
