@@ -10,6 +10,7 @@ from .masked_linear import masked_linear
 from .masked_weight import apply_mask, masked_weight_grad
 from .sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
 from .sparse_linear import sparse_linear
+from .sparse_conv2d import sparse_conv2d
 
 __all__ = [
     "BACKENDS",
@@ -23,4 +24,5 @@ __all__ = [
     "sam_perturb_",
     "sgd_step_",
     "sparse_linear",
+    "sparse_conv2d",
 ]
