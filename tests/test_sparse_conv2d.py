@@ -29,6 +29,10 @@ SHAPES = [
     (2, 6, 8, 8, 6, (5, 5), (2, 2), (3, 3), (1, 2), 0.3),
     (4, 8, 16, 13, 9, (3, 3), (1, 1), (1, 1), (1, 1), 0.1),
     (1, 1, 3, 3, 1, (3, 3), (1, 1), (0, 0), (1, 1), 1.0),
+    # stride 1 and out_w == w: the flattened path (padding columns saved / zeroed)
+    (2, 3, 10, 12, 5, (5, 5), (1, 1), (2, 2), (1, 1), 0.5),
+    (2, 4, 9, 11, 3, (3, 3), (1, 1), (2, 2), (2, 2), 0.5),
+    (3, 2, 8, 8, 4, (3, 1), (1, 1), (1, 0), (1, 1), 0.8),
     (0, 3, 6, 6, 4, (3, 3), (1, 1), (1, 1), (1, 1), 0.5),
     (2, 3, 6, 6, 4, (3, 3), (1, 1), (1, 1), (1, 1), 0.0),
 ]
@@ -116,7 +120,7 @@ def test_gradcheck():
 
 def test_opcheck():
     torch.manual_seed(4)
-    for shape in [SHAPES[0], SHAPES[1], SHAPES[7], SHAPES[8]]:
+    for shape in [SHAPES[0], SHAPES[1], SHAPES[-2], SHAPES[-1]]:
         pattern, inputs, geo = _inputs(*shape, torch.float32)
         g = [list(geo[k]) for k in ("kernel_size", "stride", "padding", "dilation")]
         args = (inputs["x"].requires_grad_(), inputs["values"].requires_grad_(), *pattern, inputs["bias"], *g)

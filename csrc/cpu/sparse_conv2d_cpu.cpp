@@ -20,6 +20,13 @@
 //   image by image (float accumulates each plane in float and the images in
 //   double).
 //
+// The common case (stride 1 and "same" width: out_w == w, e.g. 3x3 with
+// padding 1) runs each tap as ONE long contiguous loop over the flattened
+// plane, out[i] += v * in[i + shift], instead of out_h short row loops: the
+// few positions per row where that loop wraps into the next row (the padding
+// columns) are saved before and put back after (forward, dx: exact), or read
+// against a copy of the grad_out plane with those columns zeroed (dW).
+//
 // float, bfloat16 and half compute in float (bf16/half are widened first and
 // rounded once at the end); double in double.
 #include <ATen/ATen.h>
@@ -43,9 +50,30 @@ struct Geometry {
 
 // A kept entry's tap: input channel and the offsets of its window.
 struct Tap {
-  int64_t ci, row_off, col_off;  // input row = oh * sh + row_off, input col = ow * sw + col_off
-  int64_t oh0, oh1, ow0, ow1;    // the output rows / cols whose input lies inside the image
+  int64_t ci, kj, row_off, col_off;  // input row = oh * sh + row_off, input col = ow * sw + col_off
+  int64_t oh0, oh1, ow0, ow1;        // the output rows / cols whose input lies inside the image
+
+  bool empty() const { return oh0 >= oh1 || ow0 >= ow1; }
+  // Flattened form (when flat(g)): out index i in [begin, end) reads input i + shift.
+  int64_t begin(const Geometry& g) const { return oh0 * g.w + ow0; }
+  int64_t end(const Geometry& g) const { return (oh1 - 1) * g.w + ow1; }
+  int64_t shift(const Geometry& g) const { return row_off * g.w + col_off; }
 };
+
+// Whether taps can run flattened: unit strides and out_w == w (then output
+// and input rows have one stride), with few padding columns per row.
+bool flat(const Geometry& g) { return g.sh == 1 && g.sw == 1 && g.wo == g.w && g.w > 0; }
+bool flat_tap(const Tap& t, const Geometry& g) { return 4 * (g.w - (t.ow1 - t.ow0)) <= g.w; }
+
+// The plane positions (output indexing) a flattened tap passes over but must
+// not touch: columns outside [ow0, ow1) between its first and last row.
+template <typename F>
+void for_each_wrapped(const Tap& t, const Geometry& g, const F& f) {
+  for (int64_t oh = t.oh0; oh + 1 < t.oh1; ++oh) {
+    for (int64_t ow = t.ow1; ow < g.w; ++ow) f(oh * g.w + ow);
+    for (int64_t ow = 0; ow < t.ow0; ++ow) f((oh + 1) * g.w + ow);
+  }
+}
 
 // [lo, hi): the outputs o in [0, out) with 0 <= o * s + off < n.
 void valid_range(int64_t off, int64_t s, int64_t n, int64_t out, int64_t& lo, int64_t& hi) {
@@ -59,6 +87,7 @@ Tap tap_of(int64_t column, const Geometry& g) {
   Tap t;
   t.ci = column / g.taps();
   const int64_t r = column % g.taps(), ki = r / g.kw, kj = r % g.kw;
+  t.kj = kj;
   t.row_off = ki * g.dh - g.ph;
   t.col_off = kj * g.dw - g.pw;
   valid_range(t.row_off, g.sh, g.h, g.ho, t.oh0, t.oh1);
@@ -172,6 +201,7 @@ void forward_kernel(const acc_t* x, const acc_t* val, const int32_t* crow, const
                     const Geometry& g, acc_t* y) {
   const int64_t plane_in = g.h * g.w, plane_out = g.ho * g.wo;
   at::parallel_for(0, g.batch * g.cout, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> saved;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.cout, co = task % g.cout;
       acc_t* out = y + task * plane_out;
@@ -180,6 +210,15 @@ void forward_kernel(const acc_t* x, const acc_t* val, const int32_t* crow, const
       for (int64_t j = crow[co]; j < crow[co + 1]; ++j) {
         const Tap t = tap_of(col[j], g);
         const acc_t* in = image + t.ci * plane_in;
+        if (t.empty()) continue;
+        if (flat(g) && flat_tap(t, g)) {
+          saved.clear();
+          for_each_wrapped(t, g, [&](int64_t i) { saved.push_back(out[i]); });
+          axpy(out + t.begin(g), in + t.begin(g) + t.shift(g), val[j], t.end(g) - t.begin(g), 1);
+          size_t k = 0;
+          for_each_wrapped(t, g, [&](int64_t i) { out[i] = saved[k++]; });
+          continue;
+        }
         for (int64_t oh = t.oh0; oh < t.oh1; ++oh) {
           const acc_t* in_row = in + (oh * g.sh + t.row_off) * g.w + t.col_off;
           axpy(out + oh * g.wo + t.ow0, in_row + t.ow0 * g.sw, val[j], t.ow1 - t.ow0, g.sw);
@@ -194,6 +233,7 @@ void dx_kernel(const acc_t* gy, const acc_t* val, const int32_t* ccol, const int
                const Geometry& g, acc_t* dx) {
   const int64_t plane_in = g.h * g.w, plane_out = g.ho * g.wo;
   at::parallel_for(0, g.batch * g.cin, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> saved;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.cin, ci = task % g.cin;
       acc_t* out = dx + task * plane_in;
@@ -201,47 +241,97 @@ void dx_kernel(const acc_t* gy, const acc_t* val, const int32_t* ccol, const int
       const acc_t* grads = gy + b * g.cout * plane_out;
       for (int64_t column = ci * g.taps(); column < (ci + 1) * g.taps(); ++column) {
         const Tap t = tap_of(column, g);
+        if (t.empty()) continue;
+        const bool flat_run = flat(g) && flat_tap(t, g);
+        // Flattened: dx[i + shift] += v * grad[i]; the wrapped positions of dx are put back after.
+        acc_t* shifted = out + t.shift(g);
+        if (flat_run && ccol[column] < ccol[column + 1]) {
+          saved.clear();
+          for_each_wrapped(t, g, [&](int64_t i) { saved.push_back(shifted[i]); });
+        }
         for (int64_t j = ccol[column]; j < ccol[column + 1]; ++j) {
           const acc_t v = val[pos[j]];
           const acc_t* grad = grads + int64_t(row[j]) * plane_out;
+          if (flat_run) {
+            axpy(shifted + t.begin(g), grad + t.begin(g), v, t.end(g) - t.begin(g), 1);
+            continue;
+          }
           for (int64_t oh = t.oh0; oh < t.oh1; ++oh) {
             acc_t* out_row = out + (oh * g.sh + t.row_off) * g.w + t.col_off;
             axpy_strided_out(out_row + t.ow0 * g.sw, grad + oh * g.wo + t.ow0, v, t.ow1 - t.ow0, g.sw);
           }
+        }
+        if (flat_run && ccol[column] < ccol[column + 1]) {
+          size_t k = 0;
+          for_each_wrapped(t, g, [&](int64_t i) { shifted[i] = saved[k++]; });
         }
       }
     }
   });
 }
 
+// Images per dW task: a task sums its images' contributions to every kept
+// entry into its own row of partial sums; the rows are added in order at the
+// end. The grouping is fixed (not per thread), so the result does not depend
+// on the thread count, and each image of x and grad_out is read from memory
+// once (a task per output channel would read all of x once per channel).
+constexpr int64_t kImagesPerTask = 4;
+
 template <typename acc_t>
 void dw_kernel(const acc_t* gy, const acc_t* x, const int32_t* crow, const int32_t* col, const Geometry& g,
                acc_t* dval) {
   using sum_t = double;  // across images (each image's plane is summed in acc_t)
   const int64_t plane_in = g.h * g.w, plane_out = g.ho * g.wo;
-  at::parallel_for(0, g.cout, 1, [&](int64_t begin, int64_t end) {
-    std::vector<sum_t> sums;
-    std::vector<Tap> taps;
-    for (int64_t co = begin; co < end; ++co) {
-      const int64_t j0 = crow[co], j1 = crow[co + 1];
-      sums.assign(j1 - j0, sum_t(0));
-      taps.clear();
-      for (int64_t j = j0; j < j1; ++j) taps.push_back(tap_of(col[j], g));
-      for (int64_t b = 0; b < g.batch; ++b) {
-        const acc_t* grad = gy + (b * g.cout + co) * plane_out;
+  const int64_t groups = (g.batch + kImagesPerTask - 1) / kImagesPerTask;
+  if (g.nnz == 0) return;
+  std::vector<Tap> taps(g.nnz);
+  for (int64_t j = 0; j < g.nnz; ++j) taps[j] = tap_of(col[j], g);
+  std::vector<sum_t> partial(groups * g.nnz, sum_t(0));
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    // Per kernel column kj: the grad_out plane with the columns that tap
+    // cannot reach set to zero (for the flattened dot products).
+    std::vector<acc_t> zeroed(g.kw * plane_out);
+    std::vector<char> zeroed_ready(g.kw);
+    for (int64_t group = begin; group < end; ++group) {
+      sum_t* sums = partial.data() + group * g.nnz;
+      for (int64_t b = group * kImagesPerTask; b < std::min(g.batch, (group + 1) * kImagesPerTask); ++b) {
         const acc_t* image = x + b * g.cin * plane_in;
-        for (int64_t j = j0; j < j1; ++j) {
-          const Tap& t = taps[j - j0];
-          const acc_t* in = image + t.ci * plane_in;
-          acc_t s = 0;
-          for (int64_t oh = t.oh0; oh < t.oh1; ++oh) {
-            const acc_t* in_row = in + (oh * g.sh + t.row_off) * g.w + t.col_off;
-            s += dot(grad + oh * g.wo + t.ow0, in_row + t.ow0 * g.sw, t.ow1 - t.ow0, g.sw);
+        for (int64_t co = 0; co < g.cout; ++co) {
+          const acc_t* grad = gy + (b * g.cout + co) * plane_out;
+          std::fill(zeroed_ready.begin(), zeroed_ready.end(), 0);
+          for (int64_t j = crow[co]; j < crow[co + 1]; ++j) {
+            const Tap& t = taps[j];
+            const acc_t* in = image + t.ci * plane_in;
+            if (t.empty()) continue;
+            if (flat(g) && flat_tap(t, g)) {
+              acc_t* gz = zeroed.data() + t.kj * plane_out;
+              if (!zeroed_ready[t.kj]) {
+                std::copy(grad, grad + plane_out, gz);
+                for (int64_t oh = 0; oh < g.ho; ++oh) {  // every row: the taps of other ki share this copy
+                  std::fill(gz + oh * g.w, gz + oh * g.w + t.ow0, acc_t(0));
+                  std::fill(gz + oh * g.w + t.ow1, gz + (oh + 1) * g.w, acc_t(0));
+                }
+                zeroed_ready[t.kj] = 1;
+              }
+              sums[j] += sum_t(dot(gz + t.begin(g), in + t.begin(g) + t.shift(g), t.end(g) - t.begin(g), 1));
+              continue;
+            }
+            acc_t s = 0;
+            for (int64_t oh = t.oh0; oh < t.oh1; ++oh) {
+              const acc_t* in_row = in + (oh * g.sh + t.row_off) * g.w + t.col_off;
+              s += dot(grad + oh * g.wo + t.ow0, in_row + t.ow0 * g.sw, t.ow1 - t.ow0, g.sw);
+            }
+            sums[j] += sum_t(s);
           }
-          sums[j - j0] += sum_t(s);
         }
       }
-      for (int64_t j = j0; j < j1; ++j) dval[j] = acc_t(sums[j - j0]);
+    }
+  });
+  at::parallel_for(0, g.nnz, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      sum_t s = 0;
+      for (int64_t group = 0; group < groups; ++group) s += partial[group * g.nnz + j];
+      dval[j] = acc_t(s);
     }
   });
 }
