@@ -228,6 +228,61 @@ void forward_kernel(const acc_t* x, const acc_t* val, const int32_t* crow, const
   });
 }
 
+// Forward for unit strides (any padding and dilation): each image is copied
+// once into a zero-bordered buffer (per thread, reused while the thread's
+// tasks stay on that image), where every tap is one pure shift over the same
+// flattened range; output planes accumulate in padded-row-stride scratch four
+// kept entries per pass (a quarter of the scratch reads and writes), then the
+// valid columns are copied out. No bounds work per tap.
+template <typename acc_t>
+void forward_unit_stride_kernel(const acc_t* x, const acc_t* val, const int32_t* crow, const int32_t* col,
+                                const acc_t* bias, const Geometry& g, acc_t* y) {
+  const int64_t hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw;
+  const int64_t plane_in = g.h * g.w, plane_pad = hp * wp, plane_out = g.ho * g.wo;
+  const int64_t span = (g.ho - 1) * wp + g.wo;  // flattened output range in padded row stride
+  at::parallel_for(0, g.batch * g.cout, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> padded(g.cin * plane_pad, acc_t(0));  // borders stay zero
+    std::vector<acc_t> scratch(g.ho * wp);
+    int64_t padded_image = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.cout, co = task % g.cout;
+      if (b != padded_image) {
+        const acc_t* image = x + b * g.cin * plane_in;
+        for (int64_t c = 0; c < g.cin; ++c) {
+          for (int64_t r = 0; r < g.h; ++r) {
+            std::copy(image + c * plane_in + r * g.w, image + c * plane_in + (r + 1) * g.w,
+                      padded.data() + c * plane_pad + (r + g.ph) * wp + g.pw);
+          }
+        }
+        padded_image = b;
+      }
+      acc_t* acc = scratch.data();
+      std::fill(acc, acc + span, bias != nullptr ? bias[co] : acc_t(0));
+      const acc_t* src[4];
+      acc_t v[4];
+      int n = 0;
+      auto flush = [&] {
+        if (n == 4) {
+          for (int64_t i = 0; i < span; ++i)
+            acc[i] += (v[0] * src[0][i] + v[1] * src[1][i]) + (v[2] * src[2][i] + v[3] * src[3][i]);
+        } else {
+          for (int k = 0; k < n; ++k) axpy(acc, src[k], v[k], span, 1);
+        }
+        n = 0;
+      };
+      for (int64_t j = crow[co]; j < crow[co + 1]; ++j) {
+        const int64_t column = col[j], ci = column / g.taps(), r = column % g.taps();
+        src[n] = padded.data() + ci * plane_pad + (r / g.kw) * g.dh * wp + (r % g.kw) * g.dw;
+        v[n++] = val[j];
+        if (n == 4) flush();
+      }
+      flush();
+      acc_t* out = y + task * plane_out;
+      for (int64_t oh = 0; oh < g.ho; ++oh) std::copy(acc + oh * wp, acc + oh * wp + g.wo, out + oh * g.wo);
+    }
+  });
+}
+
 template <typename acc_t>
 void dx_kernel(const acc_t* gy, const acc_t* val, const int32_t* ccol, const int32_t* row, const int32_t* pos,
                const Geometry& g, acc_t* dx) {
@@ -356,10 +411,10 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& values, const at
   }
   at::Tensor y = at::empty({g.batch, g.cout, g.ho, g.wo}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "sparse_conv2d", [&] {
-    forward_kernel<scalar_t>(xa.const_data_ptr<scalar_t>(), va.const_data_ptr<scalar_t>(),
-                             crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
-                             ba.defined() ? ba.const_data_ptr<scalar_t>() : nullptr, g,
-                             y.mutable_data_ptr<scalar_t>());
+    const auto run = g.sh == 1 && g.sw == 1 ? forward_unit_stride_kernel<scalar_t> : forward_kernel<scalar_t>;
+    run(xa.const_data_ptr<scalar_t>(), va.const_data_ptr<scalar_t>(), crow.const_data_ptr<int32_t>(),
+        col.const_data_ptr<int32_t>(), ba.defined() ? ba.const_data_ptr<scalar_t>() : nullptr, g,
+        y.mutable_data_ptr<scalar_t>());
   });
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
