@@ -325,6 +325,65 @@ void dx_kernel(const acc_t* gy, const acc_t* val, const int32_t* ccol, const int
   });
 }
 
+// dx for unit strides, the mirror of forward_unit_stride_kernel: the
+// grad_out planes of an image are copied once (per thread) into rows of the
+// padded width (the extra columns zero), every tap is then one pure shift
+// from that buffer into a zero-bordered dx plane, the kept entries of one tap
+// four per pass; the interior of the plane is copied out.
+template <typename acc_t>
+void dx_unit_stride_kernel(const acc_t* gy, const acc_t* val, const int32_t* ccol, const int32_t* row,
+                           const int32_t* pos, const Geometry& g, acc_t* dx) {
+  const int64_t hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw;
+  const int64_t plane_in = g.h * g.w, plane_out = g.ho * g.wo, plane_wide = g.ho * wp;
+  const int64_t span = (g.ho - 1) * wp + g.wo;
+  at::parallel_for(0, g.batch * g.cin, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> wide(g.cout * plane_wide, acc_t(0));  // columns >= wo stay zero
+    std::vector<acc_t> scratch(hp * wp);
+    int64_t wide_image = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.cin, ci = task % g.cin;
+      if (b != wide_image) {
+        const acc_t* grads = gy + b * g.cout * plane_out;
+        for (int64_t c = 0; c < g.cout; ++c) {
+          for (int64_t r = 0; r < g.ho; ++r) {
+            std::copy(grads + c * plane_out + r * g.wo, grads + c * plane_out + (r + 1) * g.wo,
+                      wide.data() + c * plane_wide + r * wp);
+          }
+        }
+        wide_image = b;
+      }
+      acc_t* acc = scratch.data();
+      std::fill(acc, acc + hp * wp, acc_t(0));
+      for (int64_t column = ci * g.taps(); column < (ci + 1) * g.taps(); ++column) {
+        const int64_t r = column % g.taps();
+        acc_t* dst = acc + (r / g.kw) * g.dh * wp + (r % g.kw) * g.dw;
+        const acc_t* src[4];
+        acc_t v[4];
+        int n = 0;
+        auto flush = [&] {
+          if (n == 4) {
+            for (int64_t i = 0; i < span; ++i)
+              dst[i] += (v[0] * src[0][i] + v[1] * src[1][i]) + (v[2] * src[2][i] + v[3] * src[3][i]);
+          } else {
+            for (int k = 0; k < n; ++k) axpy(dst, src[k], v[k], span, 1);
+          }
+          n = 0;
+        };
+        for (int64_t j = ccol[column]; j < ccol[column + 1]; ++j) {
+          src[n] = wide.data() + int64_t(row[j]) * plane_wide;
+          v[n++] = val[pos[j]];
+          if (n == 4) flush();
+        }
+        flush();
+      }
+      acc_t* out = dx + task * plane_in;
+      for (int64_t ih = 0; ih < g.h; ++ih) {
+        std::copy(acc + (ih + g.ph) * wp + g.pw, acc + (ih + g.ph) * wp + g.pw + g.w, out + ih * g.w);
+      }
+    }
+  });
+}
+
 // Images per dW task: a task sums its images' contributions to every kept
 // entry into its own row of partial sums; the rows are added in order at the
 // end. The grouping is fixed (not per thread), so the result does not depend
@@ -440,9 +499,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward(
     const at::Tensor va = values.to(acc).contiguous();
     at::Tensor dxa = at::empty({g.batch, g.cin, g.h, g.w}, grad_out.options().dtype(acc));
     AT_DISPATCH_FLOATING_TYPES(acc, "sparse_conv2d_backward_dx", [&] {
-      dx_kernel<scalar_t>(ga.const_data_ptr<scalar_t>(), va.const_data_ptr<scalar_t>(),
-                          ccol.const_data_ptr<int32_t>(), row.const_data_ptr<int32_t>(),
-                          pos.const_data_ptr<int32_t>(), g, dxa.mutable_data_ptr<scalar_t>());
+      const auto run = g.sh == 1 && g.sw == 1 ? dx_unit_stride_kernel<scalar_t> : dx_kernel<scalar_t>;
+      run(ga.const_data_ptr<scalar_t>(), va.const_data_ptr<scalar_t>(), ccol.const_data_ptr<int32_t>(),
+          row.const_data_ptr<int32_t>(), pos.const_data_ptr<int32_t>(), g, dxa.mutable_data_ptr<scalar_t>());
     });
     dx = dxa.to(x.scalar_type());
   }
