@@ -402,3 +402,39 @@ def sparse_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_ind
     else:
         dvalues = _empty_like_none(values)
     return dx, dvalues
+
+
+def _conv_dense(values: Tensor, crow_indices: Tensor, col_indices: Tensor, in_channels: int,
+                kernel_size: Sequence[int]) -> Tensor:
+    """The dense 4-D conv weight of a CSR pattern over (out_channels, in_channels * kh * kw)."""
+    kh, kw = kernel_size
+    dense = _csr_dense(values, crow_indices, col_indices, in_channels * kh * kw)
+    return dense.view(dense.shape[0], in_channels, kh, kw)
+
+
+def sparse_conv2d(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, ccol_indices: Tensor,
+                  row_indices: Tensor, csr_positions: Tensor, bias: Optional[Tensor], kernel_size: Sequence[int],
+                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """F.conv2d with the dense form of the CSR weight (groups = 1)."""
+    weight = _conv_dense(values, crow_indices, col_indices, x.shape[1], kernel_size)
+    return F.conv2d(x, weight, bias, list(stride), list(padding), list(dilation))
+
+
+def sparse_conv2d_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
+                           ccol_indices: Tensor, row_indices: Tensor, csr_positions: Tensor,
+                           kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                           dilation: Sequence[int], output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor]:
+    """(dx, dvalues) of :func:`sparse_conv2d`: dvalues is dL/dW at the kept entries, in CSR order."""
+    want_dx, want_dvalues = output_mask
+    weight = _conv_dense(values, crow_indices, col_indices, x.shape[1], kernel_size)
+    args = (list(stride), list(padding), list(dilation))
+    dx = (torch.nn.grad.conv2d_input(tuple(x.shape), weight, grad_out, *args) if want_dx
+          else _empty_like_none(x))
+    if want_dvalues:
+        dweight = torch.nn.grad.conv2d_weight(x, tuple(weight.shape), grad_out, *args).flatten(1)
+        rows = torch.repeat_interleave(torch.arange(crow_indices.numel() - 1, device=values.device),
+                                       crow_indices.diff().long())
+        dvalues = dweight[rows, col_indices.long()]
+    else:
+        dvalues = _empty_like_none(values)
+    return dx, dvalues

@@ -117,3 +117,19 @@
   "sparse_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "       \
   "Tensor col_indices, Tensor ccol_indices, Tensor row_indices, Tensor csr_positions, bool[2] " \
   "output_mask) -> (Tensor, Tensor)"
+
+// y = conv2d(x, W, b) (NCHW, groups = 1) with W kept only at a fixed mask's
+// entries: the pattern is that of W viewed as (out_channels, in_channels *
+// kh * kw), so ccol_indices has in_channels * kh * kw + 1 entries. Direct
+// sparse convolution: no im2col buffer, W never densified.
+#define SPARSESAM_SCHEMA_SPARSE_CONV2D                                                      \
+  "sparse_conv2d(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "   \
+  "Tensor ccol_indices, Tensor row_indices, Tensor csr_positions, Tensor? bias, "       \
+  "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor"
+
+// (dx, dvalues) for output_mask = [dx, dvalues], as sparse_linear_backward.
+#define SPARSESAM_SCHEMA_SPARSE_CONV2D_BACKWARD                                                \
+  "sparse_conv2d_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "   \
+  "Tensor col_indices, Tensor ccol_indices, Tensor row_indices, Tensor csr_positions, "      \
+  "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool[2] output_mask) " \
+  "-> (Tensor, Tensor)"

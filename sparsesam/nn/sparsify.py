@@ -34,7 +34,8 @@ def masked_layers(model: nn.Module) -> Iterator[Tuple[str, _MaskedWeight]]:
             yield name, module
 
 
-def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = None, mask_mode: str = "fixed") -> nn.Module:
+def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = None, mask_mode: str = "fixed",
+             execution: str = "dense") -> nn.Module:
     """Make every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` a masked layer, in place; returns ``model``.
 
     include / exclude: glob patterns on qualified module names (``"layer1.*"``),
@@ -43,9 +44,17 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     ``out_proj`` of ``nn.MultiheadAttention``, whose weight is read directly,
     never through forward) are left alone, so no mask is silently ignored.
     A layer pruned with ``torch.nn.utils.prune`` keeps its mask.
+
+    execution: "dense" (default: plain masked layers, computed densely),
+    "sparse" or "auto" (fixed-mask layers run as SparseLinear/SparseConv2d,
+    always or where measured faster); see :func:`sparsesam.nn.set_execution`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from .dispatch import _check_execution, set_execution  # dispatch imports this module's neighbours
+
+    _check_execution(execution)
+    swapped = []
     for name, module in list(model.named_modules()):
         masked_cls = MASKED_OF.get(type(module))
         if masked_cls is None:
@@ -57,6 +66,9 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
         mask = _take_torch_prune_mask(module)
         module.__class__ = masked_cls
         module._init_mask(mask_mode, mask)
+        swapped.append(module)
+    if execution != "dense":
+        set_execution(model, execution, layers=swapped)
     return model
 
 
@@ -74,7 +86,10 @@ def _take_torch_prune_mask(module: nn.Module) -> Optional[torch.Tensor]:
 
 def export(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with plain nn.Linear / nn.Conv2d layers whose weights are ``W*M``."""
-    exported = copy.deepcopy(model)
+    from .dispatch import set_execution
+
+    # Sparse-form and dispatched layers become plain masked layers first (exact).
+    exported = set_execution(copy.deepcopy(model), "dense")
     for _, layer in list(masked_layers(exported)):
         if parametrize.is_parametrized(layer, "weight_mask"):
             # A score-driven mask (sparsesam.pruning.attach_scores): keep the

@@ -1,0 +1,183 @@
+"""SparseConv2d: a Conv2d layer that stores and computes only a fixed mask's kept weights.
+
+The conv counterpart of :class:`~sparsesam.nn.SparseLinear`: ``values`` (a
+Parameter of nnz entries) and the int32 :class:`~sparsesam.sparse.CSRPattern`
+of the mask viewed as ``(out_channels, in_channels * kh * kw)``, run by
+:func:`sparsesam.ops.sparse_conv2d` (a direct sparse convolution: time and
+memory grow with nnz, no im2col buffer). Only what that op computes is
+accepted: groups = 1 and numeric zero padding (an int or pair, or 'valid');
+other layers stay dense (:func:`convertible` says why not).
+Conversions to and from :class:`~sparsesam.nn.MaskedConv2d` are exact.
+
+state_dict: ``values``, ``bias``, ``crow_indices``, ``col_indices`` (the
+transposed index is rebuilt on load, so a checkpoint of another pattern loads).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..ops import sparse_conv2d
+from ..sparse.csr import CSRPattern
+from .masked import MaskedConv2d
+
+_CSR_BUFFERS = ("crow_indices", "col_indices")
+_TRANSPOSED_BUFFERS = ("ccol_indices", "row_indices", "csr_positions")
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def convertible(layer: nn.Conv2d) -> Optional[str]:
+    """None if ``layer`` (a MaskedConv2d) can run as a SparseConv2d, else the reason it cannot."""
+    if not isinstance(layer, MaskedConv2d):
+        return f"not a MaskedConv2d but a {type(layer).__name__}"
+    if layer.mask_mode != "fixed":
+        return "its mask is trainable (a fixed pattern needs a fixed mask)"
+    if layer.groups != 1:
+        return f"groups={layer.groups} (sparse_conv2d supports groups=1)"
+    if layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r} (sparse_conv2d pads with zeros)"
+    if isinstance(layer.padding, str) and layer.padding != "valid":
+        return f"padding={layer.padding!r} (give the padding as numbers)"
+    return None
+
+
+class SparseConv2d(nn.Module):
+    """``F.conv2d(x, W, b, stride, padding, dilation)`` with W kept only at the entries of a fixed ``pattern``.
+
+    ``pattern`` indexes W as (out_channels, in_channels * kh * kw). Build one
+    from a layer with :meth:`from_masked` / :meth:`from_dense`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, pattern: CSRPattern, stride=1, padding=0,
+                 dilation=1, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(pattern, CSRPattern):
+            raise TypeError(f"pattern must be a sparsesam.sparse.CSRPattern, got {type(pattern).__name__}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        expected = (out_channels, in_channels * self.kernel_size[0] * self.kernel_size[1])
+        if pattern.shape != expected:
+            raise ValueError(f"pattern has shape {pattern.shape}; expected (out_channels, in_channels * kh * kw) = "
+                             f"{expected}")
+        factory = dict(device=device, dtype=dtype)
+        self.values = nn.Parameter(torch.empty(pattern.nnz, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self._set_pattern(pattern.to(self.values.device))
+        self.reset_parameters()
+
+    def _set_pattern(self, pattern: CSRPattern) -> None:
+        for name in _CSR_BUFFERS:
+            self.register_buffer(name, getattr(pattern, name))
+        for name in _TRANSPOSED_BUFFERS:  # derived: not saved, rebuilt on load
+            self.register_buffer(name, getattr(pattern, name), persistent=False)
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for values and bias (nn.Conv2d's bias rule)."""
+        bound = 1 / math.sqrt(self.fan_in) if self.fan_in > 0 else 0.0
+        self.values.uniform_(-bound, bound)
+        if self.bias is not None:
+            self.bias.uniform_(-bound, bound)
+
+    @property
+    def pattern(self) -> CSRPattern:
+        return CSRPattern(*(getattr(self, name) for name in CSRPattern._fields))
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.pattern.density
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_conv2d(x, self.values, self.pattern, self.bias, self.kernel_size, self.stride, self.padding,
+                             self.dilation)
+
+    # --- conversions ----------------------------------------------------------
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1,
+                   padding=0, dilation=1) -> "SparseConv2d":
+        """The layer with ``weight`` (4-D) kept where ``mask != 0`` (values copied, not shared)."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+            raise ValueError("weight must be a 4-D tensor (out_channels, in_channels, kh, kw)")
+        if not isinstance(mask, torch.Tensor) or mask.shape != weight.shape:
+            raise ValueError(f"mask must be a tensor of the weight's shape {tuple(weight.shape)}")
+        pattern = CSRPattern.from_mask(mask.to(weight.device).flatten(1))
+        out_channels, in_channels, kh, kw = weight.shape
+        layer = cls(in_channels, out_channels, (kh, kw), pattern, stride, padding, dilation, bias=bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.values.copy_(pattern.gather(weight.detach().flatten(1)))
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_masked(cls, layer: MaskedConv2d) -> "SparseConv2d":
+        """The sparse form of a fixed-mask MaskedConv2d (see :func:`convertible`)."""
+        reason = convertible(layer)
+        if reason is not None:
+            raise ValueError(f"layer cannot run as a SparseConv2d: {reason}")
+        padding = (0, 0) if layer.padding == "valid" else layer.padding
+        return cls.from_dense(layer.weight, layer.weight_mask, layer.bias, layer.stride, padding, layer.dilation)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense 4-D weight (zeros at pruned entries), detached."""
+        return self.pattern.scatter(self.values.detach()).view(self.out_channels, self.in_channels,
+                                                               *self.kernel_size)
+
+    def to_masked(self) -> MaskedConv2d:
+        """A MaskedConv2d with the same kept weights, mask and bias (pruned weights are zeros)."""
+        dense = self.dense_weight()
+        layer = MaskedConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                             self.dilation, bias=self.bias is not None, device=self.values.device,
+                             dtype=self.values.dtype, mask=self.pattern.mask().view(dense.shape))
+        with torch.no_grad():
+            layer.weight.copy_(dense)
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    # --- state_dict -------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
+        if crow is not None and col is not None:
+            # Another pattern may come with another nnz: take it and resize values.
+            try:
+                pattern = CSRPattern.from_csr(crow, col, self.fan_in)
+            except (TypeError, ValueError) as err:
+                error_msgs.append(f"{prefix}crow_indices/col_indices: {err}")
+                return
+            if pattern.out_features != self.out_channels:
+                error_msgs.append(f"{prefix}crow_indices: the pattern has {pattern.out_features} rows, the layer "
+                                  f"{self.out_channels}")
+                return
+            self._set_pattern(pattern.to(self.crow_indices.device))
+            if self.values.numel() != pattern.nnz:
+                self.values.data = self.values.data.new_empty(pattern.nnz)
+            state_dict = dict(state_dict)
+            for name in _CSR_BUFFERS:
+                state_dict[prefix + name] = getattr(self, name)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, nnz={self.nnz}, "
+                f"sparsity={self.sparsity:.4f}")

@@ -1,0 +1,273 @@
+"""set_execution / sparsify(execution=...): dense <-> sparse conversion and the "auto" crossover
+dispatch. Timings are injected through DispatchCache's timer seam, so every decision here is
+deterministic; no test asserts anything about real speed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import sparsesam
+from sparsesam.nn import (DispatchCache, MaskedConv2d, MaskedLinear, SparseConv2d, SparseLinear, dispatch_cache,
+                          execution_summary, resolve_execution, set_dispatch_cache, set_execution)
+from sparsesam.nn.dispatch import dispatch_key, time_forms
+
+
+class FakeTimer:
+    """Says which form is faster, and counts the calls."""
+
+    def __init__(self, dense_s: float, sparse_s: float) -> None:
+        self.times, self.calls = (dense_s, sparse_s), []
+
+    def __call__(self, dense, sparse, x, backward):
+        assert not isinstance(dense, (SparseLinear, SparseConv2d)) and isinstance(sparse, (SparseLinear, SparseConv2d))
+        self.calls.append((type(dense).__name__, tuple(x.shape), backward))
+        return self.times
+
+
+@pytest.fixture
+def timer(request):
+    """A fresh process-wide cache whose timer says sparse is faster (param: (dense_s, sparse_s))."""
+    fake = FakeTimer(*getattr(request, "param", (2.0, 1.0)))
+    old = set_dispatch_cache(DispatchCache(timer=fake))
+    yield fake
+    set_dispatch_cache(old)
+
+
+def _mlp(mask_mode="fixed", density=0.1, execution="dense"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 5)).double()
+    sparsesam.sparsify(model, mask_mode=mask_mode, exclude="4")
+    for layer in (model[0], model[2]):
+        layer.set_mask((torch.rand_like(layer.weight) < density).to(layer.weight_mask.dtype))
+    if execution != "dense":
+        set_execution(model, execution)
+    return model
+
+
+def _cnn():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2, padding=1),
+                          nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2)).double()
+    sparsesam.sparsify(model)
+    for i in (0, 2, 4):
+        model[i].set_mask(torch.rand_like(model[i].weight) < 0.2)
+    return model
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_picks_sparse_where_timed_faster(timer):
+    model = _mlp(execution="auto")
+    x = torch.randn(7, 20, dtype=torch.float64)
+    reference = sparsesam.export(model)(x)
+    y = model(x)
+    assert execution_summary(model) == {"0": "sparse", "2": "sparse"}  # "4" was left an nn.Linear
+    assert isinstance(model[0], SparseLinear) and type(model[4]) is nn.Linear
+    torch.testing.assert_close(y, reference)
+    # fixed-mask layers 0 and 2 (other shapes: two keys) were timed, forward+backward as grad is on
+    assert [c[2] for c in timer.calls] == [True, True]
+
+
+@pytest.mark.parametrize("timer", [(1.0, 2.0)], indirect=True)
+def test_auto_picks_dense_where_timed_faster(timer):
+    model = _mlp(execution="auto")
+    model(torch.randn(7, 20, dtype=torch.float64))
+    assert set(execution_summary(model).values()) == {"dense"}
+    assert isinstance(model[0], MaskedLinear) and model[0].execution == "auto"
+    assert len(timer.calls) == 2
+
+
+def test_cache_hit_times_once_per_key(timer):
+    first, second = _mlp(execution="auto"), _mlp(execution="auto")
+    x = torch.randn(60, 20, dtype=torch.float64)
+    first(x)
+    assert len(timer.calls) == 2 and dispatch_cache().timings_run == 2
+    second(torch.randn(50, 20, dtype=torch.float64))  # same batch bucket (33..64): no timing
+    assert len(timer.calls) == 2 and execution_summary(second)["0"] == "sparse"
+    with torch.no_grad():  # forward-only is another situation
+        _mlp(execution="auto")(x)
+    assert len(timer.calls) == 4 and timer.calls[-1][2] is False
+
+
+def test_key_buckets():
+    layer = _mlp()[0]
+    x = torch.randn(65, 20)
+    key = dispatch_key(layer, x, True)
+    assert "linear:30x20" in key and "batch<=128" in key and "float32" in key and "fwd+bwd" in key
+    assert dispatch_key(layer, torch.randn(128, 20), True) == key
+    assert dispatch_key(layer, torch.randn(129, 20), True) != key
+    assert dispatch_key(layer, x, False) != key
+
+
+def test_cache_persists_to_the_env_file(tmp_path, monkeypatch):
+    path = tmp_path / "dispatch.json"
+    monkeypatch.setenv("SPARSESAM_DISPATCH_CACHE", str(path))
+    old = set_dispatch_cache(None)
+    try:
+        fake = FakeTimer(2.0, 1.0)
+        dispatch_cache().timer = fake
+        _mlp(execution="auto")(torch.randn(4, 20, dtype=torch.float64))
+        saved = json.loads(path.read_text())
+        assert saved["version"] == 1 and len(saved["entries"]) == 2
+        assert {e["choice"] for e in saved["entries"].values()} == {"sparse"}
+        set_dispatch_cache(None)  # a "new process": loads the file, times nothing
+        again = FakeTimer(1.0, 2.0)
+        dispatch_cache().timer = again
+        model = _mlp(execution="auto")
+        model(torch.randn(4, 20, dtype=torch.float64))
+        assert again.calls == [] and execution_summary(model)["0"] == "sparse"
+    finally:
+        set_dispatch_cache(old)
+
+
+def test_corrupt_cache_file_is_refused(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"version": 1, "entries": {"k": {"choice": "fast"}}}))
+    with pytest.raises(ValueError, match="no valid choice"):
+        DispatchCache(str(path))
+
+
+def test_per_layer_override(timer):
+    model = _mlp(execution="auto")
+    x = torch.randn(5, 20, dtype=torch.float64)
+    y = model(x)
+    assert execution_summary(model)["0"] == "sparse"
+    model[0].execution = "dense"
+    assert isinstance(model[0], SparseLinear)  # converts at the next forward
+    torch.testing.assert_close(model(x), y)
+    assert execution_summary(model) == {"0": "dense", "2": "sparse"}
+    model[0].execution = "sparse"
+    torch.testing.assert_close(model(x), y)
+    assert execution_summary(model) == {"0": "sparse", "2": "sparse"} and len(timer.calls) == 2
+    with pytest.raises(ValueError, match="execution must be one of"):
+        model[0].execution = "fast"
+
+
+def test_dense_sparse_dense_round_trip_is_exact():
+    model = _mlp()
+    with torch.no_grad():  # the sparse form keeps no pruned weights: they come back as zeros
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(layer.weight_mask)
+    x = torch.randn(9, 20, dtype=torch.float64)
+    state, y = {k: v.clone() for k, v in model.state_dict().items()}, model(x)
+    classes = [type(m) for m in model]
+    set_execution(model, "sparse")
+    assert isinstance(model[0], SparseLinear) and isinstance(model[2], SparseLinear)
+    assert "0.values" in model.state_dict() and "0.weight" not in model.state_dict()
+    torch.testing.assert_close(model(x), y)
+    set_execution(model, "dense")
+    assert [type(m) for m in model] == classes  # plain MaskedLinear again, as sparsify makes
+    assert _same_state(model.state_dict(), state)
+    assert torch.equal(model(x), y)
+
+
+def test_round_trip_zeroes_pruned_weights_only():
+    model = _mlp()
+    effective = model[0].effective_weight().detach().clone()
+    set_execution(set_execution(model, "sparse"), "dense")
+    assert torch.equal(model[0].weight, effective) and torch.equal(model[0].effective_weight(), effective)
+
+
+def test_conversion_keeps_hooks_bias_and_training_mode():
+    model = _mlp()
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    bias = model[0].bias
+    model.eval()
+    set_execution(model, "sparse")
+    model(torch.randn(2, 20, dtype=torch.float64))
+    assert seen == ["DispatchedSparseLinear"] and model[0].bias is bias and not model[0].training
+
+
+def test_training_through_sparse_layers():
+    model = _mlp(execution="sparse")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built after converting
+    before = model[0].values.detach().clone()
+    loss = model(torch.randn(8, 20, dtype=torch.float64)).square().mean()
+    loss.backward()
+    opt.step()
+    assert model[0].values.grad is not None and not torch.equal(model[0].values, before)
+
+
+def test_trainable_masks_stay_dense_until_fixed(timer):
+    model = _mlp(mask_mode="trainable", execution="sparse")
+    x = torch.randn(4, 20, dtype=torch.float64)
+    model(x)
+    assert set(execution_summary(model).values()) == {"dense"}
+    set_execution(model, "auto")
+    model(x)
+    assert set(execution_summary(model).values()) == {"dense"} and timer.calls == []
+    # Freeze layer 0's mask (what freeze_scores does): its next forward follows "auto".
+    layer = model[0]
+    mask = layer.weight_mask.detach().clone()
+    del layer.weight_mask
+    layer._init_mask("fixed", mask)
+    model(x)
+    assert execution_summary(model) == {"0": "sparse", "2": "dense"} and len(timer.calls) == 1
+
+
+def test_parametrized_layers_are_left_alone():
+    model = _mlp(mask_mode="trainable")
+
+    class Identity(nn.Module):
+        def forward(self, m):
+            return m
+
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight_mask", Identity())
+    set_execution(model, "sparse")
+    assert "Parametrized" in type(model[0]).__name__ and not hasattr(model[0], "_execution")
+
+
+def test_sparsify_execution_keyword(timer):
+    torch.manual_seed(2)
+    plain = sparsesam.sparsify(nn.Sequential(nn.Linear(4, 3)))
+    assert type(plain[0]) is MaskedLinear  # the default keeps today's layers
+    model = sparsesam.sparsify(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), exclude="1", execution="sparse")
+    assert isinstance(model[0], SparseLinear) and type(model[1]) is nn.Linear
+    auto = sparsesam.sparsify(nn.Sequential(nn.Linear(4, 3)), execution="auto")
+    assert auto[0].execution == "auto"
+    with pytest.raises(ValueError, match="execution"):
+        sparsesam.sparsify(nn.Sequential(nn.Linear(4, 3)), execution="fast")
+
+
+def test_convolutions_join_the_dispatch(timer):
+    model = _cnn()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    y = model(x)
+    set_execution(model, "auto")
+    torch.testing.assert_close(model(x), y)
+    # the grouped conv cannot run sparse: dense, and never timed
+    assert execution_summary(model) == {"0": "sparse", "2": "dense", "4": "sparse"}
+    assert isinstance(model[0], SparseConv2d) and isinstance(model[2], MaskedConv2d) and len(timer.calls) == 2
+    exported = sparsesam.export(model)
+    assert type(exported[0]) is nn.Conv2d
+    torch.testing.assert_close(exported(x), y)
+    set_execution(model, "dense")
+    assert all(type(model[i]) is MaskedConv2d for i in (0, 2, 4))
+
+
+def test_resolve_execution_settles_forms_before_the_optimizer(timer):
+    model = _mlp(execution="auto")
+    resolve_execution(model, torch.randn(3, 20, dtype=torch.float64))
+    assert execution_summary(model)["0"] == "sparse" and timer.calls[0][2] is True
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_real_timer_measures_both_forms():
+    layer = _mlp()[0]
+    x = torch.randn(16, 20, dtype=torch.float64)
+    dense_s, sparse_s = time_forms(layer, SparseLinear.from_masked(layer), x, backward=True, repeats=1)
+    assert 0 < dense_s < 60 and 0 < sparse_s < 60
+    assert layer.weight.grad is None
+
+
+def test_set_execution_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        set_execution("model", "auto")
+    with pytest.raises(ValueError, match="execution"):
+        set_execution(nn.Linear(2, 2), "fastest")
