@@ -36,6 +36,11 @@ def header_schemas() -> dict:
     return schemas
 
 
+# Ops without a CUDA C++ kernel yet: CUDA tensors run their reference
+# (registered on sparsesam:: by their Python face; see its docstring).
+NO_CUDA_CPP_KERNEL = {"sparse_conv2d", "sparse_conv2d_backward"}
+
+
 @pytest.mark.skipif(not SCHEMAS_H.exists(), reason="needs the source tree (csrc/common/schemas.h)")
 def test_every_schema_is_registered():
     schemas = header_schemas()
@@ -47,6 +52,8 @@ def test_every_schema_is_registered():
         namespaces["sparsesam_cuda"] = ("CUDA",)
     for ns, keys in namespaces.items():
         for name, schema in schemas.items():
+            if ns == "sparsesam_cuda" and name in NO_CUDA_CPP_KERNEL:
+                continue
             assert hasattr(getattr(torch.ops, ns), name), f"{ns}::{name} is in schemas.h but not registered"
             registered = getattr(getattr(torch.ops, ns), name).default._schema
             assert registered == torch._C.parse_schema(f"{ns}::{schema}"), f"{registered} != {ns}::{schema}"
