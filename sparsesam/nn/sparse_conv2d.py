@@ -22,10 +22,8 @@ from torch import nn
 
 from ..ops import sparse_conv2d
 from ..sparse.csr import CSRPattern
+from ._csr_weight import CSRWeight, check_pattern
 from .masked import MaskedConv2d
-
-_CSR_BUFFERS = ("crow_indices", "col_indices")
-_TRANSPOSED_BUFFERS = ("ccol_indices", "row_indices", "csr_positions")
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -47,7 +45,7 @@ def convertible(layer: nn.Conv2d) -> Optional[str]:
     return None
 
 
-class SparseConv2d(nn.Module):
+class SparseConv2d(CSRWeight):
     """``F.conv2d(x, W, b, stride, padding, dilation)`` with W kept only at the entries of a fixed ``pattern``.
 
     ``pattern`` indexes W as (out_channels, in_channels * kh * kw). Build one
@@ -57,26 +55,16 @@ class SparseConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, pattern: CSRPattern, stride=1, padding=0,
                  dilation=1, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        if not isinstance(pattern, CSRPattern):
-            raise TypeError(f"pattern must be a sparsesam.sparse.CSRPattern, got {type(pattern).__name__}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         expected = (out_channels, in_channels * self.kernel_size[0] * self.kernel_size[1])
-        if pattern.shape != expected:
-            raise ValueError(f"pattern has shape {pattern.shape}; expected (out_channels, in_channels * kh * kw) = "
-                             f"{expected}")
+        check_pattern(pattern, expected, "(out_channels, in_channels * kh * kw)")
         factory = dict(device=device, dtype=dtype)
         self.values = nn.Parameter(torch.empty(pattern.nnz, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self._set_pattern(pattern.to(self.values.device))
         self.reset_parameters()
-
-    def _set_pattern(self, pattern: CSRPattern) -> None:
-        for name in _CSR_BUFFERS:
-            self.register_buffer(name, getattr(pattern, name))
-        for name in _TRANSPOSED_BUFFERS:  # derived: not saved, rebuilt on load
-            self.register_buffer(name, getattr(pattern, name), persistent=False)
 
     @property
     def fan_in(self) -> int:
@@ -91,16 +79,8 @@ class SparseConv2d(nn.Module):
             self.bias.uniform_(-bound, bound)
 
     @property
-    def pattern(self) -> CSRPattern:
-        return CSRPattern(*(getattr(self, name) for name in CSRPattern._fields))
-
-    @property
-    def nnz(self) -> int:
-        return self.values.numel()
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.pattern.density
+    def pattern_shape(self):
+        return (self.out_channels, self.fan_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_conv2d(x, self.values, self.pattern, self.bias, self.kernel_size, self.stride, self.padding,
@@ -151,31 +131,6 @@ class SparseConv2d(nn.Module):
             if self.bias is not None:
                 layer.bias.copy_(self.bias)
         return layer
-
-    # --- state_dict -------------------------------------------------------------
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
-        if crow is not None and col is not None:
-            # Another pattern may come with another nnz: take it and resize values.
-            try:
-                pattern = CSRPattern.from_csr(crow, col, self.fan_in)
-            except (TypeError, ValueError) as err:
-                error_msgs.append(f"{prefix}crow_indices/col_indices: {err}")
-                return
-            if pattern.out_features != self.out_channels:
-                error_msgs.append(f"{prefix}crow_indices: the pattern has {pattern.out_features} rows, the layer "
-                                  f"{self.out_channels}")
-                return
-            self._set_pattern(pattern.to(self.crow_indices.device))
-            if self.values.numel() != pattern.nnz:
-                self.values.data = self.values.data.new_empty(pattern.nnz)
-            state_dict = dict(state_dict)
-            for name in _CSR_BUFFERS:
-                state_dict[prefix + name] = getattr(self, name)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -23,13 +23,11 @@ from torch import nn
 
 from ..ops import sparse_linear
 from ..sparse.csr import CSRPattern
+from ._csr_weight import CSRWeight, check_pattern
 from .masked import MaskedLinear
 
-_CSR_BUFFERS = ("crow_indices", "col_indices")
-_TRANSPOSED_BUFFERS = ("ccol_indices", "row_indices", "csr_positions")
 
-
-class SparseLinear(nn.Module):
+class SparseLinear(CSRWeight):
     """``y = x W^T + b`` with W kept only at the entries of a fixed ``pattern``.
 
     Build one from a layer with :meth:`from_masked` / :meth:`from_dense`, or
@@ -39,11 +37,7 @@ class SparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, pattern: CSRPattern, bias: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
-        if not isinstance(pattern, CSRPattern):
-            raise TypeError(f"pattern must be a sparsesam.sparse.CSRPattern, got {type(pattern).__name__}")
-        if pattern.shape != (out_features, in_features):
-            raise ValueError(f"pattern has shape {pattern.shape}; expected (out_features, in_features) = "
-                             f"({out_features}, {in_features})")
+        check_pattern(pattern, (out_features, in_features), "(out_features, in_features)")
         factory = dict(device=device, dtype=dtype)
         self.in_features = in_features
         self.out_features = out_features
@@ -51,12 +45,6 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self._set_pattern(pattern.to(self.values.device))
         self.reset_parameters()
-
-    def _set_pattern(self, pattern: CSRPattern) -> None:
-        for name in _CSR_BUFFERS:
-            self.register_buffer(name, getattr(pattern, name))
-        for name in _TRANSPOSED_BUFFERS:  # derived: not saved, rebuilt on load
-            self.register_buffer(name, getattr(pattern, name), persistent=False)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -67,17 +55,8 @@ class SparseLinear(nn.Module):
             self.bias.uniform_(-bound, bound)
 
     @property
-    def pattern(self) -> CSRPattern:
-        return CSRPattern(*(getattr(self, name) for name in CSRPattern._fields))
-
-    @property
-    def nnz(self) -> int:
-        return self.values.numel()
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of the weight that is pruned."""
-        return 1.0 - self.pattern.density
+    def pattern_shape(self):
+        return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_linear(x, self.values, self.pattern, self.bias)
@@ -141,32 +120,6 @@ class SparseLinear(nn.Module):
             if self.bias is not None:
                 layer.bias.copy_(self.bias)
         return layer
-
-    # --- state_dict -------------------------------------------------------------
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
-        if crow is not None and col is not None:
-            # Another pattern may come with another nnz: take it, resize values,
-            # then let nn.Module copy values and bias in as usual.
-            try:
-                pattern = CSRPattern.from_csr(crow, col, self.in_features)
-            except (TypeError, ValueError) as err:
-                error_msgs.append(f"{prefix}crow_indices/col_indices: {err}")
-                return
-            if pattern.out_features != self.out_features:
-                error_msgs.append(f"{prefix}crow_indices: the pattern has {pattern.out_features} rows, the layer "
-                                  f"{self.out_features}")
-                return
-            self._set_pattern(pattern.to(self.crow_indices.device))
-            if self.values.numel() != pattern.nnz:
-                self.values.data = self.values.data.new_empty(pattern.nnz)
-            state_dict = dict(state_dict)
-            for name in _CSR_BUFFERS:  # already taken (and converted to int32)
-                state_dict[prefix + name] = getattr(self, name)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
