@@ -63,6 +63,7 @@ def summarize(run: Mapping) -> Dict[str, Any]:
         clean_accuracy=ev.get("clean_accuracy", pr.get("test_accuracy")),
         parameters=ev.get("parameters"), nonzero_parameters=ev.get("nonzero_parameters"), macs=ev.get("macs"),
         compacted_parameters=ev.get("compacted_parameters", pr.get("compacted_parameters")),
+        compacted_nonzero_parameters=ev.get("compacted_nonzero_parameters"),
         compacted_macs=ev.get("compacted_macs"),
         latency_ms=(ev.get("latency") or {}).get("median_ms"),
         mean_corruption_accuracy=ev.get("mean_corruption_accuracy"),
@@ -118,7 +119,7 @@ def markdown(rows: List[dict], not_run: Mapping[str, str], title: str = "sparses
     body = []
     for label, r in zip(labels, rows):
         body.append([label, _fmt(r["sparsity"], "pct"), _fmt(r["clean_accuracy"], "pct"),
-                     _fmt(r["compacted_parameters"] or r["parameters"], "int"), _fmt(r["nonzero_parameters"], "int"),
+                     _fmt(r["compacted_parameters"] or r["parameters"], "int"), _fmt(r["compacted_nonzero_parameters"] or r["nonzero_parameters"], "int"),
                      _fmt(r["compacted_macs"] or r["macs"], "mega"), _fmt(r["latency_ms"], "ms"),
                      _fmt(r["mean_corruption_accuracy"], "pct")])
     for name, reason in not_run.items():

@@ -102,6 +102,8 @@ def test_prune_structured_exports_compacted_model(monkeypatch, trained, tmp_path
                 "--no-cc-cert", "--latency-repeats", "1"]) == 0
     ev = read(out / "eval" / "eval.json")
     assert ev["compacted_parameters"] < ev["parameters"] and ev["compacted_macs"] < ev["macs"]
+    # The compacted model's own non-zeros: at most its parameter count (the report puts them side by side).
+    assert 0 < ev["compacted_nonzero_parameters"] <= ev["compacted_parameters"]
 
 
 def test_demo_runs_available_methods_and_reports_the_others(monkeypatch, tmp_path):

@@ -11,6 +11,7 @@ modules for HARP) and the regulariser.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -85,8 +86,9 @@ class ScorePruning(Algorithm):
         layers = prunable_layers(model, keep_output_layer=c.granularity == "channel")
         return [(name, layer) for name, layer in layers if not (c.granularity == "nm" and layer.weight.shape[1] % c.m)]
 
+    @abstractmethod
     def _make_rates(self, layers) -> Dict[str, object]:
-        raise NotImplementedError
+        """The keep-rate of each scored layer by name: a fixed number (HYDRA) or a learnable module (HARP)."""
 
     def _regulariser(self, epoch: int) -> Optional[torch.Tensor]:
         return None

@@ -22,6 +22,7 @@ atomically. The state holds only tensors, numbers, strings, lists and dicts
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -121,7 +122,7 @@ def _finite(record: Dict[str, Any]) -> None:
             raise FloatingPointError(f"{record['phase']} epoch {record['epoch']}: {key} is {value}")
 
 
-class Algorithm:
+class Algorithm(ABC):
     """Base of the algorithms: subclasses define phases and what one phase does.
 
     Subclasses implement:
@@ -150,24 +151,30 @@ class Algorithm:
         self.step = 0  # optimisation steps taken so far; seeds per-step randomness (attacks, transforms)
 
     # ------------------------------------------------------------ to override
+    @abstractmethod
     def phases(self) -> List[Tuple[str, int]]:
-        raise NotImplementedError
+        """The (phase name, epochs) of a run, in order."""
 
+    @abstractmethod
     def _enter(self, phase: str, model: nn.Module, loader: DataLoader) -> None:
-        raise NotImplementedError
+        """The transition into ``phase`` during a run (e.g. prune, attach scores)."""
 
+    @abstractmethod
     def _restructure(self, phase: str, model: nn.Module, loader: DataLoader) -> None:
-        raise NotImplementedError
+        """Only the structure ``phase`` runs on (applied to a fresh model when resuming)."""
 
+    @abstractmethod
     def _optimizer(self, phase: str, model: nn.Module) -> Tuple[torch.optim.Optimizer, List[float]]:
-        raise NotImplementedError
+        """The optimizer of ``phase`` and its base learning rates (one per group)."""
 
+    @abstractmethod
     def _train_epoch(self, phase: str, epoch: int, model: nn.Module, loader: DataLoader,
                      optimizer: torch.optim.Optimizer, bar) -> Dict[str, float]:
-        raise NotImplementedError
+        """One epoch of ``phase``: mean loss, accuracy and any other history column."""
 
+    @abstractmethod
     def _sparsity(self, model: nn.Module) -> float:
-        raise NotImplementedError
+        """The fraction of prunable weights that are pruned now."""
 
     def _summary(self, model: nn.Module, loader: DataLoader) -> Tuple[Dict[str, Any], Optional[nn.Module]]:
         return {}, None

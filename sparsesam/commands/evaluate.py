@@ -63,7 +63,10 @@ def size_and_ops(model: nn.Module, spec: Dict[str, Any], compacted: Optional[nn.
     result = {"parameters": int(params), "macs": float(macs), "nonzero_parameters": int(params) - zeros}
     if compacted is not None:
         c_macs, c_params = tp.utils.count_ops_and_params(compacted, x)
-        result.update(compacted_parameters=int(c_params), compacted_macs=float(c_macs))
+        # The compacted model's own non-zeros, so that "params" and "non-zero params" describe one model.
+        c_nonzero = sum(int(torch.count_nonzero(p)) for p in compacted.parameters())
+        result.update(compacted_parameters=int(c_params), compacted_macs=float(c_macs),
+                      compacted_nonzero_parameters=c_nonzero)
     return result
 
 

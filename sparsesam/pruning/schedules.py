@@ -7,6 +7,8 @@ always the sparsity the model has after the updates up to ``step``.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from ._common import check_fraction
 
 
@@ -18,16 +20,18 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
-class SparsitySchedule:
+class SparsitySchedule(ABC):
     """Base: the target sparsity at a step, and the steps where masks change."""
 
     final_sparsity: float
 
+    @abstractmethod
     def __call__(self, step: int) -> float:
-        raise NotImplementedError
+        """The target sparsity after the updates up to ``step``."""
 
+    @abstractmethod
     def is_update_step(self, step: int) -> bool:
-        raise NotImplementedError
+        """Whether the masks are recomputed at ``step``."""
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

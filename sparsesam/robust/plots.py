@@ -37,6 +37,18 @@ def _save(figure, path: str) -> str:
     return path
 
 
+def _finish_line_plot(figure, axes, xlabel: str, ylabel: str, title: Optional[str], path: str) -> str:
+    """Labels, a [0, 1] accuracy axis, grid, legend and title of a one-panel line plot; saves it."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    if title:
+        axes.set_title(title)
+    return _save(figure, path)
+
+
 def _named(results: Mapping, marker_key: str) -> dict:
     """A single result (it has ``marker_key``) becomes {its model name: it}.
 
@@ -89,14 +101,7 @@ def plot_certified_accuracy(curves: Mapping, path: str, *, title: Optional[str] 
         sigma = curve.get("sigma")
         name = label if sigma is None or "sigma" in label else f"{label} (sigma={sigma:g})"
         axes.plot(curve["radii"], curve["certified_accuracy"], label=name)
-    axes.set_xlabel("L2 radius")
-    axes.set_ylabel("certified accuracy")
-    axes.set_ylim(0, 1)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    if title:
-        axes.set_title(title)
-    return _save(figure, path)
+    return _finish_line_plot(figure, axes, "L2 radius", "certified accuracy", title, path)
 
 
 def plot_accuracy_vs_epsilon(results: Mapping, path: str, *, title: Optional[str] = None) -> str:
@@ -108,14 +113,8 @@ def plot_accuracy_vs_epsilon(results: Mapping, path: str, *, title: Optional[str
         norms.add(result.get("norm", ""))
         axes.plot(result["epsilons"], result["accuracy"], marker="o",
                   label=f"{label} ({result.get('attack', 'attack')})")
-    axes.set_xlabel("eps" + (f" ({norms.pop()})" if len(norms) == 1 else ""))
-    axes.set_ylabel("robust accuracy")
-    axes.set_ylim(0, 1)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    if title:
-        axes.set_title(title)
-    return _save(figure, path)
+    xlabel = "eps" + (f" ({norms.pop()})" if len(norms) == 1 else "")
+    return _finish_line_plot(figure, axes, xlabel, "robust accuracy", title, path)
 
 
 def plot_cc_cert(results: Mapping, path: str, *, epsilon: Optional[float] = None, title: Optional[str] = None) -> str:
