@@ -21,10 +21,11 @@ class FakeTimer:
     def __init__(self, dense_s: float, sparse_s: float) -> None:
         self.times, self.calls = (dense_s, sparse_s), []
 
-    def __call__(self, dense, sparse, x, backward):
-        assert not isinstance(dense, (SparseLinear, SparseConv2d)) and isinstance(sparse, (SparseLinear, SparseConv2d))
-        self.calls.append((type(dense).__name__, tuple(x.shape), backward))
-        return self.times
+    def __call__(self, forms, x, backward):
+        assert list(forms)[0] == "dense" and type(forms["dense"]) in (MaskedLinear, MaskedConv2d)
+        assert all(type(m) in (SparseLinear, SparseConv2d) for f, m in forms.items() if f != "dense")
+        self.calls.append((type(forms["dense"]).__name__, tuple(x.shape), backward))
+        return {f: self.times[0] if f == "dense" else self.times[1] for f in forms}
 
 
 @pytest.fixture
@@ -113,8 +114,8 @@ def test_cache_persists_to_the_env_file(tmp_path, monkeypatch):
         dispatch_cache().timer = fake
         _mlp(execution="auto")(torch.randn(4, 20, dtype=torch.float64))
         saved = json.loads(path.read_text())
-        assert saved["version"] == 1 and len(saved["entries"]) == 2
-        assert {e["choice"] for e in saved["entries"].values()} == {"sparse"}
+        assert saved["version"] == DispatchCache.VERSION and len(saved["entries"]) == 2
+        assert {e["choice"] for e in saved["entries"].values()} == {"csr"}
         set_dispatch_cache(None)  # a "new process": loads the file, times nothing
         again = FakeTimer(1.0, 2.0)
         dispatch_cache().timer = again
@@ -127,9 +128,20 @@ def test_cache_persists_to_the_env_file(tmp_path, monkeypatch):
 
 def test_corrupt_cache_file_is_refused(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps({"version": 1, "entries": {"k": {"choice": "fast"}}}))
+    path.write_text(json.dumps({"version": DispatchCache.VERSION, "entries": {"k": {"choice": "fast"}}}))
     with pytest.raises(ValueError, match="no valid choice"):
         DispatchCache(str(path))
+    path.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="not a sparsesam dispatch cache"):
+        DispatchCache(str(path))
+
+
+def test_cache_of_an_older_version_is_ignored_with_a_warning(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"version": 1, "entries": {"k": {"choice": "sparse", "dense_s": 1, "sparse_s": 0.5}}}))
+    with pytest.warns(UserWarning, match="older sparsesam"):
+        cache = DispatchCache(str(path))
+    assert cache.entries == {}
 
 
 def test_per_layer_override(timer):
@@ -261,8 +273,8 @@ def test_resolve_execution_settles_forms_before_the_optimizer(timer):
 def test_real_timer_measures_both_forms():
     layer = _mlp()[0]
     x = torch.randn(16, 20, dtype=torch.float64)
-    dense_s, sparse_s = time_forms(layer, SparseLinear.from_masked(layer), x, backward=True, repeats=1)
-    assert 0 < dense_s < 60 and 0 < sparse_s < 60
+    seconds = time_forms({"dense": layer, "csr": SparseLinear.from_masked(layer)}, x, backward=True, repeats=1)
+    assert list(seconds) == ["dense", "csr"] and all(0 < s < 60 for s in seconds.values())
     assert layer.weight.grad is None
 
 
@@ -271,3 +283,50 @@ def test_set_execution_rejects_bad_arguments():
         set_execution("model", "auto")
     with pytest.raises(ValueError, match="execution"):
         set_execution(nn.Linear(2, 2), "fastest")
+
+
+def test_formats_by_preference_by_name_and_timed(monkeypatch):
+    """A structured format registered before CSR: "sparse" takes it where the mask allows,
+    a format's name forces it, and "auto" times every candidate form."""
+    from sparsesam.nn import dispatch
+
+    class EvenSparseLinear(SparseLinear):  # stands in for a structured format (BSR, N:M)
+        pass
+
+    class DispatchedEvenSparseLinear(dispatch._Dispatched, EvenSparseLinear):
+        pass
+
+    even = dispatch.SparseFormat("even", MaskedLinear, EvenSparseLinear,
+                                 lambda m: None if int(m.weight_mask.sum()) % 2 == 0 else "an odd number of kept weights")
+    monkeypatch.setattr(dispatch, "SPARSE_FORMATS", [even, *dispatch.SPARSE_FORMATS])
+    monkeypatch.setitem(dispatch._DISPATCHED, EvenSparseLinear, DispatchedEvenSparseLinear)
+    model = _mlp()
+    model[0].set_mask(torch.arange(600).view(30, 20) % 3 == 0)  # 200 kept: even
+    model[2].set_mask(torch.arange(900).view(30, 30) % 7 == 0)  # 129 kept: odd
+    x = torch.randn(6, 20, dtype=torch.float64)
+    y = model(x)
+    assert "even" in sparsesam.nn.dispatch.executions()
+    set_execution(model, "sparse")
+    assert execution_summary(model, formats=True) == {"0": "even", "2": "csr"}
+    assert execution_summary(model) == {"0": "sparse", "2": "sparse"}
+    torch.testing.assert_close(model(x), y)
+    set_execution(model, "csr")
+    assert execution_summary(model, formats=True) == {"0": "csr", "2": "csr"}
+    set_execution(model, "even")  # where the mask does not allow it: as "sparse"
+    assert execution_summary(model, formats=True) == {"0": "even", "2": "csr"}
+
+    calls = []
+
+    def timer(forms, x, backward):
+        calls.append(list(forms))
+        return {form: {"dense": 3.0, "even": 1.0, "csr": 2.0}[form] for form in forms}
+    old = set_dispatch_cache(DispatchCache(timer=timer))
+    try:
+        set_execution(model, "dense")
+        set_execution(model, "auto")
+        torch.testing.assert_close(model(x), y)
+        assert calls == [["dense", "even", "csr"], ["dense", "csr"]]
+        assert execution_summary(model, formats=True) == {"0": "even", "2": "csr"}
+        assert all("forms=dense,even,csr" in k or "forms=dense,csr" in k for k in dispatch_cache().entries)
+    finally:
+        set_dispatch_cache(old)
