@@ -83,14 +83,9 @@ def plot_corruption_accuracy(results: Mapping, path: str, *, title: Optional[str
     left.set_ylabel("accuracy (mean over severities)")
     left.set_ylim(0, 1)
     left.legend(fontsize="small")
-    right.set_xlabel("severity (0 = clean)")
-    right.set_ylabel("mean accuracy over corruptions")
-    right.set_ylim(0, 1)
-    right.grid(alpha=0.3)
-    right.legend(fontsize="small")
     if title:
         figure.suptitle(title)
-    return _save(figure, path)
+    return _finish_line_plot(figure, right, "severity (0 = clean)", "mean accuracy over corruptions", None, path)
 
 
 def plot_certified_accuracy(curves: Mapping, path: str, *, title: Optional[str] = None) -> str:
