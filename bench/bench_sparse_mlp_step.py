@@ -7,7 +7,9 @@ the sparsity by random fixed masks, the 10-way head stays dense. Both models hol
 same weights. Rounds alternate the models (noise hits both); prints medians, minima and
 the median of per-round ratios.
 
-``.venv/bin/python bench/bench_sparse_mlp_step.py [sparsity] [rounds]``
+In the report (pytest-benchmark, each model timed in its own rounds):
+``.venv/bin/python bench/report.py --suite mlp_step``
+Interleaved ratio table: ``.venv/bin/python bench/bench_sparse_mlp_step.py [sparsity] [rounds]``
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import statistics
 import sys
 import time
 
+import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -24,6 +27,9 @@ import sparsesam
 from sparsesam.nn import execution_summary, resolve_execution, set_execution
 
 BATCH, WIDTH, IN, CLASSES = 256, 4096, 1024, 10
+KERNEL = "mlp_step"  # report.py groups and tabulates by this
+SUITE_SPARSITIES = [0.99]
+EXECUTIONS = {"dense_masked": "dense", "sparse": "sparse", "auto": "auto"}  # impl -> set_execution()
 
 
 def build(sparsity: float) -> nn.Module:
@@ -46,10 +52,25 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def main(sparsity: float = 0.99, rounds: int = 7) -> None:
+def _batch():
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, IN, generator=gen)
-    y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
+    return torch.randn(BATCH, IN, generator=gen), torch.randint(0, CLASSES, (BATCH,), generator=gen)
+
+
+@pytest.mark.parametrize("impl", list(EXECUTIONS))
+@pytest.mark.parametrize("sparsity", SUITE_SPARSITIES)
+def test_sparse_mlp_step(benchmark, impl, sparsity):
+    x, y = _batch()
+    model = set_execution(build(sparsity), EXECUTIONS[impl])
+    resolve_execution(model, x)  # "auto" layers decide here (forward+backward); a no-op choice for the others
+    benchmark.group = f"MLP step {IN}-{WIDTH}x3-{CLASSES} B={BATCH} sparsity={sparsity}"
+    benchmark.extra_info.update(kernel=KERNEL, sparsity=sparsity, forms=execution_summary(model))
+    slow = impl == "dense_masked"
+    benchmark.pedantic(step_fn(model, x, y), rounds=5 if slow else 11, warmup_rounds=1 if slow else 3)
+
+
+def main(sparsity: float = 0.99, rounds: int = 7) -> None:
+    x, y = _batch()
     dense = build(sparsity)
     sparse = set_execution(copy.deepcopy(dense), "sparse")
     auto = set_execution(copy.deepcopy(dense), "auto")

@@ -1,11 +1,20 @@
 """Run the benchmark suites and write bench/RESULTS.md: per case, the time of
 sparsesam's op and of the PyTorch baseline measured in the same run, their
-ratio, and the bytes each keeps alive for backward.
+ratio, and the bytes each keeps alive for backward; for sparse execution also
+the targets (met / missed), weight storage, and plots of speedup vs sparsity
+(bench/plots/*.png).
 
-    .venv/bin/python bench/report.py [pytest -k expression]
+    .venv/bin/python bench/report.py                      # everything (RESULTS.md + plots)
+    .venv/bin/python bench/report.py -k "sparsity=0.99"   # a pytest -k selection
+    .venv/bin/python bench/report.py --suite sparse_linear --suite memory --output /tmp/r.md --plots /tmp/plots
+
+Suites: see SUITES; any other bench/bench_sparse_*.py is run too (its benchmarks
+are tabulated and plotted by bench/sparse_report.py, generically).
 """
 from __future__ import annotations
 
+import argparse
+import glob
 import json
 import os
 import platform
@@ -17,13 +26,40 @@ from collections import defaultdict
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SUITES = ["bench_masked.py", "bench_sam.py"]
+sys.path.insert(0, HERE)  # the bench modules import each other by plain name, as under pytest
+
+import sparse_report  # noqa: E402
+
+# name -> pytest file ("memory" is measured here, not timed).
+SUITES = {
+    "masked": "bench_masked.py",
+    "sam": "bench_sam.py",
+    "sparse_linear": "bench_sparse_linear.py",
+    "sparse_conv2d": "bench_sparse_conv2d.py",
+    "mlp_step": "bench_sparse_mlp_step.py",
+    "resnet_step": "bench_sparse_resnet_step.py",
+    "compact_inference": "bench_compact_inference.py",
+    "memory": None,
+}
 
 
-def run(selection: str | None) -> dict:
+def all_suites() -> dict:
+    """SUITES plus every other bench_sparse_*.py (new kernels or formats appear without an edit here)."""
+    suites = dict(SUITES)
+    known = set(SUITES.values())
+    for path in sorted(glob.glob(os.path.join(HERE, "bench_sparse_*.py"))):
+        name = os.path.basename(path)
+        if name not in known:
+            suites[name[len("bench_"):-len(".py")]] = name
+    return suites
+
+
+def run(files: list, selection: str | None) -> dict:
+    if not files:
+        return {"benchmarks": []}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bench.json")
-        cmd = [sys.executable, "-m", "pytest", *[os.path.join(HERE, s) for s in SUITES], "-q", "-p", "no:cacheprovider",
+        cmd = [sys.executable, "-m", "pytest", *[os.path.join(HERE, s) for s in files], "-q", "-p", "no:cacheprovider",
                "--benchmark-enable", f"--benchmark-json={out}", "-o", "addopts="]
         if selection:
             cmd += ["-k", selection]
@@ -102,16 +138,129 @@ def table(results: dict) -> str:
         min_ratio = base["stats"]["min"] / ours["stats"]["min"]
         mb = lambda b: b["extra_info"].get("saved_bytes", 0) / 2**20
         rows.append(f"| {group} | {t_ours:.2f} | {t_base:.2f} | {t_base / t_ours:.2f}x | {min_ratio:.2f}x | {mb(ours):.1f} / {mb(base):.1f} |")
-    return "\n".join(rows)
+    return "\n".join(rows) if len(rows) > 2 else "(not run)"
+
+
+# Kernels with their own section below (any other kernel gets a generic one).
+KERNEL_SECTIONS = {
+    "sparse_linear": ("Sparse linear, forward + backward (`bench/bench_sparse_linear.py`)", """\
+B=256, 4096x4096, fp32, autograd. `dense_masked`: `F.linear(x, w*m, b)`; `sparsesam`:
+`sparsesam.ops.sparse_linear` on the CSR pattern of the fixed mask (time in proportion to
+nnz); `torch_sparse_csr`: `torch.sparse.mm` on a CSR weight; `auto`: a `MaskedLinear` under
+`set_execution(layer, "auto")`, resolved on this batch (the dispatcher times both forms once
+and keeps the faster; column "computes" says which it kept)."""),
+    "sparse_conv2d": ("Sparse conv2d, forward + backward (`bench/bench_sparse_conv2d.py`)", """\
+ResNet-style 3x3 layer, B=128, 64 -> 64 channels, 32x32, stride 1, padding 1, fp32, autograd.
+`dense_masked`: `F.conv2d(x, w*m, b)` (oneDNN); `sparsesam`: `sparsesam.ops.sparse_conv2d`
+(direct convolution over the CSR pattern); `auto`: `MaskedConv2d` under `set_execution("auto")`."""),
+    "mlp_step": ("Training step of a 99%-sparse MLP (`bench/bench_sparse_mlp_step.py`)", """\
+Forward, cross-entropy, backward, SGD with momentum; MLP 1024 -> 4096 -> 4096 -> 4096 -> 10,
+ReLU, B=256; the three hidden layers masked (random fixed masks), the head dense.
+`dense_masked`: `sparsify()`'s MaskedLinear; `sparse`: `set_execution(model, "sparse")`;
+`auto`: `set_execution(model, "auto")` resolved on the batch."""),
+    "resnet18_step": ("Training step of a 99%-sparse ResNet-18 (`bench/bench_sparse_resnet_step.py`)", """\
+Forward, cross-entropy, backward, SGD with momentum. ResNet-18 (CIFAR-style) at the demo's
+width 0.5, 1x28x28 inputs (Fashion-MNIST), 10 classes, batch 128 (the demo's training batch).
+Random fixed 99% masks on every block conv and shortcut (19 layers); the stem conv (288
+weights) and the classifier stay dense (0.1% of the weights). BatchNorm, ReLU, adds and
+pooling run dense in every variant."""),
+    "compact_inference": ("Inference of a 50%-channel compacted ResNet-18 (`bench/bench_compact_inference.py`)", """\
+ResNet-18 at the demo's width 0.5, 1x28x28: the dense unpruned model vs the model after
+`channel_prune(0.5, coupled=...)` + `gate_pruned_channels` + `compact_channels` (a plain,
+physically smaller model computing the pruned model's function). Eval mode, `torch.no_grad()`,
+batch 1 and the demo's evaluation batch 512."""),
+}
+
+
+def _section(kernels, kernel: str, title: str, intro: str, plots: dict, output: str) -> str:
+    cases = kernels.get(kernel)
+    body = sparse_report.kernel_table(cases) if cases else "(not run)"
+    text = f"### {title}\n\n{intro}\n\n{body}\n"
+    if kernel in plots:
+        text += f"\n![{kernel}: speedup vs sparsity]({os.path.relpath(plots[kernel], os.path.dirname(output))})\n"
+    return text
+
+
+def compact_sizes(kernels) -> str:
+    cases = kernels.get("compact_inference")
+    if not cases:
+        return ""
+    impls = next(iter(cases.values()))
+    info = {name: b["extra_info"] for name, b in impls.items()}
+    if not {"dense", "compact"} <= set(info):
+        return ""
+    d, c = info["dense"], info["compact"]
+    return (f"\nParameters: dense {d['params']:,}, compacted {c['params']:,} ({c['params'] / d['params']:.2f}x); "
+            f"MACs per image: dense {d['macs_per_image'] / 1e6:.1f} M, compacted {c['macs_per_image'] / 1e6:.1f} M "
+            f"({c['macs_per_image'] / d['macs_per_image']:.2f}x); channel sparsity reached "
+            f"{c['channel_sparsity']:.2f} (torch-pruning's counter).\n")
+
+
+def memory_section() -> str:
+    import weight_storage
+    return f"""### Weight storage of a sparse layer (`bench/weight_storage.py`)
+
+A 4096x4096 linear layer with a random fixed mask, measured from the tensors: every
+parameter and buffer each form holds in memory, and its `state_dict` serialised by
+`torch.save`. MaskedLinear: fp32 weight + bool mask + bias, whatever the sparsity.
+SparseLinear: fp32 values + int32 CSR index, plus in memory the transposed index and
+value permutation its backward uses (rebuilt on load, not saved): 16 bytes per kept
+weight in memory, 8 in the state_dict, so it is smaller from about 31% density
+(memory) / 62% density (state_dict) down.
+
+{weight_storage.table(weight_storage.measure())}
+"""
+
+
+def resnet_profile() -> str:
+    import bench_sparse_resnet_step as resnet
+    return f"""Where the time goes (`.venv/bin/python bench/bench_sparse_resnet_step.py profile`, same
+machine, a separate measurement): every masked layer alone, forward + backward on the input it
+gets in the model, dense masked vs sparse; then torch.profiler's self CPU time per op over one
+step of each.
+
+{resnet.layer_table()}
+
+{resnet.op_table()}
+"""
 
 
 def main() -> None:
-    selection = sys.argv[1] if len(sys.argv) > 1 else None
-    results = run(selection)
+    suites = all_suites()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("legacy_k", nargs="?", help="a pytest -k expression (same as -k)")
+    parser.add_argument("-k", dest="selection", help="pytest -k expression over the selected suites")
+    parser.add_argument("--suite", action="append", choices=sorted(suites),
+                        help="run only these suites (repeatable; default: all)")
+    parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
+    parser.add_argument("--plots", default=os.path.join(HERE, "plots"), help="folder of the PNG plots")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="leave out the ResNet-18 per-layer / per-op profile (about a minute)")
+    args = parser.parse_args()
+    selection = args.selection or args.legacy_k
+    chosen = args.suite or list(suites)
+    results = run([suites[name] for name in chosen if suites[name]], selection)
+    kernels = sparse_report.by_kernel(results)
+    plots = sparse_report.plot_kernels(kernels, args.plots)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    sections = {kernel: _section(kernels, kernel, title, intro, plots, args.output)
+                for kernel, (title, intro) in KERNEL_SECTIONS.items()}
+    sections["compact_inference"] += compact_sizes(kernels)
+    if "resnet18_step" in kernels and args.profile:
+        sections["resnet18_step"] += "\n" + resnet_profile()
+    for kernel in kernels:
+        if kernel not in KERNEL_SECTIONS:
+            sections[kernel] = _section(kernels, kernel, f"{kernel} (found in the benchmark results)",
+                                        "Compared with the case's `dense_masked` (else `dense`) implementation.",
+                                        plots, args.output)
+    if "memory" in chosen:
+        sections["memory"] = memory_section()
+    sparse_text = "\n".join(sections.values())
+    command = "`.venv/bin/python bench/report.py`" + (f" (this run: {' '.join(sys.argv[1:])})" if sys.argv[1:] else "")
     text = f"""# Benchmark results
 
-Produced by `.venv/bin/python bench/report.py` ({machine}).
+Produced by {command} ({machine}); it rewrites this file and the plots in
+`bench/plots/` (a subset: `--suite NAME` / `-k EXPR`, with `--output` / `--plots` elsewhere).
 Speedup = baseline time / sparsesam time, from the medians and from the
 minima of the pytest-benchmark rounds (the minimum is the less noisy
 estimate of what each can do); each ratio compares two implementations
@@ -143,8 +292,19 @@ between ascent and descent (the forward/backward in between would evict the
 parameters); only ascent, descent (and the hooks) are timed.
 
 {sam_table(results)}
-"""
-    with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
+
+## True sparse execution
+
+Targets (issue 5), each a ratio of medians measured in this run; "missed" rows carry what
+the evidence says about why.
+
+{sparse_report.targets_table(kernels)}
+
+Per kernel, every implementation, with the speedup over the case's baseline; the plots show
+speedup vs sparsity (medians) per implementation, the targets as black bars.
+
+{sparse_text}"""
+    with open(args.output, "w") as f:
         f.write(text)
     print(text)
 
