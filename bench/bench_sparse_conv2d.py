@@ -36,7 +36,7 @@ KERNEL = "sparse_conv2d"  # report.py groups, tabulates and plots by this
 
 
 def _case(impl, sparsity):
-    """(leaf inputs, forward fn, "dense"/"sparse": the form it computes in); same data for all."""
+    """(leaf inputs, forward fn, "dense" or the sparse format it computes in); same data for all."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=gen, requires_grad=True)
     w = torch.randn(CHANNELS, CHANNELS, KERNEL_SIZE, KERNEL_SIZE, generator=gen)
@@ -45,7 +45,7 @@ def _case(impl, sparsity):
     if impl == "sparsesam":
         pattern = CSRPattern.from_mask(m.flatten(1))
         values = pattern.gather(w.flatten(1)).requires_grad_()
-        return (x, values, b), lambda x, v, b: sparse_conv2d(x, v, pattern, b, KERNEL_SIZE, 1, 1), "sparse"
+        return (x, values, b), lambda x, v, b: sparse_conv2d(x, v, pattern, b, KERNEL_SIZE, 1, 1), "csr"
     if impl == "auto":
         layer = MaskedConv2d(CHANNELS, CHANNELS, KERNEL_SIZE, padding=1, mask=m)
         with torch.no_grad():
@@ -57,7 +57,7 @@ def _case(impl, sparsity):
             resolve_execution(layer, x)  # training mode: forward+backward decides
         finally:
             set_dispatch_cache(old)
-        return (x, *layer.parameters()), lambda x, *_: layer(x), execution_summary(layer)[""]
+        return (x, *layer.parameters()), lambda x, *_: layer(x), execution_summary(layer, formats=True)[""]
     w.requires_grad_()
     return (x, w, b), lambda x, w, b: F.conv2d(x, w * m, b, 1, 1), "dense"
 
@@ -84,7 +84,7 @@ def test_sparse_conv2d_fwd_bwd(benchmark, impl, sparsity):
     grad = torch.randn(BATCH, CHANNELS, SIZE, SIZE)
     benchmark.group = f"conv2d B={BATCH} {CHANNELS}->{CHANNELS} {SIZE}x{SIZE} 3x3 sparsity={sparsity}"
     benchmark.extra_info.update(kernel=KERNEL, sparsity=sparsity, form=form)
-    slow = form == "sparse" and sparsity < 0.9  # about 2x dense: fewer rounds
+    slow = form != "dense" and sparsity < 0.9  # about 2x dense: fewer rounds
     benchmark.pedantic(_fwd_bwd(fn, inputs, grad), rounds=2 if slow else 5, warmup_rounds=1)
 
 

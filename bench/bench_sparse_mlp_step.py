@@ -64,7 +64,9 @@ def test_sparse_mlp_step(benchmark, impl, sparsity):
     model = set_execution(build(sparsity), EXECUTIONS[impl])
     resolve_execution(model, x)  # "auto" layers decide here (forward+backward); a no-op choice for the others
     benchmark.group = f"MLP step {IN}-{WIDTH}x3-{CLASSES} B={BATCH} sparsity={sparsity}"
-    benchmark.extra_info.update(kernel=KERNEL, sparsity=sparsity, forms=execution_summary(model))
+    forms = execution_summary(model, formats=True)
+    benchmark.extra_info.update(kernel=KERNEL, sparsity=sparsity, forms=forms,
+                                sparse_layers=sum(f != "dense" for f in forms.values()), layers=len(forms))
     slow = impl == "dense_masked"
     benchmark.pedantic(step_fn(model, x, y), rounds=5 if slow else 11, warmup_rounds=1 if slow else 3)
 

@@ -16,6 +16,7 @@ Where the time goes (per layer, dense vs sparse; and per op from torch.profiler)
 """
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from collections import defaultdict
@@ -28,7 +29,7 @@ from torch import nn
 import sparsesam
 from sparsesam.models import build_model
 from sparsesam.nn import execution_summary, masked_layers, resolve_execution, set_execution
-from sparsesam.nn.dispatch import time_forms, _masked_copy, _sparse_copy
+from sparsesam.nn.dispatch import sparse_forms, time_forms
 
 BATCH, IN_CHANNELS, SIZE, CLASSES, WIDTH = 128, 1, 28, 10, 0.5
 DENSE_LAYERS = ["conv1", "fc"]  # the stem and the classifier
@@ -74,10 +75,10 @@ def prepared(impl: str, sparsity: float, x: torch.Tensor) -> nn.Module:
 def test_sparse_resnet18_step(benchmark, impl, sparsity):
     x, y = batch()
     model = prepared(impl, sparsity, x)
-    forms = execution_summary(model)
+    forms = execution_summary(model, formats=True)
     benchmark.group = f"ResNet-18 w{WIDTH} step B={BATCH} {IN_CHANNELS}x{SIZE}x{SIZE} sparsity={sparsity}"
-    benchmark.extra_info.update(kernel=KERNEL, sparsity=sparsity,
-                                sparse_layers=sum(f == "sparse" for f in forms.values()), layers=len(forms))
+    benchmark.extra_info.update(kernel=KERNEL, sparsity=sparsity, forms=forms,
+                                sparse_layers=sum(f != "dense" for f in forms.values()), layers=len(forms))
     benchmark.pedantic(step_fn(model, x, y), rounds=5, warmup_rounds=1)
 
 
@@ -98,22 +99,32 @@ def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict:
 
 def layer_table(sparsity: float = 0.99, repeats: int = 3) -> str:
     """Forward+backward of every masked layer alone, on the input it gets in the model, dense masked
-    vs sparse (the dispatcher's own timer: minimum of ``repeats``, the two alternating); and what
-    these layers add up to against the whole step of each form."""
+    vs every sparse format its mask allows (the dispatcher's own timer: minimum of ``repeats``, the
+    forms taking turns); and what these layers add up to against the whole step of each form."""
     x, y = batch()
     model = build(sparsity).train()
     inputs = layer_inputs(model, x)
-    rows = ["| layer | weight shape | input | dense masked (ms) | sparse (ms) | dense / sparse |",
-            "|---|---|---|---:|---:|---:|"]
-    totals = [0.0, 0.0]
+    timed = {}
     for name, layer in masked_layers(model):
-        inp = inputs[name].requires_grad_()
-        dense_s, sparse_s = time_forms(_masked_copy(layer), _sparse_copy(layer), inp, True, repeats)
-        totals[0] += dense_s
-        totals[1] += sparse_s
-        rows.append(f"| {name} | {'x'.join(map(str, layer.weight.shape))} | {'x'.join(map(str, inp.shape[1:]))} "
-                    f"| {dense_s * 1e3:.1f} | {sparse_s * 1e3:.1f} | {dense_s / sparse_s:.1f}x |")
-    rows.append(f"| all masked layers | | | {totals[0] * 1e3:.0f} | {totals[1] * 1e3:.0f} | {totals[0] / totals[1]:.1f}x |")
+        forms = {"dense": copy.deepcopy(layer)}
+        forms.update({fmt: set_execution(copy.deepcopy(layer), fmt) for fmt in sparse_forms(layer)})
+        timed[name] = (layer, time_forms(forms, inputs[name].requires_grad_(), True, repeats))
+    formats = list(dict.fromkeys(f for _, t in timed.values() for f in t if f != "dense"))
+    rows = [f"| layer | weight shape | input | dense masked (ms) | {' | '.join(f'{f} (ms)' for f in formats)} "
+            f"| dense / fastest sparse |", "|---|---|---|---:|" + "---:|" * len(formats) + "---:|"]
+    totals = defaultdict(float)
+    for name, (layer, t) in timed.items():
+        for form, seconds in t.items():
+            totals[form] += seconds
+        best = min(t[f] for f in formats if f in t)
+        totals["fastest sparse"] += best
+        cells = " | ".join(f"{t[f] * 1e3:.1f}" if f in t else "-" for f in formats)
+        rows.append(f"| {name} | {'x'.join(map(str, layer.weight.shape))} | {'x'.join(map(str, inputs[name].shape[1:]))} "
+                    f"| {t['dense'] * 1e3:.1f} | {cells} | {t['dense'] / best:.1f}x |")
+    rows.append(f"| all masked layers | | | {totals['dense'] * 1e3:.0f} | "
+                + " | ".join(f"{totals[f] * 1e3:.0f}" for f in formats)
+                + f" | {totals['dense'] / totals['fastest sparse']:.1f}x |")
+    totals = [totals["dense"], totals["fastest sparse"]]
     steps = {impl: step_fn(prepared(impl, sparsity, x), x, y) for impl in ("dense_masked", "sparse")}
     whole = {impl: [] for impl in steps}
     for step in steps.values():

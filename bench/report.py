@@ -26,7 +26,10 @@ from collections import defaultdict
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)  # the bench modules import each other by plain name, as under pytest
+ROOT = os.path.dirname(HERE)
+# The bench modules import each other by plain name, as under pytest; and the tree's own
+# sparsesam (the one the pytest subprocess, run from ROOT, measures) comes before any install.
+sys.path[:0] = [HERE, ROOT]
 
 import sparse_report  # noqa: E402
 
@@ -63,7 +66,7 @@ def run(files: list, selection: str | None) -> dict:
                "--benchmark-enable", f"--benchmark-json={out}", "-o", "addopts="]
         if selection:
             cmd += ["-k", selection]
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
         with open(out) as f:
             return json.load(f)
 
@@ -147,8 +150,8 @@ KERNEL_SECTIONS = {
 B=256, 4096x4096, fp32, autograd. `dense_masked`: `F.linear(x, w*m, b)`; `sparsesam`:
 `sparsesam.ops.sparse_linear` on the CSR pattern of the fixed mask (time in proportion to
 nnz); `torch_sparse_csr`: `torch.sparse.mm` on a CSR weight; `auto`: a `MaskedLinear` under
-`set_execution(layer, "auto")`, resolved on this batch (the dispatcher times both forms once
-and keeps the faster; column "computes" says which it kept)."""),
+`set_execution(layer, "auto")`, resolved on this batch (the dispatcher times dense and every
+sparse format the mask allows, once, and keeps the fastest; column "computes" says which)."""),
     "sparse_conv2d": ("Sparse conv2d, forward + backward (`bench/bench_sparse_conv2d.py`)", """\
 ResNet-style 3x3 layer, B=128, 64 -> 64 channels, 32x32, stride 1, padding 1, fp32, autograd.
 `dense_masked`: `F.conv2d(x, w*m, b)` (oneDNN); `sparsesam`: `sparsesam.ops.sparse_conv2d`

@@ -101,6 +101,15 @@ def _matches(impls: Dict[str, dict], where: Dict[str, object]) -> bool:
     return all(key in params and params[key] == value for key, value in where.items())
 
 
+def _form_of(extra: dict) -> str:
+    """What an implementation computed in: one layer's form, or how many of a model's layers ran sparse."""
+    if "form" in extra:
+        return str(extra["form"])
+    if "sparse_layers" in extra and "layers" in extra:
+        return f"{extra['sparse_layers']}/{extra['layers']} layers sparse"
+    return ""
+
+
 def kernel_table(cases: Dict[str, Dict[str, dict]]) -> str:
     """Every implementation of every case: times, the form it ran in, and its speedup over the baseline."""
     rows = ["| case | implementation | computes | median (ms) | min (ms) | speedup vs baseline, medians | minima |",
@@ -110,7 +119,7 @@ def kernel_table(cases: Dict[str, Dict[str, dict]]) -> str:
         for impl in sorted(impls, key=lambda name: (name != base, name)):
             b = impls[impl]
             r = ratios(impls, impl, base) if base else None
-            form = (b.get("extra_info") or {}).get("form", "")
+            form = _form_of(b.get("extra_info") or {})
             speed = "baseline" if impl == base else (f"{r[0]:.2f}x | {r[1]:.2f}x" if r else "- | -")
             if impl == base:
                 speed += " | "
