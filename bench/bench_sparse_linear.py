@@ -89,8 +89,12 @@ def _fwd_bwd(fn, inputs, grad):
     return step
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("sparsity", SPARSITIES)
+# torch.sparse's CSR product is 5-10x slower than dense below 90% (16 s a step at 0% on two
+# cores): it is timed only where its target is (90-99%), to keep the suite's time reasonable.
+CASES = [(s, impl) for s in SPARSITIES for impl in IMPLS if not (impl == "torch_sparse_csr" and s < 0.9)]
+
+
+@pytest.mark.parametrize("sparsity, impl", CASES)
 def test_sparse_linear_fwd_bwd(benchmark, impl, sparsity):
     inputs, fn, weight_bytes, form = _case(impl, sparsity)
     grad = torch.randn(BATCH, FEATURES)
@@ -113,7 +117,7 @@ def ratio_table(results: dict) -> str:
             "|---|---:|---:|---:|---:|---:|---:|"]
     for group, impls in groups.items():
         if not {"sparsesam", "dense_masked", "torch_sparse_csr"} <= set(impls):
-            continue
+            continue  # (torch.sparse runs from 90% on)
         st = {k: (v["stats"]["median"] * 1e3, v["stats"]["min"] * 1e3) for k, v in impls.items()}
         ours = st["sparsesam"]
         mb = lambda k: impls[k]["extra_info"]["weight_bytes"] / 2**20  # noqa: E731

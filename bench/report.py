@@ -10,6 +10,11 @@ the targets (met / missed), weight storage, and plots of speedup vs sparsity
 
 Suites: see SUITES; any other bench/bench_sparse_*.py is run too (its benchmarks
 are tabulated and plotted by bench/sparse_report.py, generically).
+
+Run it on a quiet machine, from the repository root; the whole report takes about
+10-15 minutes on two cores (estimated from partial runs on a loaded machine: the
+sparse-linear suite's 0% / 50% cases, where "auto" times the slow CSR form and the
+CSR form itself is 2x dense, are the most expensive; torch.sparse runs only from 90%).
 """
 from __future__ import annotations
 
