@@ -8,8 +8,9 @@ the targets (met / missed), weight storage, and plots of speedup vs sparsity
     .venv/bin/python bench/report.py -k "sparsity=0.99"   # a pytest -k selection
     .venv/bin/python bench/report.py --suite sparse_linear --suite memory --output /tmp/r.md --plots /tmp/plots
 
-Suites: see SUITES; any other bench/bench_sparse_*.py is run too (its benchmarks
-are tabulated and plotted by bench/sparse_report.py, generically).
+Suites: see SUITES; any other bench/bench_*.py (but NOT_IN_REPORT) is run too (its
+benchmarks are tabulated and plotted by bench/sparse_report.py, generically: those
+parametrised by ``impl`` and ``sparsity`` with a ``dense_masked`` baseline).
 
 Run it on a quiet machine, from the repository root; the whole report takes about
 10-15 minutes on two cores (estimated from partial runs on a loaded machine: the
@@ -51,11 +52,16 @@ SUITES = {
 }
 
 
+# Benchmarks of their own topic, run on their own (pytest bench/<file> --benchmark-enable).
+NOT_IN_REPORT = {"bench_mask_scoring.py"}
+
+
 def all_suites() -> dict:
-    """SUITES plus every other bench_sparse_*.py (new kernels or formats appear without an edit here)."""
+    """SUITES plus every other bench/bench_*.py (new kernels or formats, e.g. bench_bsr_linear.py,
+    appear in the report and its plots without an edit here)."""
     suites = dict(SUITES)
-    known = set(SUITES.values())
-    for path in sorted(glob.glob(os.path.join(HERE, "bench_sparse_*.py"))):
+    known = set(SUITES.values()) | NOT_IN_REPORT
+    for path in sorted(glob.glob(os.path.join(HERE, "bench_*.py"))):
         name = os.path.basename(path)
         if name not in known:
             suites[name[len("bench_"):-len(".py")]] = name

@@ -70,7 +70,7 @@ def kernel_of(bench: dict) -> Optional[str]:
     kernel = (bench.get("extra_info") or {}).get("kernel")
     params = bench.get("params") or {}
     if kernel is None and "impl" in params and "sparsity" in params:
-        kernel = bench["name"].split("[")[0]
+        kernel = bench["name"].split("[")[0].removeprefix("test_")
     return kernel
 
 
@@ -153,20 +153,29 @@ def targets_table(kernels, targets: List[Target] = TARGETS) -> str:
 
 
 def speedup_series(cases: Dict[str, Dict[str, dict]]):
-    """{impl: {sparsity: speedup (medians)}} over the cases of one kernel; the baseline left out."""
+    """{line: {sparsity: speedup (medians)}} over the cases of one kernel, the baseline left out; a
+    line is an implementation, plus the case's other parameters if it has any (``bsr block=4x4``)."""
     series: Dict[str, Dict[float, float]] = defaultdict(dict)
     for impls in cases.values():
         base = baseline_of(impls)
         if base is None:
             continue
         any_bench = next(iter(impls.values()))
-        sparsity = {**(any_bench.get("extra_info") or {}), **(any_bench.get("params") or {})}.get("sparsity")
+        params = any_bench.get("params") or {}
+        sparsity = {**(any_bench.get("extra_info") or {}), **params}.get("sparsity")
         if sparsity is None:
             continue
+        other = "".join(f" {k}={_label(v)}" for k, v in params.items() if k not in ("impl", "sparsity"))
         for impl in impls:
             if impl != base:
-                series[impl][float(sparsity)] = ratios(impls, impl, base)[0]
+                series[impl + other][float(sparsity)] = ratios(impls, impl, base)[0]
     return series
+
+
+def _label(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "x".join(map(str, value))
+    return str(value)
 
 
 def plot_kernels(kernels, out_dir: str, targets: List[Target] = TARGETS) -> Dict[str, str]:

@@ -38,9 +38,9 @@ def _results():
 
 def test_by_kernel_groups_cases_and_finds_unlabelled_kernels():
     kernels = sparse_report.by_kernel(_results())
-    assert set(kernels) == {"lin", "test_bsr", "inf"}
+    assert set(kernels) == {"lin", "bsr", "inf"}
     assert list(kernels["lin"]) == ["lin s=0.9", "lin s=0.99"]
-    assert set(kernels["test_bsr"]["bsr s=0.9"]) == {"dense_masked", "bsr"}
+    assert set(kernels["bsr"]["bsr s=0.9"]) == {"dense_masked", "bsr"}
 
 
 def test_ratios_and_targets():
@@ -59,12 +59,22 @@ def test_ratios_and_targets():
 
 def test_speedup_series_and_plots(tmp_path):
     kernels = sparse_report.by_kernel(_results())
-    assert sparse_report.speedup_series(kernels["test_bsr"]) == {"bsr": {0.9: 2.0, 0.99: 20.0}}
+    assert sparse_report.speedup_series(kernels["bsr"]) == {"bsr": {0.9: 2.0, 0.99: 20.0}}
     written = sparse_report.plot_kernels(kernels, str(tmp_path), targets=[])
-    assert set(written) == {"lin", "test_bsr"}  # "inf" has no sparsity axis: no plot
+    assert set(written) == {"lin", "bsr"}  # "inf" has no sparsity axis: no plot
     for path in written.values():
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speedup_series_keeps_cases_of_other_parameters_apart():
+    results = {"benchmarks": [
+        _bench("test_b", f"b {blk} s={s}", impl, t, t, sparsity=s) for blk, speed in (("16x16", 10.0), ("4x4", 4.0))
+        for s in (0.9, 0.99) for impl, t in (("dense_masked", 1.0), ("bsr", 1.0 / speed))]}
+    for b in results["benchmarks"]:
+        b["params"]["block"] = [int(v) for v in b["group"].split()[1].split("x")]
+    series = sparse_report.speedup_series(sparse_report.by_kernel(results)["b"])
+    assert series == {"bsr block=16x16": {0.9: 10.0, 0.99: 10.0}, "bsr block=4x4": {0.9: 4.0, 0.99: 4.0}}
 
 
 def test_kernel_table_puts_the_baseline_first():
