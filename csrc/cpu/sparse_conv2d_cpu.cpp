@@ -40,6 +40,8 @@
 #include <tuple>
 #include <vector>
 
+#include "huge_page_output.h"
+
 namespace sparsesam::cpu {
 namespace {
 
@@ -468,7 +470,7 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& values, const at
                       " entries");
     ba = bias->to(acc).contiguous();
   }
-  at::Tensor y = at::empty({g.batch, g.cout, g.ho, g.wo}, x.options().dtype(acc));
+  at::Tensor y = empty_output_huge_pages({g.batch, g.cout, g.ho, g.wo}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "sparse_conv2d", [&] {
     const auto run = g.sh == 1 && g.sw == 1 ? forward_unit_stride_kernel<scalar_t> : forward_kernel<scalar_t>;
     run(xa.const_data_ptr<scalar_t>(), va.const_data_ptr<scalar_t>(), crow.const_data_ptr<int32_t>(),
@@ -497,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward(
     check_below(row, "row_indices", g.cout);
     check_below(pos, "csr_positions", g.nnz);
     const at::Tensor va = values.to(acc).contiguous();
-    at::Tensor dxa = at::empty({g.batch, g.cin, g.h, g.w}, grad_out.options().dtype(acc));
+    at::Tensor dxa = empty_output_huge_pages({g.batch, g.cin, g.h, g.w}, grad_out.options().dtype(acc));
     AT_DISPATCH_FLOATING_TYPES(acc, "sparse_conv2d_backward_dx", [&] {
       const auto run = g.sh == 1 && g.sw == 1 ? dx_unit_stride_kernel<scalar_t> : dx_kernel<scalar_t>;
       run(ga.const_data_ptr<scalar_t>(), va.const_data_ptr<scalar_t>(), ccol.const_data_ptr<int32_t>(),
