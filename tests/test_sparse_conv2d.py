@@ -6,6 +6,9 @@ outside the image, odd sizes, 1x1 kernels, empty batches and all-pruned layers.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,6 +113,24 @@ def test_all_pruned_gives_bias_and_zero_grads():
     out, grads = outputs_and_grads(_ours(pattern, geo), inputs)
     torch.testing.assert_close(out, inputs["bias"].view(1, 4, 1, 1).expand(2, 4, 5, 5))
     assert grads["values"].shape == (0,) and torch.count_nonzero(grads["x"]) == 0
+
+
+def test_large_outputs_from_the_huge_page_allocator_are_ordinary_tensors():
+    # y and dx of 8 MiB and more come from csrc/cpu/huge_page_output.h (2 MiB
+    # aligned, madvise'd): same values as the reference, and the tensors behave
+    # as any (resizable, writable, freed) CPU tensor.
+    torch.manual_seed(6)
+    pattern, inputs, geo = _inputs(2, 3, 256, 256, 16, (3, 3), (1, 1), (1, 1), (1, 1), 0.2, torch.float32)
+    _check(pattern, inputs, geo)
+    y = sparse_conv2d(inputs["x"], inputs["values"], pattern, inputs["bias"], **geo)
+    assert y.numel() * y.element_size() >= 8 << 20
+    if sys.platform.startswith("linux") and os.environ.get("SPARSESAM_NO_HUGE_PAGES", "0") in ("", "0"):
+        assert y.data_ptr() % (2 << 20) == 0  # the path under test was taken
+    first = y.flatten()[:1000].clone()
+    y.add_(1.0)
+    y.resize_(2 * y.numel())  # grows through the allocator's copy
+    torch.testing.assert_close(y[:1000], first + 1.0)
+    del y
 
 
 def test_gradcheck():
