@@ -71,6 +71,9 @@ void block_spmm(const BlockSpmmTask<acc_t>& t) {
     for (; o0 + kR <= t.out_block; o0 += kR) {
       for (int v0 = 0; v0 < kVecs; v0 += kV) block_spmm_micro<acc_t, kVecBytes, kVecs, kR, kV>(t, line, o0, v0);
     }
+    if constexpr (kR > 4) {
+      for (; o0 + 4 <= t.out_block; o0 += 4) block_spmm_micro<acc_t, kVecBytes, kVecs, 4, kV>(t, line, o0, 0);
+    }
     for (; o0 < t.out_block; ++o0) block_spmm_micro<acc_t, kVecBytes, kVecs, 1, kVecs>(t, line, o0, 0);
   }
 }
