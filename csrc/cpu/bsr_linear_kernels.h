@@ -62,12 +62,20 @@ inline void block_spmm_micro(const BlockSpmmTask<acc_t>& t, int64_t line, int64_
 
 template <typename acc_t, int kVecBytes, int kVecs>
 void block_spmm(const BlockSpmmTask<acc_t>& t) {
-  // 4 x 2 register tiles where there are 4 rows and 2 vectors (8 chains),
-  // else one row at a time over the whole tile (the CSR shape).
+  // Register tiles of R rows x 2 vectors: 6 x 2 (12 chains, 8 loads per 12
+  // FMAs, the shape of the classic 6x16 GEMM kernel) while 10 or more rows
+  // (or exactly 6) remain, then 4 x 2, then one row at a time over the whole
+  // tile (the CSR shape): 16 rows go 6 + 6 + 4, 32 go 6 x 4 + 4 + 4, 8 go 4 + 4.
+  // A 1-vector tile takes 8 (then 4) rows at once instead.
   constexpr int kV = kVecs >= 2 ? 2 : 1;
   constexpr int kR = kVecs >= 2 ? 4 : 8;
   for (int64_t line = t.line_begin; line < t.line_end; ++line) {
     int64_t o0 = 0;
+    if constexpr (kVecs >= 2) {
+      for (; t.out_block - o0 >= 10 || t.out_block - o0 == 6; o0 += 6) {
+        for (int v0 = 0; v0 < kVecs; v0 += kV) block_spmm_micro<acc_t, kVecBytes, kVecs, 6, kV>(t, line, o0, v0);
+      }
+    }
     for (; o0 + kR <= t.out_block; o0 += kR) {
       for (int v0 = 0; v0 < kVecs; v0 += kV) block_spmm_micro<acc_t, kVecBytes, kVecs, kR, kV>(t, line, o0, v0);
     }
