@@ -438,3 +438,45 @@ def sparse_conv2d_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_ind
     else:
         dvalues = _empty_like_none(values)
     return dx, dvalues
+
+
+# Block-sparse execution: a weight kept as `values` (nblocks, bh, bw) at the
+# blocks of a BSR index (sparsesam/sparse/bsr.py). As for CSR, the reference
+# builds the dense weight from the BSR half only; the transposed block index
+# (ccol_indices, row_indices, bsr_positions) is what the kernels use for dx.
+
+
+def _bsr_dense(values: Tensor, crow_indices: Tensor, col_indices: Tensor, in_features: int) -> Tensor:
+    """The dense weight: the blocks ``values`` at the BSR block positions, zeros elsewhere."""
+    _, bh, bw = values.shape
+    block_rows, block_cols = crow_indices.numel() - 1, in_features // bw
+    rows = torch.repeat_interleave(torch.arange(block_rows, device=values.device), crow_indices.diff().long())
+    dense = values.new_zeros(block_rows, block_cols, bh, bw)
+    dense[rows, col_indices.long()] = values
+    return dense.permute(0, 2, 1, 3).reshape(block_rows * bh, in_features)
+
+
+def bsr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, ccol_indices: Tensor,
+               row_indices: Tensor, bsr_positions: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """y = x W^T + b over the last dimension of x, W the dense form of the BSR weight."""
+    in_features = (ccol_indices.numel() - 1) * values.shape[2]
+    return F.linear(x, _bsr_dense(values, crow_indices, col_indices, in_features), bias)
+
+
+def bsr_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
+                        ccol_indices: Tensor, row_indices: Tensor, bsr_positions: Tensor,
+                        output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor]:
+    """(dx, dvalues) of :func:`bsr_linear`: dvalues is dL/dW at the kept blocks, (nblocks, bh, bw) in BSR order."""
+    want_dx, want_dvalues = output_mask
+    _, bh, bw = values.shape
+    block_rows, block_cols = crow_indices.numel() - 1, ccol_indices.numel() - 1
+    in_features = block_cols * bw
+    dx = grad_out @ _bsr_dense(values, crow_indices, col_indices, in_features) if want_dx else _empty_like_none(x)
+    if want_dvalues:
+        dweight = _rows(grad_out).t() @ _rows(x)
+        blocks = dweight.reshape(block_rows, bh, block_cols, bw).permute(0, 2, 1, 3)
+        rows = torch.repeat_interleave(torch.arange(block_rows, device=values.device), crow_indices.diff().long())
+        dvalues = blocks[rows, col_indices.long()].contiguous()
+    else:
+        dvalues = _empty_like_none(values)
+    return dx, dvalues

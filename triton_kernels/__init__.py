@@ -30,3 +30,6 @@ __all__ = [
     "sparse_linear",
     "sparse_linear_backward",
 ]
+from .bsr_linear import bsr_linear, bsr_linear_backward  # noqa: E402
+
+__all__ += ["bsr_linear", "bsr_linear_backward"]

@@ -133,3 +133,25 @@
   "Tensor col_indices, Tensor ccol_indices, Tensor row_indices, Tensor csr_positions, "      \
   "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool[2] output_mask) " \
   "-> (Tensor, Tensor)"
+
+// --- Block-sparse execution (fixed block-structured masks) ------------------
+// A weight kept only at whole bh x bw blocks: `values` (nblocks, bh, bw),
+// contiguous, in BSR order, with the BSR block index (crow_indices:
+// out_features / bh + 1 offsets, col_indices: the block column of each block)
+// and its transposed block index (ccol_indices: in_features / bw + 1 offsets;
+// row_indices: the block row of each block in block-column order;
+// bsr_positions: where that block sits in `values`). All indices int32; the
+// block size is values' shape. See sparsesam/sparse/bsr.py.
+
+// y = x W^T + b over the last dimension of x (W as above, never densified).
+#define SPARSESAM_SCHEMA_BSR_LINEAR                                                    \
+  "bsr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, " \
+  "Tensor ccol_indices, Tensor row_indices, Tensor bsr_positions, Tensor? bias) -> Tensor"
+
+// (dx, dvalues) for output_mask = [dx, dvalues]: dx through the transposed
+// block index (no atomics), dvalues only at kept blocks (a block SDDMM);
+// empty [0] when not asked for. The bias gradient stays in Python.
+#define SPARSESAM_SCHEMA_BSR_LINEAR_BACKWARD                                                      \
+  "bsr_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "       \
+  "Tensor col_indices, Tensor ccol_indices, Tensor row_indices, Tensor bsr_positions, bool[2] " \
+  "output_mask) -> (Tensor, Tensor)"

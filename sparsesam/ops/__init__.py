@@ -32,3 +32,6 @@ __all__ = [
     "sparse_linear",
     "sparse_conv2d",
 ]
+from .bsr_linear import bsr_linear  # noqa: E402
+
+__all__ += ["bsr_linear"]

@@ -8,6 +8,7 @@ from .nm import is_nm_sparse, nm_mask, nm_prune
 from .scores import (GRANULARITIES, ScoreMask, TopKStraightThrough, attach_scores, freeze_scores, hydra_score_init,
                      score_mask, score_parameters, topk_mask)
 from .schedules import GradualCubic, Iterative, OneShot, SparsitySchedule
+from .block import BLOCK_NORMS, block_magnitude_mask, block_scores
 
 __all__ = [
     "SCOPES", "magnitude_prune", "global_sparsity",
@@ -18,4 +19,5 @@ __all__ = [
     "GRANULARITIES", "hydra_score_init", "topk_mask", "TopKStraightThrough", "score_mask", "ScoreMask",
     "attach_scores", "score_parameters", "freeze_scores",
     "SparsitySchedule", "OneShot", "Iterative", "GradualCubic",
+    "BLOCK_NORMS", "block_scores", "block_magnitude_mask",
 ]
