@@ -330,3 +330,20 @@ def test_formats_by_preference_by_name_and_timed(monkeypatch):
         assert all("forms=dense,even,csr" in k or "forms=dense,csr" in k for k in dispatch_cache().entries)
     finally:
         set_dispatch_cache(old)
+
+
+def test_block_structured_masks_run_block_sparse():
+    """BSR is registered before CSR: "sparse" takes it for a block-structured mask, CSR for the others."""
+    from sparsesam.pruning import block_magnitude_mask
+    torch.manual_seed(3)
+    model = sparsesam.sparsify(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))).double()
+    model[0].set_mask(block_magnitude_mask(model[0].weight, 0.75, block=(8, 8)))
+    model[2].set_mask(torch.rand_like(model[2].weight) < 0.3)
+    x = torch.randn(5, 32, dtype=torch.float64)
+    y = model(x)
+    set_execution(model, "sparse")
+    assert execution_summary(model, formats=True) == {"0": "bsr", "2": "csr"}
+    assert type(model[0]).__name__ == "DispatchedBlockSparseLinear" and model[0].blocksize == (8, 8)
+    torch.testing.assert_close(model(x), y)
+    set_execution(model, "dense")
+    assert torch.equal(model(x), y)

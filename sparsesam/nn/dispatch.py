@@ -53,6 +53,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .bsr_linear import BlockSparseLinear
 from .masked import MaskedConv2d, MaskedLinear
 from .sparse_conv2d import SparseConv2d, convertible
 from .sparse_linear import SparseLinear
@@ -82,6 +83,11 @@ class SparseFormat:
 
 def _csr_linear_refuses(layer: nn.Module) -> Optional[str]:
     return None  # CSR holds any mask
+
+
+def _bsr_refuses(layer: nn.Module) -> Optional[str]:
+    # Only the block sizes measured faster than CSR (sparsesam.sparse.bsr.BLOCK_SIZES).
+    return BlockSparseLinear.applicable(layer.weight_mask)
 
 
 # In order of preference: "sparse" runs a layer in the first format that
@@ -388,6 +394,10 @@ class DispatchedSparseLinear(_Dispatched, SparseLinear):
     pass
 
 
+class DispatchedBlockSparseLinear(_Dispatched, BlockSparseLinear):
+    pass
+
+
 class DispatchedMaskedConv2d(_Dispatched, MaskedConv2d):
     pass
 
@@ -398,6 +408,8 @@ class DispatchedSparseConv2d(_Dispatched, SparseConv2d):
 
 _DISPATCHED.update({MaskedLinear: DispatchedMaskedLinear, MaskedConv2d: DispatchedMaskedConv2d})
 register_sparse_format(SparseFormat("csr", MaskedLinear, SparseLinear, _csr_linear_refuses), DispatchedSparseLinear)
+register_sparse_format(SparseFormat("bsr", MaskedLinear, BlockSparseLinear, _bsr_refuses), DispatchedBlockSparseLinear,
+                       first=True)
 register_sparse_format(SparseFormat("csr", MaskedConv2d, SparseConv2d, convertible), DispatchedSparseConv2d)
 
 
