@@ -9,3 +9,6 @@ from .dispatch import (EXECUTIONS, DispatchCache, dispatch_cache, execution_summ
 __all__ = ["MASK_MODES", "MaskedLinear", "MaskedConv2d", "sparsify", "export", "masked_layers", "SparseLinear", "to_sparse", "to_masked",
            "SparseConv2d", "EXECUTIONS", "DispatchCache", "dispatch_cache", "set_dispatch_cache", "set_execution",
            "resolve_execution", "execution_summary"]
+from .nm_linear import NMSparseLinear  # noqa: E402  (N:M weights; see nm_linear.py)
+
+__all__ += ["NMSparseLinear"]

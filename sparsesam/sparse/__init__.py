@@ -3,7 +3,10 @@
 :class:`CSRPattern` is the index of a fixed unstructured mask (CSR plus the
 transposed index its backward reads); ``sparsesam.ops.sparse_linear`` runs a
 linear layer on it and ``sparsesam.nn.SparseLinear`` is the module.
+:class:`NMPattern` is the index of a fixed N:M mask (one byte per kept entry);
+``sparsesam.ops.nm_linear`` and ``sparsesam.nn.NMSparseLinear`` run it.
 """
 from .csr import CSRPattern
+from .nm import NMPattern
 
-__all__ = ["CSRPattern"]
+__all__ = ["CSRPattern", "NMPattern"]
