@@ -288,7 +288,7 @@ void backward(const at::Tensor& g2, const at::Tensor& x, const at::Tensor& value
   const int64_t dw_tasks = want_dval ? ceil_div(s.out_features, dw_rows) : 0;
   const int64_t block = group_block(s, T, sizeof(acc_t));
   // Scratch: dx accumulators, or a dW task's decoded columns (as acc_t slots).
-  const int64_t scratch_elems = std::max<int64_t>(dx_groups * s.m * T, ceil_div(block * s.n * 4, sizeof(acc_t)));
+  const int64_t scratch_elems = std::max<int64_t>(dx_groups * s.m * T, ceil_div(2 * block * s.n * 4, sizeof(acc_t)));
   const int variant = nm_variant(s.n);
   const uint8_t* idx = indices.const_data_ptr<uint8_t>();
   const acc_t* val = want_dx ? data<acc_t>(values) : nullptr;

@@ -61,7 +61,7 @@ struct NMGradValuesTask {
   int64_t groups;
   int n, m;
   int64_t group_block;
-  int32_t* columns;      // scratch: group_block * n ints
+  int32_t* columns;      // scratch: 2 * group_block * n ints
   acc_t* dval;           // [out_features][K]
   bool accumulate;
 };
