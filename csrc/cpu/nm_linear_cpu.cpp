@@ -56,6 +56,8 @@ constexpr int64_t kBlockBytes = 256 * 1024;
 // Bytes of a dx task's accumulators (its columns x T): they stay in L1/L2,
 // since every entry reads and writes one of them.
 constexpr int64_t kGradInputBytes = 64 * 1024;
+// Entries of each output row a dx task takes at least (see backward).
+constexpr int64_t kGradInputEntries = 64;
 // Columns per packing task.
 constexpr int64_t kPackColumns = 256;
 
@@ -282,7 +284,13 @@ void backward(const at::Tensor& g2, const at::Tensor& x, const at::Tensor& value
   const int64_t n_pack = pack_g.tasks() + (want_dval ? pack_x.tasks() : 0);
 
   // Phase 2: dx tasks own ranges of input groups, dW tasks ranges of rows.
-  const int64_t dx_groups = per_task(s.groups, std::max<int64_t>(1, kGradInputBytes / (s.m * T * int64_t(sizeof(acc_t)))));
+  // A dx task streams all of grad_out's packed tile once per batch tile, so
+  // it takes at least kGradInputEntries entries of each row (sparse N:M, e.g.
+  // 1:16, then gets wider accumulators, up to a cache block) to amortise that.
+  const int64_t group_bytes = s.m * T * int64_t(sizeof(acc_t));
+  const int64_t dx_cap = std::max<int64_t>(kGradInputBytes / group_bytes,
+                                           std::min<int64_t>(ceil_div(kGradInputEntries, s.n), kBlockBytes / group_bytes));
+  const int64_t dx_groups = per_task(s.groups, std::max<int64_t>(1, dx_cap));
   const int64_t dx_tasks = want_dx ? ceil_div(s.groups, dx_groups) : 0;
   const int64_t dw_rows = per_task(s.out_features, kMaxTaskRows);
   const int64_t dw_tasks = want_dval ? ceil_div(s.out_features, dw_rows) : 0;
