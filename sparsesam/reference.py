@@ -477,6 +477,32 @@ def bsr_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indice
         blocks = dweight.reshape(block_rows, bh, block_cols, bw).permute(0, 2, 1, 3)
         rows = torch.repeat_interleave(torch.arange(block_rows, device=values.device), crow_indices.diff().long())
         dvalues = blocks[rows, col_indices.long()].contiguous()
+
+# --- nm_linear: an N:M weight (sparsesam/sparse/nm.py) -------------------------------
+
+
+def _nm_dense(values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
+    """The dense (out_features, in_features) weight of N:M values; duplicate positions would add up."""
+    out_features, groups = values.shape[0], values.shape[1] // n
+    dense = values.new_zeros(out_features, groups, m)
+    dense.scatter_add_(-1, indices.long().view(out_features, groups, n), values.reshape(out_features, groups, n))
+    return dense.view(out_features, groups * m)
+
+
+def nm_linear(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int, bias: Optional[Tensor] = None) -> Tensor:
+    """y = x W^T + b over the last dimension of x, W the dense form of the N:M weight."""
+    return F.linear(x, _nm_dense(values, indices, n, m), bias)
+
+
+def nm_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, indices: Tensor, n: int, m: int,
+                       output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor]:
+    """(dx, dvalues) of :func:`nm_linear`: dvalues is dL/dW at the kept entries, in the values' layout."""
+    want_dx, want_dvalues = output_mask
+    dx = grad_out @ _nm_dense(values, indices, n, m) if want_dx else _empty_like_none(x)
+    if want_dvalues:
+        out_features, groups = values.shape[0], values.shape[1] // n
+        dweight = (_rows(grad_out).t() @ _rows(x)).view(out_features, groups, m)
+        dvalues = dweight.gather(-1, indices.long().view(out_features, groups, n)).reshape(values.shape)
     else:
         dvalues = _empty_like_none(values)
     return dx, dvalues

@@ -347,3 +347,30 @@ def test_block_structured_masks_run_block_sparse():
     torch.testing.assert_close(model(x), y)
     set_execution(model, "dense")
     assert torch.equal(model(x), y)
+
+
+def test_nm_masks_run_nm_and_auto_times_every_allowed_format():
+    from sparsesam.pruning import nm_mask
+    torch.manual_seed(4)
+    model = sparsesam.sparsify(nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8))).double()
+    model[0].set_mask(nm_mask(model[0].weight, 2, 4))
+    model[2].set_mask(torch.rand_like(model[2].weight) < 0.3)
+    x = torch.randn(5, 32, dtype=torch.float64)
+    y = model(x)
+    set_execution(model, "sparse")
+    assert execution_summary(model, formats=True) == {"0": "nm", "2": "csr"}
+    torch.testing.assert_close(model(x), y)
+    calls = []
+
+    def timer(forms, x, backward):
+        calls.append(list(forms))
+        return {form: {"dense": 1.0, "nm": 3.0, "csr": 2.0}[form] for form in forms}
+    old = set_dispatch_cache(DispatchCache(timer=timer))
+    try:
+        set_execution(model, "auto")
+        model.zero_grad()
+        model(x)
+        # layer 0 was nm: "auto" keeps the current form until its first forward, then times all it allows
+        assert calls[0] == ["dense", "nm", "csr"] and execution_summary(model, formats=True) == {"0": "dense", "2": "dense"}
+    finally:
+        set_dispatch_cache(old)

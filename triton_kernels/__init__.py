@@ -11,6 +11,7 @@ from .masked_weight import apply_mask, masked_weight_grad
 from .sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
 from .mask_scoring import mask_ascent_, mask_flip_scores, mask_flip_topk, mask_grad_sq_norm, mask_score_grad
 from .sparse_linear import sparse_linear, sparse_linear_backward
+from .nm_linear import nm_linear, nm_linear_backward
 
 __all__ = [
     "apply_mask",
@@ -29,6 +30,8 @@ __all__ = [
     "mask_score_grad",
     "sparse_linear",
     "sparse_linear_backward",
+    "nm_linear",
+    "nm_linear_backward",
 ]
 from .bsr_linear import bsr_linear, bsr_linear_backward  # noqa: E402
 

@@ -155,3 +155,17 @@
   "bsr_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "       \
   "Tensor col_indices, Tensor ccol_indices, Tensor row_indices, Tensor bsr_positions, bool[2] " \
   "output_mask) -> (Tensor, Tensor)"
+
+// y = x W^T + b with W kept as an N:M pattern along the input dimension:
+// values (out_features, in_features * n / m) and indices (uint8, the same
+// shape; each kept entry's position in its group of m inputs). in_features
+// is values.size(1) / n * m. 1 <= n < m <= 16. (sparsesam/sparse/nm.py)
+#define SPARSESAM_SCHEMA_NM_LINEAR \
+  "nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, Tensor? bias) -> Tensor"
+
+// (dx, dvalues) for output_mask = [dx, dvalues]: dx column-parallel over
+// ranges of input groups (no atomics), dvalues only at kept entries (an
+// SDDMM); empty [0] when not asked for. The bias gradient stays in Python.
+#define SPARSESAM_SCHEMA_NM_LINEAR_BACKWARD                                                      \
+  "nm_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor indices, int n, int m, " \
+  "bool[2] output_mask) -> (Tensor, Tensor)"

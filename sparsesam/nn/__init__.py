@@ -4,9 +4,11 @@ from .sparse_linear import SparseLinear, to_masked, to_sparse
 from .sparsify import export, masked_layers, sparsify
 from .sparse_conv2d import SparseConv2d
 from .bsr_linear import BlockSparseLinear
+from .nm_linear import NMSparseLinear
 from .dispatch import (EXECUTIONS, SPARSE_FORMATS, DispatchCache, dispatch_cache, execution_summary, executions,
                        resolve_execution, set_dispatch_cache, set_execution)
 
 __all__ = ["MASK_MODES", "MaskedLinear", "MaskedConv2d", "sparsify", "export", "masked_layers", "SparseLinear", "to_sparse", "to_masked",
-           "SparseConv2d", "BlockSparseLinear", "EXECUTIONS", "DispatchCache", "dispatch_cache", "set_dispatch_cache",
-           "set_execution", "resolve_execution", "execution_summary", "executions", "SPARSE_FORMATS"]
+           "SparseConv2d", "BlockSparseLinear", "NMSparseLinear", "EXECUTIONS", "DispatchCache", "dispatch_cache",
+           "set_dispatch_cache", "set_execution", "resolve_execution", "execution_summary", "executions",
+           "SPARSE_FORMATS"]

@@ -55,6 +55,7 @@ from torch.nn.utils import parametrize
 
 from .bsr_linear import BlockSparseLinear
 from .masked import MaskedConv2d, MaskedLinear
+from .nm_linear import NMSparseLinear
 from .sparse_conv2d import SparseConv2d, convertible
 from .sparse_linear import SparseLinear
 
@@ -88,6 +89,10 @@ def _csr_linear_refuses(layer: nn.Module) -> Optional[str]:
 def _bsr_refuses(layer: nn.Module) -> Optional[str]:
     # Only the block sizes measured faster than CSR (sparsesam.sparse.bsr.BLOCK_SIZES).
     return BlockSparseLinear.applicable(layer.weight_mask)
+
+
+def _nm_refuses(layer: nn.Module) -> Optional[str]:
+    return NMSparseLinear.applicable(layer.weight_mask)
 
 
 # In order of preference: "sparse" runs a layer in the first format that
@@ -398,6 +403,10 @@ class DispatchedBlockSparseLinear(_Dispatched, BlockSparseLinear):
     pass
 
 
+class DispatchedNMSparseLinear(_Dispatched, NMSparseLinear):
+    pass
+
+
 class DispatchedMaskedConv2d(_Dispatched, MaskedConv2d):
     pass
 
@@ -407,9 +416,10 @@ class DispatchedSparseConv2d(_Dispatched, SparseConv2d):
 
 
 _DISPATCHED.update({MaskedLinear: DispatchedMaskedLinear, MaskedConv2d: DispatchedMaskedConv2d})
+# Linear: block-sparse, then N:M, then CSR (each measured at least as fast as CSR on the masks it accepts).
+register_sparse_format(SparseFormat("bsr", MaskedLinear, BlockSparseLinear, _bsr_refuses), DispatchedBlockSparseLinear)
+register_sparse_format(SparseFormat("nm", MaskedLinear, NMSparseLinear, _nm_refuses), DispatchedNMSparseLinear)
 register_sparse_format(SparseFormat("csr", MaskedLinear, SparseLinear, _csr_linear_refuses), DispatchedSparseLinear)
-register_sparse_format(SparseFormat("bsr", MaskedLinear, BlockSparseLinear, _bsr_refuses), DispatchedBlockSparseLinear,
-                       first=True)
 register_sparse_format(SparseFormat("csr", MaskedConv2d, SparseConv2d, convertible), DispatchedSparseConv2d)
 
 

@@ -12,6 +12,7 @@ from .sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
 from .mask_scoring import mask_ascent_, mask_flip_scores, mask_flip_topk, mask_grad_sq_norm, mask_score_grad
 from .sparse_linear import sparse_linear
 from .sparse_conv2d import sparse_conv2d
+from .nm_linear import nm_linear
 
 __all__ = [
     "BACKENDS",
@@ -31,6 +32,7 @@ __all__ = [
     "mask_score_grad",
     "sparse_linear",
     "sparse_conv2d",
+    "nm_linear",
 ]
 from .bsr_linear import bsr_linear  # noqa: E402
 
