@@ -477,6 +477,10 @@ def bsr_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indice
         blocks = dweight.reshape(block_rows, bh, block_cols, bw).permute(0, 2, 1, 3)
         rows = torch.repeat_interleave(torch.arange(block_rows, device=values.device), crow_indices.diff().long())
         dvalues = blocks[rows, col_indices.long()].contiguous()
+    else:
+        dvalues = _empty_like_none(values)
+    return dx, dvalues
+
 
 # --- nm_linear: an N:M weight (sparsesam/sparse/nm.py) -------------------------------
 
