@@ -56,7 +56,7 @@ def test_study_writes_runs_table_figures_and_results(csam_study):
     assert csam["clean_accuracy"]["mean"] == _run_json(out, "csam", "csam-90")["clean_accuracy"]
     assert {"certified_l2@0.25", "cc_rotation@0.05", "cc_mean@0.05"} <= set(csam)
     table = open(os.path.join(out, "RESULTS.md")).read()
-    assert "C-SAM vs magnitude vs plain SAM masks" in table and "seeds: 0" in table and "commit:" in table
+    assert "C-SAM vs magnitude vs plain SAM masks" in table and "seeds: 0" in table and "commit of the code that ran" in table
     for figure in results["figures"]:
         path = os.path.join(out, figure)
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"

@@ -188,9 +188,11 @@ def run_reproduce(args: argparse.Namespace, registry=None) -> dict:
         study["seeds"] = sorted(set(prior.get("seeds", [])) | set(args.seeds))
         study["comparisons"] = [k for k in COMPARISONS if k in set(prior.get("comparisons", [])) | set(args.comparisons)]
         study["invocations"] = prior.get("invocations", [])
+    from .reproduce_report import git_commit
     study.setdefault("invocations", []).append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                              time.gmtime()),
-                                                "threads": torch.get_num_threads()})
+                                                "threads": torch.get_num_threads(), "commit": git_commit(),
+                                                "report_only": bool(args.report_only)})
     write_json(os.path.join(out, STUDY_FILE), study)
 
     if not args.report_only:

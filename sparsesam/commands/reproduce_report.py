@@ -220,6 +220,10 @@ def write_study_report(out: str, report_dir: str, study: Dict[str, Any], *, comm
         made.extend(_figures(comparison, rows, runs, figures))
     planned = len(seeds) * sum(len(c.methods) * len(c.sparsities) for c in chosen)
     timing = _timing(all_runs, out, seeds)
+    # The study's command is the first invocation that trained (a --report-only call only aggregates).
+    training = [i for i in study.get("invocations", []) if not i.get("report_only")]
+    if training:
+        command = training[0]["command"]
     report = {"command": command, "commit": commit, "seeds": seeds, "budgets": study["budgets"],
               "invocations": study.get("invocations", []), "planned_runs": planned, "finished_runs": len(all_runs),
               "timing": timing, "this_call_wall_seconds": wall_seconds, "comparisons": everything,
@@ -240,12 +244,17 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
         f"- command: `{report['command']}`",
         f"- seeds: {', '.join(map(str, report['seeds']))}; finished runs: {report['finished_runs']} of "
         f"{report['planned_runs']}",
-        f"- commit: `{report['commit']}`",
+        f"- commit of the code that ran: " + ", ".join(sorted({f"`{i.get('commit') or 'not recorded'}`"
+                                                               for i in report["invocations"]
+                                                               if not i.get("report_only")})) +
+        f"; report written at `{report['commit']}`",
         f"- compute time: {t['total_compute_seconds'] / 60:.1f} min in all (dense models "
         f"{sum(t['dense_seconds']):.0f} s; per run fit + evaluation: median "
         f"{statistics.median(runs) if runs else 0:.0f} s, max {max(runs, default=0):.0f} s); "
         f"last invocation's wall time {report['this_call_wall_seconds'] / 60:.1f} min",
-        f"- invocations: " + "; ".join(f"{i['started']} ({i['threads']} threads)" for i in report["invocations"]),
+        f"- invocations (first started the study, later ones resumed it): "
+        + "; ".join(f"{i['started']} ({i['threads']} threads)" for i in report["invocations"]
+                    if not i.get("report_only")),
         f"- data: {b['dataset']}, dense model trained on the first {b['limit']} training images for {b['epochs']} "
         f"epoch(s); the algorithms use the first {b['algo_limit']}, {b['algo_epochs']} epoch(s) per phase "
         f"(magnitude: {2 * b['algo_epochs']} of fine-tuning); model {b['model']} (width x{b['width']})",
