@@ -50,6 +50,7 @@ def test_study_writes_runs_table_figures_and_results(csam_study):
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["finished_runs"] == results["planned_runs"] == 3
     assert results["seeds"] == [0] and results["command"].startswith("sparsesam reproduce --quick")
+    assert len(results["timing"]["run_cpu_seconds"]) == 3 and all(t > 0 for t in results["timing"]["run_cpu_seconds"])
     rows = results["comparisons"]["csam"]["rows"]
     assert [r["method"] for r in rows] == ["csam", "magnitude", "sam_prune"]
     csam = rows[0]["metrics"]

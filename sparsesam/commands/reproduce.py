@@ -117,12 +117,13 @@ def _dense(args, seed: int, spec, train, test, out: str):
     train_loader, test_loader, generator = make_loaders(train, test, args.batch_size, seed)
     model = build_from_spec(spec)
     checkpointer = Checkpointer(os.path.join(folder, CHECKPOINT))
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     history = fit_dense(model, train_loader, test_loader, generator, args, checkpointer, label=f"dense seed {seed}")
     save_model_folder(model, spec, folder, extra={"stage": "train", "algorithm": None, "seed": seed})
     accuracy = evaluate(model, test_loader, progress=False)["accuracy"]
     # seconds: this process's share (an interrupted and resumed training counts only its last part).
-    info = {"seed": seed, "history": history, "test_accuracy": accuracy, "seconds": time.perf_counter() - began}
+    info = {"seed": seed, "history": history, "test_accuracy": accuracy, "seconds": time.perf_counter() - began,
+            "cpu_seconds": time.process_time() - cpu_began}
     write_json(marker, info)
     checkpointer.remove()
     return load_model_folder(folder)[0], info
@@ -133,7 +134,7 @@ def _one_run(args, registry, comparison, method: str, sparsity: float, seed: int
     os.makedirs(folder, exist_ok=True)
     algorithm = get_algorithm(method, registry)
     config = method_config(comparison, method, sparsity, algorithm, seed, vars(args))
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     if not os.path.isfile(os.path.join(folder, "prune.json")):
         seed_everything(seed)
         generator = torch.Generator().manual_seed(seed)  # every method of the seed sees the same batches
@@ -154,7 +155,9 @@ def _one_run(args, registry, comparison, method: str, sparsity: float, seed: int
             "weight_sparsity": info["sparsity"], "config": pruned["config"],
             "dense_test_accuracy": dense_info["test_accuracy"],
             "fit_seconds": pruned["fit_seconds"], "eval_seconds": time.perf_counter() - fitted,
-            "run_seconds_this_call": time.perf_counter() - began, **_compact_record(evaluation)}
+            "run_seconds_this_call": time.perf_counter() - began,
+            # CPU time of this process (all threads): what the run costs on a quiet machine, whatever the load.
+            "cpu_seconds_this_call": time.process_time() - cpu_began, **_compact_record(evaluation)}
 
 
 def run_reproduce(args: argparse.Namespace, registry=None) -> dict:

@@ -199,7 +199,9 @@ def _timing(runs: List[dict], out: str, seeds: List[int]) -> Dict[str, Any]:
         if os.path.isfile(path):
             dense.append(read_json(path).get("seconds") or 0.0)
     per_run = [r["fit_seconds"] + r["eval_seconds"] for r in runs]
-    return {"dense_seconds": dense, "run_seconds": per_run,
+    # CPU seconds (recorded from commit 659cdc4 on): the cost on a quiet machine, independent of the load.
+    cpu = [r["cpu_seconds_this_call"] for r in runs if r.get("cpu_seconds_this_call") is not None]
+    return {"dense_seconds": dense, "run_seconds": per_run, "run_cpu_seconds": cpu,
             "total_compute_seconds": sum(dense) + sum(per_run)}
 
 
@@ -251,7 +253,9 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
         f"- compute time: {t['total_compute_seconds'] / 60:.1f} min in all (dense models "
         f"{sum(t['dense_seconds']):.0f} s; per run fit + evaluation: median "
         f"{statistics.median(runs) if runs else 0:.0f} s, max {max(runs, default=0):.0f} s); "
-        f"last invocation's wall time {report['this_call_wall_seconds'] / 60:.1f} min",
+        f"last invocation's wall time {report['this_call_wall_seconds'] / 60:.1f} min"
+        + (f"; CPU time per run: median {statistics.median(t['run_cpu_seconds']):.0f} s over "
+           f"{len(t['run_cpu_seconds'])} runs" if t.get("run_cpu_seconds") else ""),
         f"- invocations (first started the study, later ones resumed it): "
         + "; ".join(f"{i['started']} ({i['threads']} threads)" for i in report["invocations"]
                     if not i.get("report_only")),
