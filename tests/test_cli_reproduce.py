@@ -134,6 +134,8 @@ def test_report_calls_a_difference_only_outside_the_seed_ranges():
     assert calls["magnitude"]["call"] == "higher"
     assert calls["magnitude"]["difference"] == pytest.approx(0.81 - (0.70 + 0.72 + 0.79) / 3)
     assert calls["sam_prune"]["call"] == "within spread"  # ranges overlap although the means differ
+    rows[1] = row("magnitude", [0.70, 0.72])  # two seeds: below the project's minimum, nothing is called
+    assert {v["baseline"]: v["call"] for v in verdicts(comparison, rows)}["magnitude"].startswith("not called")
 
 
 @pytest.mark.parametrize("argv, message", [

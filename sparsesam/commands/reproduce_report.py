@@ -5,6 +5,7 @@ when the two methods' seed ranges [min, max] do not overlap (the project's
 rule: a difference must exceed the spread over seeds); otherwise the
 verdict is "within spread". With 3 seeds this is a conservative test:
 it says nothing about differences smaller than the seed-to-seed noise.
+With fewer than 3 seeds nothing is called.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .common import read_json, write_json
 from .reproduce_plan import COMPARISONS, Comparison
 
 RUN_FILE = "run.json"
+MIN_SEEDS = 3  # the project's rule: no difference is called on fewer seeds
 
 
 def _run_path(out: str, seed: int, comparison: str, method: str, sparsity: float) -> str:
@@ -105,7 +107,9 @@ def verdicts(comparison: Comparison, rows: List[Dict[str, Any]]) -> List[Dict[st
                 b = at[baseline]["metrics"].get(name)
                 if b is None or name in ("sparsity", "compact_param_ratio"):
                     continue
-                if a["min"] > b["max"]:
+                if min(a["n"], b["n"]) < MIN_SEEDS:
+                    call = f"not called (fewer than {MIN_SEEDS} seeds)"
+                elif a["min"] > b["max"]:
                     call = "higher"
                 elif a["max"] < b["min"]:
                     call = "lower"
@@ -199,9 +203,12 @@ def _timing(runs: List[dict], out: str, seeds: List[int]) -> Dict[str, Any]:
         if os.path.isfile(path):
             dense.append(read_json(path).get("seconds") or 0.0)
     per_run = [r["fit_seconds"] + r["eval_seconds"] for r in runs]
+    finished = [os.path.getmtime(_run_path(out, r["seed"], r["comparison"], r["method"], r["target_sparsity"]))
+                for r in runs]
     # CPU seconds (recorded from commit 659cdc4 on): the cost on a quiet machine, independent of the load.
     cpu = [r["cpu_seconds_this_call"] for r in runs if r.get("cpu_seconds_this_call") is not None]
     return {"dense_seconds": dense, "run_seconds": per_run, "run_cpu_seconds": cpu,
+            "last_run_finished": max(finished, default=None),
             "total_compute_seconds": sum(dense) + sum(per_run)}
 
 
@@ -238,6 +245,18 @@ def write_study_report(out: str, report_dir: str, study: Dict[str, Any], *, comm
     return report
 
 
+def _elapsed(report: Dict[str, Any]) -> str:
+    """Wall time from the study's first start to its last finished run (runs' file times)."""
+    training = [i for i in report["invocations"] if not i.get("report_only")]
+    last = report["timing"].get("last_run_finished")
+    if not training or last is None:
+        return "no run finished yet"
+    import calendar
+    start = calendar.timegm(time.strptime(training[0]["started"], "%Y-%m-%dT%H:%M:%SZ"))
+    return (f"wall time from the first start to the last finished run {(last - start) / 60:.1f} min "
+            f"(including any time the study was stopped)")
+
+
 def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
     b, t = report["budgets"], report["timing"]
     runs = t["run_seconds"]
@@ -253,7 +272,7 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
         f"- compute time: {t['total_compute_seconds'] / 60:.1f} min in all (dense models "
         f"{sum(t['dense_seconds']):.0f} s; per run fit + evaluation: median "
         f"{statistics.median(runs) if runs else 0:.0f} s, max {max(runs, default=0):.0f} s); "
-        f"last invocation's wall time {report['this_call_wall_seconds'] / 60:.1f} min"
+        f"{_elapsed(report)}"
         + (f"; CPU time per run: median {statistics.median(t['run_cpu_seconds']):.0f} s over "
            f"{len(t['run_cpu_seconds'])} runs" if t.get("run_cpu_seconds") else ""),
         f"- invocations (first started the study, later ones resumed it): "
