@@ -197,17 +197,20 @@ def _figures(comparison: Comparison, rows, runs, figures: str) -> List[str]:
 
 
 def _timing(runs: List[dict], out: str, seeds: List[int]) -> Dict[str, Any]:
-    dense = []
+    dense, accuracy = [], []
     for seed in seeds:
         path = os.path.join(out, f"seed{seed}", "dense", "train.json")
         if os.path.isfile(path):
-            dense.append(read_json(path).get("seconds") or 0.0)
+            info = read_json(path)
+            dense.append(info.get("seconds") or 0.0)
+            accuracy.append(info["test_accuracy"])
     per_run = [r["fit_seconds"] + r["eval_seconds"] for r in runs]
     finished = [os.path.getmtime(_run_path(out, r["seed"], r["comparison"], r["method"], r["target_sparsity"]))
                 for r in runs]
     # CPU seconds (recorded from commit 659cdc4 on): the cost on a quiet machine, independent of the load.
     cpu = [r["cpu_seconds_this_call"] for r in runs if r.get("cpu_seconds_this_call") is not None]
-    return {"dense_seconds": dense, "run_seconds": per_run, "run_cpu_seconds": cpu,
+    return {"dense_seconds": dense, "dense_accuracy": _stats(accuracy) if accuracy else None,
+            "run_seconds": per_run, "run_cpu_seconds": cpu,
             "last_run_finished": max(finished, default=None),
             "total_compute_seconds": sum(dense) + sum(per_run)}
 
@@ -287,6 +290,8 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
         f"CC-Cert {', '.join(b['cc_transforms'])} ({b['cc_samples']} samples) on {b['cc_examples']} images; "
         f"HARP comparison: PGD-AT eps={b['adv_eps']}, {b['attack_steps']} steps, for every method",
         "",
+        f"Dense starting models (one per seed, shared by every method): clean accuracy "
+        f"{_cell(t['dense_accuracy'])} on the same test images.", "",
         "Cells: mean ± std [min–max] over the seeds that finished. A difference is called only when the two "
         "methods' min–max ranges do not overlap.", ""]
     for comparison in chosen:
