@@ -49,6 +49,8 @@ def metrics(comparison: Comparison, record: Dict[str, Any]) -> Dict[str, float]:
     values = {"sparsity": record["sparsity"], "clean_accuracy": record["clean_accuracy"]}
     if "mean_corruption_accuracy" in record:
         values["mean_corruption_accuracy"] = record["mean_corruption_accuracy"]
+        # Accuracy lost to the corruptions (same images): robustness apart from clean accuracy; lower is better.
+        values["corruption_drop"] = record["clean_accuracy"] - record["mean_corruption_accuracy"]
     if record.get("compacted_parameters") and record.get("parameters"):
         values["compact_param_ratio"] = record["compacted_parameters"] / record["parameters"]
     if "pgd" in record:
