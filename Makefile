@@ -38,7 +38,7 @@ bench: setup
 
 ci: test test-triton build-cuda ctest check-wheel
 
-# The reproduction study (AdaSAP / HARP / C-SAM comparisons, 3 seeds; about 35 minutes on 2 quiet CPU cores;
+# The reproduction study (AdaSAP / HARP / C-SAM comparisons, 3 seeds; about 40 minutes on a quiet CPU core;
 # resumable: run it again to continue). The table, figures and results go to docs/reproduce/.
 .PHONY: reproduce
 reproduce: setup

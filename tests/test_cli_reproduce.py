@@ -2,7 +2,7 @@
 
 Every test runs --quick (digits at 8x8, a quarter-width SmallCNN, a few
 dozen images): seconds. The real study is test_reproduce_full_study
-(marked slow; about 35 minutes on 2 CPU cores).
+(marked slow; about 40 minutes on a quiet CPU core).
 """
 import json
 import os
@@ -174,7 +174,7 @@ def test_rerun_with_other_budgets_is_refused(csam_study, capsys):
 
 @pytest.mark.slow
 def test_reproduce_full_study(tmp_path):
-    """The real study (about 35 minutes on 2 CPU cores): every planned run finishes and is reported."""
+    """The real study (about 40 minutes on a quiet CPU core): every planned run finishes and is reported."""
     out = tmp_path / "study"
     assert run(["reproduce", "--out", out, "--no-progress"]) == 0
     results = json.load(open(os.path.join(out, "results.json")))

@@ -39,8 +39,9 @@ from .train import CHECKPOINT, check_optimizer_arguments, fit_dense
 
 STUDY_FILE = "study.json"
 RUN_FILE = "run.json"
-# Measured on 2 CPU cores (see docs/reproduce/README.md); printed by --help.
-MEASURED = "about 35 minutes on 2 quiet CPU cores with the default budgets"
+# Measured as the process's CPU time (one thread) of the study in docs/reproduce, run under load; on a quiet
+# machine the wall time with --threads 1 is about the CPU time. Printed by --help.
+MEASURED = "about 38 CPU-minutes with the default budgets, i.e. about 40 minutes on a quiet core with --threads 1"
 
 
 def _ints(text: str) -> List[int]:
