@@ -41,7 +41,7 @@ STUDY_FILE = "study.json"
 RUN_FILE = "run.json"
 # Measured as the process's CPU time (one thread) of the study in docs/reproduce, run under load; on a quiet
 # machine the wall time with --threads 1 is about the CPU time. Printed by --help.
-MEASURED = "about 38 CPU-minutes with the default budgets, i.e. about 40 minutes on a quiet core with --threads 1"
+MEASURED = "about 36 CPU-minutes with the default budgets, i.e. about 40 minutes on a quiet core with --threads 1"
 
 
 def _ints(text: str) -> List[int]:
