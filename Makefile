@@ -37,3 +37,9 @@ bench: setup
 	$(PY) -m pytest bench -q --benchmark-enable
 
 ci: test test-triton build-cuda ctest check-wheel
+
+# The reproduction study (AdaSAP / HARP / C-SAM comparisons, 3 seeds; about 40 minutes on a quiet CPU core;
+# resumable: run it again to continue). The table, figures and results go to docs/reproduce/.
+.PHONY: reproduce
+reproduce: setup
+	$(VENV)/bin/sparsesam reproduce --out reproduce-out --report-dir docs/reproduce --threads 2

@@ -1,4 +1,4 @@
-"""The ``sparsesam`` command: train / prune / eval / report / demo.
+"""The ``sparsesam`` command: train / prune / eval / report / demo / reproduce.
 
 Every run writes its settings to ``config.json`` in its output folder and
 shows tqdm progress bars on stderr. A bad setting (unknown model, dataset or
@@ -12,14 +12,14 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .commands import demo, evaluate, prune, report, train
+from .commands import demo, evaluate, prune, report, reproduce, train
 from .commands.common import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsesam", description="Robust sparse training for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train, prune, evaluate, report, demo):
+    for module in (train, prune, evaluate, report, demo, reproduce):
         module.add_parser(sub)
     return parser
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, for reports (not a setting)
     try:
         args.func(args)
     except ConfigError as error:

@@ -1,4 +1,10 @@
-"""Baseline: SAM training of the dense model, then global magnitude pruning and SAM fine-tuning."""
+"""Baseline: SAM training of the dense model, then magnitude pruning and SAM fine-tuning.
+
+granularity="unstructured" (the default): one global threshold on |w|.
+granularity="channel": ``target_sparsity`` of the output channels removed
+by L2 norm, exactly as AdaSAP prunes (see _channels.py): the "SAM + prune"
+baseline of structured pruning.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +13,9 @@ import torch
 
 from ..nn import sparsify
 from ..optim import SAM
-from ..pruning import global_sparsity, magnitude_prune
+from ..pruning import channel_sparsity, global_sparsity, magnitude_prune
 from . import _config
+from ._channels import GRANULARITIES, compact_summary, gate, prune_channels_l2
 from ._steps import EpochMeter, clean_loss, sam_step
 from .base import Algorithm
 
@@ -21,6 +28,8 @@ class SamPruneConfig(_config.TrainingConfig):
     finetune_lr: float = 0.01
     rho: float = 0.05
     adaptive: bool = False
+    granularity: str = "unstructured"  # or "channel": structured, target_sparsity = fraction of channels
+    channel_scope: str = "layer"       # channel granularity: "layer" (every layer loses the fraction) or "global"
 
     def check(self) -> None:
         super().check()
@@ -29,6 +38,8 @@ class SamPruneConfig(_config.TrainingConfig):
         _config.non_negative("lr", self.lr, positive=True)
         _config.non_negative("finetune_lr", self.finetune_lr, positive=True)
         _config.non_negative("rho", self.rho)
+        _config.choice("granularity", self.granularity, GRANULARITIES)
+        _config.choice("channel_scope", self.channel_scope, ("layer", "global"))
 
 
 class SamPrune(Algorithm):
@@ -44,12 +55,20 @@ class SamPrune(Algorithm):
     def phases(self):
         return [("sam", self.config.sam_epochs), ("finetune", self.config.finetune_epochs)]
 
+    @property
+    def structured(self) -> bool:
+        return self.config.granularity == "channel"
+
     def _restructure(self, phase, model, loader):
         sparsify(model)
+        if phase == "finetune" and self.structured:
+            gate(model, loader)
 
     def _enter(self, phase, model, loader):
         if phase == "sam":
             sparsify(model)
+        elif self.structured:
+            prune_channels_l2(model, loader, self.config.target_sparsity, self.config.channel_scope)
         else:
             magnitude_prune(model, self.config.target_sparsity, scope="global")
 
@@ -69,4 +88,7 @@ class SamPrune(Algorithm):
         return meter.means()
 
     def _sparsity(self, model):
-        return global_sparsity(model)
+        return channel_sparsity(model) if self.structured else global_sparsity(model)
+
+    def _summary(self, model, loader):
+        return compact_summary(model, loader) if self.structured else ({}, None)
