@@ -12,10 +12,10 @@ Suites: see SUITES; any other bench/bench_*.py (but NOT_IN_REPORT) is run too (i
 benchmarks are tabulated and plotted by bench/sparse_report.py, generically: those
 parametrised by ``impl`` and ``sparsity`` with a ``dense_masked`` baseline).
 
-Run it on a quiet machine, from the repository root; the whole report takes about
-10-15 minutes on two cores (estimated from partial runs on a loaded machine: the
-sparse-linear suite's 0% / 50% cases, where "auto" times the slow CSR form and the
-CSR form itself is 2x dense, are the most expensive; torch.sparse runs only from 90%).
+Run it on a quiet machine, from the repository root; the whole report took 6.5 minutes
+on two quiet cores (the sparse-linear suite's 0% / 50% cases, where "auto" times the slow
+CSR form and the CSR form itself is 2x dense, are the most expensive; torch.sparse runs
+only from 90%).
 """
 from __future__ import annotations
 
