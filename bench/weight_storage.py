@@ -51,8 +51,8 @@ def measure(sparsities=SPARSITIES, features: int = FEATURES) -> List[dict]:
 
 def table(rows: List[dict], features: int = FEATURES) -> str:
     mb = lambda b: b / 2**20  # noqa: E731
-    out = [f"| sparsity | nnz | dense masked in memory (MB) | sparse in memory (MB) | sparse / dense masked "
-           f"| dense masked state_dict (MB) | sparse state_dict (MB) | sparse / dense masked |",
+    out = ["| sparsity | nnz | dense masked in memory (MB) | sparse in memory (MB) | sparse / dense masked "
+           "| dense masked state_dict (MB) | sparse state_dict (MB) | sparse / dense masked |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['sparsity']:.2f} | {r['nnz']:,} | {mb(r['masked_bytes']):.1f} | {mb(r['sparse_bytes']):.1f} "

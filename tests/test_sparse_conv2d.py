@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sparsesam import reference
 from sparsesam.nn import MaskedConv2d, SparseConv2d

@@ -7,7 +7,6 @@ in_features 1100 at batch 129 gives several column (cache) blocks.
 """
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys

@@ -270,7 +270,7 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
         f"- command: `{report['command']}`",
         f"- seeds: {', '.join(map(str, report['seeds']))}; finished runs: {report['finished_runs']} of "
         f"{report['planned_runs']}",
-        f"- commit of the code that ran: " + ", ".join(sorted({f"`{i.get('commit') or 'not recorded'}`"
+        "- commit of the code that ran: " + ", ".join(sorted({f"`{i.get('commit') or 'not recorded'}`"
                                                                for i in report["invocations"]
                                                                if not i.get("report_only")})) +
         f"; report written at `{report['commit']}`",
@@ -280,7 +280,7 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
         f"{_elapsed(report)}"
         + (f"; CPU time per run: median {statistics.median(t['run_cpu_seconds']):.0f} s over "
            f"{len(t['run_cpu_seconds'])} runs" if t.get("run_cpu_seconds") else ""),
-        f"- invocations (first started the study, later ones resumed it): "
+        "- invocations (first started the study, later ones resumed it): "
         + "; ".join(f"{i['started']} ({i['threads']} threads)" for i in report["invocations"]
                     if not i.get("report_only")),
         f"- data: {b['dataset']}, dense model trained on the first {b['limit']} training images for {b['epochs']} "

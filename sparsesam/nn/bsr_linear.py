@@ -27,13 +27,13 @@ from torch import nn
 
 from ..ops import bsr_linear
 from ..sparse.bsr import BLOCK_SIZES, BSRPattern, block_structure_error, check_blocksize, largest_blocksize
-from .masked import MaskedLinear
+from ._linear_forms import LinearForms
 
 _BSR_BUFFERS = ("crow_indices", "col_indices")
 _TRANSPOSED_BUFFERS = ("ccol_indices", "row_indices", "bsr_positions")
 
 
-class BlockSparseLinear(nn.Module):
+class BlockSparseLinear(LinearForms, nn.Module):
     """``y = x W^T + b`` with W kept only at the blocks of a fixed ``pattern``.
 
     Build one from a layer with :meth:`from_masked` / :meth:`from_dense`, or
@@ -111,18 +111,9 @@ class BlockSparseLinear(nn.Module):
         return None
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                   block=None) -> "BlockSparseLinear":
-        """The layer with ``weight`` kept at the blocks where ``mask != 0`` (values copied, not shared).
-
-        block: (bh, bw) (or an int for square blocks); None picks the largest
-        block size of :data:`~sparsesam.sparse.bsr.BLOCK_SIZES` the mask is structured in.
-        """
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError("weight must be a 2-D tensor (out_features, in_features)")
-        if not isinstance(mask, torch.Tensor) or mask.shape != weight.shape:
-            raise ValueError(f"mask must be a tensor of the weight's shape {tuple(weight.shape)}")
-        mask = mask.to(weight.device)
+    def _pattern_of(cls, mask: torch.Tensor, block=None) -> BSRPattern:
+        # block: (bh, bw) (or an int for square blocks); None picks the largest block
+        # size of BLOCK_SIZES the mask is structured in.
         if block is None:
             block = largest_blocksize(mask)
             if block is None:
@@ -132,47 +123,7 @@ class BlockSparseLinear(nn.Module):
             error = block_structure_error(mask, block)
             if error is not None:
                 raise ValueError(error)
-        pattern = BSRPattern.from_mask(mask, block)
-        layer = cls(weight.shape[1], weight.shape[0], pattern, bias=bias is not None, device=weight.device,
-                    dtype=weight.dtype)
-        with torch.no_grad():
-            layer.values.copy_(pattern.gather(weight.detach()))
-            if bias is not None:
-                layer.bias.copy_(bias.detach())
-        return layer
-
-    @classmethod
-    def from_masked(cls, layer: MaskedLinear, block=None) -> "BlockSparseLinear":
-        """The block-sparse form of a MaskedLinear with a fixed (bool), block-structured mask."""
-        if not isinstance(layer, MaskedLinear):
-            raise TypeError(f"layer must be a MaskedLinear, got {type(layer).__name__}")
-        if layer.mask_mode != "fixed":
-            raise ValueError("only a fixed (bool) mask has a fixed pattern; this layer's mask is trainable")
-        return cls.from_dense(layer.weight, layer.weight_mask, layer.bias, block=block)
-
-    def dense_weight(self) -> torch.Tensor:
-        """The dense weight (zeros at pruned entries), detached."""
-        return self.pattern.scatter(self.values.detach())
-
-    def to_masked(self) -> MaskedLinear:
-        """A MaskedLinear with the same kept weights, mask and bias (pruned weights are zeros)."""
-        layer = MaskedLinear(self.in_features, self.out_features, bias=self.bias is not None,
-                             device=self.values.device, dtype=self.values.dtype, mask=self.pattern.mask())
-        with torch.no_grad():
-            layer.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
-
-    def to_dense(self) -> nn.Linear:
-        """A plain nn.Linear computing the same function (its weight has the pruned zeros)."""
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
+        return BSRPattern.from_mask(mask, block)
 
     # --- state_dict -----------------------------------------------------------
 

@@ -27,10 +27,10 @@ from torch import nn
 
 from ..ops.nm_linear import nm_linear
 from ..sparse.nm import NMPattern, detect
-from .masked import MaskedLinear
+from ._linear_forms import LinearForms
 
 
-class NMSparseLinear(nn.Module):
+class NMSparseLinear(LinearForms, nn.Module):
     """``y = x W^T + b`` with W kept only at the entries of a fixed N:M ``pattern``.
 
     Build one from a layer with :meth:`from_masked` / :meth:`from_dense`, or
@@ -96,67 +96,10 @@ class NMSparseLinear(nn.Module):
 
     # --- conversions ----------------------------------------------------------
 
-    @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                   n: Optional[int] = None, m: Optional[int] = None) -> "NMSparseLinear":
-        """The layer with ``weight`` kept where ``mask != 0`` (values copied, not shared).
-
-        ``n`` and ``m`` are detected unless given; ValueError if the mask is not N:M.
-        """
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError("weight must be a 2-D tensor (out_features, in_features)")
-        if not isinstance(mask, torch.Tensor) or mask.shape != weight.shape:
-            raise ValueError(f"mask must be a tensor of the weight's shape {tuple(weight.shape)}")
-        pattern = NMPattern.from_mask(mask.to(weight.device), n, m)
-        layer = cls(weight.shape[1], weight.shape[0], pattern, bias=bias is not None, device=weight.device,
-                    dtype=weight.dtype)
-        with torch.no_grad():
-            layer.values.copy_(pattern.gather(weight.detach()))
-            if bias is not None:
-                layer.bias.copy_(bias.detach())
-        return layer
-
-    @classmethod
-    def from_masked(cls, layer: MaskedLinear) -> "NMSparseLinear":
-        """The N:M form of a MaskedLinear with a fixed (bool) N:M mask."""
-        if not isinstance(layer, MaskedLinear):
-            raise TypeError(f"layer must be a MaskedLinear, got {type(layer).__name__}")
-        if layer.mask_mode != "fixed":
-            raise ValueError("only a fixed (bool) mask has a fixed pattern; this layer's mask is trainable")
-        return cls.from_dense(layer.weight, layer.weight_mask, layer.bias)
-
-    @classmethod
-    def from_linear(cls, layer: nn.Linear, mask: Optional[torch.Tensor] = None) -> "NMSparseLinear":
-        """The N:M form of ``layer`` pruned by ``mask`` (default: its zero weights are pruned)."""
-        if isinstance(layer, MaskedLinear):
-            return cls.from_masked(layer)
-        if not isinstance(layer, nn.Linear):
-            raise TypeError(f"layer must be an nn.Linear, got {type(layer).__name__}")
-        return cls.from_dense(layer.weight, layer.weight != 0 if mask is None else mask, layer.bias)
-
-    def dense_weight(self) -> torch.Tensor:
-        """The dense weight (zeros at pruned entries), detached."""
-        return self.pattern.scatter(self.values.detach())
-
-    def to_masked(self) -> MaskedLinear:
-        """A MaskedLinear with the same kept weights, mask and bias (pruned weights are zeros)."""
-        layer = MaskedLinear(self.in_features, self.out_features, bias=self.bias is not None,
-                             device=self.values.device, dtype=self.values.dtype, mask=self.pattern.mask())
-        with torch.no_grad():
-            layer.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
-
-    def to_dense(self) -> nn.Linear:
-        """A plain nn.Linear computing the same function (its weight has the pruned zeros)."""
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
+    @staticmethod
+    def _pattern_of(mask: torch.Tensor, n: Optional[int] = None, m: Optional[int] = None) -> NMPattern:
+        # n and m are detected unless given; ValueError if the mask is not N:M.
+        return NMPattern.from_mask(mask, n, m)
 
     # --- state_dict ---------------------------------------------------------------
 
