@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..sparse.bsr import BSRPattern
-from . import _autocast, _checks
+from . import _sparse_linear_common as common
 from ._library import none_if_empty, register_cuda_router
 
 Tensor = torch.Tensor
@@ -25,24 +25,13 @@ Tensor = torch.Tensor
 
 def bsr_linear(x: Tensor, values: Tensor, pattern: BSRPattern, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, W, bias)`` for ``W = pattern.scatter(values)``; differentiable in x, values and bias."""
-    _checks.tensor("x", x)
-    _checks.tensor("values", values, rank=(3,))
-    if not isinstance(pattern, BSRPattern):
-        raise TypeError(f"pattern must be a sparsesam.sparse.BSRPattern, got {type(pattern).__name__}")
-    if tuple(values.shape) != pattern.values_shape:
-        raise ValueError(f"values has shape {tuple(values.shape)} but the pattern has "
-                         f"values_shape=(nblocks, bh, bw)={pattern.values_shape}")
-    if bias is not None:
-        _checks.tensor("bias", bias, rank=(1,))
-        if bias.shape[0] != pattern.out_features:
-            raise ValueError(f"bias has {bias.shape[0]} entries but the pattern has {pattern.out_features} outputs")
-    _checks.same_device(x=x, values=values, pattern=pattern.crow_indices, bias=bias)
-    if x.dim() == 0 or x.shape[-1] != pattern.in_features:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={pattern.in_features}")
-    x, values, bias = _autocast.cast_inputs(x.device.type, x, values, bias)
-    _checks.same_dtype(x=x, values=values)
-    if bias is not None:
-        _checks.same_dtype(values=values, bias=bias)
+    values_error = None
+    if (isinstance(pattern, BSRPattern) and isinstance(values, Tensor) and values.dim() == 3
+            and tuple(values.shape) != pattern.values_shape):
+        values_error = (f"values has shape {tuple(values.shape)} but the pattern has "
+                        f"values_shape=(nblocks, bh, bw)={pattern.values_shape}")
+    x, values, bias = common.check_inputs(x, values, pattern, BSRPattern, 3, values_error,
+                                          getattr(pattern, "crow_indices", None), bias)
     return torch.ops.sparsesam.bsr_linear.default(x, values, *pattern.index, bias)
 
 
@@ -58,11 +47,7 @@ def _bsr_linear_fake(x, values, crow_indices, col_indices, ccol_indices, row_ind
 @torch.library.register_fake("sparsesam::bsr_linear_backward")
 def _bsr_linear_backward_fake(grad_out, x, values, crow_indices, col_indices, ccol_indices, row_indices,
                               bsr_positions, output_mask):
-    want_dx, want_dvalues = output_mask
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format) if want_dx else x.new_empty((0,)),
-        values.new_empty(values.shape) if want_dvalues else values.new_empty((0,)),
-    )
+    return common.backward_fake(x, values, output_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -76,27 +61,21 @@ def _setup_context(ctx, inputs, output):
     ctx.in_features = x.shape[-1]
 
 
-def _placeholder(like: Tensor, shape) -> Tensor:
-    return like.new_zeros(()).expand(shape)
-
-
 def _backward(ctx, grad_out):
     x, values, crow_indices, col_indices, ccol_indices, row_indices, bsr_positions = ctx.saved_tensors
     want_dx, want_dvalues = ctx.needs_input_grad[:2]
     want_dbias = ctx.needs_input_grad[7]
     dx = dvalues = dbias = None
     if want_dx or want_dvalues:
-        # What was not saved goes in as a zero-stride placeholder of the right
-        # shape (no memory); the kernel does not read it.
-        x_arg = x if x is not None else _placeholder(grad_out, (*grad_out.shape[:-1], ctx.in_features))
-        v_arg = values if values is not None else _placeholder(grad_out, ctx.values_shape)
+        x_arg = x if x is not None else common.placeholder(grad_out, (*grad_out.shape[:-1], ctx.in_features))
+        v_arg = values if values is not None else common.placeholder(grad_out, ctx.values_shape)
         dx, dvalues = torch.ops.sparsesam.bsr_linear_backward.default(
             grad_out, x_arg, v_arg, crow_indices, col_indices, ccol_indices, row_indices, bsr_positions,
             [want_dx, want_dvalues],
         )
         dx, dvalues = none_if_empty(dx, want_dx), none_if_empty(dvalues, want_dvalues)
     if want_dbias:
-        dbias = grad_out if grad_out.dim() == 1 else grad_out.sum(tuple(range(grad_out.dim() - 1)))
+        dbias = common.bias_grad(grad_out)
     return dx, dvalues, None, None, None, None, None, dbias
 
 

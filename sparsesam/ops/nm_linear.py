@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..sparse.nm import NMPattern
-from . import _autocast, _checks
+from . import _sparse_linear_common as common
 from ._library import none_if_empty, register_cuda_router
 
 Tensor = torch.Tensor
@@ -24,23 +24,12 @@ Tensor = torch.Tensor
 
 def nm_linear(x: Tensor, values: Tensor, pattern: NMPattern, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, W, bias)`` for ``W = pattern.scatter(values)``; differentiable in x, values and bias."""
-    _checks.tensor("x", x)
-    _checks.tensor("values", values, rank=(2,))
-    if not isinstance(pattern, NMPattern):
-        raise TypeError(f"pattern must be a sparsesam.sparse.NMPattern, got {type(pattern).__name__}")
-    if tuple(values.shape) != pattern.values_shape:
-        raise ValueError(f"values has shape {tuple(values.shape)} but the pattern's values are {pattern.values_shape}")
-    if bias is not None:
-        _checks.tensor("bias", bias, rank=(1,))
-        if bias.shape[0] != pattern.out_features:
-            raise ValueError(f"bias has {bias.shape[0]} entries but the pattern has {pattern.out_features} outputs")
-    _checks.same_device(x=x, values=values, pattern=pattern.indices, bias=bias)
-    if x.dim() == 0 or x.shape[-1] != pattern.in_features:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={pattern.in_features}")
-    x, values, bias = _autocast.cast_inputs(x.device.type, x, values, bias)
-    _checks.same_dtype(x=x, values=values)
-    if bias is not None:
-        _checks.same_dtype(values=values, bias=bias)
+    values_error = None
+    if (isinstance(pattern, NMPattern) and isinstance(values, Tensor) and values.dim() == 2
+            and tuple(values.shape) != pattern.values_shape):
+        values_error = f"values has shape {tuple(values.shape)} but the pattern's values are {pattern.values_shape}"
+    x, values, bias = common.check_inputs(x, values, pattern, NMPattern, 2, values_error,
+                                          getattr(pattern, "indices", None), bias)
     return torch.ops.sparsesam.nm_linear.default(x, values, pattern.indices, pattern.n, pattern.m, bias)
 
 
@@ -53,11 +42,7 @@ def _nm_linear_fake(x, values, indices, n, m, bias):
 
 @torch.library.register_fake("sparsesam::nm_linear_backward")
 def _nm_linear_backward_fake(grad_out, x, values, indices, n, m, output_mask):
-    want_dx, want_dvalues = output_mask
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format) if want_dx else x.new_empty((0,)),
-        values.new_empty(values.shape) if want_dvalues else values.new_empty((0,)),
-    )
+    return common.backward_fake(x, values, output_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -70,25 +55,19 @@ def _setup_context(ctx, inputs, output):
     ctx.values_shape = tuple(values.shape)
 
 
-def _placeholder(like: Tensor, shape) -> Tensor:
-    return like.new_zeros(()).expand(shape)
-
-
 def _backward(ctx, grad_out):
     x, values, indices = ctx.saved_tensors
     want_dx, want_dvalues = ctx.needs_input_grad[:2]
     want_dbias = ctx.needs_input_grad[5]
     dx = dvalues = dbias = None
     if want_dx or want_dvalues:
-        # What was not saved goes in as a zero-stride placeholder of the right
-        # shape (no memory); the kernel does not read it.
-        x_arg = x if x is not None else _placeholder(grad_out, ctx.x_shape)
-        v_arg = values if values is not None else _placeholder(grad_out, ctx.values_shape)
+        x_arg = x if x is not None else common.placeholder(grad_out, ctx.x_shape)
+        v_arg = values if values is not None else common.placeholder(grad_out, ctx.values_shape)
         dx, dvalues = torch.ops.sparsesam.nm_linear_backward.default(
             grad_out, x_arg, v_arg, indices, ctx.n, ctx.m, [want_dx, want_dvalues])
         dx, dvalues = none_if_empty(dx, want_dx), none_if_empty(dvalues, want_dvalues)
     if want_dbias:
-        dbias = grad_out if grad_out.dim() == 1 else grad_out.sum(tuple(range(grad_out.dim() - 1)))
+        dbias = common.bias_grad(grad_out)
     return dx, dvalues, None, None, None, dbias
 
 

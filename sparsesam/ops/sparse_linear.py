@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..sparse.csr import CSRPattern
-from . import _autocast, _checks
+from . import _sparse_linear_common as common
 from ._library import none_if_empty, register_cuda_router
 
 Tensor = torch.Tensor
@@ -23,23 +23,12 @@ Tensor = torch.Tensor
 
 def sparse_linear(x: Tensor, values: Tensor, pattern: CSRPattern, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, W, bias)`` for ``W = pattern.scatter(values)``; differentiable in x, values and bias."""
-    _checks.tensor("x", x)
-    _checks.tensor("values", values, rank=(1,))
-    if not isinstance(pattern, CSRPattern):
-        raise TypeError(f"pattern must be a sparsesam.sparse.CSRPattern, got {type(pattern).__name__}")
-    if values.shape[0] != pattern.nnz:
-        raise ValueError(f"values has {values.shape[0]} entries but the pattern has nnz={pattern.nnz}")
-    if bias is not None:
-        _checks.tensor("bias", bias, rank=(1,))
-        if bias.shape[0] != pattern.out_features:
-            raise ValueError(f"bias has {bias.shape[0]} entries but the pattern has {pattern.out_features} outputs")
-    _checks.same_device(x=x, values=values, pattern=pattern.crow_indices, bias=bias)
-    if x.dim() == 0 or x.shape[-1] != pattern.in_features:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={pattern.in_features}")
-    x, values, bias = _autocast.cast_inputs(x.device.type, x, values, bias)
-    _checks.same_dtype(x=x, values=values)
-    if bias is not None:
-        _checks.same_dtype(values=values, bias=bias)
+    values_error = None
+    if (isinstance(pattern, CSRPattern) and isinstance(values, Tensor) and values.dim() == 1
+            and values.shape[0] != pattern.nnz):
+        values_error = f"values has {values.shape[0]} entries but the pattern has nnz={pattern.nnz}"
+    x, values, bias = common.check_inputs(x, values, pattern, CSRPattern, 1, values_error,
+                                          getattr(pattern, "crow_indices", None), bias)
     return torch.ops.sparsesam.sparse_linear.default(x, values, *pattern, bias)
 
 
@@ -53,11 +42,7 @@ def _sparse_linear_fake(x, values, crow_indices, col_indices, ccol_indices, row_
 @torch.library.register_fake("sparsesam::sparse_linear_backward")
 def _sparse_linear_backward_fake(grad_out, x, values, crow_indices, col_indices, ccol_indices, row_indices,
                                  csr_positions, output_mask):
-    want_dx, want_dvalues = output_mask
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format) if want_dx else x.new_empty((0,)),
-        values.new_empty(values.shape) if want_dvalues else values.new_empty((0,)),
-    )
+    return common.backward_fake(x, values, output_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -68,27 +53,21 @@ def _setup_context(ctx, inputs, output):
                           crow_indices, col_indices, ccol_indices, row_indices, csr_positions)
 
 
-def _placeholder(like: Tensor, shape) -> Tensor:
-    return like.new_zeros(()).expand(shape)
-
-
 def _backward(ctx, grad_out):
     x, values, crow_indices, col_indices, ccol_indices, row_indices, csr_positions = ctx.saved_tensors
     want_dx, want_dvalues = ctx.needs_input_grad[:2]
     want_dbias = ctx.needs_input_grad[7]
     dx = dvalues = dbias = None
     if want_dx or want_dvalues:
-        # What was not saved goes in as a zero-stride placeholder of the right
-        # shape (no memory); the kernel does not read it.
-        x_arg = x if x is not None else _placeholder(grad_out, (*grad_out.shape[:-1], ccol_indices.numel() - 1))
-        v_arg = values if values is not None else _placeholder(grad_out, (col_indices.numel(),))
+        x_arg = x if x is not None else common.placeholder(grad_out, (*grad_out.shape[:-1], ccol_indices.numel() - 1))
+        v_arg = values if values is not None else common.placeholder(grad_out, (col_indices.numel(),))
         dx, dvalues = torch.ops.sparsesam.sparse_linear_backward.default(
             grad_out, x_arg, v_arg, crow_indices, col_indices, ccol_indices, row_indices, csr_positions,
             [want_dx, want_dvalues],
         )
         dx, dvalues = none_if_empty(dx, want_dx), none_if_empty(dvalues, want_dvalues)
     if want_dbias:
-        dbias = grad_out if grad_out.dim() == 1 else grad_out.sum(tuple(range(grad_out.dim() - 1)))
+        dbias = common.bias_grad(grad_out)
     return dx, dvalues, None, None, None, None, None, dbias
 
 
