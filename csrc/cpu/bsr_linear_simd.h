@@ -1,7 +1,7 @@
 // The interface between the bsr_linear CPU op (bsr_linear_cpu.cpp) and its
 // inner kernels, compiled once per instruction set like sparse_linear's: for
 // the baseline ISA in bsr_linear_cpu.cpp and, on x86-64, for AVX2+FMA in
-// bsr_linear_avx2.cpp; the op picks one at run time. Only plain structs and
+// sparse_formats_avx2.cpp; the op picks one at run time. Only plain structs and
 // function pointers cross that boundary.
 //
 // Layout: the dense operands (x, grad_out) are packed batch-contiguous in

@@ -2,7 +2,7 @@
 // inner kernels (nm_linear_kernels.h), compiled once per instruction set
 // like sparse_linear's (see sparse_linear_simd.h, whose packed layout, pack
 // and unpack kernels this reuses): the baseline ISA in nm_linear_cpu.cpp,
-// AVX2+FMA in nm_linear_avx2.cpp. Only plain structs and function pointers
+// AVX2+FMA in sparse_formats_avx2.cpp. Only plain structs and function pointers
 // cross the boundary.
 //
 // Weight layout (sparsesam/sparse/nm.py): row r holds K = groups * n entries,

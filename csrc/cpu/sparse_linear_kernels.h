@@ -4,7 +4,7 @@
 //
 // This header is meant to be included INSIDE a namespace by each
 // instruction-set translation unit (sparse_linear_cpu.cpp for the baseline
-// ISA, sparse_linear_avx2.cpp under a target("avx2,fma") pragma). Each ISA
+// ISA, sparse_formats_avx2.cpp under a target("avx2,fma") pragma). Each ISA
 // so gets its own copies under its own names, and the header includes
 // nothing and calls no library function: only compiler builtins, so no
 // inline function of a shared header is ever compiled for AVX2. The includer

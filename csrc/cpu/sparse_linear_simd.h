@@ -1,7 +1,7 @@
 // The interface between the sparse_linear CPU op (sparse_linear_cpu.cpp) and
 // its inner kernels, which are compiled once per instruction set: for the
 // baseline x86-64 ISA (SSE2, the wheel runs anywhere) in sparse_linear_cpu.cpp
-// and, on x86-64, for AVX2+FMA in sparse_linear_avx2.cpp; the op picks one at
+// and, on x86-64, for AVX2+FMA in sparse_formats_avx2.cpp; the op picks one at
 // run time. Only plain structs and function pointers cross that boundary, so
 // no inline function is ever compiled for two instruction sets under one name.
 //
