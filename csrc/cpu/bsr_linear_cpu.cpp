@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "../common/masked_layers.h"
+#include "sparse_linear_common.h"
 #include "bsr_linear_simd.h"
 #include "sparse_linear_simd.h"
 
@@ -60,19 +61,6 @@ constexpr int64_t kTasksPerThread = 4;
 constexpr int64_t kRowCost = 4;
 // Features per packing task.
 constexpr int64_t kPackColumns = 256;
-
-bool cpu_runs_avx2() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    // ATEN_CPU_CAPABILITY=default keeps ATen's kernels off AVX2: ours follow.
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && at::get_cpu_capability() != "DEFAULT";
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
 
 template <typename acc_t>
 const BsrLinearKernels<acc_t>& kernels() {
@@ -105,13 +93,6 @@ void check_offsets(const at::Tensor& ptr, const char* name, int64_t nblocks) {
   bool sorted = true;
   for (int64_t i = 0; i < n; ++i) sorted &= p[i] <= p[i + 1];
   TORCH_CHECK_VALUE(sorted, "bsr_linear: ", name, " must be non-decreasing");
-}
-
-// Whether idx[begin, end) all lie in [0, bound) (negatives wrap high).
-bool indices_below(const int32_t* idx, int64_t begin, int64_t end, int64_t bound) {
-  uint32_t worst = 0;
-  for (int64_t j = begin; j < end; ++j) worst = std::max(worst, static_cast<uint32_t>(idx[j]));
-  return end == begin || int64_t(worst) < bound;
 }
 
 struct Pattern {
@@ -186,39 +167,6 @@ int64_t widest_task(const std::vector<int64_t>& bounds) {
   return widest;
 }
 
-// Runs first(i) for i in [0, n_first), then, once all of them are done,
-// second(i, scratch) for i in [0, n_second), in ONE parallel region (as
-// sparse_linear's run_phases). Tasks must not throw.
-template <typename acc_t, typename First, typename Second>
-void run_phases(int64_t n_first, const First& first, int64_t n_second, int64_t scratch_elems, const Second& second,
-                std::atomic<bool>& failed) {
-  if (n_first + n_second == 0) return;
-  std::atomic<int64_t> next_first{0}, done_first{0}, next_second{0};
-  const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, std::max(n_first, n_second));
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch;
-    for (int64_t slot = begin; slot < end; ++slot) {
-      for (int64_t i = next_first.fetch_add(1); i < n_first; i = next_first.fetch_add(1)) {
-        try {
-          first(i);
-        } catch (...) {
-          failed = true;
-        }
-        done_first.fetch_add(1, std::memory_order_release);
-      }
-      while (done_first.load(std::memory_order_acquire) < n_first) std::this_thread::yield();
-      for (int64_t i = next_second.fetch_add(1); i < n_second; i = next_second.fetch_add(1)) {
-        try {
-          if (scratch.empty() && scratch_elems > 0) scratch.resize(scratch_elems);
-          second(i, scratch.data());
-        } catch (...) {
-          failed = true;
-        }
-      }
-    }
-  });
-}
-
 // Packing tasks: a [batch][cols] row-major matrix (row stride ld) into tiles
 // packed[t] = [cols][T]; one task per tile and kPackColumns columns.
 template <typename acc_t>
@@ -239,22 +187,6 @@ struct Packing {
   }
 };
 
-// t as a [batch][features] matrix in acc_t whose rows are unit-stride and do
-// not overlap (a view of t when it already is one, else a copy).
-at::Tensor rows_in(const at::Tensor& t, at::ScalarType acc) {
-  at::Tensor m = as_rows(t);
-  if (m.scalar_type() != acc) m = m.to(acc);
-  if (m.size(1) > 1 && m.stride(1) != 1) m = m.contiguous();
-  if (m.size(0) > 1 && m.stride(0) < m.size(1)) m = m.contiguous();
-  return m;
-}
-
-int64_t row_stride(const at::Tensor& m) { return m.size(0) > 1 ? m.stride(0) : m.size(1); }
-
-template <typename acc_t>
-const acc_t* data(const at::Tensor& t) {
-  return t.const_data_ptr<acc_t>();
-}
 const int32_t* index(const at::Tensor& t) { return t.const_data_ptr<int32_t>(); }
 
 // --- Forward ----------------------------------------------------------------------

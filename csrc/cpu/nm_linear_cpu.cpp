@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "../common/masked_layers.h"
+#include "sparse_linear_common.h"
 #include "nm_linear_simd.h"
 
 namespace sparsesam::cpu {
@@ -60,19 +61,6 @@ constexpr int64_t kGradInputBytes = 64 * 1024;
 constexpr int64_t kGradInputEntries = 64;
 // Columns per packing task.
 constexpr int64_t kPackColumns = 256;
-
-bool cpu_runs_avx2() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    // ATEN_CPU_CAPABILITY=default keeps ATen's kernels (and sparse_linear's) off AVX2: ours follow.
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && at::get_cpu_capability() != "DEFAULT";
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
 
 template <typename acc_t>
 const NMLinearKernels<acc_t>& kernels() {
@@ -144,39 +132,6 @@ int64_t group_block(const Shape& s, int64_t width, size_t acc_bytes) {
   return std::max<int64_t>(1, kBlockBytes / (int64_t(s.m) * width * int64_t(acc_bytes)));
 }
 
-// first(i) for i < n_first, then (all of them done) second(i, scratch) for
-// i < n_second, in ONE parallel region, threads taking tasks from shared
-// counters (the scheduling of sparse_linear_cpu.cpp's run_phases).
-template <typename acc_t, typename First, typename Second>
-void run_phases(int64_t n_first, const First& first, int64_t n_second, int64_t scratch_elems, const Second& second,
-                std::atomic<bool>& failed) {
-  if (n_first + n_second == 0) return;
-  std::atomic<int64_t> next_first{0}, done_first{0}, next_second{0};
-  const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, std::max(n_first, n_second));
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch;
-    for (int64_t slot = begin; slot < end; ++slot) {
-      for (int64_t i = next_first.fetch_add(1); i < n_first; i = next_first.fetch_add(1)) {
-        try {
-          first(i);
-        } catch (...) {
-          failed = true;
-        }
-        done_first.fetch_add(1, std::memory_order_release);
-      }
-      while (done_first.load(std::memory_order_acquire) < n_first) std::this_thread::yield();
-      for (int64_t i = next_second.fetch_add(1); i < n_second; i = next_second.fetch_add(1)) {
-        try {
-          if (scratch.empty()) scratch.resize(scratch_elems);
-          second(i, scratch.data());
-        } catch (...) {
-          failed = true;
-        }
-      }
-    }
-  });
-}
-
 // Packing a [batch][cols] row-major matrix (row stride ld) into tiles: one
 // task per tile and kPackColumns columns.
 template <typename acc_t>
@@ -196,22 +151,6 @@ struct Packing {
                                               std::min(cols, c0 + kPackColumns), packed + tile * cols * tiling.width});
   }
 };
-
-// t as a [batch][features] matrix in acc_t with unit-stride, non-overlapping rows.
-at::Tensor rows_in(const at::Tensor& t, at::ScalarType acc) {
-  at::Tensor m = as_rows(t);
-  if (m.scalar_type() != acc) m = m.to(acc);
-  if (m.size(1) > 1 && m.stride(1) != 1) m = m.contiguous();
-  if (m.size(0) > 1 && m.stride(0) < m.size(1)) m = m.contiguous();
-  return m;
-}
-
-int64_t row_stride(const at::Tensor& m) { return m.size(0) > 1 ? m.stride(0) : m.size(1); }
-
-template <typename acc_t>
-const acc_t* data(const at::Tensor& t) {
-  return t.const_data_ptr<acc_t>();
-}
 
 // --- Forward ----------------------------------------------------------------------
 
