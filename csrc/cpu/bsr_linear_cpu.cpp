@@ -76,25 +76,6 @@ const BsrLinearKernels<acc_t>& kernels() {
 
 // --- Checks -------------------------------------------------------------------
 
-void check_index_tensor(const at::Tensor& t, const char* name, int64_t numel) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "bsr_linear: ", name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "bsr_linear: ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == numel, "bsr_linear: ", name, " must be 1-D with ", numel,
-                    " entries, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), "bsr_linear: ", name, " must be contiguous");
-}
-
-// Offsets: ptr[0] == 0, non-decreasing, ptr[lines] == nblocks. O(lines), serial.
-void check_offsets(const at::Tensor& ptr, const char* name, int64_t nblocks) {
-  const int32_t* p = ptr.const_data_ptr<int32_t>();
-  const int64_t n = ptr.numel() - 1;
-  TORCH_CHECK_VALUE(p[0] == 0 && p[n] == nblocks, "bsr_linear: ", name, " must start at 0 and end at nblocks=",
-                    nblocks, ", got ", p[0], " and ", p[n]);
-  bool sorted = true;
-  for (int64_t i = 0; i < n; ++i) sorted &= p[i] <= p[i + 1];
-  TORCH_CHECK_VALUE(sorted, "bsr_linear: ", name, " must be non-decreasing");
-}
-
 struct Pattern {
   int64_t block_rows, block_cols, nblocks, bh, bw;
   int64_t out_features() const { return block_rows * bh; }
@@ -113,13 +94,13 @@ Pattern check_pattern(const at::Tensor& values, const at::Tensor& crow, const at
   TORCH_CHECK_VALUE(p.nblocks < (int64_t(1) << 31) && p.out_features() < (int64_t(1) << 31) &&
                         p.in_features() < (int64_t(1) << 31),
                     "bsr_linear: int32 indices need fewer than 2^31 blocks and features");
-  check_index_tensor(crow, "crow_indices", p.block_rows + 1);
-  check_index_tensor(col, "col_indices", p.nblocks);
-  check_index_tensor(ccol, "ccol_indices", p.block_cols + 1);
-  check_index_tensor(row, "row_indices", p.nblocks);
-  check_index_tensor(pos, "bsr_positions", p.nblocks);
-  if (bsr) check_offsets(crow, "crow_indices", p.nblocks);
-  if (transposed) check_offsets(ccol, "ccol_indices", p.nblocks);
+  check_index_tensor("bsr_linear", crow, "crow_indices", p.block_rows + 1);
+  check_index_tensor("bsr_linear", col, "col_indices", p.nblocks);
+  check_index_tensor("bsr_linear", ccol, "ccol_indices", p.block_cols + 1);
+  check_index_tensor("bsr_linear", row, "row_indices", p.nblocks);
+  check_index_tensor("bsr_linear", pos, "bsr_positions", p.nblocks);
+  if (bsr) check_offsets("bsr_linear", crow, "crow_indices", p.nblocks, "nblocks");
+  if (transposed) check_offsets("bsr_linear", ccol, "ccol_indices", p.nblocks, "nblocks");
   return p;
 }
 

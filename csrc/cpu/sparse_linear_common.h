@@ -31,6 +31,28 @@ inline bool cpu_runs_avx2() {
 #endif
 }
 
+// An int32 index tensor of op's: int32, on the CPU, 1-D with numel entries, contiguous.
+inline void check_index_tensor(const char* op, const at::Tensor& t, const char* name, int64_t numel) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == numel, op, ": ", name, " must be 1-D with ", numel,
+                    " entries, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Offsets: ptr[0] == 0, non-decreasing, ptr[last] == total (the entries or
+// blocks, named total_name in the message). O(lines), serial.
+inline void check_offsets(const char* op, const at::Tensor& ptr, const char* name, int64_t total,
+                          const char* total_name) {
+  const int32_t* p = ptr.const_data_ptr<int32_t>();
+  const int64_t n = ptr.numel() - 1;
+  TORCH_CHECK_VALUE(p[0] == 0 && p[n] == total, op, ": ", name, " must start at 0 and end at ", total_name, "=",
+                    total, ", got ", p[0], " and ", p[n]);
+  bool sorted = true;
+  for (int64_t i = 0; i < n; ++i) sorted &= p[i] <= p[i + 1];
+  TORCH_CHECK_VALUE(sorted, op, ": ", name, " must be non-decreasing");
+}
+
 // Whether idx[begin, end) all lie in [0, bound) (negatives wrap high).
 inline bool indices_below(const int32_t* idx, int64_t begin, int64_t end, int64_t bound) {
   uint32_t worst = 0;

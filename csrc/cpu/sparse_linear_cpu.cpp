@@ -105,25 +105,6 @@ const SparseLinearKernels<acc_t>& kernels() {
 
 // --- Checks -------------------------------------------------------------------
 
-void check_index_tensor(const at::Tensor& t, const char* name, int64_t numel) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "sparse_linear: ", name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "sparse_linear: ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == numel, "sparse_linear: ", name, " must be 1-D with ", numel,
-                    " entries, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), "sparse_linear: ", name, " must be contiguous");
-}
-
-// Offsets: ptr[0] == 0, non-decreasing, ptr[rows] == nnz. O(rows), serial.
-void check_offsets(const at::Tensor& ptr, const char* name, int64_t nnz) {
-  const int32_t* p = ptr.const_data_ptr<int32_t>();
-  const int64_t n = ptr.numel() - 1;
-  TORCH_CHECK_VALUE(p[0] == 0 && p[n] == nnz, "sparse_linear: ", name, " must start at 0 and end at nnz=", nnz,
-                    ", got ", p[0], " and ", p[n]);
-  bool sorted = true;
-  for (int64_t i = 0; i < n; ++i) sorted &= p[i] <= p[i + 1];
-  TORCH_CHECK_VALUE(sorted, "sparse_linear: ", name, " must be non-decreasing");
-}
-
 struct Pattern {
   int64_t out_features, in_features, nnz;
 };
@@ -139,13 +120,13 @@ Pattern check_pattern(const at::Tensor& values, const at::Tensor& crow, const at
   TORCH_CHECK_VALUE(p.nnz < (int64_t(1) << 31) && p.out_features < (int64_t(1) << 31) &&
                         p.in_features < (int64_t(1) << 31),
                     "sparse_linear: int32 indices need fewer than 2^31 entries and features");
-  check_index_tensor(crow, "crow_indices", p.out_features + 1);
-  check_index_tensor(col, "col_indices", p.nnz);
-  check_index_tensor(ccol, "ccol_indices", p.in_features + 1);
-  check_index_tensor(row, "row_indices", p.nnz);
-  check_index_tensor(pos, "csr_positions", p.nnz);
-  if (csr) check_offsets(crow, "crow_indices", p.nnz);
-  if (transposed) check_offsets(ccol, "ccol_indices", p.nnz);
+  check_index_tensor("sparse_linear", crow, "crow_indices", p.out_features + 1);
+  check_index_tensor("sparse_linear", col, "col_indices", p.nnz);
+  check_index_tensor("sparse_linear", ccol, "ccol_indices", p.in_features + 1);
+  check_index_tensor("sparse_linear", row, "row_indices", p.nnz);
+  check_index_tensor("sparse_linear", pos, "csr_positions", p.nnz);
+  if (csr) check_offsets("sparse_linear", crow, "crow_indices", p.nnz, "nnz");
+  if (transposed) check_offsets("sparse_linear", ccol, "ccol_indices", p.nnz, "nnz");
   return p;
 }
 
