@@ -1,6 +1,6 @@
-"""set_execution / sparsify(execution=...): dense <-> sparse conversion and the "auto" crossover
-dispatch. Timings are injected through DispatchCache's timer seam, so every decision here is
-deterministic; no test asserts anything about real speed."""
+"""set_execution / resolve_execution / sparsify(execution=...): dense <-> sparse conversion by module
+swaps, and the "auto" crossover dispatch. Timings are injected through DispatchCache's timer seam, so
+every decision here is deterministic; no test asserts anything about real speed."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 import sparsesam
-from sparsesam.nn import (DispatchCache, MaskedConv2d, MaskedLinear, SparseConv2d, SparseLinear, dispatch_cache,
-                          execution_summary, resolve_execution, set_dispatch_cache, set_execution)
+from sparsesam.nn import (BlockSparseLinear, DispatchCache, MaskedConv2d, MaskedLinear, NMSparseLinear, SparseConv2d,
+                          SparseLinear, dispatch_cache, execution_summary, resolve_execution, set_dispatch_cache,
+                          set_execution)
 from sparsesam.nn.dispatch import dispatch_key, time_forms
+from sparsesam.nn.execution import _PENDING_AUTO
 
 
 class FakeTimer:
@@ -24,7 +26,7 @@ class FakeTimer:
     def __call__(self, forms, x, backward):
         assert list(forms)[0] == "dense" and type(forms["dense"]) in (MaskedLinear, MaskedConv2d)
         assert all(type(m) in (SparseLinear, SparseConv2d) for f, m in forms.items() if f != "dense")
-        self.calls.append((type(forms["dense"]).__name__, tuple(x.shape), backward))
+        self.calls.append((type(forms["dense"]).__name__, tuple(x.shape), backward, x.requires_grad))
         return {f: self.times[0] if f == "dense" else self.times[1] for f in forms}
 
 
@@ -37,14 +39,14 @@ def timer(request):
     set_dispatch_cache(old)
 
 
-def _mlp(mask_mode="fixed", density=0.1, execution="dense"):
+def _mlp(mask_mode="fixed", density=0.1, execution="dense", example=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 5)).double()
     sparsesam.sparsify(model, mask_mode=mask_mode, exclude="4")
     for layer in (model[0], model[2]):
         layer.set_mask((torch.rand_like(layer.weight) < density).to(layer.weight_mask.dtype))
     if execution != "dense":
-        set_execution(model, execution)
+        model = set_execution(model, execution, example=example)
     return model
 
 
@@ -62,12 +64,17 @@ def _same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
+def _x(batch=7):
+    return torch.randn(batch, 20, dtype=torch.float64)
+
+
 def test_auto_picks_sparse_where_timed_faster(timer):
-    model = _mlp(execution="auto")
-    x = torch.randn(7, 20, dtype=torch.float64)
+    model = _mlp()
+    x = _x()
     reference = sparsesam.export(model)(x)
-    y = model(x)
+    assert set_execution(model, "auto", example=x) is model
     assert execution_summary(model) == {"0": "sparse", "2": "sparse"}  # "4" was left an nn.Linear
+    y = model(x)
     assert isinstance(model[0], SparseLinear) and type(model[4]) is nn.Linear
     torch.testing.assert_close(y, reference)
     # fixed-mask layers 0 and 2 (other shapes: two keys) were timed, forward+backward as grad is on
@@ -76,22 +83,19 @@ def test_auto_picks_sparse_where_timed_faster(timer):
 
 @pytest.mark.parametrize("timer", [(1.0, 2.0)], indirect=True)
 def test_auto_picks_dense_where_timed_faster(timer):
-    model = _mlp(execution="auto")
-    model(torch.randn(7, 20, dtype=torch.float64))
+    model = _mlp(execution="auto", example=_x())
     assert set(execution_summary(model).values()) == {"dense"}
-    assert isinstance(model[0], MaskedLinear) and model[0].execution == "auto"
+    assert type(model[0]) is MaskedLinear and not hasattr(model[0], _PENDING_AUTO)  # settled: nothing waits
     assert len(timer.calls) == 2
 
 
 def test_cache_hit_times_once_per_key(timer):
-    first, second = _mlp(execution="auto"), _mlp(execution="auto")
-    x = torch.randn(60, 20, dtype=torch.float64)
-    first(x)
+    x = _x(60)
+    _mlp(execution="auto", example=x)
     assert len(timer.calls) == 2 and dispatch_cache().timings_run == 2
-    second(torch.randn(50, 20, dtype=torch.float64))  # same batch bucket (33..64): no timing
+    second = _mlp(execution="auto", example=_x(50))  # same batch bucket (33..64): no timing
     assert len(timer.calls) == 2 and execution_summary(second)["0"] == "sparse"
-    with torch.no_grad():  # forward-only is another situation
-        _mlp(execution="auto")(x)
+    set_execution(_mlp().eval(), "auto", example=x)  # eval mode times forward only: another situation
     assert len(timer.calls) == 4 and timer.calls[-1][2] is False
 
 
@@ -112,15 +116,14 @@ def test_cache_persists_to_the_env_file(tmp_path, monkeypatch):
     try:
         fake = FakeTimer(2.0, 1.0)
         dispatch_cache().timer = fake
-        _mlp(execution="auto")(torch.randn(4, 20, dtype=torch.float64))
+        _mlp(execution="auto", example=_x(4))
         saved = json.loads(path.read_text())
         assert saved["version"] == DispatchCache.VERSION and len(saved["entries"]) == 2
         assert {e["choice"] for e in saved["entries"].values()} == {"csr"}
         set_dispatch_cache(None)  # a "new process": loads the file, times nothing
         again = FakeTimer(1.0, 2.0)
         dispatch_cache().timer = again
-        model = _mlp(execution="auto")
-        model(torch.randn(4, 20, dtype=torch.float64))
+        model = _mlp(execution="auto", example=_x(4))
         assert again.calls == [] and execution_summary(model)["0"] == "sparse"
     finally:
         set_dispatch_cache(old)
@@ -144,20 +147,21 @@ def test_cache_of_an_older_version_is_ignored_with_a_warning(tmp_path):
     assert cache.entries == {}
 
 
-def test_per_layer_override(timer):
-    model = _mlp(execution="auto")
-    x = torch.randn(5, 20, dtype=torch.float64)
+def test_some_layers_by_module_or_name(timer):
+    model = _mlp(execution="auto", example=_x(5))
+    x = _x(5)
     y = model(x)
     assert execution_summary(model)["0"] == "sparse"
-    model[0].execution = "dense"
-    assert isinstance(model[0], SparseLinear)  # converts at the next forward
+    set_execution(model, "dense", layers=["0"])
+    assert type(model[0]) is MaskedLinear and isinstance(model[2], SparseLinear)
     torch.testing.assert_close(model(x), y)
-    assert execution_summary(model) == {"0": "dense", "2": "sparse"}
-    model[0].execution = "sparse"
+    set_execution(model, "sparse", layers=[model[0]])
     torch.testing.assert_close(model(x), y)
     assert execution_summary(model) == {"0": "sparse", "2": "sparse"} and len(timer.calls) == 2
-    with pytest.raises(ValueError, match="execution must be one of"):
-        model[0].execution = "fast"
+    with pytest.raises(ValueError, match="layers names 'nope'"):
+        set_execution(model, "dense", layers=["nope"])
+    with pytest.raises(TypeError, match="layers must"):
+        set_execution(model, "dense", layers=model[0])
 
 
 def test_dense_sparse_dense_round_trip_is_exact():
@@ -168,7 +172,9 @@ def test_dense_sparse_dense_round_trip_is_exact():
     x = torch.randn(9, 20, dtype=torch.float64)
     state, y = {k: v.clone() for k, v in model.state_dict().items()}, model(x)
     classes = [type(m) for m in model]
-    set_execution(model, "sparse")
+    rng = torch.get_rng_state()
+    assert set_execution(model, "sparse") is model
+    assert torch.equal(torch.get_rng_state(), rng)  # the new forms' initialisers left no trace
     assert isinstance(model[0], SparseLinear) and isinstance(model[2], SparseLinear)
     assert "0.values" in model.state_dict() and "0.weight" not in model.state_dict()
     torch.testing.assert_close(model(x), y)
@@ -188,12 +194,20 @@ def test_round_trip_zeroes_pruned_weights_only():
 def test_conversion_keeps_hooks_bias_and_training_mode():
     model = _mlp()
     seen = []
-    model[0].register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m).__name__)))
+    handle = model[0].register_forward_hook(lambda m, args, out: seen.append(("post", type(m).__name__)))
+    model[0].register_full_backward_hook(lambda m, gin, gout: seen.append(("backward", type(m).__name__)))
     bias = model[0].bias
     model.eval()
     set_execution(model, "sparse")
-    model(torch.randn(2, 20, dtype=torch.float64))
-    assert seen == ["DispatchedSparseLinear"] and model[0].bias is bias and not model[0].training
+    model(_x(2).requires_grad_()).sum().backward()
+    assert seen == [("pre", "SparseLinear"), ("post", "SparseLinear"), ("backward", "SparseLinear")]
+    assert model[0].bias is bias and not model[0].training and model.training is False
+    handle.remove()  # the handle still reaches the hook on the new module
+    seen.clear()
+    set_execution(model, "dense")
+    model(_x(2))
+    assert seen == [("pre", "MaskedLinear")]
 
 
 def test_training_through_sparse_layers():
@@ -208,18 +222,18 @@ def test_training_through_sparse_layers():
 
 def test_trainable_masks_stay_dense_until_fixed(timer):
     model = _mlp(mask_mode="trainable", execution="sparse")
-    x = torch.randn(4, 20, dtype=torch.float64)
-    model(x)
+    x = _x(4)
     assert set(execution_summary(model).values()) == {"dense"}
-    set_execution(model, "auto")
-    model(x)
+    set_execution(model, "auto", example=x)
     assert set(execution_summary(model).values()) == {"dense"} and timer.calls == []
-    # Freeze layer 0's mask (what freeze_scores does): its next forward follows "auto".
+    # Freeze layer 0's mask (what freeze_scores does), then ask again: it follows "auto" now.
     layer = model[0]
     mask = layer.weight_mask.detach().clone()
     del layer.weight_mask
     layer._init_mask("fixed", mask)
     model(x)
+    assert execution_summary(model) == {"0": "dense", "2": "dense"}  # nothing converts inside a forward
+    set_execution(model, "auto", example=x)
     assert execution_summary(model) == {"0": "sparse", "2": "dense"} and len(timer.calls) == 1
 
 
@@ -232,7 +246,9 @@ def test_parametrized_layers_are_left_alone():
 
     torch.nn.utils.parametrize.register_parametrization(model[0], "weight_mask", Identity())
     set_execution(model, "sparse")
-    assert "Parametrized" in type(model[0]).__name__ and not hasattr(model[0], "_execution")
+    set_execution(model, "auto")
+    assert "Parametrized" in type(model[0]).__name__ and not hasattr(model[0], _PENDING_AUTO)
+    assert execution_summary(model) == {"0": "dense", "2": "dense"}
 
 
 def test_sparsify_execution_keyword(timer):
@@ -241,8 +257,13 @@ def test_sparsify_execution_keyword(timer):
     assert type(plain[0]) is MaskedLinear  # the default keeps today's layers
     model = sparsesam.sparsify(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), exclude="1", execution="sparse")
     assert isinstance(model[0], SparseLinear) and type(model[1]) is nn.Linear
-    auto = sparsesam.sparsify(nn.Sequential(nn.Linear(4, 3)), execution="auto")
-    assert auto[0].execution == "auto"
+    auto = sparsesam.sparsify(nn.Sequential(nn.Linear(4, 3)), execution="auto")  # no example: waits, dense
+    assert type(auto[0]) is MaskedLinear and getattr(auto[0], _PENDING_AUTO)
+    auto[0].set_mask(torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]]))
+    resolve_execution(auto, torch.randn(2, 4))
+    assert isinstance(auto[0], SparseLinear) and not hasattr(auto[0], _PENDING_AUTO)
+    layer = sparsesam.sparsify(nn.Linear(4, 3), execution="sparse")  # the root itself converts: the new one returns
+    assert type(layer) is SparseLinear
     with pytest.raises(ValueError, match="execution"):
         sparsesam.sparsify(nn.Sequential(nn.Linear(4, 3)), execution="fast")
 
@@ -251,7 +272,7 @@ def test_convolutions_join_the_dispatch(timer):
     model = _cnn()
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
     y = model(x)
-    set_execution(model, "auto")
+    set_execution(model, "auto", example=x)
     torch.testing.assert_close(model(x), y)
     # the grouped conv cannot run sparse: dense, and never timed
     assert execution_summary(model) == {"0": "sparse", "2": "dense", "4": "sparse"}
@@ -264,10 +285,38 @@ def test_convolutions_join_the_dispatch(timer):
 
 
 def test_resolve_execution_settles_forms_before_the_optimizer(timer):
-    model = _mlp(execution="auto")
-    resolve_execution(model, torch.randn(3, 20, dtype=torch.float64))
+    model = _mlp(execution="auto")  # no example: layers wait, dense
+    assert execution_summary(model) == {"0": "dense", "2": "dense"} and timer.calls == []
+    x = _x(3)
+    model(x)  # a forward converts nothing
+    assert execution_summary(model) == {"0": "dense", "2": "dense"} and timer.calls == []
+    with pytest.raises(ValueError, match="example"):
+        resolve_execution(model, None)
+    assert resolve_execution(model, x) is model
     assert execution_summary(model)["0"] == "sparse" and timer.calls[0][2] is True
     assert all(p.grad is None for p in model.parameters())
+    params = list(model.parameters())
+    model(x).sum().backward()  # forms settled at return: the optimizer may be built before any forward
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert resolve_execution(model, x) is model and len(timer.calls) == 2  # nothing waits: no-op
+
+
+def test_auto_example_run_leaves_no_trace(timer):
+    """The example forward that takes each layer's input restores BatchNorm statistics and the RNG."""
+    torch.manual_seed(5)
+    model = sparsesam.sparsify(nn.Sequential(nn.Linear(20, 30), nn.BatchNorm1d(30), nn.Dropout(0.5),
+                                             nn.Linear(30, 4))).double()
+    for i in (0, 3):
+        model[i].set_mask(torch.rand_like(model[i].weight) < 0.2)
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "batches" in k}
+    x = _x(8)
+    rng = torch.get_rng_state()
+    set_execution(model, "auto", example=x)
+    assert execution_summary(model) == {"0": "sparse", "3": "sparse"}
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert _same_state({k: v for k, v in model.state_dict().items() if k in buffers}, buffers)
+    # training mode: forward+backward; the first layer's input is data, the second's needs dL/dx
+    assert [(c[2], c[3]) for c in timer.calls] == [(True, False), (True, True)]
 
 
 def test_real_timer_measures_both_forms():
@@ -278,11 +327,17 @@ def test_real_timer_measures_both_forms():
     assert layer.weight.grad is None
 
 
-def test_set_execution_rejects_bad_arguments():
+def test_set_execution_rejects_bad_arguments(timer):
     with pytest.raises(TypeError, match="model"):
         set_execution("model", "auto")
     with pytest.raises(ValueError, match="execution"):
         set_execution(nn.Linear(2, 2), "fastest")
+    with pytest.raises(ValueError, match="execution"):
+        set_execution(nn.Linear(2, 2), 3)
+    with pytest.raises(TypeError, match="example must be"):
+        set_execution(_mlp(), "auto", example=object())
+    with pytest.raises(TypeError, match="model"):
+        resolve_execution([], _x())
 
 
 def test_formats_by_preference_by_name_and_timed(monkeypatch):
@@ -293,13 +348,9 @@ def test_formats_by_preference_by_name_and_timed(monkeypatch):
     class EvenSparseLinear(SparseLinear):  # stands in for a structured format (BSR, N:M)
         pass
 
-    class DispatchedEvenSparseLinear(dispatch._Dispatched, EvenSparseLinear):
-        pass
-
     even = dispatch.SparseFormat("even", MaskedLinear, EvenSparseLinear,
                                  lambda m: None if int(m.weight_mask.sum()) % 2 == 0 else "an odd number of kept weights")
     monkeypatch.setattr(dispatch, "SPARSE_FORMATS", [even, *dispatch.SPARSE_FORMATS])
-    monkeypatch.setitem(dispatch._DISPATCHED, EvenSparseLinear, DispatchedEvenSparseLinear)
     model = _mlp()
     model[0].set_mask(torch.arange(600).view(30, 20) % 3 == 0)  # 200 kept: even
     model[2].set_mask(torch.arange(900).view(30, 30) % 7 == 0)  # 129 kept: odd
@@ -323,7 +374,7 @@ def test_formats_by_preference_by_name_and_timed(monkeypatch):
     old = set_dispatch_cache(DispatchCache(timer=timer))
     try:
         set_execution(model, "dense")
-        set_execution(model, "auto")
+        set_execution(model, "auto", example=x)
         torch.testing.assert_close(model(x), y)
         assert calls == [["dense", "even", "csr"], ["dense", "csr"]]
         assert execution_summary(model, formats=True) == {"0": "even", "2": "csr"}
@@ -343,7 +394,7 @@ def test_block_structured_masks_run_block_sparse():
     y = model(x)
     set_execution(model, "sparse")
     assert execution_summary(model, formats=True) == {"0": "bsr", "2": "csr"}
-    assert type(model[0]).__name__ == "DispatchedBlockSparseLinear" and model[0].blocksize == (8, 8)
+    assert type(model[0]) is BlockSparseLinear and model[0].blocksize == (8, 8)
     torch.testing.assert_close(model(x), y)
     set_execution(model, "dense")
     assert torch.equal(model(x), y)
@@ -358,7 +409,7 @@ def test_nm_masks_run_nm_and_auto_times_every_allowed_format():
     x = torch.randn(5, 32, dtype=torch.float64)
     y = model(x)
     set_execution(model, "sparse")
-    assert execution_summary(model, formats=True) == {"0": "nm", "2": "csr"}
+    assert execution_summary(model, formats=True) == {"0": "nm", "2": "csr"} and type(model[0]) is NMSparseLinear
     torch.testing.assert_close(model(x), y)
     calls = []
 
@@ -368,9 +419,11 @@ def test_nm_masks_run_nm_and_auto_times_every_allowed_format():
     old = set_dispatch_cache(DispatchCache(timer=timer))
     try:
         set_execution(model, "auto")
-        model.zero_grad()
-        model(x)
-        # layer 0 was nm: "auto" keeps the current form until its first forward, then times all it allows
+        # without an example "auto" keeps the current forms, and waits for resolve_execution
+        assert execution_summary(model, formats=True) == {"0": "nm", "2": "csr"} and calls == []
+        resolve_execution(model, x)
+        # layer 0 was nm: "auto" times every form its mask allows
         assert calls[0] == ["dense", "nm", "csr"] and execution_summary(model, formats=True) == {"0": "dense", "2": "dense"}
+        assert all(p.grad is None for p in model.parameters())
     finally:
         set_dispatch_cache(old)

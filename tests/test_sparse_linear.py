@@ -441,13 +441,12 @@ def test_whole_model_to_sparse_and_back():
                                 MaskedLinear(5, 3, mask_mode="trainable"))
     x = torch.randn(4, 23)
     before = model(x)
-    from sparsesam.nn import to_masked, to_sparse
-    to_sparse(model, min_sparsity=0.5)
+    from sparsesam.nn import set_execution
+    sparse_enough = [m for m in model if getattr(m, "mask_mode", None) == "fixed" and m.sparsity >= 0.5]
+    set_execution(model, "csr", layers=sparse_enough)
     # Only the fixed mask at >= 50% sparsity became sparse.
     assert [type(m).__name__ for m in model] == ["SparseLinear", "ReLU", "MaskedLinear", "MaskedLinear"]
     torch.testing.assert_close(model(x), before)
-    to_masked(model)
+    set_execution(model, "dense")
     assert all(not isinstance(m, SparseLinear) for m in model)
     torch.testing.assert_close(model(x), before)
-    with pytest.raises(ValueError, match="min_sparsity"):
-        to_sparse(model, min_sparsity=2.0)

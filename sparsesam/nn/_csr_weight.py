@@ -4,8 +4,10 @@ The layer holds ``values`` (a Parameter of nnz entries) and the pattern's five
 int32 tensors as buffers. Only the CSR half (``crow_indices``,
 ``col_indices``) is saved; the transposed half is derived and rebuilt on
 load, so a checkpoint of another pattern (another nnz) loads into a layer of
-the same shape. Subclasses say what the pattern's shape must be through
-:attr:`pattern_shape` (rows, columns).
+the same shape, and so does a checkpoint of the layer in another form
+(:mod:`._checkpoint_forms`). Subclasses say what the pattern's shape must be
+through :attr:`pattern_shape` (rows, columns), and the dense weight's through
+:attr:`weight_shape`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Tuple
 from torch import nn
 
 from ..sparse.csr import CSRPattern
+from ._checkpoint_forms import sparse_layer_state
 
 _CSR_BUFFERS = ("crow_indices", "col_indices")
 _TRANSPOSED_BUFFERS = ("ccol_indices", "row_indices", "csr_positions")
@@ -51,8 +54,16 @@ class CSRWeight(nn.Module):
         """Fraction of the weight that is pruned."""
         return 1.0 - self.pattern.density
 
+    @staticmethod
+    def _index_entries(pattern: CSRPattern):
+        return {name: getattr(pattern, name) for name in _CSR_BUFFERS}
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # A checkpoint of this layer in another form (dense, BSR, N:M) is taken to CSR first.
+        state_dict = sparse_layer_state(self, "csr", state_dict, prefix, error_msgs)
+        if state_dict is None:
+            return
         crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
         if crow is not None and col is not None:
             # Another pattern may come with another nnz: take it, resize values,

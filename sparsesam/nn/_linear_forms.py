@@ -60,6 +60,16 @@ class LinearForms:
             raise TypeError(f"layer must be an nn.Linear, got {type(layer).__name__}")
         return cls.from_dense(layer.weight, layer.weight != 0 if mask is None else mask, layer.bias, **options)
 
+    @property
+    def weight_shape(self):
+        """The dense weight's shape, (out_features, in_features)."""
+        return (self.out_features, self.in_features)
+
+    def _state_entries(self, weight: torch.Tensor, mask: torch.Tensor) -> dict:
+        # This format's state_dict entries for a dense weight and mask (loading another form's checkpoint).
+        pattern = self._pattern_of(mask)
+        return {"values": pattern.gather(weight), **self._index_entries(pattern)}
+
     def dense_weight(self) -> torch.Tensor:
         """The dense weight (zeros at pruned entries), detached."""
         return self.pattern.scatter(self.values.detach())

@@ -15,7 +15,9 @@ state_dict: ``values``, ``bias``, and the BSR half of the pattern
 (``crow_indices``, ``col_indices``); the block size is the shape of
 ``values`` and the transposed index is rebuilt on load, so a checkpoint of
 another pattern (another number of blocks, even another block size) loads
-into a layer of the same shape.
+into a layer of the same shape; so does the layer in another form (a
+MaskedLinear's ``weight`` + ``weight_mask``, CSR, N:M) where its mask is
+block-structured.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from torch import nn
 
 from ..ops import bsr_linear
 from ..sparse.bsr import BLOCK_SIZES, BSRPattern, block_structure_error, check_blocksize, largest_blocksize
+from ._checkpoint_forms import sparse_layer_state
 from ._linear_forms import LinearForms
 
 _BSR_BUFFERS = ("crow_indices", "col_indices")
@@ -127,8 +130,17 @@ class BlockSparseLinear(LinearForms, nn.Module):
 
     # --- state_dict -----------------------------------------------------------
 
+    @staticmethod
+    def _index_entries(pattern: BSRPattern):
+        return {name: getattr(pattern, name) for name in _BSR_BUFFERS}
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # A checkpoint of this layer in another form (dense, CSR, N:M) is taken to BSR first: its mask
+        # must be block-structured (the largest block size of BLOCK_SIZES that fits is taken).
+        state_dict = sparse_layer_state(self, "bsr", state_dict, prefix, error_msgs)
+        if state_dict is None:
+            return
         crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
         values = state_dict.get(prefix + "values")
         if crow is not None and col is not None and isinstance(values, torch.Tensor):

@@ -1,4 +1,4 @@
-"""Dense or sparse execution of fixed-mask layers, chosen per layer: set_execution().
+"""The forms a fixed-mask layer can run in, and how "auto" decides between them.
 
 A fixed-mask layer can run dense (``MaskedLinear`` / ``MaskedConv2d``: the
 full weight and a mask, cuBLAS/oneDNN speed whatever the sparsity) or in a
@@ -6,36 +6,27 @@ sparse format (:data:`SPARSE_FORMATS`: CSR for any mask, ``SparseLinear`` /
 ``SparseConv2d``, plus structured formats for masks that have their
 structure: only the kept weights, time in proportion to nnz). Which is
 fastest depends on the shape, the batch, the sparsity, the mask's structure,
-the dtype and the machine, so ``execution="auto"`` measures it:
+the dtype and the machine, so ``execution="auto"``
+(:func:`sparsesam.nn.set_execution`) measures it, here:
 
-* The first forward of an "auto" layer looks its situation up in a
-  process-wide :class:`DispatchCache`, keyed by (layer kind and shape, input
-  spatial size, batch-size bucket, density bucket, dtype, device, thread
-  count, forward-only or forward+backward, candidate forms). On a miss it
-  times every candidate (dense and each format that accepts the mask; fresh
-  copies of the layer, on the real input: forward+backward when grad is
-  enabled, forward only otherwise, taking turns, minimum of a few runs) and
-  records the fastest. The layer then converts itself, in place, to the
-  winner and keeps it (a later batch size does not flip it back and forth;
-  set ``layer.execution = "auto"`` again to re-decide).
+* A layer's situation is looked up in a process-wide :class:`DispatchCache`,
+  keyed by :func:`dispatch_key` (layer kind and shape, input spatial size,
+  batch-size bucket, density bucket, dtype, device, thread count,
+  forward-only or forward+backward, candidate forms). On a miss every
+  candidate (dense and each format that accepts the mask: fresh copies of
+  the layer, on the layer's input from an example batch) is timed by
+  :func:`time_forms` (forward+backward for a model in training mode, forward
+  only otherwise, taking turns, minimum of a few runs) and the fastest is
+  recorded.
 * ``SPARSESAM_DISPATCH_CACHE=/path.json`` persists the decisions (loaded
   when the cache is first used, rewritten atomically after each new one),
   so a second process does not time again.
-* ``layer.execution = "dense"`` / ``"sparse"`` / a format's name overrides
-  one layer; it converts at its next forward.
-* Layers whose mask can still change (``mask_mode="trainable"``, soft or
-  score masks, any parametrized layer) always run dense; once their mask is
-  frozen to a fixed one (e.g. ``freeze_scores``) their next forward follows
-  ``execution``. Convolutions :func:`~sparsesam.nn.sparse_conv2d.convertible`
-  rejects (groups > 1, non-zero padding modes) stay dense too.
 
-Converting replaces the weight parameter (``weight`` + ``weight_mask`` <->
-``values`` + the format's index; the bias Parameter object is kept), so build
-the optimizer after the forms are settled: ``set_execution(model, "sparse")``
-converts at once; for "auto" call :func:`resolve_execution` with an example
-batch first. All conversions are exact (weights, mask, bias and outputs).
-``set_execution(model, "dense")`` gives back plain MaskedLinear/MaskedConv2d
-layers, exactly what ``sparsify()`` makes.
+Layers whose mask can still change (``mask_mode="trainable"``, soft or score
+masks, any parametrized layer) have no sparse form (:func:`sparse_forms` is
+empty), nor do convolutions :func:`~sparsesam.nn.sparse_conv2d.convertible`
+rejects (groups > 1, non-zero padding modes). Converting a layer between its
+forms is :func:`converted`: a new module, exact (weights, mask, bias, outputs).
 """
 from __future__ import annotations
 
@@ -102,14 +93,13 @@ def _nm_refuses(layer: nn.Module) -> Optional[str]:
 SPARSE_FORMATS: List[SparseFormat] = []
 
 
-def register_sparse_format(fmt: SparseFormat, dispatched: type, first: bool = False) -> None:
-    """Add ``fmt`` (after those registered before it, or before all if ``first``) with
-    ``dispatched``, its layer class with the :class:`_Dispatched` mixin (a module-level
-    class, so models pickle)."""
+def register_sparse_format(fmt: SparseFormat, first: bool = False) -> None:
+    """Add ``fmt`` (after those registered before it, or before all if ``first``)."""
+    if not isinstance(fmt, SparseFormat):
+        raise TypeError(f"fmt must be a SparseFormat, got {type(fmt).__name__}")
     if fmt.name in EXECUTIONS or any(f.name == fmt.name and f.masked is fmt.masked for f in SPARSE_FORMATS):
         raise ValueError(f"a sparse format named {fmt.name!r} for {fmt.masked.__name__} exists already")
     SPARSE_FORMATS.insert(0 if first else len(SPARSE_FORMATS), fmt)
-    _DISPATCHED[fmt.layer] = dispatched
 
 
 def _find_format(name: str, masked: type) -> SparseFormat:
@@ -119,12 +109,6 @@ def _find_format(name: str, masked: type) -> SparseFormat:
 def executions() -> Tuple[str, ...]:
     """What ``execution`` accepts: "auto", "dense", "sparse", or a sparse format's name."""
     return EXECUTIONS + tuple(dict.fromkeys(f.name for f in SPARSE_FORMATS))
-
-
-def _check_execution(execution) -> str:
-    if execution not in executions():
-        raise ValueError(f"execution must be one of {executions()}, got {execution!r}")
-    return execution
 
 
 # --- Timing ------------------------------------------------------------------------
@@ -290,7 +274,12 @@ def dispatch_key(layer: nn.Module, x: torch.Tensor, backward: bool, forms: Itera
 # --- Forms of a layer ---------------------------------------------------------------------
 
 _MASKED = (MaskedLinear, MaskedConv2d)
-_DISPATCHED: Dict[type, type] = {}  # computing class (MaskedLinear, SparseLinear, ...) -> its dispatched class
+
+# Linear: block-sparse, then N:M, then CSR (each measured at least as fast as CSR on the masks it accepts).
+register_sparse_format(SparseFormat("bsr", MaskedLinear, BlockSparseLinear, _bsr_refuses))
+register_sparse_format(SparseFormat("nm", MaskedLinear, NMSparseLinear, _nm_refuses))
+register_sparse_format(SparseFormat("csr", MaskedLinear, SparseLinear, _csr_linear_refuses))
+register_sparse_format(SparseFormat("csr", MaskedConv2d, SparseConv2d, convertible))
 
 
 def _format_of(layer: nn.Module) -> Optional[SparseFormat]:
@@ -301,10 +290,18 @@ def _format_of(layer: nn.Module) -> Optional[SparseFormat]:
     return None
 
 
-def _form(layer: nn.Module) -> str:
+def form_of(layer: nn.Module) -> str:
     """"dense" or the sparse format ``layer`` computes in now."""
     fmt = _format_of(layer)
     return "dense" if fmt is None else fmt.name
+
+
+def has_forms(module: nn.Module) -> bool:
+    """Whether ``module`` is a fixed-mask layer in one of its forms (a masked layer, or a sparse
+    format's layer); a parametrized one (a score-driven mask) is not."""
+    if parametrize.is_parametrized(module):
+        return False
+    return isinstance(module, _MASKED) or _format_of(module) is not None
 
 
 def _masked_base(layer: nn.Module) -> type:
@@ -318,14 +315,9 @@ def _masked_base(layer: nn.Module) -> type:
     raise TypeError(f"{type(layer).__name__} has no dense and sparse form")
 
 
-def _computing_class(layer: nn.Module) -> type:
-    fmt = _format_of(layer)
-    return _masked_base(layer) if fmt is None else fmt.layer
-
-
 def _plain_masked_copy(layer: nn.Module) -> nn.Module:
     # Through the CSR form, which holds any mask: an exact copy of the kept weights,
-    # mask and bias in a fresh plain layer (no hooks, no dispatch).
+    # mask and bias in a fresh plain layer (no hooks).
     return _find_format("csr", _masked_base(layer)).layer.from_masked(layer).to_masked()
 
 
@@ -333,94 +325,17 @@ def sparse_forms(layer: nn.Module) -> List[str]:
     """The sparse formats ``layer`` can run in, in order of preference ([] while its mask can still change)."""
     if parametrize.is_parametrized(layer):
         return []
-    if _form(layer) == "dense" and layer.mask_mode != "fixed":
+    if form_of(layer) == "dense" and layer.mask_mode != "fixed":
         return []  # the mask may still change
-    masked = layer.to_masked() if _form(layer) != "dense" else layer
+    masked = layer.to_masked() if form_of(layer) != "dense" else layer
     base = _masked_base(layer)
     return [fmt.name for fmt in SPARSE_FORMATS if fmt.masked is base and fmt.refuses(masked) is None]
 
 
 def _copy_in(layer: nn.Module, form: str) -> nn.Module:
     """A plain copy of ``layer`` in ``form`` (shares nothing): what "auto" times."""
-    masked = layer.to_masked() if _form(layer) != "dense" else _plain_masked_copy(layer)
+    masked = layer.to_masked() if form_of(layer) != "dense" else _plain_masked_copy(layer)
     return masked if form == "dense" else _find_format(form, _masked_base(layer)).layer.from_masked(masked)
-
-
-class _Dispatched:
-    """Mixin of the dispatcher's layer classes: ``forward`` first converts the layer to the
-    form its ``execution`` asks for (see the module docstring)."""
-
-    @property
-    def execution(self) -> str:
-        return self.__dict__["_execution"]
-
-    @execution.setter
-    def execution(self, value: str) -> None:
-        self.__dict__["_execution"] = _check_execution(value)
-        self.__dict__["_choice"] = None  # decide again
-
-    def wanted_form(self, x: Optional[torch.Tensor] = None) -> str:
-        """The form this layer runs in for input ``x`` (times the candidates on an "auto" cache miss)."""
-        choice = self.__dict__.get("_choice")
-        if choice is not None:
-            return choice
-        forms = sparse_forms(self)
-        if not forms:
-            return "dense"  # not remembered: a mask that is frozen later follows ``execution``
-        execution = self.execution
-        if execution == "dense":
-            choice = "dense"
-        elif execution == "sparse":
-            choice = forms[0]
-        elif execution != "auto":  # a format by name, where the mask allows it
-            choice = execution if execution in forms else forms[0]
-        elif x is None:
-            return _form(self)
-        else:
-            backward = torch.is_grad_enabled()
-            candidates = ["dense", *forms]
-            builders = {form: (lambda form=form: _copy_in(self, form)) for form in candidates}
-            choice = dispatch_cache().decide(dispatch_key(self, x, backward, candidates), builders, x, backward)
-        self.__dict__["_choice"] = choice
-        return choice
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        form = self.wanted_form(x)
-        if form != _form(self):
-            _convert(self, form, dispatched=True)
-        return _computing_class(self).forward(self, x)
-
-
-class DispatchedMaskedLinear(_Dispatched, MaskedLinear):
-    pass
-
-
-class DispatchedSparseLinear(_Dispatched, SparseLinear):
-    pass
-
-
-class DispatchedBlockSparseLinear(_Dispatched, BlockSparseLinear):
-    pass
-
-
-class DispatchedNMSparseLinear(_Dispatched, NMSparseLinear):
-    pass
-
-
-class DispatchedMaskedConv2d(_Dispatched, MaskedConv2d):
-    pass
-
-
-class DispatchedSparseConv2d(_Dispatched, SparseConv2d):
-    pass
-
-
-_DISPATCHED.update({MaskedLinear: DispatchedMaskedLinear, MaskedConv2d: DispatchedMaskedConv2d})
-# Linear: block-sparse, then N:M, then CSR (each measured at least as fast as CSR on the masks it accepts).
-register_sparse_format(SparseFormat("bsr", MaskedLinear, BlockSparseLinear, _bsr_refuses), DispatchedBlockSparseLinear)
-register_sparse_format(SparseFormat("nm", MaskedLinear, NMSparseLinear, _nm_refuses), DispatchedNMSparseLinear)
-register_sparse_format(SparseFormat("csr", MaskedLinear, SparseLinear, _csr_linear_refuses), DispatchedSparseLinear)
-register_sparse_format(SparseFormat("csr", MaskedConv2d, SparseConv2d, convertible), DispatchedSparseConv2d)
 
 
 def _main_parameter(layer: nn.Module) -> nn.Parameter:
@@ -428,78 +343,26 @@ def _main_parameter(layer: nn.Module) -> nn.Parameter:
     return next(p for name, p in layer.named_parameters(recurse=False) if name != "bias")
 
 
-def _convert(layer: nn.Module, form: str, dispatched: bool) -> None:
-    """Turn ``layer`` in place into ``form`` (its identity, hooks, training flag, bias
-    Parameter and execution setting stay); ``dispatched=False`` leaves a plain class."""
-    if form != "dense" and not dispatched:
-        raise ValueError("a sparse layer is always dispatched")
-    current = _form(layer)
-    if form != current:
-        masked = layer.to_masked() if current != "dense" else layer
-        new = masked if form == "dense" else _find_format(form, _masked_base(layer)).layer.from_masked(masked)
-        _main_parameter(new).requires_grad_(_main_parameter(layer).requires_grad)
-        if layer.bias is not None:
-            new.bias = layer.bias  # same values (copied exactly); keep the Parameter object
-        kept = {k: v for k, v in layer.__dict__.items() if "hook" in k}
-        kept["training"] = layer.training
-        for name in ("_execution", "_choice"):
-            if name in layer.__dict__:
-                kept[name] = layer.__dict__[name]
-        layer.__dict__.clear()
-        layer.__dict__.update(new.__dict__)
-        layer.__dict__.update(kept)
-    computing = _masked_base(layer) if form == "dense" else _find_format(form, _masked_base(layer)).layer
-    layer.__class__ = _DISPATCHED[computing] if dispatched else computing
-
-
-def _eligible(module: nn.Module) -> bool:
-    if parametrize.is_parametrized(module):
-        return False
-    return isinstance(module, _MASKED) or _format_of(module) is not None
-
-
-def set_execution(model: nn.Module, execution: str, layers: Optional[Iterable[nn.Module]] = None) -> nn.Module:
-    """Set how ``model``'s masked/sparse layers run, converting them in place; returns ``model``.
-
-    * "dense": plain MaskedLinear/MaskedConv2d (what sparsify() makes);
-    * "sparse": every layer with a fixed mask that a sparse format accepts
-      converts now, to the first format (:data:`SPARSE_FORMATS` order) that
-      accepts it; the others run dense until their mask is fixed;
-    * a format's name (e.g. "csr"): that format where the mask allows, else as "sparse";
-    * "auto": each layer times dense and every format its mask allows at its
-      first forward, and keeps the fastest (see the module docstring).
-
-    ``layers``: only these modules of ``model`` (default: all). Layers with a
-    parametrization (score masks) are left alone: call again after freezing them.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_execution(execution)
-    chosen = None if layers is None else {id(m) for m in layers}
-    for module in list(model.modules()):
-        if not _eligible(module) or (chosen is not None and id(module) not in chosen):
-            continue
-        if execution == "dense":
-            _convert(module, "dense", dispatched=False)
-            module.__dict__.pop("_execution", None)
-            module.__dict__.pop("_choice", None)
-            continue
-        _convert(module, _form(module), dispatched=True)
-        module.execution = execution
-        _convert(module, module.wanted_form(), dispatched=True)  # "auto" keeps the current form until its first forward
-    return model
-
-
-def resolve_execution(model: nn.Module, *args, **kwargs):
-    """Run ``model(*args, **kwargs)`` once so that every "auto" layer settles its form;
-    returns the output. Timing is forward+backward when ``model.training`` (build the
-    optimizer afterwards), forward only in eval mode."""
-    with torch.set_grad_enabled(model.training):
-        return model(*args, **kwargs)
-
-
-def execution_summary(model: nn.Module, formats: bool = False) -> Dict[str, str]:
-    """``{name: "dense"|"sparse"}``: the form each masked/sparse layer computes in now
-    (``formats=True``: the sparse format's name instead of "sparse")."""
-    return {name: (_form(m) if formats or _form(m) == "dense" else "sparse") for name, m in model.named_modules()
-            if _eligible(m) or isinstance(m, _MASKED)}
+def converted(layer: nn.Module, form: str) -> nn.Module:
+    """``layer`` in ``form`` ("dense" or a sparse format its mask allows): ``layer`` itself if it is
+    in that form already, else a new module built by the forms' ``from_masked`` / ``to_masked``
+    (exact: kept weights, mask and bias). The new module takes over the old one's hooks (forward,
+    pre-forward, backward, state_dict: the same hook dicts, so their handles still remove them),
+    its training flag, its bias Parameter object and whether its weight requires grad. It is not
+    put anywhere: :func:`sparsesam.nn.set_execution` swaps it in by path."""
+    current = form_of(layer)
+    if form == current:
+        return layer
+    if form != "dense" and form not in sparse_forms(layer):
+        raise ValueError(f"a {type(layer).__name__} with this mask cannot run in form {form!r} "
+                         f"(it can run dense or in {sparse_forms(layer)})")
+    masked = layer.to_masked() if current != "dense" else layer
+    new = masked if form == "dense" else _find_format(form, _masked_base(layer)).layer.from_masked(masked)
+    _main_parameter(new).requires_grad_(_main_parameter(layer).requires_grad)
+    if layer.bias is not None:
+        new.bias = layer.bias  # same values (copied exactly); keep the Parameter object
+    for name, value in vars(layer).items():
+        if "hook" in name:  # _forward_hooks, _forward_pre_hooks, _backward_hooks, ..., and their flag dicts
+            vars(new)[name] = value
+    new.train(layer.training)
+    return new

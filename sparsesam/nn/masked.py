@@ -9,9 +9,10 @@ every attribute is where code expects it) and add one tensor, ``weight_mask``:
   a soft or learnable mask; it receives ``dL/dM = G * W``.
 
 The name ``weight_mask`` is the one ``torch.nn.utils.prune`` uses, and
-state_dicts load in three shapes: our own, a dense model's (no mask: the
-current mask is kept) and a ``torch.nn.utils.prune`` model's
-(``weight_orig`` + ``weight_mask``).
+state_dicts load in four shapes: our own, a dense model's (no mask: the
+current mask is kept), a ``torch.nn.utils.prune`` model's (``weight_orig`` +
+``weight_mask``) and one of the layer's sparse forms (``values`` + a
+format's index, see :mod:`sparsesam.nn._checkpoint_forms`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..ops import apply_mask, masked_conv2d, masked_linear
+from ._checkpoint_forms import in_own_form
 
 MASK_MODES = ("fixed", "trainable")
 
@@ -72,6 +74,11 @@ class _MaskedWeight:
         return apply_mask(self.weight, self.weight_mask)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A checkpoint of this layer in a sparse form (values + index) loads as its dense weight and mask.
+        state_dict = in_own_form(state_dict, prefix, "dense", tuple(self.weight.shape), lambda: self.weight_mask != 0,
+                                 lambda weight, mask: {"weight": weight, "weight_mask": mask}, error_msgs)
+        if state_dict is None:
+            return
         # A torch.nn.utils.prune checkpoint stores the dense weight as weight_orig.
         orig = state_dict.pop(prefix + "weight_orig", None)
         if orig is not None and prefix + "weight" not in state_dict:

@@ -15,7 +15,9 @@ only serves an input dimension that 4 does not divide. Conversions both ways
 are exact (kept weights, mask and bias come back bit for bit).
 
 state_dict: ``values``, ``bias``, ``indices`` and (as extra state) ``n`` and
-``m``; a checkpoint of another N:M pattern of the same shape loads too.
+``m``; a checkpoint of another N:M pattern of the same shape loads too, and
+so does the layer in another form (a MaskedLinear's ``weight`` +
+``weight_mask``, CSR, BSR) where its mask is N:M.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from torch import nn
 
 from ..ops.nm_linear import nm_linear
 from ..sparse.nm import NMPattern, detect
+from ._checkpoint_forms import sparse_layer_state
 from ._linear_forms import LinearForms
 
 
@@ -109,8 +112,16 @@ class NMSparseLinear(LinearForms, nn.Module):
     def set_extra_state(self, state) -> None:
         pass  # taken (and checked) with the index in _load_from_state_dict
 
+    @staticmethod
+    def _index_entries(pattern: NMPattern):
+        return {"indices": pattern.indices, "_extra_state": {"n": pattern.n, "m": pattern.m}}
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # A checkpoint of this layer in another form (dense, CSR, BSR) is taken to N:M first: its mask must be N:M.
+        state_dict = sparse_layer_state(self, "nm", state_dict, prefix, error_msgs)
+        if state_dict is None:
+            return
         indices, extra = state_dict.get(prefix + "indices"), state_dict.get(prefix + "_extra_state")
         if indices is not None and extra is not None:
             # Another N:M pattern may come with another n and m: take it, resize

@@ -10,7 +10,8 @@ other layers stay dense (:func:`convertible` says why not).
 Conversions to and from :class:`~sparsesam.nn.MaskedConv2d` are exact.
 
 state_dict: ``values``, ``bias``, ``crow_indices``, ``col_indices`` (the
-transposed index is rebuilt on load, so a checkpoint of another pattern loads).
+transposed index is rebuilt on load, so a checkpoint of another pattern loads,
+and so does a MaskedConv2d's ``weight`` + ``weight_mask``).
 """
 from __future__ import annotations
 
@@ -114,6 +115,16 @@ class SparseConv2d(CSRWeight):
             raise ValueError(f"layer cannot run as a SparseConv2d: {reason}")
         padding = (0, 0) if layer.padding == "valid" else layer.padding
         return cls.from_dense(layer.weight, layer.weight_mask, layer.bias, layer.stride, padding, layer.dilation)
+
+    @property
+    def weight_shape(self):
+        """The dense weight's shape, (out_channels, in_channels, kh, kw)."""
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _state_entries(self, weight: torch.Tensor, mask: torch.Tensor) -> dict:
+        # The CSR entries for a dense weight and mask (loading another form's checkpoint).
+        pattern = CSRPattern.from_mask(mask.flatten(1))
+        return {"values": pattern.gather(weight.flatten(1)), **self._index_entries(pattern)}
 
     def dense_weight(self) -> torch.Tensor:
         """The dense 4-D weight (zeros at pruned entries), detached."""

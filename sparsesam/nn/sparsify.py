@@ -35,7 +35,7 @@ def masked_layers(model: nn.Module) -> Iterator[Tuple[str, _MaskedWeight]]:
 
 
 def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = None, mask_mode: str = "fixed",
-             execution: str = "dense") -> nn.Module:
+             execution: str = "dense", example=None) -> nn.Module:
     """Make every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` a masked layer, in place; returns ``model``.
 
     include / exclude: glob patterns on qualified module names (``"layer1.*"``),
@@ -46,12 +46,16 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     A layer pruned with ``torch.nn.utils.prune`` keeps its mask.
 
     execution: "dense" (default: plain masked layers, computed densely),
-    "sparse" or "auto" (fixed-mask layers run as SparseLinear/SparseConv2d,
-    always or where measured faster); see :func:`sparsesam.nn.set_execution`.
+    "sparse", a format's name, or "auto" (fixed-mask layers run in a sparse
+    form, always or where measured faster on ``example``): this is
+    ``set_execution(model, execution, example, layers=<the swapped layers>)``,
+    see :func:`sparsesam.nn.set_execution`. Converting to a sparse form
+    replaces the layer module (and its weight parameter); "auto" without
+    ``example`` leaves the layers dense until ``resolve_execution``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    from .dispatch import _check_execution, set_execution  # dispatch imports this module's neighbours
+    from .execution import _check_execution, set_execution  # execution imports this module's neighbours
 
     _check_execution(execution)
     swapped = []
@@ -68,7 +72,7 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
         module._init_mask(mask_mode, mask)
         swapped.append(module)
     if execution != "dense":
-        set_execution(model, execution, layers=swapped)
+        model = set_execution(model, execution, example=example, layers=swapped)
     return model
 
 
@@ -86,9 +90,9 @@ def _take_torch_prune_mask(module: nn.Module) -> Optional[torch.Tensor]:
 
 def export(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with plain nn.Linear / nn.Conv2d layers whose weights are ``W*M``."""
-    from .dispatch import set_execution
+    from .execution import set_execution
 
-    # Sparse-form and dispatched layers become plain masked layers first (exact).
+    # Sparse-form layers become plain masked layers first (exact).
     exported = set_execution(copy.deepcopy(model), "dense")
     for _, layer in list(masked_layers(exported)):
         if parametrize.is_parametrized(layer, "weight_mask"):
