@@ -3,6 +3,7 @@ swaps, and the "auto" crossover dispatch. Timings are injected through DispatchC
 every decision here is deterministic; no test asserts anything about real speed."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -427,3 +428,108 @@ def test_nm_masks_run_nm_and_auto_times_every_allowed_format():
         assert all(p.grad is None for p in model.parameters())
     finally:
         set_dispatch_cache(old)
+
+
+class Nested(nn.Module):
+    """Layers at every kind of path: attribute, Sequential index, ModuleList index, ModuleDict key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8 * 5 * 5, 16), nn.ReLU()), nn.Linear(16, 16)])
+        self.heads = nn.ModuleDict({"logits": nn.Linear(16, 5)})
+
+    def forward(self, x):
+        h = self.stem(x).flatten(1)
+        for block in self.blocks:
+            h = block(h)
+        return self.heads["logits"](h)
+
+
+NESTED = ("stem.0", "blocks.0.0", "blocks.1", "heads.logits")
+
+
+def _nested() -> nn.Module:
+    torch.manual_seed(6)
+    model = sparsesam.sparsify(Nested()).double()
+    for name in NESTED:
+        layer = model.get_submodule(name)
+        layer.set_mask(torch.rand_like(layer.weight) < 0.2)
+    return model
+
+
+def _dense_grad(layer: nn.Module) -> torch.Tensor:
+    """The weight gradient of a layer in any form, as the dense masked layer's (zeros where pruned)."""
+    if isinstance(layer, (MaskedLinear, MaskedConv2d)):
+        return layer.weight.grad
+    return layer.pattern.scatter(layer.values.grad).view(layer.weight_shape)
+
+
+def test_swap_by_path_keeps_outputs_and_gradients():
+    dense = _nested()
+    model = set_execution(copy.deepcopy(dense), "sparse")
+    assert execution_summary(model) == {name: "sparse" for name in NESTED}
+    assert isinstance(model.stem[0], SparseConv2d) and isinstance(model.blocks[0][0], SparseLinear)
+    assert isinstance(model.blocks[1], SparseLinear) and isinstance(model.heads["logits"], SparseLinear)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    y_dense, y = dense(x), model(x)
+    torch.testing.assert_close(y, y_dense)
+    y_dense.square().sum().backward()
+    y.square().sum().backward()
+    for name in NESTED:
+        ours, reference = model.get_submodule(name), dense.get_submodule(name)
+        torch.testing.assert_close(_dense_grad(ours), _dense_grad(reference))
+        torch.testing.assert_close(ours.bias.grad, reference.bias.grad)
+    back = set_execution(model, "dense")
+    assert all(type(back.get_submodule(n)) in (MaskedLinear, MaskedConv2d) for n in NESTED)
+    assert torch.equal(back(x), dense(x))  # the masked layers again: bit for bit
+
+
+def test_a_shared_layer_is_swapped_at_every_path():
+    torch.manual_seed(7)
+    shared = nn.Linear(10, 10)
+    model = sparsesam.sparsify(nn.Sequential(shared, nn.ReLU(), shared)).double()
+    model[0].set_mask(torch.rand(10, 10) < 0.3)
+    x = torch.randn(3, 10, dtype=torch.float64)
+    y = model(x)
+    set_execution(model, "sparse")
+    assert isinstance(model[0], SparseLinear) and model[0] is model[2]
+    torch.testing.assert_close(model(x), y)
+    assert execution_summary(model) == {"0": "sparse"}  # named once, as named_modules() does
+
+
+def test_a_single_layer_model_returns_its_new_form():
+    layer = _mlp()[0]
+    sparse = set_execution(layer, "sparse")
+    assert type(sparse) is SparseLinear and type(layer) is MaskedLinear  # the old module is untouched
+    assert type(set_execution(sparse, "dense")) is MaskedLinear
+
+
+def test_mapping_restores_exact_forms():
+    """{name: form} as execution_summary(formats=True) reports it: a resume loads the checkpoint into
+    the dense model (any form loads) and then restores the saved forms."""
+    from sparsesam.pruning import block_magnitude_mask, nm_mask
+    torch.manual_seed(8)
+    model = sparsesam.sparsify(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+                                             nn.Linear(32, 8))).double()
+    model[0].set_mask(block_magnitude_mask(model[0].weight, 0.75, block=(8, 8)))
+    model[2].set_mask(nm_mask(model[2].weight.abs(), 2, 4))
+    model[4].set_mask(torch.rand_like(model[4].weight) < 0.3)
+    set_execution(model, {"0": "bsr", "2": "csr"})  # layers not named keep their form
+    forms = execution_summary(model, formats=True)
+    assert forms == {"0": "bsr", "2": "csr", "4": "dense"}
+    resumed = sparsesam.sparsify(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+                                               nn.Linear(32, 8))).double()
+    resumed.load_state_dict(model.state_dict(), strict=True)
+    assert set_execution(resumed, forms) is resumed
+    assert execution_summary(resumed, formats=True) == forms
+    assert _same_state(resumed.state_dict(), model.state_dict())
+    set_execution(resumed, {"2": "nm"})
+    assert execution_summary(resumed, formats=True) == {"0": "bsr", "2": "nm", "4": "dense"}
+    with pytest.raises(ValueError, match="asks '4' to run as 'nm', but its mask allows"):
+        set_execution(resumed, {"4": "nm"})
+    with pytest.raises(ValueError, match="names '1', which is not a fixed-mask layer"):
+        set_execution(resumed, {"1": "csr"})
+    with pytest.raises(ValueError, match="layers cannot be given"):
+        set_execution(resumed, {"0": "dense"}, layers=["0"])
+    assert execution_summary(resumed, formats=True) == {"0": "bsr", "2": "nm", "4": "dense"}  # refused: untouched

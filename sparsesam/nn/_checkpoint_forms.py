@@ -91,7 +91,8 @@ def in_own_form(state_dict, prefix: str, own_form: str, weight_shape: Tuple[int,
         weight, mask = saved_dense(state_dict, prefix, weight_shape, current_mask)
         entries = encode(weight, mask)
     except (TypeError, ValueError, KeyError) as err:
-        error_msgs.append(f"{prefix}: the checkpoint holds this layer in {form} form, which cannot load into its "
+        layer = prefix[:-1] if prefix else "the layer"
+        error_msgs.append(f"{layer}: the checkpoint holds this layer in {form} form, which cannot load into its "
                           f"{own_form} form: {err}")
         return None
     converted = {key: value for key, value in state_dict.items()
