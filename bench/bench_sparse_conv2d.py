@@ -1,7 +1,7 @@
 """True sparse execution of a pruned convolution: sparsesam's ``sparse_conv2d`` (direct
 sparse convolution over the CSR pattern of the fixed mask) vs the dense masked baseline
 ``F.conv2d(x, w*m, b)`` (oneDNN), both with autograd, forward + backward (dx, dW, db);
-and ``auto``: a MaskedConv2d under ``set_execution(layer, "auto")`` resolved on the batch.
+and ``auto``: a MaskedConv2d converted by ``set_execution(layer, "auto", example=x)`` on the batch.
 
 ResNet-style layer: B=128, 64 -> 64 channels, 32x32, 3x3, stride 1, padding 1, at
 sparsity 0 / 0.5 / 0.9 / 0.95 / 0.99 (the first two only in the pytest suite, to place
@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsesam.nn import DispatchCache, MaskedConv2d, execution_summary, resolve_execution, set_dispatch_cache, set_execution
+from sparsesam.nn import DispatchCache, MaskedConv2d, execution_summary, set_dispatch_cache, set_execution
 from sparsesam.ops import sparse_conv2d
 from sparsesam.sparse import CSRPattern
 
@@ -51,10 +51,9 @@ def _case(impl, sparsity):
         with torch.no_grad():
             layer.weight.copy_(w)
             layer.bias.copy_(b)
-        set_execution(layer, "auto")
         old = set_dispatch_cache(DispatchCache())  # decided here, on this batch; no earlier decision
         try:
-            resolve_execution(layer, x)  # training mode: forward+backward decides
+            layer = set_execution(layer, "auto", example=x)  # training mode: forward+backward decides
         finally:
             set_dispatch_cache(old)
         return (x, *layer.parameters()), lambda x, *_: layer(x), execution_summary(layer, formats=True)[""]

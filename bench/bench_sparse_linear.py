@@ -1,7 +1,7 @@
 """True sparse execution of a fixed mask: sparsesam's CSR ``sparse_linear`` vs the
 dense masked baseline ``F.linear(x, w*m, b)`` and vs ``torch.sparse`` CSR, all
 with autograd, forward + backward, measured in the same run; and ``auto``: a
-MaskedLinear under ``set_execution(layer, "auto")``, resolved on the benchmark's batch
+MaskedLinear converted by ``set_execution(layer, "auto", example=x)`` on the benchmark's batch
 (the dispatcher times dense and every sparse format the mask allows, once, and keeps the
 fastest), so the claim "auto is never more than 5% slower than dense masked" is measured
 at every sparsity.
@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsesam.nn import DispatchCache, MaskedLinear, execution_summary, resolve_execution, set_dispatch_cache, set_execution
+from sparsesam.nn import DispatchCache, MaskedLinear, execution_summary, set_dispatch_cache, set_execution
 from sparsesam.ops import sparse_linear
 from sparsesam.sparse import CSRPattern
 
@@ -64,12 +64,11 @@ def _case(impl, sparsity):
         with torch.no_grad():
             layer.weight.copy_(w)
             layer.bias.copy_(b)
-        set_execution(layer, "auto")
         # A fresh in-memory cache: the decision is timed here, on this batch, not read
         # from an earlier run ($SPARSESAM_DISPATCH_CACHE) or an earlier case.
         old = set_dispatch_cache(DispatchCache())
         try:
-            resolve_execution(layer, x)  # training mode: forward+backward decides
+            layer = set_execution(layer, "auto", example=x)  # training mode: forward+backward decides
         finally:
             set_dispatch_cache(old)
         params = list(layer.parameters())

@@ -161,12 +161,12 @@ KERNEL_SECTIONS = {
 B=256, 4096x4096, fp32, autograd. `dense_masked`: `F.linear(x, w*m, b)`; `sparsesam`:
 `sparsesam.ops.sparse_linear` on the CSR pattern of the fixed mask (time in proportion to
 nnz); `torch_sparse_csr`: `torch.sparse.mm` on a CSR weight; `auto`: a `MaskedLinear` under
-`set_execution(layer, "auto")`, resolved on this batch (the dispatcher times dense and every
+`set_execution(layer, "auto", example=x)` on this batch (the dispatcher times dense and every
 sparse format the mask allows, once, and keeps the fastest; column "computes" says which)."""),
     "sparse_conv2d": ("Sparse conv2d, forward + backward (`bench/bench_sparse_conv2d.py`)", """\
 ResNet-style 3x3 layer, B=128, 64 -> 64 channels, 32x32, stride 1, padding 1, fp32, autograd.
 `dense_masked`: `F.conv2d(x, w*m, b)` (oneDNN); `sparsesam`: `sparsesam.ops.sparse_conv2d`
-(direct convolution over the CSR pattern); `auto`: `MaskedConv2d` under `set_execution("auto")`."""),
+(direct convolution over the CSR pattern); `auto`: `MaskedConv2d` under `set_execution(layer, "auto", example=x)`."""),
     "mlp_step": ("Training step of a 99%-sparse MLP (`bench/bench_sparse_mlp_step.py`)", """\
 Forward, cross-entropy, backward, SGD with momentum; MLP 1024 -> 4096 -> 4096 -> 4096 -> 10,
 ReLU, B=256; the three hidden layers masked (random fixed masks), the head dense.
