@@ -533,3 +533,28 @@ def test_mapping_restores_exact_forms():
     with pytest.raises(ValueError, match="layers cannot be given"):
         set_execution(resumed, {"0": "dense"}, layers=["0"])
     assert execution_summary(resumed, formats=True) == {"0": "bsr", "2": "nm", "4": "dense"}  # refused: untouched
+
+
+class Branches(nn.Module):
+    """A layer the example does not reach (``use_extra`` off) is not timed: it keeps waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main, self.extra = nn.Linear(20, 20), nn.Linear(20, 20)
+
+    def forward(self, x, use_extra=False):
+        return self.extra(self.main(x)) if use_extra else self.main(x)
+
+
+def test_auto_times_only_the_layers_the_example_reaches(timer):
+    torch.manual_seed(9)
+    model = sparsesam.sparsify(Branches()).double()
+    for layer in (model.main, model.extra):
+        layer.set_mask(torch.rand_like(layer.weight) < 0.2)
+    set_execution(model, "auto", example=(_x(4),))  # a tuple of arguments
+    assert execution_summary(model) == {"main": "sparse", "extra": "dense"} and len(timer.calls) == 1
+    assert getattr(model.extra, _PENDING_AUTO) and not hasattr(model.main, _PENDING_AUTO)
+    resolve_execution(model, {"x": _x(4), "use_extra": True})  # keyword arguments: a Mapping example
+    assert execution_summary(model) == {"main": "sparse", "extra": "sparse"} and len(timer.calls) == 2
+    resolve_execution(model, (_x(4), True))  # nothing waits: a no-op
+    assert len(timer.calls) == 2

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, List, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from ..sparse.bsr import BSRPattern

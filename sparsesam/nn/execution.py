@@ -197,7 +197,8 @@ def set_execution(model: nn.Module, execution: Execution, example=None,
                   layers: Optional[Iterable[Union[nn.Module, str]]] = None) -> nn.Module:
     """Convert ``model``'s fixed-mask layers to the forms ``execution`` asks for, now; returns the model
     (see the module docstring). ``example``: a batch for "auto" (a Tensor, a tuple of arguments or a
-    Mapping of keyword arguments; model(example) must run); ``layers``: only these modules (or
+    Mapping of keyword arguments; model(example) must run; unused by the other executions; None with
+    "auto": the layers wait for :func:`resolve_execution`); ``layers``: only these modules (or
     qualified names) of ``model``. Build the optimizer after it returns."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -11,7 +11,9 @@ are exact (kept weights, mask and bias come back bit for bit).
 
 state_dict: ``values``, ``bias``, and the CSR half of the pattern
 (``crow_indices``, ``col_indices``); the transposed index is rebuilt on load,
-so a checkpoint of another pattern (another nnz) loads too.
+so a checkpoint of another pattern (another nnz) loads too, and so does the
+layer in another form (a MaskedLinear's ``weight`` + ``weight_mask``, BSR, N:M).
+A whole model's layers change form with :func:`sparsesam.nn.set_execution`.
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from ..ops import sparse_linear
 from ..sparse.csr import CSRPattern
 from ._csr_weight import CSRWeight, check_pattern
 from ._linear_forms import LinearForms
-from .masked import MaskedLinear
 
 
 class SparseLinear(LinearForms, CSRWeight):
