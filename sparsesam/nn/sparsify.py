@@ -15,6 +15,7 @@ import torch
 from torch.nn.utils import parametrize
 from torch import nn
 
+from .execution import _check_execution, set_execution
 from .masked import DENSE_OF, MASKED_OF, MaskedConv2d, MaskedLinear, _MaskedWeight
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
@@ -55,8 +56,6 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    from .execution import _check_execution, set_execution  # execution imports this module's neighbours
-
     _check_execution(execution)
     swapped = []
     for name, module in list(model.named_modules()):
@@ -90,8 +89,6 @@ def _take_torch_prune_mask(module: nn.Module) -> Optional[torch.Tensor]:
 
 def export(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with plain nn.Linear / nn.Conv2d layers whose weights are ``W*M``."""
-    from .execution import set_execution
-
     # Sparse-form layers become plain masked layers first (exact).
     exported = set_execution(copy.deepcopy(model), "dense")
     for _, layer in list(masked_layers(exported)):
