@@ -33,8 +33,11 @@ Layers whose mask can still change (``mask_mode="trainable"``, score masks,
 any parametrized layer) and convolutions the sparse op cannot run stay dense;
 once such a mask is frozen, call set_execution again. Converting and timing
 leave the random number generators as they were. A checkpoint saved in
-any form loads into any other (:mod:`._checkpoint_forms`), so a resume can
-load into the dense model and then ``set_execution(model, saved_forms)``.
+any form loads into any other (:mod:`._checkpoint_forms`), so a resume
+loads the checkpoint into the model as built (dense) and then calls
+``set_execution(model, saved_forms)``, in that order: a fresh model's masks
+(all ones) may not allow a structured form such as N:M. The "auto" mark is an
+attribute of the layer: it survives a deepcopy, and "dense" clears it.
 """
 from __future__ import annotations
 
