@@ -14,11 +14,16 @@ integer pixel lattice (defocus disk radius, glass-blur jitter distance).
 
 The original's quirks are kept where CIFAR-10-C has them: glass blur's pixel
 "swap" on numpy views is a copy (see ``glass_jitter``), ``clipped_zoom``
-zooms slightly off-centre, pixelate uses PIL's BOX filter, JPEG uses Pillow.
+zooms slightly off-centre, zoom blur uses the exact ``np.arange`` factors,
+elastic's affine warp samples like cv2.warpAffine (source positions rounded
+to 1/32 pixel, BORDER_REFLECT_101: whole-sample reflection) and its
+displacement step like map_coordinates(mode="reflect") (half-sample),
+pixelate uses PIL's BOX filter, JPEG uses Pillow.
 Deliberate differences:
 
-* ``frost`` uses a procedural texture instead of the six frost photographs
-  (see sparsesam/robust/frost.py);
+* ``frost`` uses a procedural texture calibrated to the frost photographs'
+  crop statistics (mean, std, colour, spectrum) instead of the photographs
+  themselves, which sparsesam does not ship (see sparsesam/robust/frost.py);
 * ``motion_blur`` and ``snow`` use a PyTorch port of ImageMagick's motion blur
   instead of calling ImageMagick through Wand;
 * outputs stay floating point (CIFAR-10-C stored them as uint8, truncated).
