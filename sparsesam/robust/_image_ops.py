@@ -10,7 +10,7 @@ reflection (d c b a | a b c d), ``"nearest"`` repeats the edge pixel.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +162,7 @@ def reflect101_index(i: Tensor, n: int) -> Tensor:
     return torch.where(i >= n, period - i, i)
 
 
-def warp_affine_source(inverse: Tensor, h: int, w: int) -> "tuple[Tensor, Tensor]":
+def warp_affine_source(inverse: Tensor, h: int, w: int) -> Tuple[Tensor, Tensor]:
     """(rows, cols), each (N, H, W): where cv2.warpAffine (INTER_LINEAR) samples the
     source for every output pixel, given the (N, 2, 3) output -> source matrices.
 
