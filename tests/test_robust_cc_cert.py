@@ -1,4 +1,5 @@
 """CC-Cert and its semantic transforms: the margin / discrepancy lemma, the
+official bound against a transcription of the official code, the plug-in
 Chernoff-Cramer bound against a direct computation and its analytic values,
 the confidence of the KL variant by simulation, certification of invariant
 and random classifiers, transform geometry, bad input."""
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from sparsesam.robust import (DEFAULT_RANGES, TRANSFORMS, apply_transform, cc_cert_batch, cc_cert_dataset,
-                              chernoff_cramer_bound, prediction_discrepancy, random_transform, top2_margin)
-from sparsesam.robust.cc_cert import default_t_grid, kl_upper_confidence
+                              chernoff_cramer_bound, estimate_bound, official_bound, prediction_discrepancy,
+                              random_transform, top2_margin)
+from sparsesam.robust.cc_cert_bounds import default_t_grid, kl_t_grid, kl_upper_confidence
 
 from robust_data import ConstantClassifier, NoiseClassifier, natural_images, trained_digits_mlp, digits
 
@@ -33,12 +35,69 @@ def test_discrepancy_below_margin_keeps_the_prediction():
     assert (p.argmax(1)[below] == q.argmax(1)[below]).all()
 
 
+def _official_get_bounds(Y, a, nbounds, nsamples, delta, t):
+    """estimates/code/bounds.py::get_bounds (mikhailpautov/cccert), the bound's lines verbatim
+    (torch, no .cuda()); in float64 here, where the official float32 would overflow."""
+    tsteps = len(t)
+    Y_ = Y.view(-1, nbounds*nsamples)
+    Yt = torch.einsum('ij,k->ijk', Y_, t)
+    Yt = Yt.reshape(-1, nbounds, nsamples, tsteps)
+    E_exp_ty = torch.mean(torch.exp(Yt), 2)
+    exp_ta = torch.exp(torch.outer(a, t))
+    exp_ta = exp_ta.unsqueeze(1).repeat(1, nbounds, 1)
+    R = E_exp_ty / exp_ta
+    min_bounds, temp_idx = torch.topk(R, 1, dim=2, largest=False)
+    max_bounds = torch.max(min_bounds, dim=1).values/delta
+    bounds = max_bounds
+    return torch.min(torch.ones_like(bounds), bounds)
+
+
+def test_default_t_grid_is_the_official_linspace():
+    # script.py: get_bounds(..., tmin=1e-4, tmax=1e4, tsteps=500) -> torch.linspace(tmin, tmax, tsteps).
+    t = default_t_grid()
+    assert t.shape == (500,) and t[0] == 1e-4 and t[-1] == 1e4
+    torch.testing.assert_close(t[1] - t[0], torch.tensor((1e4 - 1e-4) / 499, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("nbounds,nsamples", [(10, 100), (3, 7), (1, 20)])
+def test_official_bound_matches_the_official_code(nbounds, nsamples):
+    # Z in [0, 0.06] and d <= 0.065 keep exp(t Z) and exp(t d) finite in float64 up to t = 1e4,
+    # so the verbatim formula can be evaluated on the official grid itself.
+    g = torch.Generator().manual_seed(11)
+    z = torch.rand(6, nbounds * nsamples, generator=g, dtype=torch.float64) * 0.06
+    z[4] *= 0.1                                                   # a stable image: bound ~ 0
+    d = torch.tensor([0.0, 0.01, 0.03, 0.05, 0.065, 0.02], dtype=torch.float64)
+    t = torch.linspace(1e-4, 1e4, 500, dtype=torch.float64)
+    expect = _official_get_bounds(z, d, nbounds, nsamples, 0.9, t).squeeze(1)
+    ours, t_best = official_bound(z, d, n_bounds=nbounds, delta=0.9)
+    torch.testing.assert_close(ours, expect, rtol=1e-9, atol=1e-300)
+    assert ours[0] == 1.0, "a zero margin certifies nothing"
+    assert 0 < ours[4] < 1e-100, "every sample far below the margin: the bound vanishes at large t"
+    same, _ = estimate_bound(z, d, n_bounds=nbounds)               # "official", delta 0.9 by default
+    assert torch.equal(same, ours)
+    assert (t_best > 0).all()
+
+
+def test_official_bound_worked_example():
+    # Two groups of two samples, one grid point t = 10, d = 0.1, delta = 0.5:
+    # group 1: (e^{10*0} + e^{10*0.2}) / 2 / e^{1}; group 2: (e^{1} + e^{1}) / 2 / e^{1} = 1 -> max 1 / 0.5 -> capped at 1.
+    z = torch.tensor([[0.0, 0.2, 0.1, 0.1], [0.0, 0.0, 0.0, 0.02]], dtype=torch.float64)
+    d = torch.tensor([0.1, 0.1], dtype=torch.float64)
+    bound, _ = official_bound(z, d, n_bounds=2, delta=0.5, t_grid=[10.0])
+    g1 = (1 + math.exp(2.0)) / 2 / math.e
+    assert g1 > 1 and bound[0] == 1.0
+    second = max(1 / math.e, (1 + math.exp(0.2)) / 2 / math.e) / 0.5
+    assert bound[1].item() == pytest.approx(second, rel=1e-12)
+
+
 def test_plugin_bound_matches_direct_minimisation():
     g = torch.Generator().manual_seed(1)
     z = torch.rand(5, 40, generator=g, dtype=torch.float64) * 0.6
     d = torch.tensor([0.05, 0.2, 0.3, 0.45, 0.0], dtype=torch.float64)
     t = torch.tensor([0.5, 1.0, 3.0, 10.0, 30.0], dtype=torch.float64)
     bound, t_best = chernoff_cramer_bound(z, d, t_grid=t)
+    same, _ = estimate_bound(z, d, estimator="plugin", t_grid=t)
+    assert torch.equal(same, bound)
     direct = torch.exp(t.reshape(1, -1, 1) * z.unsqueeze(1)).mean(dim=2) * torch.exp(-t.reshape(1, -1) * d.reshape(-1, 1))
     torch.testing.assert_close(bound, direct.min(dim=1).values.clamp(max=1.0))
     torch.testing.assert_close(t_best, t[direct.argmin(dim=1)])
@@ -83,9 +142,11 @@ def test_kl_bound_holds_with_the_promised_confidence():
     z = 0.5 * (torch.rand(runs, m, generator=g, dtype=torch.float64) < q)
     d = torch.full((runs,), 0.4, dtype=torch.float64)
     kl_bound, _ = chernoff_cramer_bound(z, d, delta=delta)
-    plugin, _ = chernoff_cramer_bound(z, d)
+    plugin, _ = chernoff_cramer_bound(z, d, t_grid=kl_t_grid())   # the same grid as the KL bound
     assert (kl_bound < q).double().mean() <= delta
     assert (kl_bound >= plugin).all(), "the confidence correction can only raise the plug-in estimate"
+    same, _ = estimate_bound(z, d, estimator="kl", delta=delta)
+    assert torch.equal(same, kl_bound)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -93,16 +154,17 @@ def test_invariant_classifier_is_certified_and_random_classifier_is_not(transfor
     x = natural_images(6, 3, 16, seed=3)
     y = torch.tensor([2, 2, 2, 0, 2, 1])
     constant = cc_cert_batch(ConstantClassifier([0.0, 0.5, 4.0]), x, y, transform=transform,
-                             value_range=DEFAULT_RANGES[transform], n_samples=64)
+                             value_range=DEFAULT_RANGES[transform], n_samples=16, n_bounds=4)
     assert (constant["bound"] < 1e-6).all()
     assert torch.equal(constant["correct"], y == 2) and constant["stable"].all()
     random = cc_cert_batch(NoiseClassifier(3), x, y, transform=transform, value_range=DEFAULT_RANGES[transform],
-                           n_samples=64)
+                           n_samples=16, n_bounds=4)
     assert (random["bound"] > 0.5).all()
     # With the finite-sample guarantee (delta) the invariant classifier is still certified,
     # at a larger eps: the bound behaves like mu_up ** d (mu_up ~ log(K / delta) / N).
     strict = cc_cert_batch(ConstantClassifier([0.0, 0.5, 4.0]), x, y, transform=transform,
-                           value_range=DEFAULT_RANGES[transform], n_samples=2000, delta=0.001, batch_size=4000)
+                           value_range=DEFAULT_RANGES[transform], n_samples=2000, n_bounds=1, estimator="kl",
+                           delta=0.001, batch_size=4000)
     assert (strict["bound"] < 0.25).all()
 
 
@@ -111,16 +173,25 @@ def test_cc_cert_dataset_on_a_trained_model():
     _, _, x, y = digits()
     batches = [(x[:20], y[:20]), (x[20:40], y[20:40])]
     transforms = {"brightness": (-0.05, 0.05), "rotation": (-30, 30)}
-    result = cc_cert_dataset(model, batches, transforms=transforms, epsilons=(0.01, 0.1, 0.5), n_samples=50)
-    assert result["examples"] == 40 and result["estimator"] == "plugin"
+    result = cc_cert_dataset(model, batches, transforms=transforms, epsilons=(0.01, 0.1, 0.5), n_samples=10)
+    assert result["examples"] == 40 and result["estimator"] == "official" and result["delta"] == 0.9
+    assert result["n_bounds"] == 10 and result["transforms_per_image"] == 100
+    assert result["t_grid"] == {"min": 1e-4, "max": 1e4, "points": 500}
     for name, out in result["transforms"].items():
         acc = out["certified_accuracy"]
         assert acc[0] <= acc[1] <= acc[2] <= out["clean_accuracy"], name
         assert len(out["bounds"]) == 40
     # Small brightness changes hardly move an MLP; 30-degree rotations of 8x8 digits do.
     assert result["transforms"]["brightness"]["certified_accuracy"][1] > result["transforms"]["rotation"]["certified_accuracy"][1]
-    again = cc_cert_dataset(model, batches, transforms=transforms, epsilons=(0.01, 0.1, 0.5), n_samples=50)
+    again = cc_cert_dataset(model, batches, transforms=transforms, epsilons=(0.01, 0.1, 0.5), n_samples=10)
     assert again == result
+    # Certified means bound < eps, strictly (script.py: ``b < th and correct``).
+    bounds = torch.tensor(result["transforms"]["rotation"]["bounds"], dtype=torch.float64)
+    correct = torch.tensor([True] * 40)
+    from sparsesam.robust.cc_cert import certified_fraction
+    cut = float(bounds.min())
+    assert certified_fraction(correct, bounds, cut) == 0.0
+    assert certified_fraction(correct, bounds, math.nextafter(cut, 2.0)) > 0.0
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -144,7 +215,17 @@ def test_geometric_transforms_move_pixels_as_specified():
     torch.testing.assert_close(shifted[0, :, :, 2:], x[0, :, :, :-2], rtol=0, atol=1e-5)   # 2 px right
     assert shifted[0, :, :, :2].abs().max() < 1e-6                                          # zero fill
     torch.testing.assert_close(shifted[1, :, :-1, :], x[1, :, 1:, :], rtol=0, atol=1e-5)   # 1 px up
+    stretched = apply_transform(x, "scaling", torch.tensor([[2.0, 1.0], [1.0, 0.5]], dtype=torch.float64))
+    # x factor 2 about the centre (pixel 4.5): output column c samples input column 4.5 + (c - 4.5) / 2;
+    # rows unchanged. Column 4.5 + 1/4 = 4.75 -> 0.25 x[4] + 0.75 x[5]... output column 5 samples 4.75.
+    expect_col5 = 0.25 * x[0, :, :, 4] + 0.75 * x[0, :, :, 5]
+    torch.testing.assert_close(stretched[0, :, :, 5], expect_col5, rtol=0, atol=1e-5)
+    # y factor 0.5 (shrinks vertically): output row r samples input row 4.5 + 2 (r - 4.5); row 5 -> 5.5.
+    expect_row5 = 0.5 * x[1, :, 5, :] + 0.5 * x[1, :, 6, :]
+    torch.testing.assert_close(stretched[1, :, 5, :], expect_row5, rtol=0, atol=1e-5)
+    assert stretched[1, :, 0, :].abs().max() < 1e-6                                       # zero fill at the top
     zoomed = apply_transform(x, "scaling", torch.tensor([2.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(zoomed, apply_transform(x, "scaling", torch.full((2, 2), 2.0, dtype=torch.float64)))
     # Magnified 2x about the centre: output pixel 4.5 +- k/2 samples input 4.5 +- k/4 -> centre 2x2 block spreads.
     centre = x[0, 0, 4:6, 4:6].mean()
     assert abs(zoomed[0, 0, 4:6, 4:6].mean() - centre) < 0.2
@@ -170,6 +251,10 @@ def test_random_transform_draws_in_range_and_is_seeded():
     assert torch.equal(a, b) and a.min() >= -5 and a.max() <= 15 and a.std() > 3
     _, t = random_transform(x, "translation", (-0.1, 0.1), torch.Generator().manual_seed(0))
     assert t.shape == (50, 2)
+    # Scaling draws one factor per axis (the official random_augment: two torch.rand draws), independently.
+    _, s = random_transform(x, "scaling", (0.9, 1.1), torch.Generator().manual_seed(0))
+    assert s.shape == (50, 2) and s.min() >= 0.9 and s.max() <= 1.1
+    assert (s[:, 0] != s[:, 1]).all() and abs(np.corrcoef(s[:, 0].numpy(), s[:, 1].numpy())[0, 1]) < 0.4
 
 
 def test_bad_input_names_the_argument():
@@ -196,3 +281,17 @@ def test_bad_input_names_the_argument():
         cc_cert_dataset(model, [(x, y)], transforms={"rotation": (-1, 1)}, epsilons=(0.0,))
     with pytest.raises(ValueError, match="params for rotation"):
         apply_transform(x, "rotation", torch.zeros(3))
+    with pytest.raises(ValueError, match="params for scaling"):
+        apply_transform(x, "scaling", torch.ones(2, 3))
+    with pytest.raises(ValueError, match="estimator"):
+        cc_cert_batch(model, x, y, transform="rotation", value_range=(-1, 1), estimator="bernstein")
+    with pytest.raises(ValueError, match="needs delta"):
+        cc_cert_batch(model, x, y, transform="rotation", value_range=(-1, 1), estimator="kl")
+    with pytest.raises(ValueError, match="takes no delta"):
+        cc_cert_batch(model, x, y, transform="rotation", value_range=(-1, 1), estimator="plugin", delta=0.1)
+    with pytest.raises(ValueError, match="n_bounds"):
+        official_bound(torch.zeros(1, 10), torch.zeros(1), n_bounds=3)
+    with pytest.raises(ValueError, match="n_bounds"):
+        cc_cert_batch(model, x, y, transform="rotation", value_range=(-1, 1), n_bounds=0)
+    with pytest.raises(ValueError, match="delta"):
+        official_bound(torch.zeros(1, 10), torch.zeros(1), n_bounds=2, delta=0.0)

@@ -94,8 +94,34 @@ def test_certify_dataset_and_curve():
     assert all(r["prediction"] == 1 and r["radius"] == pytest.approx(radius) for r in result["records"])
     curve = certified_accuracy(result, [0.0, radius / 2, radius, radius * 1.01])
     assert curve["certified_accuracy"] == [0.7, 0.7, 0.7, 0.0]
-    sub = certify_dataset(model, batches, sigma=0.5, n0=20, n=200, alpha=0.001, batch_size=64, skip=3, max_examples=3)
-    assert [r["index"] for r in sub["records"]] == [0, 3, 6]
+
+
+@pytest.mark.parametrize("skip,max_index", [(1, None), (3, None), (3, 6), (3, 7), (1, 4), (4, 100), (20, 5)])
+def test_certify_dataset_skip_and_max_are_certify_py(skip, max_index):
+    # Cohen's code/certify.py: every skip-th index, stopping at index max (--max -1: never).
+    def certify_py_indices(length, skip, max_):
+        out = []
+        for i in range(length):
+            if i % skip != 0:
+                continue
+            if i == max_:
+                break
+            out.append(i)
+        return out
+
+    model = ConstantClassifier([0.0, 4.0, 0.0])
+    x = torch.rand(10, 1, 5, 5)
+    y = torch.ones(10, dtype=torch.long)
+    batches = [(x[:4], y[:4]), (x[4:7], y[4:7]), (x[7:], y[7:])]
+    result = certify_dataset(model, batches, sigma=0.5, n0=4, n=16, alpha=0.001, batch_size=16, skip=skip,
+                             max_index=max_index)
+    indices = [r["index"] for r in result["records"]]
+    if max_index is None or max_index % skip == 0 or max_index >= 10:
+        assert indices == certify_py_indices(10, skip, -1 if max_index is None else max_index)
+    else:  # the kept deviation: certify.py would not stop here; we stop at max_index anyway
+        assert indices == list(range(0, max_index, skip))
+        assert certify_py_indices(10, skip, max_index) == list(range(0, 10, skip))
+    assert result["skip"] == skip and result["max_index"] == max_index and result["examples"] == len(indices)
 
 
 def test_bad_input_names_the_argument():
@@ -119,4 +145,6 @@ def test_bad_input_names_the_argument():
         clopper_pearson_lower(11, 10, 0.05)
     with pytest.raises(ValueError, match="skip"):
         certify_dataset(model, [(x.unsqueeze(0), torch.tensor([0]))], sigma=0.25, skip=0)
+    with pytest.raises(ValueError, match="max_index"):
+        certify_dataset(model, [(x.unsqueeze(0), torch.tensor([0]))], sigma=0.25, max_index=0)
     assert math.isfinite(certify(model, x, 0.25, 10, 100, 0.001, 10)[1])

@@ -8,8 +8,8 @@ model's train/eval mode and its parameters' requires_grad.
 from .adversarial_eval import ATTACKS, adversarial_accuracy
 from .adversarial_losses import mart_loss, pgd_at_loss, trades_loss
 from .attacks import NORMS, autoattack, cross_entropy_objective, fgsm, pgd
-from .cc_cert import (cc_cert_batch, cc_cert_dataset, chernoff_cramer_bound, prediction_discrepancy,
-                      top2_margin)
+from .cc_cert import (cc_cert_batch, cc_cert_dataset, chernoff_cramer_bound, estimate_bound, official_bound,
+                      prediction_discrepancy, top2_margin)
 from .corruption_eval import evaluate_corruptions, mce, mean_corruption_accuracy
 from .corruptions import CORRUPTION_GROUPS, CORRUPTIONS, corrupt
 from .plots import plot_accuracy_vs_epsilon, plot_cc_cert, plot_certified_accuracy, plot_corruption_accuracy
@@ -24,6 +24,7 @@ __all__ = [
     "ABSTAIN", "clopper_pearson_lower", "certified_radius", "predict", "certify", "certify_dataset",
     "certified_accuracy",
     "TRANSFORMS", "DEFAULT_RANGES", "apply_transform", "random_transform",
-    "top2_margin", "prediction_discrepancy", "chernoff_cramer_bound", "cc_cert_batch", "cc_cert_dataset",
+    "top2_margin", "prediction_discrepancy", "chernoff_cramer_bound", "official_bound",
+    "estimate_bound", "cc_cert_batch", "cc_cert_dataset",
     "plot_corruption_accuracy", "plot_certified_accuracy", "plot_accuracy_vs_epsilon", "plot_cc_cert",
 ]

@@ -10,7 +10,7 @@ reflection (d c b a | a b c d), ``"nearest"`` repeats the edge pixel.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -152,8 +152,60 @@ def clipped_zoom(x: Tensor, factor: float) -> Tensor:
     return sample_pixels(x, rows, cols, padding_mode="border")
 
 
+def reflect101_index(i: Tensor, n: int) -> Tensor:
+    """OpenCV's BORDER_REFLECT_101 (``borderInterpolate``): whole-sample reflection
+    about the edge pixels, ``gfedcb|abcdefgh|gfedcba``, for any integer index (period 2n - 2)."""
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * n - 2
+    i = i.remainder(period)
+    return torch.where(i >= n, period - i, i)
+
+
+def warp_affine_source(inverse: Tensor, h: int, w: int) -> Tuple[Tensor, Tensor]:
+    """(rows, cols), each (N, H, W): where cv2.warpAffine (INTER_LINEAR) samples the
+    source for every output pixel, given the (N, 2, 3) output -> source matrices.
+
+    OpenCV's ``WarpAffineInvoker`` works in fixed point: ``adelta = round(M0 x 1024)``,
+    ``X0 = round((M1 y + M2) 1024) + 16``, ``X = (X0 + adelta) >> 5``, so the source
+    position is X / 32: rounded to 1/32 of a pixel (INTER_BITS = 5), as here.
+    """
+    m = inverse.to(torch.float64)
+    xs = torch.arange(w, dtype=torch.float64).reshape(1, 1, w)
+    ys = torch.arange(h, dtype=torch.float64).reshape(1, h, 1)
+
+    def fixed(row: int) -> Tensor:
+        a = torch.round(m[:, row, 0].reshape(-1, 1, 1) * xs * 1024)
+        b = torch.round((m[:, row, 1].reshape(-1, 1, 1) * ys + m[:, row, 2].reshape(-1, 1, 1)) * 1024) + 16
+        return torch.floor((a + b) / 32) / 32   # arithmetic >> 5, then the 1/32-pixel grid
+
+    return fixed(1), fixed(0)
+
+
+def sample_pixels_reflect101(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Bilinear samples of x at (N, H, W) pixel coordinates, the four neighbours
+    of a point outside the image taken by BORDER_REFLECT_101, as cv2.warpAffine
+    with ``borderMode=cv2.BORDER_REFLECT_101`` does (every tap reflected on its own)."""
+    n, c, h, w = x.shape
+    r0, c0 = torch.floor(rows), torch.floor(cols)
+    fr, fc = (rows - r0).to(x.dtype), (cols - c0).to(x.dtype)
+    r0, c0 = r0.to(torch.long), c0.to(torch.long)
+    batch = torch.arange(n, device=x.device).reshape(n, 1, 1)
+    out = x.new_zeros(n, c, *rows.shape[1:])
+    for dr, wr in ((0, 1 - fr), (1, fr)):
+        rr = reflect101_index(r0 + dr, h)
+        for dc, wc in ((0, 1 - fc), (1, fc)):
+            cc = reflect101_index(c0 + dc, w)
+            out += (wr * wc).unsqueeze(1) * x[batch, :, rr, cc].permute(0, 3, 1, 2)
+    return out
+
+
 def sample_pixels(x: Tensor, rows: Tensor, cols: Tensor, padding_mode: str) -> Tensor:
-    """Bilinear samples of x at per-image pixel coordinates ``rows``/``cols`` of shape (N, H, W)."""
+    """Bilinear samples of x at per-image pixel coordinates ``rows``/``cols`` of shape (N, H, W).
+
+    ``padding_mode="reflection"`` is scipy's half-sample ``reflect`` (what
+    map_coordinates(mode="reflect") does), ``"border"`` repeats the edge pixel.
+    """
     h, w = x.shape[-2:]
     grid = torch.stack(((2 * cols + 1) / w - 1, (2 * rows + 1) / h - 1), dim=-1)
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode=padding_mode, align_corners=False)

@@ -14,15 +14,18 @@ integer pixel lattice (defocus disk radius, glass-blur jitter distance).
 
 The original's quirks are kept where CIFAR-10-C has them: glass blur's pixel
 "swap" on numpy views is a copy (see ``glass_jitter``), ``clipped_zoom``
-zooms slightly off-centre, pixelate uses PIL's BOX filter, JPEG uses Pillow.
+zooms slightly off-centre, zoom blur uses the exact ``np.arange`` factors,
+elastic's affine warp samples like cv2.warpAffine (source positions rounded
+to 1/32 pixel, BORDER_REFLECT_101: whole-sample reflection) and its
+displacement step like map_coordinates(mode="reflect") (half-sample),
+pixelate uses PIL's BOX filter, JPEG uses Pillow.
 Deliberate differences:
 
-* ``frost`` uses a procedural texture instead of the six frost photographs
-  (see sparsesam/robust/frost.py);
+* ``frost`` uses a procedural texture calibrated to the frost photographs'
+  crop statistics (mean, std, colour, spectrum) instead of the photographs
+  themselves, which sparsesam does not ship (see sparsesam/robust/frost.py);
 * ``motion_blur`` and ``snow`` use a PyTorch port of ImageMagick's motion blur
   instead of calling ImageMagick through Wand;
-* elastic's affine warp reflects at the border half-sample symmetrically
-  (scipy's ``reflect``) where OpenCV reflected about the edge pixel;
 * outputs stay floating point (CIFAR-10-C stored them as uint8, truncated).
 
 Grey (1-channel) images go through the same formulas: brightness adds to the
@@ -62,7 +65,12 @@ IMPULSE_NOISE = (0.01, 0.02, 0.03, 0.05, 0.07)              # fraction of values
 DEFOCUS_BLUR = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))  # disk radius [px], alias blur [px]
 GLASS_BLUR = ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2))  # sigma [px], max delta [px], iterations
 MOTION_BLUR = ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))  # radius [px], sigma [px]
-ZOOM_BLUR_STEPS = (6, 11, 16, 21, 26)                       # zoom factors 1.00, 1.01, ... (np.arange(1, 1.06, .01) ...)
+# make_cifar_c.py's zoom factors, built by the same np.arange calls: numpy fills
+# ``start + k * (start + step - start)``, so the factors are 1 + k * 0.010000000000000009
+# (7, 12, 16, 21, 26 of them), and severity 5's last one is 1.2500000000000002,
+# whose zoomed crop of a 32-pixel image rounds to 33 pixels where 1.25 gives 32.
+ZOOM_BLUR_FACTORS = tuple(tuple(float(f) for f in np.arange(1, stop, 0.01))
+                          for stop in (1.06, 1.11, 1.16, 1.21, 1.26))
 SNOW = ((0.1, 0.2, 1, 0.6, 8, 3, 0.95),                     # loc, scale, zoom, threshold,
         (0.1, 0.2, 1, 0.5, 10, 4, 0.9),                     # motion radius [px], motion sigma [px],
         (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),                # image weight
@@ -184,11 +192,12 @@ def motion_blur(x: Tensor, severity: int, scale: float, generator: torch.Generat
 
 
 def zoom_blur(x: Tensor, severity: int, scale: float, generator: torch.Generator) -> Tensor:
-    out = x.clone()
-    steps = ZOOM_BLUR_STEPS[severity - 1]
-    for k in range(steps):
-        out += ops.clipped_zoom(x, 1.0 + 0.01 * k)
-    return out / (steps + 1)
+    # (x + sum of the zooms) / (len(c) + 1), the factor 1.0 included in the sum.
+    factors = ZOOM_BLUR_FACTORS[severity - 1]
+    out = torch.zeros_like(x)
+    for factor in factors:
+        out += ops.clipped_zoom(x, factor)
+    return (x + out) / (len(factors) + 1)
 
 
 # ---------------------------------------------------------------------------- weather
@@ -247,19 +256,19 @@ def elastic_transform(x: Tensor, severity: int, scale: float, generator: torch.G
     dst_pts = src_pts + ops.uniform((n, 3, 2), -jitter, jitter, generator)
     design = torch.cat([src_pts, torch.ones(3, 1, dtype=torch.float64)], dim=1).expand(n, 3, 3)
     forward = torch.linalg.solve(design, dst_pts).transpose(1, 2)   # (N, 2, 3): src -> dst
-    linear_inv = torch.linalg.inv(forward[:, :, :2])
-    shift_inv = -(linear_inv @ forward[:, :, 2:])
+    linear_inv = torch.linalg.inv(forward[:, :, :2])                  # cv2.warpAffine samples src(M^-1 p)
+    inverse = torch.cat([linear_inv, -(linear_inv @ forward[:, :, 2:])], dim=2)
+    rows, cols = ops.warp_affine_source(inverse, h, w)
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    pix = torch.stack([xs.reshape(-1), ys.reshape(-1)])               # (2, H*W) as (x, y)
-    src = linear_inv @ pix + shift_inv                                # cv2.warpAffine samples src(M^-1 p)
-    cols, rows = src[:, 0].reshape(n, h, w), src[:, 1].reshape(n, h, w)
-    y = ops.sample_pixels(x, rows.to(x.device), cols.to(x.device), padding_mode="reflection")
+    # cv2.warpAffine(..., borderMode=cv2.BORDER_REFLECT_101): whole-sample reflection.
+    y = ops.sample_pixels_reflect101(x, rows.to(x.device), cols.to(x.device))
     if alpha == 0:
         return y
     # Smooth random displacement field (skimage gaussian, truncate=3, reflect).
     field = ops.uniform((n, 2, h, w), -1.0, 1.0, generator)
     field = ops.gaussian_filter(field, sigma, truncate=3.0, mode="reflect") * alpha
     dx, dy = field[:, 0], field[:, 1]
+    # map_coordinates(..., order=1, mode='reflect'): scipy's half-sample reflection.
     return ops.sample_pixels(y, (ys + dy).to(x.device), (xs + dx).to(x.device), padding_mode="reflection")
 
 

@@ -131,25 +131,38 @@ def certify(model: nn.Module, x: torch.Tensor, sigma: float, n0: int, n: int, al
 
 def certify_dataset(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *, sigma: float,
                     n0: int = 100, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000, seed: int = 0,
-                    max_examples: Optional[int] = None, skip: int = 1, device: Optional[torch.device] = None,
+                    skip: int = 1, max_index: Optional[int] = None, device: Optional[torch.device] = None,
                     model_name: Optional[str] = None, progress: bool = False) -> dict:
-    """``certify`` every ``skip``-th example (at most ``max_examples``) of ``batches``.
+    """``certify`` the examples of ``batches`` that Cohen's ``code/certify.py`` certifies.
+
+    certify.py runs ``for i in range(len(dataset)): if i % args.skip != 0:
+    continue; if i == args.max: break``: ``skip`` certifies every skip-th
+    example (indices 0, skip, 2 skip, ...) and ``max_index`` (its ``--max``,
+    default -1 = no limit, here None) stops at dataset index ``max_index``, so
+    the certified indices are ``range(0, max_index, skip)``. With skip = 1,
+    max_index is the number of examples certified.
+
+    Deviation, on purpose: certify.py only stops when ``max`` is itself a
+    multiple of ``skip`` (the ``break`` sits after the ``continue``); otherwise
+    it certifies the whole dataset. Here indices >= max_index are never
+    certified, whatever skip.
 
     Example i uses seed ``seed + i``. Returns the settings and one record per
     certified example: ``{"index", "label", "prediction", "radius", "correct"}``.
     """
     _checks.positive_int("skip", skip)
-    if max_examples is not None:
-        _checks.positive_int("max_examples", max_examples)
+    if max_index is not None:
+        _checks.positive_int("max_index", max_index)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     records = []
     index = 0
-    bar = tqdm(total=max_examples, desc=f"certify sigma={sigma}", disable=not progress, leave=False)
+    expected = None if max_index is None else len(range(0, max_index, skip))
+    bar = tqdm(total=expected, desc=f"certify sigma={sigma}", disable=not progress, leave=False)
     for x_batch, y_batch in batches:
         _checks.labels("labels", y_batch, x_batch.shape[0])
         for x, y in zip(x_batch, y_batch):
-            if max_examples is not None and len(records) >= max_examples:
+            if max_index is not None and index >= max_index:
                 break
             if index % skip == 0:
                 prediction, radius = certify(model, x.to(device), sigma, n0, n, alpha, batch_size, seed=seed + index)
@@ -157,13 +170,13 @@ def certify_dataset(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torc
                                 "correct": prediction == int(y)})
                 bar.update(1)
             index += 1
-        if max_examples is not None and len(records) >= max_examples:
+        if max_index is not None and index >= max_index:
             break
     bar.close()
     if not records:
         raise ValueError("batches is empty: nothing to certify")
     return {"model": model_name or type(model).__name__, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
-            "seed": seed, "examples": len(records), "records": records}
+            "seed": seed, "skip": skip, "max_index": max_index, "examples": len(records), "records": records}
 
 
 def certified_accuracy(result: dict, radii: Sequence[float]) -> dict:
