@@ -83,3 +83,44 @@ def test_mask_score_grad(benchmark, layers, impl):
     fn = mask_score_grad if impl == "sparsesam" else torch_score_grad
     _group(benchmark, "mask_score_grad (HARP)", layers)
     benchmark.pedantic(fn, (grads, weights, scores), rounds=ROUNDS, warmup_rounds=1)
+
+
+# --- the score-to-mask step of HARP / HYDRA (forward + straight-through backward) ----
+
+
+class _SortGetSubnet(torch.autograd.Function):
+    """HARP's / HYDRA's GetSubnet (models/layers.py): a full sort per forward, autograd straight-through."""
+
+    @staticmethod
+    def forward(ctx, abs_scores, rate):
+        out = abs_scores.clone()
+        _, idx = abs_scores.flatten().sort()
+        j = int((1 - float(rate)) * abs_scores.numel())
+        flat = out.flatten()
+        flat[idx[:j]] = 0
+        flat[idx[j:]] = 1
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g.sum()
+
+
+def _score_to_mask_step(layers, impl):
+    from sparsesam.pruning import score_mask
+
+    grads, _, _, scores = layers
+    leaves = [s.clone().requires_grad_() for s in scores]
+    rates = [torch.tensor(0.1, requires_grad=True) for _ in scores]
+
+    def step():
+        for s, r, dm in zip(leaves, rates, grads):
+            mask = score_mask(s, r) if impl == "sparsesam" else _SortGetSubnet.apply(s.abs(), r)
+            mask.backward(dm)  # dM as the masked layer's backward hands it over
+    return step
+
+
+@pytest.mark.parametrize("impl", ["sparsesam", "torch"])
+def test_score_to_mask(benchmark, layers, impl):
+    _group(benchmark, "score-to-mask fwd+bwd at 10% kept (HARP / HYDRA search)", layers)
+    benchmark.pedantic(_score_to_mask_step(layers, impl), rounds=ROUNDS, warmup_rounds=1)

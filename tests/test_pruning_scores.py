@@ -265,15 +265,32 @@ class PythonGetSubnet(torch.autograd.Function):
         return g, g.sum(), None
 
 
+class PythonNMStraightThrough(torch.autograd.Function):
+    """N:M by a sort within each group of m, the gradient straight through."""
+
+    @staticmethod
+    def forward(ctx, abs_scores, n, m):
+        moved = abs_scores.movedim(1, -1)
+        groups = moved.reshape(*moved.shape[:-1], -1, m)
+        ranks = groups.sort(dim=-1, descending=True, stable=True).indices.argsort(dim=-1)
+        return (ranks < n).to(abs_scores.dtype).reshape(moved.shape).movedim(-1, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
 def _python_mask(scores, rate, granularity, weight_shape):
+    if granularity == "nm":
+        return PythonNMStraightThrough.apply(scores.abs(), 2, 4)
     mask = PythonGetSubnet.apply(scores.abs(), rate, granularity)
     return mask.expand(*weight_shape) if granularity == "channel" else mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("granularity", ["unstructured", "channel"])
-@pytest.mark.parametrize("weight_shape", [(6, 4, 3, 3), (10, 7), (1, 5)])
-@pytest.mark.parametrize("rate_value", [1e-4, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("granularity, rate_value", [(g, r) for g in ("unstructured", "channel")
+                                                     for r in (1e-4, 0.3, 0.5, 1.0)] + [("nm", None)])
+@pytest.mark.parametrize("weight_shape", [(6, 4, 3, 3), (10, 8), (1, 4)])
 def test_fused_and_python_straight_through_give_the_same_gradients(dtype, granularity, weight_shape, rate_value):
     gen = torch.Generator().manual_seed(17)
     shape = (weight_shape[0],) + (1,) * (len(weight_shape) - 1) if granularity == "channel" else weight_shape
@@ -282,27 +299,28 @@ def test_fused_and_python_straight_through_give_the_same_gradients(dtype, granul
 
     def run(fused, dt):
         scores = base.to(dt).requires_grad_()
-        rate = torch.tensor(rate_value, dtype=dt, requires_grad=True)
+        rate = torch.tensor(rate_value, dtype=dt, requires_grad=True) if granularity != "nm" else None
         if fused:
             mask = score_mask(scores, rate, granularity, weight_shape=weight_shape)
         else:
             mask = _python_mask(scores, rate, granularity, weight_shape)
         (mask * upstream.to(dt)).sum().backward()
-        return mask.detach(), scores.grad, rate.grad
+        return mask.detach(), scores.grad, None if rate is None else rate.grad
 
     mask, score_grad, rate_grad = run(True, dtype)
     py_mask, py_score_grad, py_rate_grad = run(False, dtype)
     _, ref_score_grad, ref_rate_grad = run(False, torch.float64)
     assert torch.equal(mask, py_mask)
-    if granularity == "unstructured":
+    if granularity != "channel":
         # sign(s) * dM, one product each: the same bits.
         assert torch.equal(score_grad, py_score_grad)
     else:
         # Per-channel sums of dM: another summation order, PyTorch's own error at most (twice).
         assert_within_torch_error("channel score grad", score_grad, py_score_grad, ref_score_grad,
                                   reduction_size=upstream[0].numel())
-    assert_within_torch_error("rate grad", rate_grad.reshape(1), py_rate_grad.reshape(1), ref_rate_grad.reshape(1),
-                              reduction_size=upstream.numel())
+    if granularity != "nm":
+        assert_within_torch_error("rate grad", rate_grad.reshape(1), py_rate_grad.reshape(1),
+                                  ref_rate_grad.reshape(1), reduction_size=upstream.numel())
 
 
 def test_fused_gradients_through_a_masked_layer_equal_the_python_estimator():

@@ -101,7 +101,9 @@ class ScoreToMask(torch.autograd.Function):
     @staticmethod
     def forward(scores: torch.Tensor, rate: Union[float, torch.Tensor, None], granularity: str, n: int, m: int,
                 weight_shape: Sequence[int]) -> torch.Tensor:
-        value = None if rate is None else float(rate)
+        value = None if rate is None else float(rate)  # one host read of the rate per forward
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ValueError(f"keep_rate must be in (0, 1], got {value}")
         return select_mask(scores.detach().abs(), value, granularity, n, m, weight_shape)
 
     @staticmethod

@@ -100,7 +100,7 @@ def score_mask(scores: torch.Tensor, keep_rate: Union[float, torch.Tensor, None]
             raise ValueError(f"keep_rate is required for granularity={granularity!r}")
         if isinstance(keep_rate, torch.Tensor) and keep_rate.numel() != 1:
             raise ValueError(f"keep_rate must be a number or a one-element tensor, got shape {tuple(keep_rate.shape)}")
-        _check_rate_value(keep_rate)
+        # Its value (in (0, 1]) is checked by ScoreToMask, where it is read anyway.
     weight_shape = tuple(scores.shape) if weight_shape is None else tuple(weight_shape)
     if tuple(scores.shape) != score_shape(weight_shape, granularity):
         raise ValueError(f"scores have shape {tuple(scores.shape)}, but {granularity} masks of a weight of shape "
