@@ -1,5 +1,6 @@
 // Mask-perturbation scoring on CUDA (DESIGN.md primitive 4): mask_grad_sq_norm,
-// mask_ascent_ and mask_score_grad as multi-tensor kernels (the math and the why: sparsesam/reference.py).
+// mask_ascent_ and mask_score_grad as multi-tensor kernels (the math and the why:
+// sparsesam/reference.py).
 //
 // The layout is the fused SAM step's (multi_tensor_cuda.cuh): one table of
 // TensorMeta + chunks per call, one block per chunk, one launch per group.
