@@ -278,12 +278,12 @@ def mask_score_grad(grads: Sequence[Tensor], weights: Optional[Sequence[Optional
     """HARP's straight-through gradients of the scores and of the per-layer keep rates.
 
     HARP (Zhao & Wressnegger, ICLR 2023; github.com/intellisec/harp,
-    models/layers.py) keeps in layer l the top-r_l fraction of |s| (s: a
-    score per weight, r_l = sigmoid(p_l) * (1 - r_min) + r_min). The mask is
+    models/layers.py) keeps in layer l the top-k_l fraction of |s| (s: a
+    score per weight, k_l = sigmoid(p_l) * (1 - k_min) + k_min). The mask is
     a step function of both, so its ``GetSubnet.backward`` passes the mask
     gradient straight through: to |s| as dM itself (hence to s as
     ``sign(s) * dM``, torch's abs backward, sign(0) = 0), and to the rate as
-    ``g_r = torch.sum(g)``, i.e. ``dL/dr_l = sum(dM_l)`` over *all* entries
+    ``g_r = torch.sum(g)``, i.e. ``dL/dk_l = sum(dM_l)`` over *all* entries
     of the layer, kept and pruned -- the rate acts on every entry's chance to
     be kept. The chain through the sigmoid (and HARP's hardware loss) is
     scalar work left to the caller.

@@ -118,7 +118,7 @@ def test_model_masks_reach_the_rate(granularity, keep_rate, sparsity):
 def test_learnable_rate_receives_the_summed_mask_gradient():
     layer, x = _layer("linear")
 
-    class SigmoidRate(nn.Module):  # HARP's r = sigmoid(p) * (1 - r_min) + r_min
+    class SigmoidRate(nn.Module):  # HARP's k = sigmoid(p) * (1 - k_min) + k_min
         def __init__(self):
             super().__init__()
             self.p = nn.Parameter(torch.tensor(0.0, dtype=torch.float64))

@@ -111,7 +111,7 @@ def mask_score_grad(grads: Sequence[Tensor], weights: WeightList, scores: Sequen
     """HARP's straight-through gradients: (``sign(s_i) * dM_i`` per layer, ``sum(dM_i)`` per layer as float64).
 
     The second is dL/dr_l for HARP's keep rate r_l; the chain through
-    ``r_l = sigmoid(p_l) * (1 - r_min) + r_min`` is the caller's.
+    ``k_l = sigmoid(p_l) * (1 - k_min) + k_min`` is the caller's.
     """
     weights = _check_grads(grads, weights)
     _check_list("scores", scores, grads)
