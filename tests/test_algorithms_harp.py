@@ -218,3 +218,53 @@ def test_harp_search_learns_which_and_how_many():
     assert changed > 0
     rates = searched.summary["learnt_keep_rates"].values()
     assert max(rates) - min(rates) > 0.05  # per-layer rates, not one uniform rate
+
+
+def test_harp_channel_resume_is_bitwise_identical():
+    # Channel scores are [C, 1, 1, 1] tensors in the mask's place: they must load into a fresh model.
+    assert_resume_identical(lambda: HARP(cheap(granularity="channel", target_sparsity=0.3, loss="clean",
+                                               initial_keep=0.8)), 1)
+
+
+class _Residual(torch.nn.Module):
+    """conv a -> conv b, a + b -> conv c (stride 2) -> pool -> linear: a residual sum feeds c."""
+
+    def __init__(self, data_dependent=False):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.c = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(6, 5)
+        self.data_dependent = data_dependent
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        h = a + self.b(a)
+        if self.data_dependent and bool(h.sum() > 0):  # fx cannot trace this
+            h = h * 1.0
+        return self.fc(self.c(h).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("data_dependent", [False, True])
+def test_flops_cost_follows_the_traced_graph(data_dependent):
+    from sparsesam import sparsify
+    from sparsesam.algorithms._hardware_cost import HardwareCost, trace_layer_shapes
+
+    model = sparsify(_Residual(data_dependent))
+    shapes = trace_layer_shapes(model, torch.randn(2, 3, 8, 8), ["a", "b", "c", "fc"])
+    assert (shapes["c"].height, shapes["c"].stride, shapes["fc"].kernel_size) == (8.0, 2, None)
+    cost = HardwareCost("flops", shapes, ["a", "b", "c"])
+    r = {"a": torch.tensor(0.5), "b": torch.tensor(0.25), "c": torch.tensor(0.5)}
+    if data_dependent:
+        # Untraceable: the producer is the previous layer in execution order (the official rule).
+        assert [shapes[n].producers for n in ("a", "b", "c", "fc")] == [[], ["a"], ["b"], ["c"]]
+        c_in = 4 * 0.25
+    else:
+        # Traced: c reads the sum a + b, so its input channels keep the producers' mean rate.
+        assert sorted(shapes["c"].producers) == ["a", "b"] and shapes["fc"].producers == ["c"]
+        c_in = 4 * (0.5 + 0.25) / 2
+    expected = (_count_flops_conv(8, 8, 3, 4 * 0.5, 3) + _count_flops_conv(8, 8, 4 * 0.5, 4 * 0.25, 3)
+                + _count_flops_conv(8, 8, c_in, 6 * 0.5, 3, stride=2) + _count_flops_dense(6 * 0.5, 5))
+    dense = (_count_flops_conv(8, 8, 3, 4, 3) + _count_flops_conv(8, 8, 4, 4, 3)
+             + _count_flops_conv(8, 8, 4, 6, 3, stride=2) + _count_flops_dense(6, 5))
+    assert cost.kept(r).item() == pytest.approx(expected / dense, rel=1e-6)
