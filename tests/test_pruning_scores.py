@@ -192,6 +192,10 @@ def test_bad_arguments_name_the_argument():
         score_mask(torch.randn(4, 4), torch.tensor([0.5, 0.5]))
     with pytest.raises(TypeError, match="scores must be a floating"):
         score_mask(torch.ones(4, 4, dtype=torch.int64), 0.5)
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        score_mask(torch.tensor([[1.0, float("nan")], [0.5, 2.0]]), 0.5)
+    with pytest.raises(ValueError, match="keep_rate must be in"):
+        score_mask(torch.randn(4, 4), torch.tensor(float("nan")))
     with pytest.raises(ValueError, match=r"scores have shape \(4, 4\), but channel masks .* need \(4, 1\)"):
         score_mask(torch.randn(4, 4), 0.5, granularity="channel", weight_shape=(4, 4))
     with pytest.raises(ValueError, match="no scored layers"):

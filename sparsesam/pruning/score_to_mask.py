@@ -79,6 +79,9 @@ def top_k_by_threshold(values: torch.Tensor, k: int) -> torch.Tensor:
 def select_mask(abs_scores: torch.Tensor, rate: Optional[float], granularity: str, n: int, m: int,
                 weight_shape: Sequence[int]) -> torch.Tensor:
     """The binary mask (the scores' dtype, ``weight_shape``) the forward produces from |s|; no gradient."""
+    if torch.isnan(abs_scores).any():
+        # A NaN threshold would keep nothing: say so (training diverged) instead.
+        raise ValueError("scores contain NaN")
     if granularity == "nm":
         mask = nm_mask(abs_scores, n, m)
     elif granularity == "channel":
