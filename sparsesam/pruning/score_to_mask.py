@@ -13,10 +13,10 @@ models/layers.py): the binary mask keeping the largest |s|
 The selection is by threshold, not by a sort: ``torch.kthvalue`` finds the
 k-th largest value (a quickselect on CPU, a radix select on CUDA; O(numel),
 where GetSubnet's full sort is O(numel log numel) on every forward), the
-mask is ``|s| > t`` plus, among the entries equal to t, the lowest flat
-indices until exactly k are kept. So the kept count is exact and ties are
-broken the same way on every device (GetSubnet's unstable sort breaks them
-arbitrarily). N:M selects within groups of m (a sort of m values each).
+mask is ``|s| >= t``; where several entries equal t (a count read on the
+host tells), the lowest flat indices among them until exactly k are kept.
+So the kept count is exact and ties are broken the same way on every
+device (GetSubnet's unstable sort breaks them arbitrarily). N:M selects within groups of m (a sort of m values each).
 
 Backward (GetSubnet's straight-through estimator): the mask's gradient
 ``dM = dL/dM`` goes to |s| unchanged and its sum to the rate, so
@@ -60,28 +60,30 @@ def top_k_by_threshold(values: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of ``values``' shape keeping its ``k`` largest entries; ties go to the lower flat index.
 
     The k-th largest value t comes from torch.kthvalue (a selection, no
-    sort); every value above t is kept, then the first ``k - #(v > t)``
-    entries equal to t in flat order.
+    sort); ``values >= t`` keeps exactly k entries unless several equal t.
+    Only then (a count read on the host decides) are the ties resolved: every
+    value above t, then the first ``k - #(v > t)`` entries equal to t in
+    flat order. NaN (above every number for kthvalue, never ``>= t``) makes
+    the count come out wrong too, and is refused there.
     """
     flat = values.reshape(-1)
     total = flat.numel()
     if k >= total:
         return torch.ones_like(values, dtype=torch.bool)
     threshold = torch.kthvalue(flat, total - k + 1).values
-    above = flat > threshold
-    at = flat == threshold
-    # The k - #above ties with the lowest indices: a running count over the ties, no host sync.
-    room = k - above.sum()
-    kept = above | (at & (torch.cumsum(at, 0) <= room))
+    kept = flat >= threshold
+    if int(kept.sum()) != k:
+        if torch.isnan(flat).any():
+            raise ValueError("scores contain NaN")
+        above = flat > threshold
+        at = flat == threshold
+        kept = above | (at & (torch.cumsum(at, 0) <= k - above.sum()))
     return kept.view_as(values)
 
 
 def select_mask(abs_scores: torch.Tensor, rate: Optional[float], granularity: str, n: int, m: int,
                 weight_shape: Sequence[int]) -> torch.Tensor:
     """The binary mask (the scores' dtype, ``weight_shape``) the forward produces from |s|; no gradient."""
-    if torch.isnan(abs_scores).any():
-        # A NaN threshold would keep nothing: say so (training diverged) instead.
-        raise ValueError("scores contain NaN")
     if granularity == "nm":
         mask = nm_mask(abs_scores, n, m)
     elif granularity == "channel":
