@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparsesam.models import ResNet18
-from sparsesam.ops import mask_ascent_, mask_flip_scores, mask_flip_topk, mask_grad_sq_norm, mask_score_grad
+from sparsesam.ops import mask_ascent_, mask_grad_sq_norm, mask_score_grad
 
 ROUNDS = 10
 RHO = 0.05
@@ -19,14 +19,13 @@ RHO = 0.05
 
 @pytest.fixture(scope="module")
 def layers():
-    """(G, W, binary mask, soft mask, scores) per masked weight of ResNet-18."""
+    """(G, W, soft mask, scores) per masked weight of ResNet-18."""
     torch.manual_seed(0)
     weights = [p.detach() for p in ResNet18(width=64).parameters() if p.dim() > 1]
     grads = [torch.randn_like(w) for w in weights]
-    binary = [torch.rand_like(w) > 0.5 for w in weights]
     soft = [torch.rand_like(w) for w in weights]
     scores = [w.abs() for w in weights]
-    return grads, weights, binary, soft, scores
+    return grads, weights, soft, scores
 
 
 def _group(benchmark, name, layers):
@@ -52,18 +51,6 @@ def torch_ascent(out, grads, weights, masks, sq_norm, rho):
         o.copy_(d)
 
 
-def torch_flip_scores(grads, weights, masks):
-    return [g * w * torch.where(m, -1.0, 1.0) for g, w, m in zip(grads, weights, masks)]
-
-
-def torch_flip_topk(grads, weights, masks, k_prune, k_grow):
-    prune, grow = [], []
-    for s, m, kp, kg in zip(torch_flip_scores(grads, weights, masks), masks, k_prune, k_grow):
-        prune.append(s.masked_fill(~m, float("inf")).flatten().topk(kp, largest=False).indices)
-        grow.append(s.masked_fill(m, float("inf")).flatten().topk(kg, largest=False).indices)
-    return prune, grow
-
-
 def torch_score_grad(grads, weights, scores):
     dm = torch._foreach_mul(grads, weights)
     return [torch.sign(s) * d for s, d in zip(scores, dm)], torch.stack([d.sum(dtype=torch.float64) for d in dm])
@@ -82,7 +69,7 @@ def test_mask_grad_sq_norm(benchmark, layers, impl):
 
 @pytest.mark.parametrize("impl", ["sparsesam", "torch"])
 def test_mask_ascent(benchmark, layers, impl):
-    grads, weights, _, soft, _ = layers
+    grads, weights, soft, _ = layers
     out = [torch.empty_like(m) for m in soft]
     sq = mask_grad_sq_norm(grads, weights)
     fn = mask_ascent_ if impl == "sparsesam" else torch_ascent
@@ -91,27 +78,49 @@ def test_mask_ascent(benchmark, layers, impl):
 
 
 @pytest.mark.parametrize("impl", ["sparsesam", "torch"])
-def test_mask_flip_scores(benchmark, layers, impl):
-    grads, weights, binary = layers[:3]
-    fn = mask_flip_scores if impl == "sparsesam" else torch_flip_scores
-    _group(benchmark, "mask_flip_scores", layers)
-    benchmark.pedantic(fn, (grads, weights, binary), rounds=ROUNDS, warmup_rounds=1)
-
-
-@pytest.mark.parametrize("impl", ["sparsesam", "torch"])
-def test_mask_flip_topk(benchmark, layers, impl):
-    grads, weights, binary = layers[:3]
-    # Iterative pruning: 10% of the kept entries out, half as many grown back.
-    k_prune = [int(m.sum()) // 10 for m in binary]
-    k_grow = [k // 2 for k in k_prune]
-    fn = mask_flip_topk if impl == "sparsesam" else torch_flip_topk
-    _group(benchmark, "mask_flip_topk", layers)
-    benchmark.pedantic(fn, (grads, weights, binary, k_prune, k_grow), rounds=ROUNDS, warmup_rounds=1)
-
-
-@pytest.mark.parametrize("impl", ["sparsesam", "torch"])
 def test_mask_score_grad(benchmark, layers, impl):
-    grads, weights, _, _, scores = layers
+    grads, weights, _, scores = layers
     fn = mask_score_grad if impl == "sparsesam" else torch_score_grad
     _group(benchmark, "mask_score_grad (HARP)", layers)
     benchmark.pedantic(fn, (grads, weights, scores), rounds=ROUNDS, warmup_rounds=1)
+
+
+# --- the score-to-mask step of HARP / HYDRA (forward + straight-through backward) ----
+
+
+class _SortGetSubnet(torch.autograd.Function):
+    """HARP's / HYDRA's GetSubnet (models/layers.py): a full sort per forward, autograd straight-through."""
+
+    @staticmethod
+    def forward(ctx, abs_scores, rate):
+        out = abs_scores.clone()
+        _, idx = abs_scores.flatten().sort()
+        j = int((1 - float(rate)) * abs_scores.numel())
+        flat = out.flatten()
+        flat[idx[:j]] = 0
+        flat[idx[j:]] = 1
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g.sum()
+
+
+def _score_to_mask_step(layers, impl):
+    from sparsesam.pruning import score_mask
+
+    grads, _, _, scores = layers
+    leaves = [s.clone().requires_grad_() for s in scores]
+    rates = [torch.tensor(0.1, requires_grad=True) for _ in scores]
+
+    def step():
+        for s, r, dm in zip(leaves, rates, grads):
+            mask = score_mask(s, r) if impl == "sparsesam" else _SortGetSubnet.apply(s.abs(), r)
+            mask.backward(dm)  # dM as the masked layer's backward hands it over
+    return step
+
+
+@pytest.mark.parametrize("impl", ["sparsesam", "torch"])
+def test_score_to_mask(benchmark, layers, impl):
+    _group(benchmark, "score-to-mask fwd+bwd at 10% kept (HARP / HYDRA search)", layers)
+    benchmark.pedantic(_score_to_mask_step(layers, impl), rounds=ROUNDS, warmup_rounds=1)

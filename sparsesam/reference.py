@@ -220,16 +220,6 @@ def _weights_or_none(weights: Optional[Sequence[Optional[Tensor]]], n: int) -> L
     return [None] * n if weights is None else list(weights)
 
 
-def _mask_value(mask: Tensor) -> Tensor:
-    """M in float64: a bool/integer mask is binary (M = mask != 0), a floating one is soft (its value)."""
-    return mask.double() if mask.is_floating_point() else (mask != 0).double()
-
-
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scores are float32, or float64 for float64 gradients: a 16-bit score would tie too often to rank."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def mask_grad_sq_norm(grads: Sequence[Tensor], weights: Optional[Sequence[Optional[Tensor]]]) -> Tensor:
     """``||dM||^2`` summed over every layer: C-SAM's global normaliser, a float64 0-d tensor.
 
@@ -283,74 +273,17 @@ def mask_ascent_(out: Sequence[Tensor], grads: Sequence[Tensor], weights: Option
         o.copy_(value)
 
 
-def mask_flip_scores(grads: Sequence[Tensor], weights: Optional[Sequence[Optional[Tensor]]],
-                     masks: Sequence[Tensor]) -> List[Tensor]:
-    """First-order loss change of flipping each mask entry: ``dM * (M' - M)``.
-
-    The loss depends on M through W*M, so changing one entry from M to M'
-    changes it by ``dL/dM * (M' - M)`` to first order (exactly, for a loss
-    linear in the effective weight). A flip sends a kept entry (M != 0) to
-    M' = 0 -- the score ``-dM * M`` is what pruning it costs -- and a pruned
-    entry (M == 0) to M' = 1 -- ``dM`` is what growing it gains (negative:
-    the loss falls). For a binary mask this is ``dM * (1 - 2M)``. Negative
-    is good in both cases, so iterative pruning and regrowth take the
-    smallest scores (:func:`mask_flip_topk`).
-
-    masks: bool/uint8/int8 (binary) or floating (soft, its value is M).
-    Scores are float32 (float64 for float64 gradients).
-    """
-    weights = _weights_or_none(weights, len(grads))
-    out = []
-    for g, w, m in zip(grads, weights, masks):
-        value = _mask_value(m)
-        target = torch.where(m != 0, torch.zeros_like(value), torch.ones_like(value))
-        out.append((_mask_grad(g, w) * (target - value)).to(_score_dtype(g.dtype)))
-    return out
-
-
-def _smallest(scores: Tensor, eligible: Tensor, k: int, name: str, what: str) -> Tensor:
-    """Flat indices of the k smallest eligible scores, by (score, index) with NaN last."""
-    idx = eligible.reshape(-1).nonzero().reshape(-1)
-    if k > idx.numel():
-        raise ValueError(f"{name} = {k} but the mask {what} only {idx.numel()} entries")
-    # A stable sort orders ties by index and puts NaN last: a unique answer.
-    order = torch.sort(scores.reshape(-1)[idx], stable=True).indices[:k]
-    return idx[order]
-
-
-def mask_flip_topk(grads: Sequence[Tensor], weights: Optional[Sequence[Optional[Tensor]]], masks: Sequence[Tensor],
-                   k_prune: Sequence[int], k_grow: Sequence[int]) -> Tuple[List[Tensor], List[Tensor]]:
-    """Per layer, the flips that help most: (prune indices, grow indices), flat int64 into each layer.
-
-    Among kept entries, the ``k_prune[i]`` with the smallest flip score (the
-    cheapest to prune); among pruned entries, the ``k_grow[i]`` with the
-    smallest flip score (growing them lowers the loss most). Each list is
-    ordered by (score, flat index) ascending, NaN scores last, so the choice
-    is unique and deterministic (ties go to the lower index). Scores are the
-    values :func:`mask_flip_scores` returns (rounded to their dtype first).
-    A k larger than the number of eligible entries is a ValueError.
-    """
-    weights = _weights_or_none(weights, len(grads))
-    scores = mask_flip_scores(grads, weights, masks)
-    prune, grow = [], []
-    for i, (s, m) in enumerate(zip(scores, masks)):
-        keep = m != 0
-        prune.append(_smallest(s, keep, int(k_prune[i]), f"k_prune[{i}]", "keeps"))
-        grow.append(_smallest(s, ~keep, int(k_grow[i]), f"k_grow[{i}]", "prunes"))
-    return prune, grow
-
-
 def mask_score_grad(grads: Sequence[Tensor], weights: Optional[Sequence[Optional[Tensor]]],
                     scores: Sequence[Tensor]) -> Tuple[List[Tensor], Tensor]:
     """HARP's straight-through gradients of the scores and of the per-layer keep rates.
 
     HARP (Zhao & Wressnegger, ICLR 2023; github.com/intellisec/harp,
-    models/layers.py) keeps in layer l the top-r_l fraction of |s| (s: a
-    score per weight, r_l = sigmoid(p_l) * (1 - r_min) + r_min). The mask is
+    models/layers.py) keeps in layer l the top-k_l fraction of |s| (s: a
+    score per weight, k_l = sigmoid(p_l) * (1 - k_min) + k_min). The mask is
     a step function of both, so its ``GetSubnet.backward`` passes the mask
     gradient straight through: to |s| as dM itself (hence to s as
     ``sign(s) * dM``, torch's abs backward, sign(0) = 0), and to the rate as
-    ``g_r = torch.sum(g)``, i.e. ``dL/dr_l = sum(dM_l)`` over *all* entries
+    ``g_r = torch.sum(g)``, i.e. ``dL/dk_l = sum(dM_l)`` over *all* entries
     of the layer, kept and pruned -- the rate acts on every entry's chance to
     be kept. The chain through the sigmoid (and HARP's hardware loss) is
     scalar work left to the caller.

@@ -174,8 +174,12 @@ def test_demo_with_the_real_algorithms(tmp_path):
     assert [r["name"] for r in report["runs"]] == ["dense", "magnitude", "adasap", "harp", "csam"]
     assert report["not_run"] == {}
     rows = {r["name"]: r for r in report["runs"]}
-    for name in ("magnitude", "harp", "csam"):
+    for name in ("magnitude", "csam"):
         assert rows[name]["sparsity"] == pytest.approx(0.5, abs=0.02), name
+    # HARP reaches its target through its hardware loss only (no rescaling, as the official code): one search
+    # epoch from the official start (min(1, 10 k) kept) leaves it above the target, and its history says so.
+    harp_search = [h for h in read(out / "harp" / "prune.json")["history"] if h["phase"] == "search"]
+    assert harp_search[0]["hw_loss"] > 0 and rows["harp"]["sparsity"] < 0.5
     assert rows["adasap"]["compacted_parameters"] < rows["dense"]["parameters"]  # structured: physically smaller
     for name in ("adasap", "harp", "csam"):
         history = read(out / name / "prune.json")["history"]

@@ -2,17 +2,15 @@
 csrc/cpu/mask_scoring_cpu.cpp) vs sparsesam.reference, and vs the
 algorithms' own definitions.
 
-* Elementwise outputs (flip scores, the C-SAM ascent, HARP's score
-  gradients) are computed in float64 and rounded once, as the reference
-  does, so they must match it bit for bit in every dtype; the top-k indices
-  must match exactly.
+* Elementwise outputs (the C-SAM ascent, HARP's score gradients) are
+  computed in float64 and rounded once, as the reference does, so they must
+  match it bit for bit in every dtype.
 * The reductions (the global squared norm, the per-layer rate gradients) add
   in another order than the reference: float64 within a few float64 ulps per
   term, lower precisions by the flash-attention rule (tests/tolerance.py:
   at most twice PyTorch's own error in that dtype); and the same bits for
   any thread count.
-* Semantics: a flip score is the exact loss change for a loss linear in the
-  effective weight; the ascent step has global norm rho; HARP's gradients
+* Semantics: the ascent step has global norm rho; HARP's gradients
   equal autograd through HARP's own GetSubnet straight-through function.
 
 None of these ops is differentiable (they post-process gradients under
@@ -27,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsesam import reference
-from sparsesam.ops import (masked_linear, mask_ascent_, mask_flip_scores, mask_flip_topk, mask_grad_sq_norm,
-                           mask_score_grad, sam_grad_sq_norm)
+from sparsesam.ops import mask_ascent_, mask_grad_sq_norm, mask_score_grad, sam_grad_sq_norm
 from tolerance import assert_within_torch_error
 
 ops = torch.ops.sparsesam
@@ -36,7 +33,6 @@ ops = torch.ops.sparsesam
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Odd sizes, empty tensors, a 0-d tensor, and tensors of several 8192-element chunks.
 SHAPES = [(1,), (7,), (129,), (3, 5, 3, 3), (0,), (0, 4), (), (16, 9), (3, 8193), (20001,)]
-MASK_KINDS = ("bool", "uint8", "int8", "soft")
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -178,122 +174,16 @@ def test_mask_ascent_clips_and_propagates_nan():
     assert torch.equal(out[0][:4], m[:4])
 
 
-# ---------------------------------------------------------------------------
-# mask_flip_scores
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("weights", ["all", "none", "mixed"])
-def test_mask_flip_scores_match_reference_bitwise(dtype, mask_kind, weights):
-    g, w, masks, _ = make_case(dtype, seed=6, mask_kind=mask_kind, weights=weights)
-    ours = mask_flip_scores(g, w, masks)
-    ref = reference.mask_flip_scores(g, w, masks)
-    assert len(ours) == len(ref)
-    for i, (o, r) in enumerate(zip(ours, ref)):
-        assert o.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert_same_bits(f"scores[{i}]", o, r)
-
-
-def test_flip_score_is_the_loss_change_of_a_linear_loss():
-    # L = sum(c * masked_linear(x, W, M)) is linear in W*M, so flipping one
-    # entry changes L by exactly dM * (M' - M). dM comes from the masked
-    # layer's own backward (M.grad), G from the effective weight.
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(5, 6, generator=gen, dtype=torch.float64)
-    c = torch.randn(5, 4, generator=gen, dtype=torch.float64)
-    w = torch.randn(4, 6, generator=gen, dtype=torch.float64)
-    m = torch.where(torch.rand(4, 6, generator=gen) > 0.5, torch.rand(4, 6, generator=gen, dtype=torch.float64), 0.0)
-    loss = lambda mask: (c * masked_linear(x, w, mask)).sum()
-    m_leaf = m.clone().requires_grad_(True)
-    loss(m_leaf).backward()
-    w_eff = (w * m).requires_grad_(True)
-    (c * F.linear(x, w_eff)).sum().backward()
-    from_g = mask_flip_scores([w_eff.grad], [w], [m])[0]
-    from_dm = mask_flip_scores([m_leaf.grad], None, [m])[0]
-    torch.testing.assert_close(from_g, from_dm, rtol=1e-12, atol=1e-12)
-    base = loss(m).item()
-    for k in range(m.numel()):
-        flipped = m.clone().view(-1)
-        flipped[k] = 0.0 if flipped[k] != 0 else 1.0
-        change = loss(flipped.view_as(m)).item() - base
-        assert math.isclose(from_g.view(-1)[k].item(), change, rel_tol=1e-9, abs_tol=1e-12)
-
-
-# ---------------------------------------------------------------------------
-# mask_flip_topk
-
-
-def k_lists(masks, frac_prune=0.3, frac_grow=0.5):
-    kept = [int((m != 0).sum()) for m in masks]
-    pruned = [m.numel() - k for m, k in zip(masks, kept)]
-    return [int(k * frac_prune) for k in kept], [int(p * frac_grow) for p in pruned]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mask_kind", ["bool", "soft"])
-@pytest.mark.parametrize("weights", ["all", "mixed"])
-def test_mask_flip_topk_matches_reference(dtype, mask_kind, weights):
-    g, w, masks, _ = make_case(dtype, seed=8, mask_kind=mask_kind, weights=weights)
-    k_prune, k_grow = k_lists(masks)
-    prune, grow = mask_flip_topk(g, w, masks, k_prune, k_grow)
-    ref_prune, ref_grow = reference.mask_flip_topk(g, w, masks, k_prune, k_grow)
-    for i in range(len(g)):
-        assert prune[i].dtype == grow[i].dtype == torch.int64
-        assert torch.equal(prune[i], ref_prune[i]), f"prune[{i}]"
-        assert torch.equal(grow[i], ref_grow[i]), f"grow[{i}]"
-
-
-def test_mask_flip_topk_breaks_ties_by_index_and_puts_nan_last():
-    # Scores from a few integers: many exact ties (+0.0 and -0.0 among them),
-    # NaN gradients at some entries; three 8192-element chunks.
-    gen = torch.Generator().manual_seed(9)
-    n = 20000
-    g = torch.randint(-2, 3, (n,), generator=gen).float()
-    g[torch.randperm(n, generator=gen)[:200]] = float("nan")
-    w = torch.randint(-1, 2, (n,), generator=gen).float()
-    m = torch.rand(n, generator=gen) > 0.5
-    kept = int(m.sum())
-    for k_prune, k_grow in [(0, 0), (1, 1), (kept // 2, (n - kept) // 2), (kept, n - kept)]:
-        prune, grow = mask_flip_topk([g], [w], [m], [k_prune], [k_grow])
-        ref_prune, ref_grow = reference.mask_flip_topk([g], [w], [m], [k_prune], [k_grow])
-        assert torch.equal(prune[0], ref_prune[0]) and torch.equal(grow[0], ref_grow[0])
-        scores = mask_flip_scores([g], [w], [m])[0]
-        for idx, eligible in ((prune[0], m), (grow[0], ~m)):
-            assert bool(eligible[idx].all()) and idx.unique().numel() == idx.numel()
-            s = scores[idx]
-            finite = s[~s.isnan()]
-            assert bool((finite[1:] >= finite[:-1]).all())  # ascending
-            assert not bool(s.isnan()[: finite.numel()].any())  # NaN only at the end
-            ties = (s[1:] == s[:-1])
-            assert bool((idx[1:][ties] > idx[:-1][ties]).all())  # equal scores: lower index first
-    # The whole eligible set, in order: ends with the NaN-scored entries.
-    prune, _ = mask_flip_topk([g], [w], [m], [kept], [0])
-    assert int(scores[prune[0]].isnan().sum()) == int((g.isnan() & m).sum())
-
-
-def test_mask_flip_topk_picks_the_flips_that_help():
-    # A binary mask: pruning a kept entry costs -dM, growing a pruned one dM.
-    g = torch.tensor([[1.0, -2.0, 3.0, 0.5], [-1.0, 2.0, -3.0, 4.0]])
-    w = torch.ones(2, 4)
-    m = torch.tensor([[True, True, True, True], [False, False, False, False]])
-    prune, grow = mask_flip_topk([g], [w], [m], [2], [2])
-    assert prune[0].tolist() == [2, 0]  # -3, -1: the entries whose removal lowers the loss
-    assert grow[0].tolist() == [6, 4]   # -3, -1: growing them lowers the loss
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_outputs_do_not_depend_on_thread_count(dtype):
     shapes = SHAPES + [(70001,)]
     g, w, masks, scores = make_case(dtype, seed=10, shapes=shapes, mask_kind="soft")
-    k_prune, k_grow = k_lists(masks)
 
     def run():
         out = [torch.empty_like(m) for m in masks]
         mask_ascent_(out, g, w, masks, mask_grad_sq_norm(g, w), 0.5)
-        prune, grow = mask_flip_topk(g, w, masks, k_prune, k_grow)
         score_grads, rates = mask_score_grad(g, w, scores)
-        return out + mask_flip_scores(g, w, masks) + prune + grow + score_grads + [rates]
+        return out + score_grads + [rates]
 
     for a, b in zip(with_threads(1, run), with_threads(2, run)):
         assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
@@ -383,11 +273,6 @@ def test_non_contiguous_inputs_give_the_same_results():
     gn, wn, mn, sn = t(g), t(w), t(masks), t(scores)
     assert not any(x.is_contiguous() for x in gn + wn + mn + sn)
     assert torch.equal(mask_grad_sq_norm(gn, wn), mask_grad_sq_norm(g, w))
-    for a, b in zip(mask_flip_scores(gn, wn, mn), mask_flip_scores(g, w, masks)):
-        assert torch.equal(a, b)
-    kp, kg = [3, 5], [2, 4]
-    for a, b in zip(sum(mask_flip_topk(gn, wn, mn, kp, kg), []), sum(mask_flip_topk(g, w, masks, kp, kg), [])):
-        assert torch.equal(a, b)
     (sa, ra), (sb, rb) = mask_score_grad(gn, wn, sn), mask_score_grad(g, w, scores)
     assert torch.equal(ra, rb) and all(torch.equal(a, b) for a, b in zip(sa, sb))
     sq = mask_grad_sq_norm(g, w)
@@ -401,8 +286,6 @@ def test_empty_lists_and_empty_tensors():
     norm = mask_grad_sq_norm([], None)
     assert norm.dtype == torch.float64 and norm.item() == 0.0
     mask_ascent_([], [], None, [], torch.tensor(1.0), 0.1)
-    assert mask_flip_scores([], None, []) == []
-    assert mask_flip_topk([], None, [], [], []) == ([], [])
     score_grads, rates = mask_score_grad([], None, [])
     assert score_grads == [] and rates.shape == (0,) and rates.dtype == torch.float64
 
@@ -410,9 +293,6 @@ def test_empty_lists_and_empty_tensors():
     assert mask_grad_sq_norm(e, e).item() == 0.0
     out = [torch.empty_like(x) for x in e]
     mask_ascent_(out, e, e, e, torch.tensor(0.0), 0.1)
-    assert [s.shape for s in mask_flip_scores(e, e, e)] == [(0,), (0, 3)]
-    prune, grow = mask_flip_topk(e, None, e, [0, 0], [0, 0])
-    assert [p.numel() for p in prune + grow] == [0, 0, 0, 0]
     score_grads, rates = mask_score_grad(e, e, e)
     assert rates.tolist() == [0.0, 0.0] and [s.shape for s in score_grads] == [(0,), (0, 3)]
 
@@ -422,13 +302,9 @@ def test_opcheck():
     g = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
     w = [torch.randn(4, 3, generator=gen), None]
     soft = [torch.rand(4, 3, generator=gen), torch.rand(5, generator=gen)]
-    binary = [torch.rand(4, 3, generator=gen) > 0.5, torch.tensor([1, 0, 1, 1, 0], dtype=torch.uint8)]
     sq = torch.tensor(2.0, dtype=torch.float64)
     torch.library.opcheck(ops.mask_grad_sq_norm.default, (g, w))
     torch.library.opcheck(ops.mask_ascent_.default, ([torch.empty_like(m) for m in soft], g, w, soft, sq, 0.1, 1e-12))
-    torch.library.opcheck(ops.mask_flip_scores.default, (g, w, binary))
-    torch.library.opcheck(ops.mask_flip_scores.default, (g, w, soft))
-    torch.library.opcheck(ops.mask_flip_topk.default, (g, w, binary, [2, 1], [3, 1]))
     torch.library.opcheck(ops.mask_score_grad.default, (g, w, soft))
 
 
@@ -447,19 +323,6 @@ def test_bad_input_is_refused_with_the_argument_named():
         (ValueError, "weights has 2 entries", lambda: mask_grad_sq_norm([a], [b, b])),
         (TypeError, r"weights\[0\] dtype", lambda: mask_grad_sq_norm([a], [b.double()])),
         (ValueError, r"weights\[0\] has shape", lambda: mask_grad_sq_norm([a], [b.t()])),
-        (TypeError, r"masks\[0\] must be bool, uint8, int8", lambda: mask_flip_scores([a], [b], [soft.double()])),
-        (TypeError, r"masks\[0\] must be bool, uint8, int8", lambda: mask_flip_scores([a], [b], [m.int()])),
-        (ValueError, r"masks\[0\] has shape", lambda: mask_flip_scores([a], [b], [m.t()])),
-        (ValueError, "masks has 0 entries", lambda: mask_flip_scores([a], [b], [])),
-        (TypeError, r"masks\[0\] must be a torch.Tensor", lambda: mask_flip_scores([a], [b], [None])),
-        (TypeError, r"k_prune\[0\] must be an int", lambda: mask_flip_topk([a], [b], [m], [1.5], [0])),
-        (ValueError, r"k_grow\[0\] must be >= 0", lambda: mask_flip_topk([a], [b], [m], [0], [-1])),
-        (ValueError, "k_prune has 2 entries", lambda: mask_flip_topk([a], [b], [m], [0, 0], [0])),
-        (ValueError, r"k_prune\[0\] \+ k_grow\[0\] = 13 exceeds", lambda: mask_flip_topk([a], [b], [m], [12], [1])),
-        (ValueError, r"k_prune\[0\] = 12 but masks\[0\] keeps only",
-         lambda: mask_flip_topk([a], [b], [m], [12], [0])),
-        (ValueError, r"k_grow\[0\] = 12 but masks\[0\] prunes only",
-         lambda: mask_flip_topk([a], [b], [m], [0], [12])),
         (TypeError, r"masks\[0\] must be a floating", lambda: mask_ascent_([soft.clone()], [a], [b], [m], sq, 0.1)),
         (ValueError, r"out\[0\] must be contiguous",
          lambda: mask_ascent_([torch.empty(3, 4).t()], [a], [b], [soft], sq, 0.1)),

@@ -1,6 +1,8 @@
-"""Score masks (HYDRA-style): the mask is top-k of |s| at the asked rate, the
-straight-through gradient equals the reference sign(s) * G * W (G from plain
-autograd on W*M), the rate gets sum(dL/dM), freezing, bad input."""
+"""Score masks (HYDRA / HARP): the mask is top-k of |s| at the asked rate with
+GetSubnet's kept count, the straight-through gradient equals the reference
+sign(s) * G * W (G from plain autograd on W*M; summed over the channel for
+channel scores), the rate gets sum(dL/dM), the fused ScoreToMask equals the
+plain-Python straight-through estimator, freezing, bad input."""
 import math
 
 import pytest
@@ -11,22 +13,25 @@ import torch.nn.functional as F
 import sparsesam
 from sparsesam.models import SmallCNN
 from sparsesam.nn import MaskedConv2d, MaskedLinear, masked_layers
-from sparsesam.pruning import (attach_scores, freeze_scores, hydra_score_init, is_nm_sparse, score_mask,
-                               score_parameters)
+from sparsesam.pruning import (attach_scores, freeze_scores, hydra_score_init, is_nm_sparse, kept_count, score_mask,
+                               score_parameters, top_k_by_threshold)
+from tolerance import assert_within_torch_error
 
 
-def _reference_mask(scores, granularity, keep_rate=None, n=2, m=4):
+def _reference_mask(scores, granularity, keep_rate=None, n=2, m=4, weight_shape=None):
     """Independent of the implementation: thresholds and sorts by hand."""
     a = scores.detach().abs()
     if granularity == "unstructured":
-        k = round(keep_rate * a.numel())
-        threshold = a.flatten().sort(descending=True).values[k - 1]
+        # GetSubnet: sort, zero the lowest int((1 - k) * numel).
+        pruned = int((1 - keep_rate) * a.numel())
+        threshold = a.flatten().sort().values[pruned]
         return (a >= threshold).to(a.dtype)
     if granularity == "channel":
-        rows = a.flatten(1).sum(dim=1)
+        # One score per output channel; GetSubnet keeps round(k * C).
+        rows = a.flatten()
         k = round(keep_rate * rows.numel())
         keep = rows >= rows.sort(descending=True).values[k - 1]
-        return keep.view(-1, *([1] * (a.dim() - 1))).expand_as(a).to(a.dtype)
+        return keep.view(-1, *([1] * (len(weight_shape) - 1))).expand(*weight_shape).to(a.dtype)
     moved = a.movedim(1, -1)
     groups = moved.reshape(*moved.shape[:-1], -1, m)
     ranks = groups.argsort(dim=-1, descending=True).argsort(dim=-1)
@@ -45,6 +50,11 @@ def test_hydra_init_is_scaled_weight():
     s = hydra_score_init(w)
     torch.testing.assert_close(s, math.sqrt(6 / 36) * w / w.abs().max())
     assert torch.equal(s.abs().argsort(), w.abs().argsort())  # the first mask is the magnitude mask
+    # Channels: one score per output channel, its L1 norm scaled (fan-in of a [C, 1, 1, 1] tensor: 1).
+    c = hydra_score_init(w, "channel")
+    norms = w.abs().flatten(1).sum(1)
+    assert c.shape == (6, 1, 1, 1)
+    torch.testing.assert_close(c.flatten(), math.sqrt(6) * norms / norms.max())
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -60,13 +70,16 @@ def test_ste_gradient_equals_reference(kind, granularity, keep_rate):
     upstream = torch.randn_like(out)
     (out * upstream).sum().backward()
 
-    mask = _reference_mask(scores, granularity, keep_rate)
+    mask = _reference_mask(scores, granularity, keep_rate, weight_shape=layer.weight.shape)
     effective = (layer.weight.detach() * mask).requires_grad_()
     ref_out = F.linear(x, effective, layer.bias) if kind == "linear" else F.conv2d(x, effective, layer.bias, padding=1)
     (ref_out * upstream).sum().backward()
     torch.testing.assert_close(out, ref_out)
     assert torch.equal(layer.weight_mask, mask)
-    expected = torch.sign(scores.detach()) * effective.grad * layer.weight.detach()
+    dmask = effective.grad * layer.weight.detach()
+    if granularity == "channel":
+        dmask = dmask.flatten(1).sum(1).view_as(scores)
+    expected = torch.sign(scores.detach()) * dmask
     torch.testing.assert_close(scores.grad, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -80,7 +93,7 @@ def test_model_masks_reach_the_rate(granularity, keep_rate, sparsity):
     for name, layer in masked_layers(model):
         if name not in attached:
             continue
-        assert layer.sparsity == pytest.approx(sparsity, abs=0.01), name
+        assert layer.sparsity == pytest.approx(sparsity, abs=0.02), name
         mask = layer.weight_mask
         assert set(mask.unique().tolist()) <= {0.0, 1.0}
         if granularity == "channel":
@@ -91,6 +104,11 @@ def test_model_masks_reach_the_rate(granularity, keep_rate, sparsity):
         if granularity == "unstructured":
             # HYDRA init: the first mask keeps the largest |w|.
             assert torch.equal(mask.bool(), _reference_mask(layer.weight, "unstructured", keep_rate).bool())
+        if granularity == "channel":
+            # HYDRA init: the first mask keeps the channels of largest L1 norm.
+            norms = layer.weight.detach().abs().flatten(1).sum(1)
+            assert torch.equal(mask.flatten(1)[:, 0].bool(),
+                               _reference_mask(norms, "channel", keep_rate, weight_shape=norms.shape).bool())
     # The scores are the only new parameters, and they are the mask parameters' storage.
     assert len(score_parameters(model)) == len(attached)
     F.cross_entropy(model(torch.randn(2, 1, 28, 28)), torch.tensor([1, 2])).backward()
@@ -100,7 +118,7 @@ def test_model_masks_reach_the_rate(granularity, keep_rate, sparsity):
 def test_learnable_rate_receives_the_summed_mask_gradient():
     layer, x = _layer("linear")
 
-    class SigmoidRate(nn.Module):  # HARP's r = sigmoid(p) * (1 - r_min) + r_min
+    class SigmoidRate(nn.Module):  # HARP's k = sigmoid(p) * (1 - k_min) + k_min
         def __init__(self):
             super().__init__()
             self.p = nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
@@ -170,6 +188,16 @@ def test_bad_arguments_name_the_argument():
         attach_scores(model, {"features.0": 0.5})
     with pytest.raises(ValueError, match="keep_rate must be in"):
         score_mask(torch.randn(4, 4), torch.tensor(2.0))
+    with pytest.raises(ValueError, match="keep_rate must be a number or a one-element tensor"):
+        score_mask(torch.randn(4, 4), torch.tensor([0.5, 0.5]))
+    with pytest.raises(TypeError, match="scores must be a floating"):
+        score_mask(torch.ones(4, 4, dtype=torch.int64), 0.5)
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        score_mask(torch.tensor([[1.0, float("nan")], [0.5, 2.0]]), 0.5)
+    with pytest.raises(ValueError, match="keep_rate must be in"):
+        score_mask(torch.randn(4, 4), torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match=r"scores have shape \(4, 4\), but channel masks .* need \(4, 1\)"):
+        score_mask(torch.randn(4, 4), 0.5, granularity="channel", weight_shape=(4, 4))
     with pytest.raises(ValueError, match="no scored layers"):
         freeze_scores(model)
     attach_scores(model, 0.5)
@@ -216,3 +244,148 @@ def test_scored_layers_export_their_current_mask_and_refuse_set_mask():
     layer = next(layer for _, layer in masked_layers(model))
     with pytest.raises(RuntimeError, match="freeze_scores"):
         layer.set_mask(torch.ones_like(layer.weight))
+
+
+# ---------------------------------------------------------------------------
+# The fused ScoreToMask against the plain-Python straight-through estimator
+
+
+class PythonGetSubnet(torch.autograd.Function):
+    """HARP's / HYDRA's GetSubnet in plain PyTorch (models/layers.py): a full sort per forward,
+    the mask gradient straight through to |s| and its sum to the rate."""
+
+    @staticmethod
+    def forward(ctx, abs_scores, rate, granularity):
+        flat = abs_scores.flatten()
+        out = torch.zeros_like(flat)
+        order = flat.sort(stable=True, descending=True).indices  # ties: the lower index first
+        total = flat.numel()
+        kept = kept_count(float(rate), total, granularity)
+        out[order[:kept]] = 1
+        return out.view_as(abs_scores)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g.sum(), None
+
+
+class PythonNMStraightThrough(torch.autograd.Function):
+    """N:M by a sort within each group of m, the gradient straight through."""
+
+    @staticmethod
+    def forward(ctx, abs_scores, n, m):
+        moved = abs_scores.movedim(1, -1)
+        groups = moved.reshape(*moved.shape[:-1], -1, m)
+        ranks = groups.sort(dim=-1, descending=True, stable=True).indices.argsort(dim=-1)
+        return (ranks < n).to(abs_scores.dtype).reshape(moved.shape).movedim(-1, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+def _python_mask(scores, rate, granularity, weight_shape):
+    if granularity == "nm":
+        return PythonNMStraightThrough.apply(scores.abs(), 2, 4)
+    mask = PythonGetSubnet.apply(scores.abs(), rate, granularity)
+    return mask.expand(*weight_shape) if granularity == "channel" else mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("granularity, rate_value", [(g, r) for g in ("unstructured", "channel")
+                                                     for r in (1e-4, 0.3, 0.5, 1.0)] + [("nm", None)])
+@pytest.mark.parametrize("weight_shape", [(6, 4, 3, 3), (10, 8), (1, 4)])
+def test_fused_and_python_straight_through_give_the_same_gradients(dtype, granularity, weight_shape, rate_value):
+    gen = torch.Generator().manual_seed(17)
+    shape = (weight_shape[0],) + (1,) * (len(weight_shape) - 1) if granularity == "channel" else weight_shape
+    base = torch.randn(shape, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(weight_shape, generator=gen, dtype=torch.float64)  # dL/dM
+
+    def run(fused, dt):
+        scores = base.to(dt).requires_grad_()
+        rate = torch.tensor(rate_value, dtype=dt, requires_grad=True) if granularity != "nm" else None
+        if fused:
+            mask = score_mask(scores, rate, granularity, weight_shape=weight_shape)
+        else:
+            mask = _python_mask(scores, rate, granularity, weight_shape)
+        (mask * upstream.to(dt)).sum().backward()
+        return mask.detach(), scores.grad, None if rate is None else rate.grad
+
+    mask, score_grad, rate_grad = run(True, dtype)
+    py_mask, py_score_grad, py_rate_grad = run(False, dtype)
+    _, ref_score_grad, ref_rate_grad = run(False, torch.float64)
+    assert torch.equal(mask, py_mask)
+    if granularity != "channel":
+        # sign(s) * dM, one product each: the same bits.
+        assert torch.equal(score_grad, py_score_grad)
+    else:
+        # Per-channel sums of dM: another summation order, PyTorch's own error at most (twice).
+        assert_within_torch_error("channel score grad", score_grad, py_score_grad, ref_score_grad,
+                                  reduction_size=upstream[0].numel())
+    if granularity != "nm":
+        assert_within_torch_error("rate grad", rate_grad.reshape(1), py_rate_grad.reshape(1),
+                                  ref_rate_grad.reshape(1), reduction_size=upstream.numel())
+
+
+def test_fused_gradients_through_a_masked_layer_equal_the_python_estimator():
+    # The fused path takes dM = G*W from the masked layer's own backward: same gradients as plain autograd on W*M.
+    torch.manual_seed(3)
+    layer = MaskedConv2d(4, 6, 3, padding=1, mask_mode="trainable", dtype=torch.float64)
+    rate = nn.Parameter(torch.tensor(0.4, dtype=torch.float64))
+    attach_scores(nn.Sequential(layer), rate, keep_output_layer=False)
+    (scores,) = score_parameters(nn.Sequential(layer))
+    with torch.no_grad():
+        scores.copy_(torch.randn_like(scores))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    layer(x).square().sum().backward()
+
+    py_scores = scores.detach().clone().requires_grad_()
+    py_rate = rate.detach().clone().requires_grad_()
+    weight = layer.weight.detach()
+    F.conv2d(x, weight * _python_mask(py_scores, py_rate, "unstructured", weight.shape), layer.bias,
+             padding=1).square().sum().backward()
+    torch.testing.assert_close(scores.grad, py_scores.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rate.grad, py_rate.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_threshold_selection_keeps_exactly_k_and_breaks_ties_by_index():
+    values = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.5, 2.0, 3.0])
+    for k in range(1, values.numel() + 1):
+        kept = top_k_by_threshold(values, k)
+        expected = torch.zeros(values.numel(), dtype=torch.bool)
+        expected[values.sort(descending=True, stable=True).indices[:k]] = True
+        assert torch.equal(kept, expected), k
+    # All equal: the first k.
+    assert top_k_by_threshold(torch.zeros(2, 3), 4).flatten().tolist() == [True] * 4 + [False] * 2
+    # Against a sort on random data of several shapes.
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(1,), (17,), (5, 4, 3, 3), (100, 33)]:
+        v = torch.randn(shape, generator=gen).abs()
+        for k in (1, v.numel() // 3 + 1, v.numel()):
+            expected = torch.zeros(v.numel(), dtype=torch.bool)
+            expected[v.flatten().topk(k).indices] = True
+            assert torch.equal(top_k_by_threshold(v, k).flatten(), expected)
+
+
+@pytest.mark.parametrize("rate, total, granularity, expected", [
+    (0.3, 72, "unstructured", 22),   # GetSubnet: 72 - int(0.7 * 72) = 72 - 50
+    (1.0, 10, "unstructured", 10),
+    (1e-6, 10, "unstructured", 1),   # at least one kept
+    (0.25, 8, "channel", 2),         # round(0.25 * 8)
+    (0.01, 8, "channel", 1),         # round would keep none: at least one
+    (0.3125, 8, "channel", 2),       # round(2.5) = 2: half to even, as torch.round
+])
+def test_kept_count_is_get_subnets(rate, total, granularity, expected):
+    assert kept_count(rate, total, granularity) == expected
+
+
+def test_rates_at_the_extremes_still_get_their_gradient():
+    scores = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    for value, kept in [(1.0, 30), (1e-9, 1)]:
+        rate = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        mask = score_mask(scores, rate)
+        assert int(mask.sum()) == kept
+        upstream = torch.randn(5, 6, dtype=torch.float64)
+        (mask * upstream).sum().backward()
+        torch.testing.assert_close(rate.grad, upstream.sum())
+        scores.grad = None

@@ -1,6 +1,5 @@
 """The Triton mask-scoring kernels (sparsesam.triton_kernels: mask_grad_sq_norm,
-mask_ascent_, mask_flip_scores, mask_flip_topk, mask_score_grad) vs
-sparsesam.reference.
+mask_ascent_, mask_score_grad) vs sparsesam.reference.
 
 They run on CPU under the Triton interpreter:
 
@@ -12,8 +11,7 @@ elements, a 0-d tensor, 1030 (a full block and a tail) and 33x130 (two
 chunks).
 
 * Elementwise kernels compute in float64 and round like torch's ``.to``, so
-  scores, ascent points and score gradients must equal the reference bit for
-  bit; the top-k indices must be the reference's exactly.
+  ascent points and score gradients must equal the reference bit for bit.
 * The reductions add in another (fixed) order: float64 error bounds, and the
   same bits twice.
 
@@ -35,8 +33,8 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from sparsesam import reference  # noqa: E402
-from sparsesam.triton_kernels import (mask_ascent_, mask_flip_scores, mask_flip_topk, mask_grad_sq_norm,  # noqa: E402
-                                      mask_score_grad, sam_grad_sq_norm)
+from sparsesam.triton_kernels import (mask_ascent_, mask_grad_sq_norm, mask_score_grad,  # noqa: E402
+                                      sam_grad_sq_norm)
 
 DTYPES = [torch.float32, torch.float64, torch.float16]
 SHAPES = [(1,), (7,), (129,), (3, 5, 3, 3), (0,), (), (1030,), (33, 130)]
@@ -59,26 +57,14 @@ def _randn(shape, dtype):
     return torch.randn(shape, dtype=torch.float64).to(dtype)
 
 
-def _mask(shape, kind, dtype):
-    keep = torch.rand(shape) > 0.4
-    if kind == "bool":
-        return keep
-    if kind in ("uint8", "int8"):
-        return torch.where(keep, torch.randint(1, 100, shape), 0).to(getattr(torch, kind))
-    soft = torch.rand(shape, dtype=torch.float64) * 0.9 + 0.1
-    zero = torch.where(torch.rand(shape) > 0.5, 0.0, -0.0).double()
-    return torch.where(keep, soft, zero).to(dtype)
-
-
-def _case(dtype, weights="mixed", mask_kind="bool", shapes=SHAPES):
+def _case(dtype, weights="mixed", shapes=SHAPES):
     g = [_randn(s, dtype) for s in shapes]
     w = [_randn(s, dtype) for s in shapes]
     if weights == "none":
         w = [None] * len(shapes)
     elif weights == "mixed":
         w = [x if i % 2 == 0 else None for i, x in enumerate(w)]
-    masks = [_mask(s, mask_kind, dtype) for s in shapes]
-    return g, w, masks
+    return g, w
 
 
 # --- mask_grad_sq_norm ---------------------------------------------------------
@@ -87,7 +73,7 @@ def _case(dtype, weights="mixed", mask_kind="bool", shapes=SHAPES):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("weights", ["all", "none", "mixed"])
 def test_mask_grad_sq_norm(dtype, weights):
-    g, w, _ = _case(dtype, weights)
+    g, w = _case(dtype, weights)
     ours = mask_grad_sq_norm(g, w)
     ref = reference.mask_grad_sq_norm(g, w)
     assert ours.dtype == torch.float64 and ours.dim() == 0
@@ -98,7 +84,7 @@ def test_mask_grad_sq_norm(dtype, weights):
 
 
 def test_mask_grad_sq_norm_is_the_sam_norm_kernel():
-    g, w, _ = _case(torch.float32, "all")
+    g, w = _case(torch.float32, "all")
     assert torch.equal(_bits(mask_grad_sq_norm(g, w)), _bits(sam_grad_sq_norm(g, w, [None] * len(g), True)))
 
 
@@ -108,7 +94,7 @@ def test_mask_grad_sq_norm_is_the_sam_norm_kernel():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("weights", ["all", "mixed"])
 def test_mask_ascent_bitwise(dtype, weights):
-    g, w, _ = _case(dtype, weights)
+    g, w = _case(dtype, weights)
     masks = [torch.rand(s, dtype=torch.float64).to(dtype) for s in SHAPES]
     sq = reference.mask_grad_sq_norm(g, w)
     for rho in (0.05, 3.0):
@@ -128,54 +114,13 @@ def test_mask_ascent_noncontiguous_out_and_nan():
     assert math.isnan(out[1][0].item()) and torch.equal(out[1][1:], torch.tensor([0.85, 0.15]))
 
 
-# --- mask_flip_scores / mask_flip_topk ------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mask_kind", ["bool", "uint8", "int8", "soft"])
-@pytest.mark.parametrize("weights", ["all", "none", "mixed"])
-def test_mask_flip_scores_bitwise(dtype, mask_kind, weights):
-    g, w, masks = _case(dtype, weights, mask_kind)
-    _assert_all_bits("scores", mask_flip_scores(g, w, masks), reference.mask_flip_scores(g, w, masks))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mask_kind", ["bool", "soft"])
-def test_mask_flip_topk(dtype, mask_kind):
-    g, w, masks = _case(dtype, "mixed", mask_kind)
-    kept = [int((m != 0).sum()) for m in masks]
-    k_prune = [k // 3 for k in kept]
-    k_grow = [(m.numel() - k) // 2 for m, k in zip(masks, kept)]
-    prune, grow = mask_flip_topk(g, w, masks, k_prune, k_grow)
-    ref_prune, ref_grow = reference.mask_flip_topk(g, w, masks, k_prune, k_grow)
-    for i in range(len(g)):
-        assert torch.equal(prune[i], ref_prune[i]) and torch.equal(grow[i], ref_grow[i]), f"layer {i}"
-
-
-def test_mask_flip_topk_ties_and_nan():
-    n = 1500
-    g = torch.randint(-2, 3, (n,)).float()
-    g[torch.randperm(n)[:25]] = float("nan")
-    w = torch.randint(-1, 2, (n,)).float()
-    m = torch.rand(n) > 0.5
-    kept = int(m.sum())
-    for k_prune, k_grow in [(0, 0), (kept // 2, (n - kept) // 3), (kept, n - kept)]:
-        prune, grow = mask_flip_topk([g], [w], [m], [k_prune], [k_grow])
-        ref_prune, ref_grow = reference.mask_flip_topk([g], [w], [m], [k_prune], [k_grow])
-        assert torch.equal(prune[0], ref_prune[0]) and torch.equal(grow[0], ref_grow[0])
-    with pytest.raises(ValueError, match=r"k_prune\[0\]"):
-        mask_flip_topk([g], [w], [m], [kept + 1], [0])
-    with pytest.raises(ValueError, match=r"k_grow\[0\]"):
-        mask_flip_topk([g], [w], [m], [0], [n - kept + 1])
-
-
 # --- mask_score_grad ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("weights", ["all", "none", "mixed"])
 def test_mask_score_grad(dtype, weights):
-    g, w, _ = _case(dtype, weights)
+    g, w = _case(dtype, weights)
     scores = [_randn(s, dtype) for s in SHAPES]
     scores[1] = torch.zeros_like(scores[1])
     score_grads, rates = mask_score_grad(g, w, scores)
@@ -193,8 +138,6 @@ def test_mask_score_grad(dtype, weights):
 def test_empty_lists_and_tensors():
     assert mask_grad_sq_norm([], []).item() == 0.0
     mask_ascent_([], [], [], [], torch.tensor(1.0), 0.1, 0.0)
-    assert mask_flip_scores([], [], []) == []
-    assert mask_flip_topk([], [], [], [], []) == ([], [])
     score_grads, rates = mask_score_grad([], [], [])
     assert score_grads == [] and rates.shape == (0,)
     e = [torch.empty(0), torch.empty(3, 0)]
@@ -205,17 +148,10 @@ def test_empty_lists_and_tensors():
 
 def test_bad_input():
     a = torch.zeros(4, 3)
-    m = torch.ones(4, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="weights"):
         mask_grad_sq_norm([a], [])
     with pytest.raises(TypeError, match=r"weights\[0\]"):
         mask_grad_sq_norm([a], [a.double()])
-    with pytest.raises(ValueError, match=r"masks\[0\]"):
-        mask_flip_scores([a], [None], [torch.ones(3, dtype=torch.bool)])
-    with pytest.raises(TypeError, match=r"masks\[0\]"):
-        mask_flip_scores([a], [None], [a.double()])
-    with pytest.raises(ValueError, match=r"k_grow\[0\]"):
-        mask_flip_topk([a], [None], [m], [0], [-1])
     with pytest.raises(TypeError, match=r"out\[0\]"):
         mask_ascent_([a.half()], [a], [None], [a], torch.tensor(1.0), 0.1, 0.0)
     with pytest.raises(ValueError, match="sq_norm"):

@@ -1,6 +1,5 @@
-"""Mask-perturbation scoring in Triton: mask_grad_sq_norm, mask_ascent_,
-mask_flip_scores, mask_flip_topk and mask_score_grad (the math and the why:
-sparsesam.reference).
+"""Mask-perturbation scoring in Triton: mask_grad_sq_norm, mask_ascent_ and
+mask_score_grad (the math and the why: sparsesam.reference).
 
 Multi-tensor ops, launched like the fused SAM step (multi_tensor.py): one
 int64 table of tensor rows and chunks, one program per chunk, one launch per
@@ -20,11 +19,6 @@ reference rounds twice.
 * ``mask_score_grad`` stores one float64 partial of sum(dM) per chunk at the
   chunk's index; one program per layer then adds its chunks' partials in a
   fixed order, so the rate gradients do not depend on scheduling.
-* ``mask_flip_topk`` scores with the flip kernel, then selects with one
-  stable device sort per layer (ties by index, NaN last, as the reference
-  defines the order). Checking k against the number of kept entries reads
-  that count on the host: a sync per call, which an occasional pruning round
-  can afford.
 """
 from __future__ import annotations
 
@@ -41,8 +35,6 @@ from .multi_tensor import (
 
 Tensor = torch.Tensor
 
-# A flip op's binary masks are read as bytes and tested with != 0.
-_BINARY_MASKS = (torch.bool, torch.uint8, torch.int8)
 # Where the layer index sits in a row of the elementwise kernels (see the
 # module docstring; the kernels pass the row size 6 and numel's place 4 to
 # _chunk as literals).
@@ -113,35 +105,6 @@ def _mask_ascent_kernel(table_ptr, chunk_ptr, hyper_ptr, sq_norm_ptr, G_DTYPE: t
 
 
 @triton.jit
-def _flip_scores_block(out_ptr, g_ptr, w_ptr, m_ptr, lo, end, HAS_WEIGHTS: tl.constexpr, SOFT: tl.constexpr,
-                       TAIL: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.multiple_of(lo, BLOCK) + tl.arange(0, BLOCK)
-    inb = offs < end if TAIL else None
-    zero = 0.0 if TAIL else None
-    dm = _mask_grad(g_ptr, w_ptr, offs, inb, zero, HAS_WEIGHTS)
-    m = tl.load(m_ptr + offs, mask=inb, other=0 if TAIL else None)
-    # dM * (M' - M): M' = 0 for a kept entry, 1 for a pruned one.
-    if SOFT:
-        value = m.to(tl.float64)
-        delta = tl.where(value != 0.0, 0.0, 1.0).to(tl.float64) - value
-    else:
-        delta = tl.where(m != 0, -1.0, 1.0).to(tl.float64)
-    tl.store(out_ptr + offs, _rounded(dm * delta, out_ptr.dtype.element_ty), mask=inb)
-
-
-@triton.jit
-def _mask_flip_scores_kernel(table_ptr, chunk_ptr, G_DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
-                             M_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                             SOFT: tl.constexpr, ALIGN: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    row, start, full_end, end = _chunk(table_ptr, chunk_ptr, 6, 4, CHUNK, BLOCK)
-    g_ptr, w_ptr, m_ptr, out_ptr = _pointers(row, G_DTYPE, W_DTYPE, M_DTYPE, OUT_DTYPE, ALIGN)
-    for lo in range(start, full_end, BLOCK):
-        _flip_scores_block(out_ptr, g_ptr, w_ptr, m_ptr, lo, end, HAS_WEIGHTS, SOFT, False, BLOCK)
-    if full_end < end:
-        _flip_scores_block(out_ptr, g_ptr, w_ptr, m_ptr, full_end, end, HAS_WEIGHTS, SOFT, True, BLOCK)
-
-
-@triton.jit
 def _score_grad_block(acc, out_ptr, g_ptr, w_ptr, s_ptr, lo, end, HAS_WEIGHTS: tl.constexpr, TAIL: tl.constexpr,
                       BLOCK: tl.constexpr):
     offs = tl.multiple_of(lo, BLOCK) + tl.arange(0, BLOCK)
@@ -209,24 +172,6 @@ def _partner_elem(name: str, t: Tensor, i: int, g: Tensor, device: torch.device)
     _same_shape(name, t, f"grads[{i}]", g)
     _same_dtype(name, t, f"grads[{i}]", g)
     return dtype
-
-
-def _flip_mask_elem(i: int, m: Tensor, g: Tensor, device: torch.device):
-    """(element type, soft?) of a flip op's mask: binary bytes, or the gradients' dtype."""
-    if not isinstance(m, Tensor):
-        raise TypeError(f"masks[{i}] must be a torch.Tensor, got {type(m).__name__}")
-    if m.device != device:
-        raise ValueError(f"masks[{i}] is on {m.device} but the first tensor is on {device}: all must be on one device")
-    _same_shape(f"masks[{i}]", m, f"grads[{i}]", g)
-    if m.dtype in _BINARY_MASKS:
-        return tl.int8, False
-    if m.dtype != g.dtype:
-        raise TypeError(f"masks[{i}] must be bool, uint8, int8 or {g.dtype} (the gradients' dtype), got {m.dtype}")
-    return _elem(f"masks[{i}]", m, device), True
-
-
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Layers:
@@ -300,69 +245,6 @@ def mask_ascent_(out: Sequence[Tensor], grads: Sequence[Tensor], weights: Sequen
             )
     for dst, src in writebacks:
         dst.copy_(src)
-
-
-def mask_flip_scores(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]],
-                     masks: Sequence[Tensor]) -> List[Tensor]:
-    """dM * (M' - M) per entry, M' = 0 where kept and 1 where pruned; float32 (float64 for float64 grads)."""
-    _check_lengths(grads=grads, weights=weights, masks=masks)
-    device = _device_of(grads)
-    layers = _Layers()
-    scores = []
-    for i, g in enumerate(grads):
-        g_dtype = _elem(f"grads[{i}]", g, device)
-        w_dtype = _weight_elem(i, weights, g, device)
-        m_dtype, soft = _flip_mask_elem(i, masks[i], g, device)
-        out = torch.empty(g.shape, dtype=_score_dtype(g.dtype), device=device)
-        scores.append(out)
-        layers.add(i, (g_dtype, w_dtype, m_dtype, soft, _elem("scores", out, device)), g, weights[i], masks[i], out)
-    groups = layers.groups.finish()
-    if groups:
-        _, spans = _upload(groups, (), device)
-        for group, (rows, chunks) in zip(groups, spans):
-            g_dtype, w_dtype, m_dtype, soft, out_dtype = group.dtypes
-            _mask_flip_scores_kernel[(group.n_chunks,)](
-                rows, chunks,
-                G_DTYPE=g_dtype, W_DTYPE=w_dtype or g_dtype, M_DTYPE=m_dtype, OUT_DTYPE=out_dtype,
-                HAS_WEIGHTS=w_dtype is not None, SOFT=soft,
-                ALIGN=group.align, CHUNK=_CHUNK, BLOCK=_BLOCK, num_warps=_NUM_WARPS, enable_fp_fusion=False,
-            )
-    return scores
-
-
-def _k_list(name: str, values: Sequence[int], n: int) -> List[int]:
-    values = [int(k) for k in values]
-    if len(values) != n:
-        raise ValueError(f"{name} has {len(values)} entries but grads has {n}")
-    for i, k in enumerate(values):
-        if k < 0:
-            raise ValueError(f"{name}[{i}] must be >= 0, got {k}")
-    return values
-
-
-def mask_flip_topk(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]], masks: Sequence[Tensor],
-                   k_prune: Sequence[int], k_grow: Sequence[int]) -> Tuple[List[Tensor], List[Tensor]]:
-    """Per layer, flat indices of the k_prune kept / k_grow pruned entries with the smallest flip scores,
-    ordered by (score, index) with NaN last."""
-    k_prune = _k_list("k_prune", k_prune, len(grads))
-    k_grow = _k_list("k_grow", k_grow, len(grads))
-    scores = mask_flip_scores(grads, weights, masks)
-    prune, grow = [], []
-    for i, (s, m) in enumerate(zip(scores, masks)):
-        # One stable sort orders the whole layer by (score, index), NaN last;
-        # splitting it by the mask keeps that order within each side.
-        order = torch.sort(s.reshape(-1), stable=True).indices
-        kept_in_order = (m.reshape(-1) != 0)[order]
-        kept_side, pruned_side = order[kept_in_order], order[~kept_in_order]
-        if k_prune[i] > kept_side.numel():
-            raise ValueError(f"mask_flip_topk: k_prune[{i}] = {k_prune[i]} but masks[{i}] keeps only "
-                             f"{kept_side.numel()} entries")
-        if k_grow[i] > pruned_side.numel():
-            raise ValueError(f"mask_flip_topk: k_grow[{i}] = {k_grow[i]} but masks[{i}] prunes only "
-                             f"{pruned_side.numel()} entries")
-        prune.append(kept_side[: k_prune[i]].clone())
-        grow.append(pruned_side[: k_grow[i]].clone())
-    return prune, grow
 
 
 def mask_score_grad(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]],

@@ -79,19 +79,6 @@
   "mask_ascent_(Tensor(a!)[] out, Tensor[] grads, Tensor?[] weights, Tensor[] masks, Tensor sq_norm, " \
   "float rho, float eps) -> ()"
 
-// First-order loss change of flipping each mask entry, dM * (M' - M) with
-// M' = 0 where M != 0 (prune) and 1 where M == 0 (grow); float32 (float64
-// for float64 gradients). masks: bool/uint8/int8 (binary) or the gradients' dtype (soft).
-#define SPARSESAM_SCHEMA_MASK_FLIP_SCORES \
-  "mask_flip_scores(Tensor[] grads, Tensor?[] weights, Tensor[] masks) -> Tensor[]"
-
-// Per layer, flat int64 indices of the k_prune[i] kept entries and the
-// k_grow[i] pruned entries with the smallest flip scores, ordered by
-// (score, index) with NaN last: one unique answer.
-#define SPARSESAM_SCHEMA_MASK_FLIP_TOPK                                                      \
-  "mask_flip_topk(Tensor[] grads, Tensor?[] weights, Tensor[] masks, int[] k_prune, int[] k_grow) " \
-  "-> (Tensor[], Tensor[])"
-
 // HARP's straight-through gradients: score_grads_i = sign(s_i) * dM_i (the
 // mask is the top fraction of |s|) and rate_grads[i] = sum(dM_i) (float64,
 // one per layer), deterministic.

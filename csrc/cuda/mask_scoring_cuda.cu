@@ -1,13 +1,13 @@
 // Mask-perturbation scoring on CUDA (DESIGN.md primitive 4): mask_grad_sq_norm,
-// mask_ascent_, mask_flip_scores, mask_flip_topk and mask_score_grad as
-// multi-tensor kernels (the math and the why: sparsesam/reference.py).
+// mask_ascent_ and mask_score_grad as multi-tensor kernels (the math and the why:
+// sparsesam/reference.py).
 //
 // The layout is the fused SAM step's (multi_tensor_cuda.cuh): one table of
 // TensorMeta + chunks per call, one block per chunk, one launch per group.
 // Per tensor, TensorMeta::grad is G (or dM itself), param the weight W (null
 // where grads[i] is dM), mask the op's mask or scores and out what it writes.
-// Whether a tensor has a weight, and whether a flip op's mask is binary or
-// soft, are read at run time: uniform over a block, so the branch is free.
+// Whether a tensor has a weight is read at run time: uniform over a block, so
+// the branch is free.
 //
 // Elementwise results are computed in double with the _rn intrinsics (never
 // contracted into an FMA) in the reference's order, and rounded once as
@@ -15,8 +15,6 @@
 // the reference bit for bit. mask_grad_sq_norm is the SAM norm's kernel;
 // mask_score_grad's per-layer sums are two-stage and deterministic (one
 // partial per chunk, then one block per layer adding its chunks in order).
-// mask_flip_topk scores with the flip kernel and selects with one stable
-// ATen sort per layer, which reads the kept count on the host (a sync).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -117,58 +115,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------
-// mask_flip_scores: dM * (M' - M), M' = 0 where M != 0 and 1 where M == 0
-
-// (M' - M) for a binary (byte) or soft (scalar_t) mask entry.
-__device__ __forceinline__ double flip_delta(uint8_t m) { return m != 0 ? -1.0 : 1.0; }
-template <typename scalar_t>
-__device__ __forceinline__ double flip_delta(scalar_t m) {
-  const double v = static_cast<double>(m);
-  return __dsub_rn(v != 0.0 ? 0.0 : 1.0, v);
-}
-
-template <typename scalar_t, typename mask_t>
-__device__ __forceinline__ void flip_scores_chunk(const TensorMeta& t, const Chunk& chunk) {
-  using score_t = at::opmath_type<scalar_t>;
-  constexpr int N = pack_width<scalar_t>();
-  const int len = chunk_length(t, chunk);
-  const bool aligned = t.aligned != 0;
-  const scalar_t* g = at_chunk<scalar_t>(t.grad, chunk);
-  const scalar_t* w = at_chunk<scalar_t>(t.param, chunk);
-  const mask_t* m = at_chunk<mask_t>(t.mask, chunk);
-  score_t* out = static_cast<score_t*>(t.out) + chunk.start;
-  const bool has_weight = w != nullptr;
-  const int n_packs = len / N;
-  for (int p = threadIdx.x; p < n_packs; p += kThreads) {
-    Pack<scalar_t, N> gv, wv;
-    load_gw<N>(g, w, p, aligned, gv, wv);
-    const Pack<mask_t, N> mv = load_pack<N>(m, p, aligned);
-    Pack<score_t, N> ov;
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      ov.v[j] = round_to<score_t>(
-          __dmul_rn(mask_grad(gv.v[j], has_weight ? wv.v[j] : gv.v[j], has_weight), flip_delta(mv.v[j])));
-    }
-    store_pack<N>(out, p, ov, aligned);
-  }
-  for (int i = n_packs * N + threadIdx.x; i < len; i += kThreads) {
-    out[i] = round_to<score_t>(__dmul_rn(mask_grad(g[i], has_weight ? w[i] : g[i], has_weight), flip_delta(m[i])));
-  }
-}
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    mask_flip_scores_kernel(const TensorMeta* __restrict__ metas, const Chunk* __restrict__ chunks) {
-  const Chunk chunk = chunks[blockIdx.x];
-  const TensorMeta& t = metas[chunk.tensor];
-  if (t.mask_kind == kBool) {
-    flip_scores_chunk<scalar_t, uint8_t>(t, chunk);
-  } else {
-    flip_scores_chunk<scalar_t, scalar_t>(t, chunk);
-  }
-}
-
-// ---------------------------------------------------------------------------
 // mask_score_grad: out = sign(s) * dM; partials[chunk] = sum(dM) over the chunk
 
 __device__ __forceinline__ double sign_of(double s) { return s > 0.0 ? 1.0 : (s < 0.0 ? -1.0 : 0.0); }
@@ -239,23 +185,6 @@ void* weight_ptr(const char* op, size_t i, const c10::List<std::optional<at::Ten
   if (!w.has_value() || !w->defined()) return nullptr;
   check_like(op, "weights", i, *w, "grads", grad);
   return const_cast<void*>(laid_out_like(*w, ref, table).const_data_ptr());
-}
-
-// A flip op's mask: bool/uint8/int8 (read as bytes: binary) or the gradients' dtype (soft).
-void set_flip_mask(const char* op, size_t i, const at::Tensor& mask, const at::Tensor& grad, const at::Tensor& ref,
-                   TensorMeta& meta, MultiTensorTable& table) {
-  TORCH_CHECK(mask.defined(), op, ": masks[", i, "] is undefined");
-  TORCH_CHECK(mask.device() == grad.device(), op, ": masks[", i, "] is on ", mask.device(), " but grads[", i,
-              "] is on ", grad.device());
-  TORCH_CHECK(mask.sizes() == grad.sizes(), op, ": masks[", i, "] has shape ", mask.sizes(), " but grads[", i,
-              "] has ", grad.sizes());
-  const auto dtype = mask.scalar_type();
-  const bool binary = dtype == at::kBool || dtype == at::kByte || dtype == at::kChar;
-  TORCH_CHECK(binary || dtype == grad.scalar_type(), op, ": masks[", i, "] must be bool, uint8, int8 or ",
-              grad.scalar_type(), " (the gradients' dtype), got ", dtype);
-  meta.mask = laid_out_like(mask, ref, table).const_data_ptr();
-  meta.mask_kind = binary ? kBool : kind_of(dtype);
-  meta.mask_bytes = static_cast<int32_t>(c10::elementSize(dtype));
 }
 
 // The gradient as the layout every other tensor of its row follows.
@@ -331,71 +260,6 @@ void mask_ascent_(at::TensorList out, at::TensorList grads, const c10::List<std:
   }
 }
 
-std::vector<at::Tensor> mask_flip_scores(at::TensorList grads, const c10::List<std::optional<at::Tensor>>& weights,
-                                         at::TensorList masks) {
-  constexpr const char* op = "mask_flip_scores (CUDA)";
-  check_lengths(op, "grads", grads.size(), {{"weights", weights.size()}, {"masks", masks.size()}});
-  std::vector<at::Tensor> scores;
-  if (grads.empty()) return scores;
-  const at::Device device = checked_device(op, grads);
-  const c10::cuda::CUDAGuard device_guard(device);
-  MultiTensorTable table;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    check_param(op, "grads", i, grads[i], device);
-    const at::ScalarType score_dtype = grads[i].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    scores.push_back(at::empty(grads[i].sizes(), grads[i].options().dtype(score_dtype)));
-    const at::Tensor g = contiguous_kept(grads[i], table);
-    TensorMeta meta{};
-    set_flip_mask(op, i, masks[i], grads[i], g, meta, table);
-    if (g.numel() == 0) continue;
-    meta.numel = g.numel();
-    meta.out = scores.back().mutable_data_ptr();
-    meta.grad = g.const_data_ptr();
-    meta.param = weight_ptr(op, i, weights, grads[i], g, table);
-    table.add(meta, g.scalar_type());
-  }
-  table.upload(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (const Group& group : table.groups()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.dtype, "mask_flip_scores_cuda", [&] {
-      for_each_launch(group, [&](int64_t first, unsigned int count) {
-        mask_flip_scores_kernel<scalar_t><<<count, kThreads, 0, stream>>>(table.device_metas(),
-                                                                         table.device_chunks() + first);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  }
-  return scores;
-}
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> mask_flip_topk(
-    at::TensorList grads, const c10::List<std::optional<at::Tensor>>& weights, at::TensorList masks,
-    at::IntArrayRef k_prune, at::IntArrayRef k_grow) {
-  constexpr const char* op = "mask_flip_topk (CUDA)";
-  check_lengths(op, "grads", grads.size(), {{"k_prune", k_prune.size()}, {"k_grow", k_grow.size()}});
-  for (size_t i = 0; i < grads.size(); ++i) {
-    TORCH_CHECK_VALUE(k_prune[i] >= 0 && k_grow[i] >= 0, op, ": k_prune[", i, "] and k_grow[", i,
-                      "] must be >= 0, got ", k_prune[i], " and ", k_grow[i]);
-  }
-  const std::vector<at::Tensor> scores = mask_flip_scores(grads, weights, masks);
-  std::vector<at::Tensor> prune, grow;
-  for (size_t i = 0; i < scores.size(); ++i) {
-    // One stable sort orders the layer by (score, index), NaN last; split by
-    // the mask, each side keeps that order.
-    const at::Tensor order = std::get<1>(at::sort(scores[i].reshape({-1}), /*stable=*/true, 0, false));
-    const at::Tensor kept_in_order = masks[i].reshape({-1}).ne(0).index_select(0, order);
-    const at::Tensor kept_side = order.masked_select(kept_in_order);
-    const at::Tensor pruned_side = order.masked_select(kept_in_order.logical_not());
-    TORCH_CHECK_VALUE(k_prune[i] <= kept_side.numel(), op, ": k_prune[", i, "] = ", k_prune[i], " but masks[", i,
-                      "] keeps only ", kept_side.numel(), " entries");
-    TORCH_CHECK_VALUE(k_grow[i] <= pruned_side.numel(), op, ": k_grow[", i, "] = ", k_grow[i], " but masks[", i,
-                      "] prunes only ", pruned_side.numel(), " entries");
-    prune.push_back(kept_side.slice(0, 0, k_prune[i]).clone());
-    grow.push_back(pruned_side.slice(0, 0, k_grow[i]).clone());
-  }
-  return {prune, grow};
-}
-
 std::tuple<std::vector<at::Tensor>, at::Tensor> mask_score_grad(
     at::TensorList grads, const c10::List<std::optional<at::Tensor>>& weights, at::TensorList scores) {
   constexpr const char* op = "mask_score_grad (CUDA)";
@@ -460,8 +324,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mask_score_grad(
 TORCH_LIBRARY_IMPL(sparsesam_cuda, CUDA, m) {
   m.impl("mask_grad_sq_norm", &mask_grad_sq_norm);
   m.impl("mask_ascent_", &mask_ascent_);
-  m.impl("mask_flip_scores", &mask_flip_scores);
-  m.impl("mask_flip_topk", &mask_flip_topk);
   m.impl("mask_score_grad", &mask_score_grad);
 }
 

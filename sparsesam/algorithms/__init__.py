@@ -14,7 +14,7 @@ from typing import Dict
 from .adasap import AdaSAP, AdaSAPConfig, channel_radii
 from .base import Algorithm, FitResult
 from .csam import CSAM, CSAMConfig, binarize_top_k, magnitude_soft_mask
-from .harp import HARP, HARPConfig, LearnableRate, rescale_rates
+from .harp import HARP, HARPConfig, LearnableRate, rate_init
 from .hydra import Hydra, HydraConfig
 from .magnitude import Magnitude, MagnitudeConfig
 from .sam_prune import SamPrune, SamPruneConfig
@@ -31,7 +31,7 @@ ALGORITHMS: Dict[str, type] = {
 __all__ = [
     "ALGORITHMS", "Algorithm", "FitResult",
     "AdaSAP", "AdaSAPConfig", "channel_radii",
-    "HARP", "HARPConfig", "LearnableRate", "rescale_rates",
+    "HARP", "HARPConfig", "LearnableRate", "rate_init",
     "CSAM", "CSAMConfig", "magnitude_soft_mask", "binarize_top_k",
     "Hydra", "HydraConfig", "Magnitude", "MagnitudeConfig", "SamPrune", "SamPruneConfig",
 ]

@@ -1,13 +1,17 @@
 """Score-based pruning with frozen weights, then fine-tuning with the mask fixed (HYDRA, and HARP on top).
 
-Phase "search": the weights are frozen; every prunable layer's mask is the
-top-r_l fraction of |s| for a score tensor s initialised from |w|
-(attach_scores, HYDRA's scaled init), learnt through the straight-through
-estimator under the (adversarial) training loss plus whatever
-regulariser the subclass adds. Phase "finetune": the binary masks are
-frozen (freeze_scores) and the weights are trained under the same loss.
-Subclasses choose the per-layer rates (fixed floats for HYDRA, learnable
-modules for HARP) and the regulariser.
+Phase "search": the conv / linear weights are frozen; every prunable
+layer's mask keeps the largest |s| at its rate k_l (GetSubnet's count:
+``numel - int((1 - k_l) numel)`` weights, ``round(k_l C)`` output channels,
+or n of every m), for scores s initialised from |w| (attach_scores,
+HYDRA's scaled init), learnt through the straight-through estimator under
+the (adversarial) training loss plus whatever regulariser the subclass
+adds. The score-to-mask step is sparsesam.pruning.ScoreToMask: a
+threshold selection forward and the fused ``mask_score_grad`` backward.
+Phase "finetune": the binary masks are frozen (freeze_scores) and the
+weights are trained under the same loss. Subclasses choose the per-layer
+rates (fixed floats for HYDRA, learnable modules for HARP), which
+parameters the search trains and the regulariser.
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """Baseline HYDRA (Sehwag et al., NeurIPS 2020): score masks with one uniform rate per layer, then fine-tuning.
 
 Every prunable layer keeps the same fraction ``1 - target_sparsity`` of its
-weights (or channels; or n of every m), chosen by scores initialised from
-|w| and trained with frozen weights under the adversarial (or clean) loss;
-then the weights are fine-tuned under that loss with the masks fixed.
+weights (GetSubnet's count), of its output channels (one score per
+channel), or n of every m, chosen by scores initialised from |w| (HYDRA's
+scaled init) and trained with frozen weights under the adversarial (or
+clean) loss; then the weights are fine-tuned under that loss with the
+masks fixed. The rates are fixed: only the scores learn in the search.
 """
 from __future__ import annotations
 

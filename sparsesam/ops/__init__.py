@@ -9,7 +9,7 @@ from .masked_conv2d import masked_conv2d
 from .masked_linear import masked_linear
 from .masked_weight import apply_mask, masked_weight_grad
 from .sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
-from .mask_scoring import mask_ascent_, mask_flip_scores, mask_flip_topk, mask_grad_sq_norm, mask_score_grad
+from .mask_scoring import mask_ascent_, mask_grad_sq_norm, mask_score_grad
 from .sparse_linear import sparse_linear
 from .sparse_conv2d import sparse_conv2d
 from .nm_linear import nm_linear
@@ -27,8 +27,6 @@ __all__ = [
     "sgd_step_",
     "mask_grad_sq_norm",
     "mask_ascent_",
-    "mask_flip_scores",
-    "mask_flip_topk",
     "mask_score_grad",
     "sparse_linear",
     "sparse_conv2d",

@@ -1,4 +1,4 @@
-"""Mask-perturbation scoring: five multi-tensor ops over the masked layers.
+"""Mask-perturbation scoring: three multi-tensor ops over the masked layers.
 
 Every op reads, per layer, G = dL/d(W*M) (``grads``) and W (``weights``) and
 works on the mask gradient ``dM = G*W`` -- or on ``dM = grads[i]`` itself
@@ -9,10 +9,6 @@ mask's ``.grad``. One pass over G, W and the op's mask or scores each:
   norm), float64, deterministic to the bit;
 * ``mask_ascent_``: C-SAM's ascent ``clip(M + rho * dM / ||dM||, 0, 1)`` into
   persistent buffers;
-* ``mask_flip_scores``: the first-order loss change of flipping each entry,
-  ``dM * (M' - M)`` (kept -> 0, pruned -> 1);
-* ``mask_flip_topk``: per layer, the k cheapest entries to prune and the k
-  best entries to grow by that score, as flat indices;
 * ``mask_score_grad``: HARP's straight-through gradients, ``sign(s) * dM``
   for the scores and ``sum(dM)`` per layer for the keep rates.
 
@@ -32,11 +28,6 @@ from ._library import register_cuda_router
 
 Tensor = torch.Tensor
 WeightList = Optional[Sequence[Optional[Tensor]]]
-_BINARY_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8)
-
-
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_grads(grads: Sequence[Tensor], weights: WeightList) -> List[Optional[Tensor]]:
@@ -75,34 +66,8 @@ def _check_list(name: str, values: Sequence, grads: Sequence[Tensor]) -> None:
         raise ValueError(f"{name} has {len(values)} entries but grads has {len(grads)}")
 
 
-def _check_flip_masks(masks: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-    _check_list("masks", masks, grads)
-    for i, (m, g) in enumerate(zip(masks, grads)):
-        if not isinstance(m, Tensor):
-            raise TypeError(f"masks[{i}] must be a torch.Tensor, got {type(m).__name__}")
-        if m.dtype not in _BINARY_MASK_DTYPES and m.dtype != g.dtype:
-            raise TypeError(f"masks[{i}] must be bool, uint8, int8 (binary) or {g.dtype} (soft, the gradients' dtype), "
-                            f"got {m.dtype}")
-        if m.shape != g.shape or m.device != g.device:
-            raise ValueError(f"masks[{i}] has shape {tuple(m.shape)} on {m.device}, grads[{i}] has {tuple(g.shape)} on {g.device}")
-
-
 def _contiguous(tensors: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
     return [t.contiguous() if t is not None else None for t in tensors]
-
-
-def _int_list(name: str, values: Sequence[int], grads: Sequence[Tensor]) -> List[int]:
-    if isinstance(values, Tensor):
-        values = values.tolist()
-    _check_list(name, values, grads)
-    out = []
-    for i, k in enumerate(values):
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"{name}[{i}] must be an int, got {type(k).__name__}")
-        if k < 0:
-            raise ValueError(f"{name}[{i}] must be >= 0, got {k}")
-        out.append(k)
-    return out
 
 
 def mask_grad_sq_norm(grads: Sequence[Tensor], weights: WeightList = None) -> Tensor:
@@ -142,50 +107,11 @@ def mask_ascent_(out: Sequence[Tensor], grads: Sequence[Tensor], weights: Weight
     )
 
 
-def mask_flip_scores(grads: Sequence[Tensor], weights: WeightList, masks: Sequence[Tensor]) -> List[Tensor]:
-    """``dM * (M' - M)`` per entry (M' = 0 where kept, 1 where pruned): the loss change of flipping it.
-
-    masks: bool/uint8/int8 (binary) or the gradients' dtype (soft). Scores
-    are float32 (float64 for float64 gradients); negative = the flip helps.
-    """
-    weights = _check_grads(grads, weights)
-    _check_flip_masks(masks, grads)
-    if not len(grads):
-        return []
-    return torch.ops.sparsesam.mask_flip_scores.default(_contiguous(grads), _contiguous(weights), _contiguous(masks))
-
-
-def mask_flip_topk(grads: Sequence[Tensor], weights: WeightList, masks: Sequence[Tensor], k_prune: Sequence[int],
-                   k_grow: Sequence[int]) -> Tuple[List[Tensor], List[Tensor]]:
-    """Per layer, flat indices of the ``k_prune[i]`` kept entries cheapest to prune and the
-    ``k_grow[i]`` pruned entries best to grow (smallest :func:`mask_flip_scores`).
-
-    Each index list is ordered by (score, index) ascending with NaN scores
-    last, so the answer is unique. Apply with e.g.
-    ``mask.view(-1)[prune[i]] = 0; mask.view(-1)[grow[i]] = 1``. A k larger
-    than the number of kept (pruned) entries is a ValueError.
-    """
-    weights = _check_grads(grads, weights)
-    _check_flip_masks(masks, grads)
-    k_prune = _int_list("k_prune", k_prune, grads)
-    k_grow = _int_list("k_grow", k_grow, grads)
-    for i, g in enumerate(grads):
-        if k_prune[i] + k_grow[i] > g.numel():
-            raise ValueError(f"k_prune[{i}] + k_grow[{i}] = {k_prune[i] + k_grow[i]} exceeds the {g.numel()} "
-                             f"entries of layer {i}")
-    if not len(grads):
-        return [], []
-    prune, grow = torch.ops.sparsesam.mask_flip_topk.default(
-        _contiguous(grads), _contiguous(weights), _contiguous(masks), k_prune, k_grow
-    )
-    return list(prune), list(grow)
-
-
 def mask_score_grad(grads: Sequence[Tensor], weights: WeightList, scores: Sequence[Tensor]) -> Tuple[List[Tensor], Tensor]:
     """HARP's straight-through gradients: (``sign(s_i) * dM_i`` per layer, ``sum(dM_i)`` per layer as float64).
 
     The second is dL/dr_l for HARP's keep rate r_l; the chain through
-    ``r_l = sigmoid(p_l) * (1 - r_min) + r_min`` is the caller's.
+    ``k_l = sigmoid(p_l) * (1 - k_min) + k_min`` is the caller's.
     """
     weights = _check_grads(grads, weights)
     _check_list("scores", scores, grads)
@@ -210,20 +136,6 @@ def _mask_ascent_fake(out, grads, weights, masks, sq_norm, rho, eps):
     return None
 
 
-@torch.library.register_fake("sparsesam::mask_flip_scores")
-def _mask_flip_scores_fake(grads, weights, masks):
-    for g, m in zip(grads, masks):
-        torch._check(m.shape == g.shape, lambda: "masks must have the gradients' shapes")
-    return [torch.empty(g.shape, dtype=_score_dtype(g.dtype), device=g.device) for g in grads]
-
-
-@torch.library.register_fake("sparsesam::mask_flip_topk")
-def _mask_flip_topk_fake(grads, weights, masks, k_prune, k_grow):
-    prune = [torch.empty((k,), dtype=torch.int64, device=g.device) for g, k in zip(grads, k_prune)]
-    grow = [torch.empty((k,), dtype=torch.int64, device=g.device) for g, k in zip(grads, k_grow)]
-    return prune, grow
-
-
 @torch.library.register_fake("sparsesam::mask_score_grad")
 def _mask_score_grad_fake(grads, weights, scores):
     device = grads[0].device if len(grads) else torch.device("cpu")
@@ -233,8 +145,6 @@ def _mask_score_grad_fake(grads, weights, scores):
 
 register_cuda_router("mask_grad_sq_norm")
 register_cuda_router("mask_ascent_")
-register_cuda_router("mask_flip_scores")
-register_cuda_router("mask_flip_topk")
 register_cuda_router("mask_score_grad")
 
-__all__: List[str] = ["mask_grad_sq_norm", "mask_ascent_", "mask_flip_scores", "mask_flip_topk", "mask_score_grad"]
+__all__: List[str] = ["mask_grad_sq_norm", "mask_ascent_", "mask_score_grad"]

@@ -5,8 +5,9 @@ from .channel import channel_mask, channel_prune, channel_sparsity, prune_channe
 from .channel_graph import ChannelGates, coupled_channel_groups, gate_pruned_channels
 from .compaction import CompactionReport, compact_channels
 from .nm import is_nm_sparse, nm_mask, nm_prune
-from .scores import (GRANULARITIES, ScoreMask, TopKStraightThrough, attach_scores, freeze_scores, hydra_score_init,
-                     score_mask, score_parameters, topk_mask)
+from .scores import (GRANULARITIES, ScoreMask, attach_scores, freeze_scores, hydra_score_init, score_mask,
+                     score_parameters, score_shape)
+from .score_to_mask import ScoreToMask, kept_count, top_k_by_threshold
 from .schedules import GradualCubic, Iterative, OneShot, SparsitySchedule
 from .block import BLOCK_NORMS, block_magnitude_mask, block_scores
 
@@ -16,7 +17,8 @@ __all__ = [
     "channel_mask", "prune_channels", "channel_prune", "channel_sparsity",
     "coupled_channel_groups", "gate_pruned_channels", "ChannelGates", "compact_channels", "CompactionReport",
     "nm_mask", "is_nm_sparse", "nm_prune",
-    "GRANULARITIES", "hydra_score_init", "topk_mask", "TopKStraightThrough", "score_mask", "ScoreMask",
+    "GRANULARITIES", "hydra_score_init", "score_shape", "score_mask", "ScoreMask", "ScoreToMask", "kept_count",
+    "top_k_by_threshold",
     "attach_scores", "score_parameters", "freeze_scores",
     "SparsitySchedule", "OneShot", "Iterative", "GradualCubic",
     "BLOCK_NORMS", "block_scores", "block_magnitude_mask",

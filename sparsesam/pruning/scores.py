@@ -1,29 +1,35 @@
 """Score-based masks with a straight-through estimator (HYDRA; HARP's connection scores).
 
-Each masked layer gets a score tensor s of the weight's shape; its mask is
-the top ``keep_rate`` fraction of |s| (unstructured), of whole output
-channels ranked by ``sum |s|`` over the channel (channel), or the top ``n``
-of every ``m`` inputs (N:M). Forward uses that binary mask; backward sends
-the mask's gradient straight through to |s| (HYDRA's ``GetSubnet``), so with
-the masked layer's ``dL/dM = G*W`` the scores get ``sign(s) * G * W``.
+Each masked layer gets scores s; its mask keeps the largest |s|: the top
+``keep_rate`` fraction of the weights (unstructured; s has the weight's
+shape), of the output channels (channel; one score per channel, s is
+``[C, 1, ...]``), or the top ``n`` of every ``m`` inputs (N:M). Forward
+uses that binary mask; backward sends the mask's gradient straight through
+to |s| (HYDRA's / HARP's ``GetSubnet``), so with the masked layer's
+``dL/dM = G*W`` the scores get ``sign(s) * G * W`` (summed over the
+channel for channel scores). Both directions are score_to_mask.ScoreToMask:
+a threshold selection (no sort) forward, the fused ``mask_score_grad``
+backward.
 
 The scores *are* the layer's trainable mask parameter: attach_scores() puts
 a ScoreMask on ``weight_mask`` with torch.nn.utils.parametrize, so
-``layer.weight_mask`` reads the binary mask, the scores live in
-``layer.parametrizations.weight_mask.original`` and no extra weight-sized
-tensor exists. The layers need ``mask_mode="trainable"``
-(``sparsify(model, mask_mode="trainable")``). freeze_scores() turns the
-current binary masks back into ordinary masks for fine-tuning.
+``layer.weight_mask`` reads the binary mask and the scores live in
+``layer.parametrizations.weight_mask.original``. The layers stay ordinary
+masked layers that know nothing of scores; they need
+``mask_mode="trainable"`` (``sparsify(model, mask_mode="trainable")``).
+freeze_scores() turns the current binary masks back into ordinary masks for
+fine-tuning.
 
 The rate may be a float, a 0-dim tensor, an nn.Parameter or an nn.Module
-returning the rate (HARP's learnable ``sigmoid(p) * (1 - r_min) + r_min``):
-a rate that requires grad receives ``sum(dL/dM)``, HARP's straight-through
-rate gradient (the mask's total gradient says whether keeping more helps).
+returning the rate (HARP's learnable ``sigmoid(p) * (1 - k_min) + k_min``):
+a rate that requires grad receives ``sum(dL/dM)``, GetSubnet's
+straight-through rate gradient (the mask's total gradient says whether
+keeping more helps).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -31,62 +37,40 @@ from torch.nn.utils import parametrize
 
 from ..nn.sparsify import Selector
 from ._common import check_choice, check_nm, prunable_layers
-from .nm import nm_mask
+from .score_to_mask import GRANULARITIES, ScoreToMask
 
-GRANULARITIES = ("unstructured", "channel", "nm")
 SCORE_INITS = ("hydra", "kaiming_uniform")
 Rate = Union[float, torch.Tensor, nn.Module]
 
 
-def hydra_score_init(weight: torch.Tensor) -> torch.Tensor:
-    """HYDRA's scaled score init: ``sqrt(6 / fan_in) * w / max|w|``, the range of Kaiming-uniform, ordered like |w|."""
-    fan_in = weight[0].numel()
-    peak = weight.detach().abs().max()
+def score_shape(weight_shape, granularity: str) -> Tuple[int, ...]:
+    """The scores' shape: the weight's, or one per output channel (``[C, 1, ...]``) for channel masks."""
+    weight_shape = tuple(weight_shape)
+    if granularity == "channel":
+        return (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
+    return weight_shape
+
+
+def hydra_score_init(weight: torch.Tensor, granularity: str = "unstructured") -> torch.Tensor:
+    """HYDRA's / HARP's scaled score init (utils/model.py initialize_scaled_score).
+
+    Weights: ``sqrt(6 / fan_in) * w / max|w|``, Kaiming-uniform's range,
+    ordered like |w|. Channels: the channel's L1 norm ``c = sum |w_c|``,
+    ``sqrt(6 / fan_in) * c / max c`` with the fan-in of the ``[C, 1, ...]``
+    score tensor (1), as the official code computes it. (The official code
+    sums ``|W.reshape(in_channels, -1)|``, which on a ``[out, in, kh, kw]``
+    weight mixes channels; we take each output channel's own weights, the
+    norm the comment there names.)
+    """
+    check_choice("granularity", granularity, GRANULARITIES)
+    w = weight.detach()
+    if granularity == "channel":
+        w = w.abs().reshape(w.shape[0], -1).sum(dim=1).reshape(score_shape(w.shape, "channel"))
+    fan_in = w[0].numel()
+    peak = w.abs().max()
     if peak == 0:
         raise ValueError("weight is all zero: its magnitude cannot initialise scores")
-    return math.sqrt(6.0 / fan_in) * weight.detach() / peak
-
-
-def _kept_count(rate: float, total: int) -> int:
-    return min(total, max(1, round(rate * total)))
-
-
-def topk_mask(abs_scores: torch.Tensor, keep_rate: float, granularity: str = "unstructured",
-              n: int = 2, m: int = 4) -> torch.Tensor:
-    """The binary mask (the scores' dtype) that score_mask's forward produces; no gradient."""
-    check_choice("granularity", granularity, GRANULARITIES)
-    if granularity == "nm":
-        return nm_mask(abs_scores, n, m).to(abs_scores.dtype)
-    if granularity == "channel":
-        per_channel = abs_scores.reshape(abs_scores.shape[0], -1).sum(dim=1)
-        keep = torch.zeros_like(per_channel, dtype=torch.bool)
-        keep[torch.topk(per_channel, _kept_count(keep_rate, per_channel.numel())).indices] = True
-        return keep.view(-1, *([1] * (abs_scores.dim() - 1))).expand_as(abs_scores).to(abs_scores.dtype)
-    flat = abs_scores.reshape(-1)
-    mask = torch.zeros_like(flat)
-    mask[torch.topk(flat, _kept_count(keep_rate, flat.numel())).indices] = 1
-    return mask.view_as(abs_scores)
-
-
-class TopKStraightThrough(torch.autograd.Function):
-    """Forward: topk_mask(|s|). Backward: the gradient passes straight through to |s|; the rate gets its sum."""
-
-    @staticmethod
-    def forward(abs_scores, keep_rate, granularity, n, m):
-        rate = float(keep_rate) if granularity != "nm" else 1.0
-        return topk_mask(abs_scores, rate, granularity, n, m)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        keep_rate = inputs[1]
-        ctx.rate_like = keep_rate if isinstance(keep_rate, torch.Tensor) else None
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_rate = None
-        if ctx.needs_input_grad[1]:
-            grad_rate = grad.sum().to(ctx.rate_like.dtype).reshape(ctx.rate_like.shape)
-        return grad, grad_rate, None, None, None
+    return math.sqrt(6.0 / fan_in) * w / peak
 
 
 def _check_rate_value(rate) -> None:
@@ -96,8 +80,14 @@ def _check_rate_value(rate) -> None:
 
 
 def score_mask(scores: torch.Tensor, keep_rate: Union[float, torch.Tensor, None] = None,
-               granularity: str = "unstructured", n: int = 2, m: int = 4) -> torch.Tensor:
-    """Binary mask from ``scores`` (top ``keep_rate`` of |s|, or N:M), differentiable by straight-through."""
+               granularity: str = "unstructured", n: int = 2, m: int = 4,
+               weight_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Binary mask from ``scores`` (top ``keep_rate`` of |s|, or N:M), differentiable by straight-through.
+
+    weight_shape: the mask's shape (default: the scores'); channel scores
+    are ``[C, 1, ...]`` and their mask is broadcast to the weight's shape.
+    See score_to_mask.ScoreToMask for the forward and backward.
+    """
     check_choice("granularity", granularity, GRANULARITIES)
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise TypeError("scores must be a floating torch.Tensor")
@@ -110,18 +100,26 @@ def score_mask(scores: torch.Tensor, keep_rate: Union[float, torch.Tensor, None]
             raise ValueError(f"keep_rate is required for granularity={granularity!r}")
         if isinstance(keep_rate, torch.Tensor) and keep_rate.numel() != 1:
             raise ValueError(f"keep_rate must be a number or a one-element tensor, got shape {tuple(keep_rate.shape)}")
-        _check_rate_value(keep_rate)
-    return TopKStraightThrough.apply(scores.abs(), keep_rate, granularity, n, m)
+        # Its value (in (0, 1]) is checked by ScoreToMask, where it is read anyway.
+    weight_shape = tuple(scores.shape) if weight_shape is None else tuple(weight_shape)
+    if tuple(scores.shape) != score_shape(weight_shape, granularity):
+        raise ValueError(f"scores have shape {tuple(scores.shape)}, but {granularity} masks of a weight of shape "
+                         f"{weight_shape} need {score_shape(weight_shape, granularity)}")
+    return ScoreToMask.apply(scores, keep_rate, granularity, n, m, weight_shape)
 
 
 class ScoreMask(nn.Module):
     """The parametrization ``scores -> binary mask`` that attach_scores() puts on ``weight_mask``.
 
-    Subclass and override keep_rate() for a rate computed another way.
+    weight_shape: the mask's shape (the weight's; for channel masks the
+    scores are ``[C, 1, ...]``). Subclass and override keep_rate() for a rate
+    computed another way.
     """
 
-    def __init__(self, keep_rate: Optional[Rate], granularity: str = "unstructured", n: int = 2, m: int = 4) -> None:
+    def __init__(self, keep_rate: Optional[Rate], granularity: str = "unstructured", n: int = 2, m: int = 4,
+                 weight_shape: Optional[Sequence[int]] = None) -> None:
         super().__init__()
+        self.weight_shape = None if weight_shape is None else tuple(int(d) for d in weight_shape)
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         self.n, self.m = check_nm(n, m) if granularity == "nm" else (n, m)
         if granularity == "nm":
@@ -150,7 +148,7 @@ class ScoreMask(nn.Module):
         return self.rate() if isinstance(self.rate, nn.Module) else self.rate
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        return score_mask(scores, self.keep_rate(), self.granularity, self.n, self.m)
+        return score_mask(scores, self.keep_rate(), self.granularity, self.n, self.m, self.weight_shape)
 
     def extra_repr(self) -> str:
         rate = "n/m" if self.granularity == "nm" else ("learned" if not isinstance(self.rate, float) else self.rate)
@@ -197,18 +195,25 @@ def attach_scores(model: nn.Module, keep_rate: Union[Rate, Mapping[str, Rate], N
             raise ValueError(f"keep_rate has no entry for layer {name!r}")
         rate = keep_rate.get(name) if isinstance(keep_rate, Mapping) else keep_rate
         if init == "hydra":
-            start = hydra_score_init(layer.weight)
+            start = hydra_score_init(layer.weight, granularity)
         else:
-            start = torch.empty_like(layer.weight)
+            # HYDRA / HARP layers' own init of popup_scores.
+            start = torch.empty(score_shape(layer.weight.shape, granularity), dtype=layer.weight.dtype,
+                                device=layer.weight.device)
             nn.init.kaiming_uniform_(start, a=math.sqrt(5))
-        planned.append((name, layer, ScoreMask(rate, granularity, n, m), start))
+        planned.append((name, layer, ScoreMask(rate, granularity, n, m, layer.weight.shape), start))
     if not planned:
         raise ValueError("no layer received scores")
     attached = {}
     for name, layer, score_mask_module, start in planned:
-        layer.weight_mask.copy_(start.to(layer.weight_mask.dtype))
-        # The existing mask Parameter becomes `original`: the scores, in place, same object.
-        parametrize.register_parametrization(layer, "weight_mask", score_mask_module)
+        if start.shape == layer.weight_mask.shape:
+            # The existing mask Parameter becomes `original`: the scores, in place, same object.
+            layer.weight_mask.copy_(start.to(layer.weight_mask.dtype))
+        else:
+            # Channel scores: one per output channel, a new (smaller) Parameter in the mask's place.
+            layer.weight_mask = nn.Parameter(start.to(layer.weight_mask.dtype))
+        # unsafe: the scores' shape may differ from the mask's (channel); ScoreMask checks it at every forward.
+        parametrize.register_parametrization(layer, "weight_mask", score_mask_module, unsafe=True)
         attached[name] = score_mask_module
     return attached
 
