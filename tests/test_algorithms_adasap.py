@@ -103,3 +103,44 @@ def test_adasap_prunes_residual_coupled_channels_together():
     result.model.eval(), result.compact_model.eval()
     with torch.no_grad():
         assert torch.allclose(result.model(x), result.compact_model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_channel_radii_of_a_coupled_group_come_from_the_group_score():
+    scores = {"a": torch.tensor([1.0, 3.0, 2.0]), "b": torch.tensor([3.0, 1.0, 2.0]), "c": torch.tensor([0.0, 4.0])}
+    radii = channel_radii(scores, rho_min=0.0, rho_max=1.0, scope="layer", coupled=[["a", "b"]])
+    # the group's score is the members' mean, [2, 2, 2]: nothing singles a channel out
+    assert torch.equal(radii["a"], radii["b"])
+    assert torch.allclose(radii["a"], torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(radii["c"], torch.tensor([1.0, 0.0], dtype=torch.float64))
+    radii = channel_radii(scores, rho_min=0.0, rho_max=1.0, scope="global", coupled=[["a", "b"]])
+    assert torch.allclose(radii["a"], torch.full((3,), 0.5, dtype=torch.float64))  # 2 on the global scale [0, 4]
+    with pytest.raises(ValueError, match="different output channels"):
+        channel_radii(scores, 0.0, 1.0, "layer", coupled=[["a", "c"]])
+    with pytest.raises(ValueError, match="scope"):
+        channel_radii(scores, 0.0, 1.0, "everywhere")
+
+
+def test_adasap_coupled_channels_share_a_radius():
+    torch.manual_seed(0)
+    model = build_model("resnet18", in_channels=1, num_classes=10, width=0.125)
+    loader = train_loader(size=128)
+    algorithm = AdaSAP(AdaSAPConfig(target_sparsity=0.5, adaptive_epochs=1, finetune_epochs=0))
+    seen = {}
+    original = algorithm._train_epoch
+
+    def spy(phase, epoch, model, loader, optimizer, bar):
+        stats = original(phase, epoch, model, loader, optimizer, bar)
+        for name, layer in prunable_layers(model):
+            seen[name] = optimizer.state[layer.weight]["channel_rho"].clone()
+        seen["groups"] = coupled_channel_groups(model, next(iter(loader))[0][:1])
+        return stats
+
+    algorithm._train_epoch = spy
+    algorithm.fit(model, loader, progress=False)
+    groups = seen["groups"]
+    assert groups, "ResNet-18 has residual sums: some channels must be tied"
+    for group in groups:
+        radii = [seen[name] for name in group]
+        assert all(torch.equal(r, radii[0]) for r in radii), group
+        # not a constant: the group's scores single out some channels
+        assert radii[0].max() > radii[0].min()

@@ -8,10 +8,14 @@
    from its importance score s_i (the pruning criterion: L2 norm or Taylor),
    so the channels likely to be pruned are pushed hardest into flat regions
    and their removal costs little. Scores and radii are refreshed at the
-   start of every epoch (SAM.set_channel_rho); s_min / s_max are taken over
-   the same unit the pruning ranks (each layer for scope="layer", all
-   channels for "global"). Other parameters (biases, BatchNorm, the
-   classifier) get rho_min: nothing marks them for removal.
+   start of every epoch (SAM.set_channel_rho). The radii come from the
+   scores pruning ranks: the convolutions whose outputs meet in a residual
+   sum (coupled_channel_groups) are pruned together by their group's mean
+   score, so they get one radius per channel from that score, the same in
+   every member (channel_radii); s_min / s_max are taken over each such
+   unit (scope="layer") or all of them ("global"). Other parameters
+   (biases, BatchNorm, the classifier) get rho_min: nothing marks them for
+   removal.
 2. *Structured pruning* of ``target_sparsity`` of the output channels by the
    same criterion; the convolutions whose outputs meet in a residual sum
    are ranked together (coupled_channel_groups), and the pruned channels
@@ -27,7 +31,7 @@ the summary reports its parameters and MACs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +43,7 @@ from ..pruning import (CHANNEL_CRITERIA, accumulate_taylor, channel_prune, chann
                        compact_channels, coupled_channel_groups, gate_pruned_channels, global_sparsity,
                        prune_channels)
 from ..pruning._common import prunable_layers
+from ..pruning.channel import coupled_unit_scores
 from . import _config
 from ._steps import EpochMeter, clean_loss, sam_step
 from .base import Algorithm, example_input, model_device, on_device
@@ -74,11 +79,16 @@ class AdaSAPConfig(_config.TrainingConfig):
         _config.count("taylor_batches", self.taylor_batches, 1)
 
 
-def channel_radii(scores: Dict[str, torch.Tensor], rho_min: float, rho_max: float,
-                  scope: str) -> Dict[str, torch.Tensor]:
+def channel_radii(scores: Dict[str, torch.Tensor], rho_min: float, rho_max: float, scope: str,
+                  coupled: Optional[Sequence[Sequence[str]]] = None) -> Dict[str, torch.Tensor]:
     """AdaSAP's rho_i: rho_max for the least important channel, rho_min for the most important.
 
-    s_min / s_max over each layer (scope="layer") or all layers ("global").
+    The radius of a channel comes from the score of the unit that pruning
+    ranks (pruning.channel.coupled_unit_scores): for the layers of a
+    ``coupled`` group (channels tied by a residual sum, pruned together by
+    the group's mean score) the group's score, so every member gets the
+    same radius per channel; for any other layer its own score. s_min /
+    s_max are taken over each unit (scope="layer") or all units ("global").
     Where every score is equal nothing singles a channel out: rho_min.
     """
     def radii(s: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -86,12 +96,18 @@ def channel_radii(scores: Dict[str, torch.Tensor], rho_min: float, rho_max: floa
             return torch.full_like(s, rho_min)
         return rho_max - (s - low) / (high - low) * (rho_max - rho_min)
 
-    scores = {name: s.detach().double() for name, s in scores.items()}
+    _config.choice("scope", scope, ("layer", "global"))
+    units = coupled_unit_scores({name: s.detach() for name, s in scores.items()}, coupled)
     if scope == "global":
-        everything = torch.cat([s.cpu() for s in scores.values()])
-        low, high = everything.min(), everything.max()
-        return {name: radii(s, low.to(s.device), high.to(s.device)) for name, s in scores.items()}
-    return {name: radii(s, s.min(), s.max()) for name, s in scores.items()}
+        everything = torch.cat([s for _, s in units])
+        per_unit = [radii(s, everything.min(), everything.max()) for _, s in units]
+    else:
+        per_unit = [radii(s, s.min(), s.max()) for _, s in units]
+    out = {}
+    for (names, _), rho in zip(units, per_unit):
+        for name in names:
+            out[name] = rho.to(scores[name].device)
+    return {name: out[name] for name in scores}
 
 
 class AdaSAP(Algorithm):
@@ -103,6 +119,7 @@ class AdaSAP(Algorithm):
     def __init__(self, config=None) -> None:
         super().__init__(config)
         self.gates = None
+        self._coupled: Optional[List[List[str]]] = None  # residual-tied layers: traced once, a function of the graph
 
     def phases(self):
         return [("adaptive", self.config.adaptive_epochs), ("finetune", self.config.finetune_epochs)]
@@ -160,8 +177,10 @@ class AdaSAP(Algorithm):
         if phase == "adaptive":
             # Refresh the radii from the channel scores of the weights as they are now.
             layers = dict(prunable_layers(model))
+            if self._coupled is None:
+                self._coupled = coupled_channel_groups(model, example_input(loader).to(model_device(model)))
             radii = channel_radii(self._scores(model, loader), self.config.rho_min, self.config.rho_max,
-                                  self.config.scope)
+                                  self.config.scope, coupled=self._coupled)
             for name, rho in radii.items():
                 optimizer.set_channel_rho(layers[name].weight, rho)
             everything = torch.cat([r.cpu() for r in radii.values()])
