@@ -164,27 +164,32 @@ class AdaSAP(Algorithm):
     def _optimizer(self, phase, model):
         c = self.config
         if phase == "adaptive":
-            optimizer = SAM(model.parameters(), torch.optim.SGD, rho=c.rho_min, adaptive=c.adaptive, model=model,
-                            lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+            optimizer = SAM(model.parameters(), torch.optim.SGD, rho=self._group_rho(), adaptive=c.adaptive,
+                            model=model, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
             return optimizer, [c.lr]
         optimizer = SAM(model.parameters(), torch.optim.SGD, rho=c.finetune_rho, adaptive=c.adaptive, model=model,
                         lr=c.finetune_lr, momentum=c.momentum, weight_decay=c.weight_decay)
         return optimizer, [c.finetune_lr]
 
+    def _group_rho(self) -> float:
+        """The radius of the parameters no channel score covers in phase 1 (biases, BatchNorm, classifier)."""
+        return self.config.rho_min
+
+    def _refresh_radii(self, model, loader, optimizer) -> Dict[str, float]:
+        """Per-channel radii from the channel scores of the weights as they are now; their history columns."""
+        layers = dict(prunable_layers(model))
+        if self._coupled is None:
+            self._coupled = coupled_channel_groups(model, example_input(loader).to(model_device(model)))
+        radii = channel_radii(self._scores(model, loader), self.config.rho_min, self.config.rho_max,
+                              self.config.scope, coupled=self._coupled)
+        for name, rho in radii.items():
+            optimizer.set_channel_rho(layers[name].weight, rho)
+        everything = torch.cat([r.cpu() for r in radii.values()])
+        return {"rho_mean": float(everything.mean()), "rho_spread": float(everything.max() - everything.min())}
+
     def _train_epoch(self, phase, epoch, model, loader, optimizer, bar):
         meter = EpochMeter(bar)
-        extras = {}
-        if phase == "adaptive":
-            # Refresh the radii from the channel scores of the weights as they are now.
-            layers = dict(prunable_layers(model))
-            if self._coupled is None:
-                self._coupled = coupled_channel_groups(model, example_input(loader).to(model_device(model)))
-            radii = channel_radii(self._scores(model, loader), self.config.rho_min, self.config.rho_max,
-                                  self.config.scope, coupled=self._coupled)
-            for name, rho in radii.items():
-                optimizer.set_channel_rho(layers[name].weight, rho)
-            everything = torch.cat([r.cpu() for r in radii.values()])
-            extras = {"rho_mean": float(everything.mean()), "rho_spread": float(everything.max() - everything.min())}
+        extras = self._refresh_radii(model, loader, optimizer) if phase == "adaptive" else {}
         model.train()
         for x, y in bar:
             loss, logits = sam_step(model, x, y, optimizer, clean_loss, self.step)
