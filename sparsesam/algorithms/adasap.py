@@ -23,6 +23,10 @@
    the physically smaller one computes.
 3. *Fine-tuning* with uniform ASAM (one radius) on the pruned network.
 
+No official implementation was found (searched by name and title); the
+formula and defaults are the paper's. asam_prune (asam_prune.py) is this
+algorithm with one radius for every channel: its control.
+
 target_sparsity is the fraction of output channels removed from the
 prunable layers (all masked layers but the classifier). The result's
 compact_model is the physically smaller plain model (compact_channels);

@@ -159,6 +159,7 @@ class CSAM(Algorithm):
             for _, layer in masked_layers(model):
                 layer.set_mask(magnitude_soft_mask(layer.weight, tau))
             return
+        self._point.clear()  # the ascent buffers are the mask phase's: free them
         layers = [layer for _, layer in masked_layers(model)]
         total = sum(layer.weight.numel() for layer in layers)
         binary = binarize_top_k([layer.weight_mask for layer in layers], [layer.weight for layer in layers],
