@@ -34,8 +34,9 @@ the summary reports its parameters and MACs.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,8 @@ class AdaSAP(Algorithm):
     def __init__(self, config=None) -> None:
         super().__init__(config)
         self.gates = None
-        self._coupled: Optional[List[List[str]]] = None  # residual-tied layers: traced once, a function of the graph
+        # Residual-tied layers: traced once per model (a function of its graph, not of its values).
+        self._coupled: Optional[Tuple["weakref.ref[nn.Module]", List[List[str]]]] = None
 
     def phases(self):
         return [("adaptive", self.config.adaptive_epochs), ("finetune", self.config.finetune_epochs)]
@@ -182,10 +184,11 @@ class AdaSAP(Algorithm):
     def _refresh_radii(self, model, loader, optimizer) -> Dict[str, float]:
         """Per-channel radii from the channel scores of the weights as they are now; their history columns."""
         layers = dict(prunable_layers(model))
-        if self._coupled is None:
-            self._coupled = coupled_channel_groups(model, example_input(loader).to(model_device(model)))
+        if self._coupled is None or self._coupled[0]() is not model:
+            self._coupled = (weakref.ref(model),
+                             coupled_channel_groups(model, example_input(loader).to(model_device(model))))
         radii = channel_radii(self._scores(model, loader), self.config.rho_min, self.config.rho_max,
-                              self.config.scope, coupled=self._coupled)
+                              self.config.scope, coupled=self._coupled[1])
         for name, rho in radii.items():
             optimizer.set_channel_rho(layers[name].weight, rho)
         everything = torch.cat([r.cpu() for r in radii.values()])
