@@ -4,7 +4,7 @@ import torch
 
 from algorithm_problems import (CHANCE, assert_history_finite, assert_resume_identical, eval_loader, pretrained_model,
                                 train_loader)
-from sparsesam.algorithms import AdaSAP, AdaSAPConfig, channel_radii
+from sparsesam.algorithms import AdaSAP, AdaSAPConfig, AsamPrune, AsamPruneConfig, channel_radii
 from sparsesam.models import build_model
 from sparsesam.nn import masked_layers
 from sparsesam.pruning import channel_sparsity, coupled_channel_groups
@@ -103,3 +103,104 @@ def test_adasap_prunes_residual_coupled_channels_together():
     result.model.eval(), result.compact_model.eval()
     with torch.no_grad():
         assert torch.allclose(result.model(x), result.compact_model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_channel_radii_of_a_coupled_group_come_from_the_group_score():
+    scores = {"a": torch.tensor([1.0, 3.0, 2.0]), "b": torch.tensor([3.0, 1.0, 2.0]), "c": torch.tensor([0.0, 4.0])}
+    radii = channel_radii(scores, rho_min=0.0, rho_max=1.0, scope="layer", coupled=[["a", "b"]])
+    # the group's score is the members' mean, [2, 2, 2]: nothing singles a channel out
+    assert torch.equal(radii["a"], radii["b"])
+    assert torch.allclose(radii["a"], torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(radii["c"], torch.tensor([1.0, 0.0], dtype=torch.float64))
+    radii = channel_radii(scores, rho_min=0.0, rho_max=1.0, scope="global", coupled=[["a", "b"]])
+    assert torch.allclose(radii["a"], torch.full((3,), 0.5, dtype=torch.float64))  # 2 on the global scale [0, 4]
+    with pytest.raises(ValueError, match="different output channels"):
+        channel_radii(scores, 0.0, 1.0, "layer", coupled=[["a", "c"]])
+    with pytest.raises(ValueError, match="scope"):
+        channel_radii(scores, 0.0, 1.0, "everywhere")
+
+
+def test_adasap_coupled_channels_share_a_radius():
+    torch.manual_seed(0)
+    model = build_model("resnet18", in_channels=1, num_classes=10, width=0.125)
+    loader = train_loader(size=128)
+    algorithm = AdaSAP(AdaSAPConfig(target_sparsity=0.5, adaptive_epochs=1, finetune_epochs=0))
+    seen = {}
+    original = algorithm._train_epoch
+
+    def spy(phase, epoch, model, loader, optimizer, bar):
+        stats = original(phase, epoch, model, loader, optimizer, bar)
+        for name, layer in prunable_layers(model):
+            seen[name] = optimizer.state[layer.weight]["channel_rho"].clone()
+        seen["groups"] = coupled_channel_groups(model, next(iter(loader))[0][:1])
+        return stats
+
+    algorithm._train_epoch = spy
+    algorithm.fit(model, loader, progress=False)
+    groups = seen["groups"]
+    assert groups, "ResNet-18 has residual sums: some channels must be tied"
+    for group in groups:
+        radii = [seen[name] for name in group]
+        assert all(torch.equal(r, radii[0]) for r in radii), group
+        # not a constant: the group's scores single out some channels
+        assert radii[0].max() > radii[0].min()
+
+
+def _asam_prune(**overrides) -> AsamPruneConfig:
+    base = dict(target_sparsity=0.5, adaptive_epochs=1, finetune_epochs=1, rho=0.3)
+    base.update(overrides)
+    return AsamPruneConfig(**base)
+
+
+def test_asam_prune_is_adasap_with_one_radius():
+    # AdaSAP with rho_min = rho_max = rho gives every channel (and every other parameter) the radius rho:
+    # exactly asam_prune's uniform ASAM, so the two runs must agree to the bit -- the only difference
+    # between the methods is the adaptive radii.
+    control = AsamPrune(_asam_prune()).fit(pretrained_model(), train_loader(), progress=False)
+    adasap = AdaSAP(AdaSAPConfig(target_sparsity=0.5, adaptive_epochs=1, finetune_epochs=1, rho_min=0.3,
+                                 rho_max=0.3)).fit(pretrained_model(), train_loader(), progress=False)
+    control_state, adasap_state = control.model.state_dict(), adasap.model.state_dict()
+    assert control_state.keys() == adasap_state.keys()
+    for key in control_state:
+        assert torch.equal(control_state[key], adasap_state[key]), key
+    assert [r["phase"] for r in control.history] == ["adaptive", "finetune"]
+    assert "rho_spread" not in control.history[0]
+
+
+def test_asam_prune_uses_one_radius_and_prunes_as_adasap():
+    algorithm = AsamPrune(_asam_prune(rho=0.7))
+    seen = {}
+    original = algorithm._train_epoch
+
+    def spy(phase, epoch, model, loader, optimizer, bar):
+        if phase == "adaptive":
+            seen["channel_rho"] = [optimizer.state[p].get("channel_rho") for p in model.parameters()]
+            seen["rho"] = {group["rho"] for group in optimizer.param_groups}
+        return original(phase, epoch, model, loader, optimizer, bar)
+
+    algorithm._train_epoch = spy
+    result = algorithm.fit(pretrained_model(), train_loader(), val_loader=eval_loader(), progress=False)
+    assert seen["rho"] == {0.7} and all(rho is None for rho in seen["channel_rho"])
+    assert abs(channel_sparsity(result.model) - 0.5) < 0.01
+    assert result.summary["val_accuracy"] > CHANCE + 0.4
+    assert result.compact_model is not None and result.summary["params_compact"] < result.summary["params_dense"]
+    for name, layer in prunable_layers(result.model):
+        mask = layer.weight_mask.reshape(layer.weight.shape[0], -1)
+        assert (mask.all(dim=1) | ~mask.any(dim=1)).all(), name
+
+
+def test_asam_prune_resume_is_bitwise_identical():
+    assert_resume_identical(lambda: AsamPrune(_asam_prune(adaptive_epochs=2)), 1)
+
+
+def test_asam_prune_is_the_studys_adasap_control():
+    from sparsesam.commands.registry import KNOWN
+    from sparsesam.commands.reproduce_plan import BUDGETS, COMPARISONS, method_config
+    from sparsesam.algorithms import ALGORITHMS
+    assert ALGORITHMS["asam_prune"] is AsamPrune and "asam_prune" in KNOWN
+    comparison = COMPARISONS["adasap"]
+    assert comparison.methods == ("adasap", "magnitude", "asam_prune")
+    budgets = {name: values[0] for name, values in BUDGETS.items()}
+    config = method_config(comparison, "asam_prune", 0.7, AsamPrune, 1, budgets)
+    assert config.adaptive_epochs == config.finetune_epochs == budgets["algo_epochs"]
+    assert (config.target_sparsity, config.seed, config.adaptive) == (0.7, 1, True)

@@ -6,8 +6,8 @@ import torch
 
 from algorithm_problems import (CHANCE, MemoryCheckpoint, assert_history_finite, assert_resume_identical, eval_loader,
                                 pretrained_model, train_loader)
-from sparsesam.algorithms import (ALGORITHMS, AdaSAPConfig, CSAMConfig, FitResult, HARPConfig, Hydra, HydraConfig,
-                                  Magnitude, MagnitudeConfig, SamPrune, SamPruneConfig)
+from sparsesam.algorithms import (ALGORITHMS, AdaSAPConfig, AsamPruneConfig, CSAMConfig, FitResult, HARPConfig, Hydra,
+                                  HydraConfig, Magnitude, MagnitudeConfig, SamPrune, SamPruneConfig)
 from sparsesam.nn import masked_layers
 from sparsesam.pruning import global_sparsity
 
@@ -15,7 +15,7 @@ pytest.importorskip("sklearn", reason="the digits problem ships with scikit-lear
 
 
 def test_registry_names_every_algorithm():
-    assert set(ALGORITHMS) == {"adasap", "harp", "csam", "magnitude", "hydra", "sam_prune"}
+    assert set(ALGORITHMS) == {"adasap", "harp", "csam", "magnitude", "hydra", "sam_prune", "asam_prune"}
     for name, cls in ALGORITHMS.items():
         assert cls.name == name
         cls(cls.config_type())  # paper defaults are a valid config
@@ -96,6 +96,9 @@ def test_hydra_resume_is_bitwise_identical():
     (AdaSAPConfig, "rho_min", -1.0),
     (CSAMConfig, "transforms", ("rotation", "elastic")),
     (CSAMConfig, "tau", 1.0),
+    (CSAMConfig, "lambda_rate", -0.5),
+    (AsamPruneConfig, "rho", -0.1),
+    (AsamPruneConfig, "scope", "model"),
     (MagnitudeConfig, "finetune_epochs", -1),
 ])
 def test_bad_config_names_the_field(config_type, field, value):

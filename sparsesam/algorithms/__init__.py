@@ -12,6 +12,7 @@ dict per epoch in history), and resumes exactly from a checkpoint object
 from typing import Dict
 
 from .adasap import AdaSAP, AdaSAPConfig, channel_radii
+from .asam_prune import AsamPrune, AsamPruneConfig
 from .base import Algorithm, FitResult
 from .csam import CSAM, CSAMConfig, binarize_top_k, magnitude_soft_mask
 from .harp import HARP, HARPConfig, LearnableRate, rate_init
@@ -26,6 +27,7 @@ ALGORITHMS: Dict[str, type] = {
     "magnitude": Magnitude,
     "hydra": Hydra,
     "sam_prune": SamPrune,
+    "asam_prune": AsamPrune,
 }
 
 __all__ = [
@@ -34,4 +36,5 @@ __all__ = [
     "HARP", "HARPConfig", "LearnableRate", "rate_init",
     "CSAM", "CSAMConfig", "magnitude_soft_mask", "binarize_top_k",
     "Hydra", "HydraConfig", "Magnitude", "MagnitudeConfig", "SamPrune", "SamPruneConfig",
+    "AsamPrune", "AsamPruneConfig",
 ]

@@ -8,16 +8,24 @@
    from its importance score s_i (the pruning criterion: L2 norm or Taylor),
    so the channels likely to be pruned are pushed hardest into flat regions
    and their removal costs little. Scores and radii are refreshed at the
-   start of every epoch (SAM.set_channel_rho); s_min / s_max are taken over
-   the same unit the pruning ranks (each layer for scope="layer", all
-   channels for "global"). Other parameters (biases, BatchNorm, the
-   classifier) get rho_min: nothing marks them for removal.
+   start of every epoch (SAM.set_channel_rho). The radii come from the
+   scores pruning ranks: the convolutions whose outputs meet in a residual
+   sum (coupled_channel_groups) are pruned together by their group's mean
+   score, so they get one radius per channel from that score, the same in
+   every member (channel_radii); s_min / s_max are taken over each such
+   unit (scope="layer") or all of them ("global"). Other parameters
+   (biases, BatchNorm, the classifier) get rho_min: nothing marks them for
+   removal.
 2. *Structured pruning* of ``target_sparsity`` of the output channels by the
    same criterion; the convolutions whose outputs meet in a residual sum
    are ranked together (coupled_channel_groups), and the pruned channels
    are gated (gate_pruned_channels) so that the masked model computes what
    the physically smaller one computes.
 3. *Fine-tuning* with uniform ASAM (one radius) on the pruned network.
+
+No official implementation was found (searched by name and title); the
+formula and defaults are the paper's. asam_prune (asam_prune.py) is this
+algorithm with one radius for every channel: its control.
 
 target_sparsity is the fraction of output channels removed from the
 prunable layers (all masked layers but the classifier). The result's
@@ -26,8 +34,9 @@ the summary reports its parameters and MACs.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +48,7 @@ from ..pruning import (CHANNEL_CRITERIA, accumulate_taylor, channel_prune, chann
                        compact_channels, coupled_channel_groups, gate_pruned_channels, global_sparsity,
                        prune_channels)
 from ..pruning._common import prunable_layers
+from ..pruning.channel import coupled_unit_scores
 from . import _config
 from ._steps import EpochMeter, clean_loss, sam_step
 from .base import Algorithm, example_input, model_device, on_device
@@ -74,11 +84,16 @@ class AdaSAPConfig(_config.TrainingConfig):
         _config.count("taylor_batches", self.taylor_batches, 1)
 
 
-def channel_radii(scores: Dict[str, torch.Tensor], rho_min: float, rho_max: float,
-                  scope: str) -> Dict[str, torch.Tensor]:
+def channel_radii(scores: Dict[str, torch.Tensor], rho_min: float, rho_max: float, scope: str,
+                  coupled: Optional[Sequence[Sequence[str]]] = None) -> Dict[str, torch.Tensor]:
     """AdaSAP's rho_i: rho_max for the least important channel, rho_min for the most important.
 
-    s_min / s_max over each layer (scope="layer") or all layers ("global").
+    The radius of a channel comes from the score of the unit that pruning
+    ranks (pruning.channel.coupled_unit_scores): for the layers of a
+    ``coupled`` group (channels tied by a residual sum, pruned together by
+    the group's mean score) the group's score, so every member gets the
+    same radius per channel; for any other layer its own score. s_min /
+    s_max are taken over each unit (scope="layer") or all units ("global").
     Where every score is equal nothing singles a channel out: rho_min.
     """
     def radii(s: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -86,12 +101,18 @@ def channel_radii(scores: Dict[str, torch.Tensor], rho_min: float, rho_max: floa
             return torch.full_like(s, rho_min)
         return rho_max - (s - low) / (high - low) * (rho_max - rho_min)
 
-    scores = {name: s.detach().double() for name, s in scores.items()}
+    _config.choice("scope", scope, ("layer", "global"))
+    units = coupled_unit_scores({name: s.detach() for name, s in scores.items()}, coupled)
     if scope == "global":
-        everything = torch.cat([s.cpu() for s in scores.values()])
-        low, high = everything.min(), everything.max()
-        return {name: radii(s, low.to(s.device), high.to(s.device)) for name, s in scores.items()}
-    return {name: radii(s, s.min(), s.max()) for name, s in scores.items()}
+        everything = torch.cat([s for _, s in units])
+        per_unit = [radii(s, everything.min(), everything.max()) for _, s in units]
+    else:
+        per_unit = [radii(s, s.min(), s.max()) for _, s in units]
+    out = {}
+    for (names, _), rho in zip(units, per_unit):
+        for name in names:
+            out[name] = rho.to(scores[name].device)
+    return {name: out[name] for name in scores}
 
 
 class AdaSAP(Algorithm):
@@ -103,6 +124,8 @@ class AdaSAP(Algorithm):
     def __init__(self, config=None) -> None:
         super().__init__(config)
         self.gates = None
+        # Residual-tied layers: traced once per model (a function of its graph, not of its values).
+        self._coupled: Optional[Tuple["weakref.ref[nn.Module]", List[List[str]]]] = None
 
     def phases(self):
         return [("adaptive", self.config.adaptive_epochs), ("finetune", self.config.finetune_epochs)]
@@ -147,25 +170,33 @@ class AdaSAP(Algorithm):
     def _optimizer(self, phase, model):
         c = self.config
         if phase == "adaptive":
-            optimizer = SAM(model.parameters(), torch.optim.SGD, rho=c.rho_min, adaptive=c.adaptive, model=model,
-                            lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+            optimizer = SAM(model.parameters(), torch.optim.SGD, rho=self._group_rho(), adaptive=c.adaptive,
+                            model=model, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
             return optimizer, [c.lr]
         optimizer = SAM(model.parameters(), torch.optim.SGD, rho=c.finetune_rho, adaptive=c.adaptive, model=model,
                         lr=c.finetune_lr, momentum=c.momentum, weight_decay=c.weight_decay)
         return optimizer, [c.finetune_lr]
 
+    def _group_rho(self) -> float:
+        """The radius of the parameters no channel score covers in phase 1 (biases, BatchNorm, classifier)."""
+        return self.config.rho_min
+
+    def _refresh_radii(self, model, loader, optimizer) -> Dict[str, float]:
+        """Per-channel radii from the channel scores of the weights as they are now; their history columns."""
+        layers = dict(prunable_layers(model))
+        if self._coupled is None or self._coupled[0]() is not model:
+            self._coupled = (weakref.ref(model),
+                             coupled_channel_groups(model, example_input(loader).to(model_device(model))))
+        radii = channel_radii(self._scores(model, loader), self.config.rho_min, self.config.rho_max,
+                              self.config.scope, coupled=self._coupled[1])
+        for name, rho in radii.items():
+            optimizer.set_channel_rho(layers[name].weight, rho)
+        everything = torch.cat([r.cpu() for r in radii.values()])
+        return {"rho_mean": float(everything.mean()), "rho_spread": float(everything.max() - everything.min())}
+
     def _train_epoch(self, phase, epoch, model, loader, optimizer, bar):
         meter = EpochMeter(bar)
-        extras = {}
-        if phase == "adaptive":
-            # Refresh the radii from the channel scores of the weights as they are now.
-            layers = dict(prunable_layers(model))
-            radii = channel_radii(self._scores(model, loader), self.config.rho_min, self.config.rho_max,
-                                  self.config.scope)
-            for name, rho in radii.items():
-                optimizer.set_channel_rho(layers[name].weight, rho)
-            everything = torch.cat([r.cpu() for r in radii.values()])
-            extras = {"rho_mean": float(everything.mean()), "rho_spread": float(everything.max() - everything.min())}
+        extras = self._refresh_radii(model, loader, optimizer) if phase == "adaptive" else {}
         model.train()
         for x, y in bar:
             loss, logits = sam_step(model, x, y, optimizer, clean_loss, self.step)

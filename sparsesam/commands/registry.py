@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from .common import ConfigError
 
-KNOWN = ("adasap", "harp", "csam", "magnitude", "hydra", "sam_prune")
+KNOWN = ("adasap", "harp", "csam", "magnitude", "hydra", "sam_prune", "asam_prune")
 
 
 def package_algorithms() -> Mapping[str, type]:

@@ -32,10 +32,11 @@ class Comparison:
 # In the order they run (the adversarial training of the harp comparison is the most expensive: last).
 COMPARISONS: Dict[str, Comparison] = {
     "adasap": Comparison(
-        "adasap", "AdaSAP vs magnitude + fine-tune vs SAM + prune (structured: fraction of channels removed)",
+        "adasap", "AdaSAP vs magnitude + fine-tune vs ASAM + prune (structured: fraction of channels removed)",
         "AdaSAP's pruned networks are more accurate and more robust to input corruptions than those of "
-        "magnitude pruning + fine-tuning and of SAM + pruning at the same structured sparsity.",
-        ("adasap", "magnitude", "sam_prune"), (0.5, 0.7), ("corruptions",), "channels"),
+        "magnitude pruning + fine-tuning and of (uniform) SAM + pruning at the same structured sparsity.",
+        # asam_prune is AdaSAP with one radius for all channels: the comparison isolates the adaptive radii.
+        ("adasap", "magnitude", "asam_prune"), (0.5, 0.7), ("corruptions",), "channels"),
     "csam": Comparison(
         "csam", "C-SAM vs magnitude vs plain SAM masks (unstructured)",
         "C-SAM's masks give higher certified accuracy (randomized smoothing and semantic-transform "
@@ -129,7 +130,8 @@ def method_config(comparison: Comparison, method: str, sparsity: float, algorith
     defaults: Dict[str, Any] = {name: epochs for name in fields}
     defaults["seed"] = seed
     if comparison.key == "adasap" and method in ("magnitude", "sam_prune"):
-        defaults["granularity"] = "channel"  # AdaSAP's unit and criterion (L2 channels, per layer)
+        # AdaSAP's unit and criterion (L2 channels, per layer); asam_prune prunes as AdaSAP does by construction.
+        defaults["granularity"] = "channel"
     if comparison.key == "harp":
         # HARP's setting: every method trains under the same PGD adversarial loss.
         defaults.update(loss="pgd_at", eps=b["adv_eps"], attack_steps=b["attack_steps"])

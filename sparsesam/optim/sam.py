@@ -10,7 +10,8 @@ The API is the one SAM users know (davda54/sam)::
 
 How it moves less memory than the usual implementation: ``first_step``
 writes the ascent point ``w + e`` into a persistent buffer and *swaps* it
-with the parameter's storage, so the weights themselves are never modified;
+with the parameter's storage (``PerturbedPoint``, the mechanism C-SAM uses
+for its masks too), so the weights themselves are never modified;
 ``second_step`` swaps back (exact, free) and applies the update. With
 ``torch.optim.SGD`` as the base, the update is one fused pass
 (``sgd_step_``); any other ``torch.optim`` optimizer runs its own step.
@@ -38,6 +39,7 @@ from torch import nn
 from ..nn import masked_layers
 from ..ops import sam_step  # noqa: F401  (the ops' fake impls and CUDA routers; the optimizer calls the ops directly)
 from .batchnorm import restore_bn_stats, snapshot_bn_stats
+from .perturbation import PerturbedPoint
 
 Tensor = torch.Tensor
 
@@ -95,8 +97,8 @@ class SAM(torch.optim.Optimizer):
         self._masked_layers = [layer for _, layer in masked_layers(model)] if model is not None else []
         self._extra_masks: Dict[int, Tuple[Tensor, Tensor]] = {id(p): (p, m) for p, m in (masks or {}).items()}
         self._rho_tensors: Dict[Tuple[float, torch.device], Tensor] = {}
-        self._ascent_buffers: Dict[int, Tensor] = {}      # id(param) -> buffer; persistent, not in state_dict
-        self._swapped: List[Tuple[Tensor, Tensor]] = []    # (param, its own storage) while at w + e
+        # The ascent point w + e lives in persistent buffers swapped with the weights' storage (not in state_dict).
+        self._point = PerturbedPoint()
         self._bn_snapshot = None
         self._in_ascent = False
         self._hook_norms: Dict[int, Tuple["weakref.ref[Tensor]", int, Optional[Tensor], int, bool, float]] = {}
@@ -273,7 +275,7 @@ class SAM(torch.optim.Optimizer):
 
     def _perturb(self, batch: dict, sq_norm: Tensor, adaptive: bool) -> None:
         params = batch["params"]
-        buffers = [self._buffer_for(p) for p in params]
+        buffers = self._point.buffers(params)
         flat_params = [p if p.is_contiguous() else p.contiguous() for p in params]
         flat_out = [b if p.is_contiguous() else torch.empty_like(fp) for b, p, fp in zip(buffers, params, flat_params)]
         # Straight to the op: the optimizer builds these lists itself, and the
@@ -281,27 +283,19 @@ class SAM(torch.optim.Optimizer):
         # kernel still checks every tensor).
         torch.ops.sparsesam.sam_perturb_.default(flat_out, flat_params, batch["grads"], batch["masks"], batch["rhos"],
                                                 sq_norm, bool(adaptive), float(self.eps))
-        for p, buf, out in zip(params, buffers, flat_out):
+        for buf, out in zip(buffers, flat_out):
             if out is not buf:
                 buf.copy_(out)
-            original = p.data
-            p.data = buf
-            self._swapped.append((p, original))
+        self._point.swap_in(params)
 
-    def _buffer_for(self, p: Tensor) -> Tensor:
-        buf = self._ascent_buffers.get(id(p))
-        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-            buf = torch.empty_like(p)
-            self._ascent_buffers[id(p)] = buf
-        return buf
+    @property
+    def _ascent_buffers(self) -> Dict[int, Tensor]:
+        """The persistent ascent-point buffers (read by bench/bench_sam.py to count the optimizer's memory)."""
+        return self._point._buffers
 
     @torch.no_grad()
     def _restore(self) -> None:
-        for p, original in self._swapped:
-            ascent_point = p.data
-            p.data = original
-            self._ascent_buffers[id(p)] = ascent_point  # reused next step
-        self._swapped.clear()
+        self._point.restore()
         if self._bn_snapshot is not None:
             restore_bn_stats(self._bn_snapshot)
             self._bn_snapshot = None

@@ -44,23 +44,31 @@ def _normalized(scores: torch.Tensor, normalize: Optional[str]) -> torch.Tensor:
     return scores / scale if scale > 0 else scores
 
 
-def _units(layers, coupled: Optional[Sequence[Sequence[str]]]) -> List[List[Tuple[str, nn.Module]]]:
-    """Layers grouped into ranking units: each coupled group is one unit, every other layer its own."""
-    by_name = dict(layers)
+def coupled_unit_scores(scores: Mapping[str, torch.Tensor], coupled: Optional[Sequence[Sequence[str]]] = None,
+                        normalize: Optional[str] = None) -> List[Tuple[List[str], torch.Tensor]]:
+    """The ranking units of ``scores``' layers with one score per channel each, float64 on the CPU.
+
+    Each coupled group (coupled_channel_groups; members absent from
+    ``scores`` are skipped) is one unit whose score is the mean of its
+    layers' (normalised) scores, so tied and single layers rank on one
+    scale; every other layer is its own unit. What prune_channels ranks, and
+    what AdaSAP's radii are computed from.
+    """
+    check_choice("normalize", normalize, NORMALIZATIONS)
     units, seen = [], set()
     for group in coupled or ():
-        members = [(name, by_name[name]) for name in group if name in by_name]
+        members = [name for name in group if name in scores]
         if not members:
             continue
-        channels = {layer.weight.shape[0] for _, layer in members}
+        channels = {scores[name].shape[0] for name in members}
         if len(channels) != 1:
             raise ValueError(f"coupled group {list(group)} mixes layers with different output channels {sorted(channels)}")
-        if seen.intersection(name for name, _ in members):
-            raise ValueError(f"coupled groups overlap at {sorted(seen.intersection(n for n, _ in members))}")
-        seen.update(name for name, _ in members)
+        if seen.intersection(members):
+            raise ValueError(f"coupled groups overlap at {sorted(seen.intersection(members))}")
+        seen.update(members)
         units.append(members)
-    units += [[(name, layer)] for name, layer in layers if name not in seen]
-    return units
+    units += [[name] for name in scores if name not in seen]
+    return [(unit, sum(_normalized(scores[name], normalize).cpu() for name in unit) / len(unit)) for unit in units]
 
 
 def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -104,9 +112,11 @@ def prune_channels(model: nn.Module, scores: Mapping[str, torch.Tensor], fractio
         if torch.isnan(s).any():
             raise ValueError(f"scores[{name!r}] contains NaN")
 
-    units = _units(layers, coupled)
+    by_name = dict(layers)
     # A unit's score is the mean of its layers' scores, so tied and single layers rank on one scale.
-    unit_scores = [sum(_normalized(scores[name], normalize).cpu() for name, _ in unit) / len(unit) for unit in units]
+    ranked = coupled_unit_scores({name: scores[name] for name, _ in layers}, coupled, normalize)
+    units = [[(name, by_name[name]) for name in unit] for unit, _ in ranked]
+    unit_scores = [score for _, score in ranked]
     if scope == "layer":
         keeps = []
         for s in unit_scores:
