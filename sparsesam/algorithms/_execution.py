@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..nn import execution_summary, resolve_execution, set_execution
 from ..optim import frozen_bn_stats
+from ..pruning.channel_graph import channel_gates
 
 
 def example_batch(loader: DataLoader) -> torch.Tensor:
@@ -45,13 +46,16 @@ def all_dense(model: nn.Module) -> bool:
     return all(form == "dense" for form in layer_forms(model).values())
 
 
-def settle_execution(model: nn.Module, execution: str, example: torch.Tensor) -> Dict[str, str]:
-    """Put ``model``'s fixed-mask layers in ``execution`` form ("auto": timed on ``example`` in training mode,
-    forward and backward); returns the forms they settled in."""
-    set_execution(model, execution)
+def settle_execution(model: nn.Module, execution: str, example: torch.Tensor, train: bool = True) -> Dict[str, str]:
+    """Put ``model``'s fixed-mask layers in ``execution`` form ("auto": timed on ``example``, forward and
+    backward in training mode, or forward only in eval mode with ``train=False``); returns the forms they
+    settled in. A layer whose output a channel gate multiplies by its mask at every forward stays dense (the
+    gate reads the dense form's mask; a channel-pruned model trains compacted instead)."""
+    gated = {id(gate.layer) for gate in channel_gates(model).values()}
+    set_execution(model, execution, layers=[m for m in model.modules() if id(m) not in gated])
     if execution == "auto":
         was_training = model.training
-        model.train()
+        model.train(train)
         try:
             with frozen_bn_stats(model), torch.random.fork_rng(devices=_cuda_devices(example)):
                 resolve_execution(model, example)

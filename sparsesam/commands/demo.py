@@ -118,7 +118,7 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
         os.makedirs(folder, exist_ok=True)
         algorithm = registry[method]
         defaults = {name: args.algo_epochs for name in epoch_fields(algorithm)}
-        defaults.update(seed=args.seed, attack_steps=args.algo_attack_steps)
+        defaults.update(seed=args.seed, attack_steps=args.algo_attack_steps, execution=args.execution)
         defaults.update({k: v for k, v in settings.items()})
         try:
             # AdaSAP prunes whole channels: 90% of the channels is not the

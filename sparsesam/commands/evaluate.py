@@ -1,5 +1,12 @@
 """``sparsesam eval``: clean accuracy, size, CPU latency and robustness of an exported model.
 
+The model runs in the form ``--execution`` asks for (default "auto": each
+masked layer is timed dense and in the sparse formats its mask allows, on a
+test batch, and keeps the fastest); a structured model runs as its
+compacted model (physically smaller, dense). Latency is measured in that
+form and in the dense form (masks baked into plain layers, full size), so
+the table shows what sparsity buys.
+
 Robustness (each switchable, each on a configurable subset of the test set
 so the whole evaluation fits a small budget): mean accuracy under common
 corruptions, PGD accuracy against eps, randomized-smoothing certified
@@ -20,7 +27,8 @@ from torch.utils.data import DataLoader, Subset
 
 from .. import robust
 from ..training import evaluate
-from .common import (ConfigError, dataset_key, echo_config, load_data, prepare_out, seed_everything, write_json)
+from .common import (ConfigError, add_execution_argument, check_execution, dataset_key, echo_config, example_batch,
+                     in_execution, load_data, prepare_out, seed_everything, write_json)
 from .export import example_input, load_compacted, load_model_folder, plain_model
 
 RESULT = "eval.json"
@@ -92,7 +100,17 @@ def _subset_loader(dataset, count: Optional[int], batch_size: int) -> DataLoader
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
+def runnable(model: nn.Module, compacted: Optional[nn.Module], execution: str,
+             example: torch.Tensor) -> "tuple[nn.Module, Dict[str, str]]":
+    """The model to evaluate and its layers' forms: a structured model's compacted model (all "compacted"),
+    or ``model`` converted in place to ``execution`` form."""
+    if compacted is not None:
+        return compacted.eval(), {"*": "compacted"}
+    return model.eval(), in_execution(model, execution, example)
+
+
 def check_eval_arguments(args: argparse.Namespace) -> None:
+    check_execution(getattr(args, "execution", None))
     for name in args.corruptions:
         if name not in robust.CORRUPTIONS:
             raise ConfigError(f"unknown corruption {name!r}; choose from {list(robust.CORRUPTIONS)}")
@@ -119,16 +137,22 @@ def evaluate_model(model: nn.Module, info: Dict[str, Any], test, args: argparse.
     """Every enabled measurement of ``model`` on ``test`` (a dataset of images in [0, 1])."""
     spec = info["spec"]
     progress = args.progress
+    execution = getattr(args, "execution", None) or "auto"
     result: Dict[str, Any] = {"name": args.name or info.get("algorithm") or "dense",
                               "algorithm": info.get("algorithm"), "model": spec["model"], "dataset": spec["dataset"],
                               "sparsity": info.get("sparsity", 0.0), "target_sparsity": info.get("target_sparsity"),
                               "test_examples": len(test)}
+    result.update(size_and_ops(model, spec, compacted))  # on the dense masked form
+    dense = plain_model(model)  # the masks baked into plain layers: the dense form one would deploy
+    model, forms = runnable(model, compacted, execution, example_batch(test, args.batch_size))
+    result.update(execution=execution, layer_forms=forms)
     clean = evaluate(model, _subset_loader(test, None, args.batch_size), desc="clean", progress=progress)
     result.update(clean_accuracy=clean["accuracy"], clean_loss=clean["loss"])
-    result.update(size_and_ops(model, spec, compacted))
-    # Latency of what one would deploy: the compacted model, or the masks baked into plain layers.
-    deployed = compacted if compacted is not None else plain_model(model)
-    result["latency"] = cpu_latency(deployed, spec, args.latency_batch, args.latency_repeats)
+    result["latency"] = cpu_latency(model, spec, args.latency_batch, args.latency_repeats)
+    if compacted is not None or any(form != "dense" for form in forms.values()):
+        result["latency_dense"] = cpu_latency(dense, spec, args.latency_batch, args.latency_repeats)
+    else:
+        result["latency_dense"] = result["latency"]  # nothing runs otherwise: the same model
     if args.corruptions and args.severities:
         loader = _subset_loader(test, args.corruption_examples, args.batch_size)
         out = robust.evaluate_corruptions(model, loader, corruptions=args.corruptions, severities=args.severities,
@@ -206,6 +230,8 @@ def add_robustness_arguments(parser: argparse.ArgumentParser, *, examples: int =
     group.add_argument("--cc-examples", type=_positive_int, default=min(examples, 50))
     group.add_argument("--latency-batch", type=_positive_int, default=64)
     group.add_argument("--latency-repeats", type=_positive_int, default=10)
+    add_execution_argument(group, "auto", "the form every evaluation runs the model in (a structured model runs "
+                                          "compacted)")
 
 
 def normalize_robustness_arguments(args: argparse.Namespace) -> None:
