@@ -89,15 +89,15 @@ def summarize(run: Mapping) -> Dict[str, Any]:
 
 def runs_as(forms: Optional[Mapping[str, str]]) -> Optional[str]:
     """How the evaluated model ran: "compacted", "dense", or the count of layers per form ("3 csr, 2 dense")."""
-    if not forms:
+    if forms is None:
         return None
+    if not forms or set(forms.values()) == {"dense"}:
+        return "dense"  # no masked layer (a dense model), or all of them dense
     if set(forms.values()) == {"compacted"}:
         return "compacted"
     counts = OrderedDict()
     for form in sorted(forms.values(), key=lambda f: (f == "dense", f)):
         counts[form] = counts.get(form, 0) + 1
-    if list(counts) == ["dense"]:
-        return "dense"
     return ", ".join(f"{n} {form}" for form, n in counts.items())
 
 

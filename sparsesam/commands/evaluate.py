@@ -79,19 +79,41 @@ def size_and_ops(model: nn.Module, spec: Dict[str, Any], compacted: Optional[nn.
 
 
 @torch.no_grad()
-def cpu_latency(model: nn.Module, spec: Dict[str, Any], batch_size: int, repeats: int, warmup: int = 2) -> Dict[str, Any]:
-    """Median (and spread) wall time of a forward pass on a batch of ``batch_size`` random images, on the CPU."""
-    model = model.eval()
+def cpu_latencies(models: Dict[str, nn.Module], spec: Dict[str, Any], batch_size: int, repeats: int,
+                  warmup: int = 2) -> Dict[str, Dict[str, Any]]:
+    """Median (and spread) wall time of a forward pass of each model on one batch of ``batch_size`` random
+    images, on the CPU; the models take turns (A B A B ...) so that load on a shared machine hits all alike."""
+    for model in models.values():
+        model.eval()
     x = torch.rand(batch_size, spec["in_channels"], spec["image_size"], spec["image_size"])
     for _ in range(warmup):
-        model(x)
-    times = []
+        for model in models.values():
+            model(x)
+    times: Dict[str, List[float]] = {name: [] for name in models}
     for _ in range(repeats):
-        began = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - began)
-    return {"batch_size": batch_size, "repeats": repeats, "threads": torch.get_num_threads(),
-            "median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times), "max_ms": 1000 * max(times)}
+        for name, model in models.items():
+            began = time.perf_counter()
+            model(x)
+            times[name].append(time.perf_counter() - began)
+    return {name: {"batch_size": batch_size, "repeats": repeats, "threads": torch.get_num_threads(),
+                   "median_ms": 1000 * statistics.median(t), "min_ms": 1000 * min(t), "max_ms": 1000 * max(t)}
+            for name, t in times.items()}
+
+
+def cpu_latency(model: nn.Module, spec: Dict[str, Any], batch_size: int, repeats: int, warmup: int = 2) -> Dict[str, Any]:
+    """Median (and spread) wall time of a forward pass on a batch of ``batch_size`` random images, on the CPU."""
+    return cpu_latencies({"model": model}, spec, batch_size, repeats, warmup)["model"]
+
+
+def latency_as_run_and_dense(model: nn.Module, dense: nn.Module, spec: Dict[str, Any], batch_size: int,
+                             repeats: int) -> Dict[str, Any]:
+    """``{"latency": the model as it runs, "latency_dense": the dense form}``, measured in turns (one
+    measurement where the model runs dense anyway)."""
+    if model is dense:
+        latency = cpu_latency(model, spec, batch_size, repeats)
+        return {"latency": latency, "latency_dense": latency}
+    both = cpu_latencies({"as_run": model, "dense": dense}, spec, batch_size, repeats)
+    return {"latency": both["as_run"], "latency_dense": both["dense"]}
 
 
 def _subset_loader(dataset, count: Optional[int], batch_size: int) -> DataLoader:
@@ -148,11 +170,9 @@ def evaluate_model(model: nn.Module, info: Dict[str, Any], test, args: argparse.
     result.update(execution=execution, layer_forms=forms)
     clean = evaluate(model, _subset_loader(test, None, args.batch_size), desc="clean", progress=progress)
     result.update(clean_accuracy=clean["accuracy"], clean_loss=clean["loss"])
-    result["latency"] = cpu_latency(model, spec, args.latency_batch, args.latency_repeats)
-    if compacted is not None or any(form != "dense" for form in forms.values()):
-        result["latency_dense"] = cpu_latency(dense, spec, args.latency_batch, args.latency_repeats)
-    else:
-        result["latency_dense"] = result["latency"]  # nothing runs otherwise: the same model
+    differs = compacted is not None or any(form != "dense" for form in forms.values())
+    result.update(latency_as_run_and_dense(model, dense if differs else model, spec, args.latency_batch,
+                                           args.latency_repeats))
     if args.corruptions and args.severities:
         loader = _subset_loader(test, args.corruption_examples, args.batch_size)
         out = robust.evaluate_corruptions(model, loader, corruptions=args.corruptions, severities=args.severities,

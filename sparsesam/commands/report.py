@@ -28,7 +28,7 @@ def _model_folder(run: Dict[str, Any]):
 
 def retime(runs: List[Dict[str, Any]], execution: str, batch: int, repeats: int) -> None:
     """Measure each run's model in ``execution`` form and in dense form; the results replace the eval's."""
-    from .evaluate import cpu_latency, runnable
+    from .evaluate import latency_as_run_and_dense, runnable
     from .export import load_compacted, load_model_folder, plain_model
     for run in runs:
         folder = _model_folder(run)
@@ -43,8 +43,7 @@ def retime(runs: List[Dict[str, Any]], execution: str, batch: int, repeats: int)
         model, forms = runnable(model, load_compacted(folder, info), execution, example)
         evaluation = dict(run.get("eval") or {"name": info.get("algorithm") or "dense"})
         evaluation.update(execution=execution, layer_forms=forms,
-                          latency=cpu_latency(model, spec, batch, repeats),
-                          latency_dense=cpu_latency(dense, spec, batch, repeats))
+                          **latency_as_run_and_dense(model, dense, spec, batch, repeats))
         run["eval"] = evaluation
 
 
