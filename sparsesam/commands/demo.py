@@ -5,6 +5,11 @@ one epoch per algorithm phase, robustness measured on a few hundred test
 images) are chosen to finish in about ten minutes on two CPU cores; every
 budget is a flag. A method whose algorithm is not in the registry is
 reported as not run: nothing is filled in for it.
+
+``--execution`` (default "auto") is both the algorithms' fine-tuning form
+and the evaluations': the table shows the form each model runs in (its
+masked layers' forms, or "compacted" for AdaSAP) with its latency in that
+form next to the latency of its dense form, measured in turns.
 """
 from __future__ import annotations
 
