@@ -27,14 +27,18 @@ from ..optim import frozen_bn_stats
 from ..pruning.channel_graph import channel_gates
 
 
-def example_batch(loader: DataLoader) -> torch.Tensor:
-    """The first ``loader.batch_size`` inputs of ``loader.dataset`` as one batch, drawing no random number
-    (a dataset that augments with torch's generator gets a forked one)."""
-    dataset = loader.dataset
-    count = min(len(dataset), loader.batch_size or 1)
+def first_inputs(dataset, count: int) -> torch.Tensor:
+    """The first ``count`` inputs of ``dataset`` as one batch, drawing no random number (a dataset that
+    augments with torch's generator gets a forked one)."""
+    count = max(1, min(len(dataset), count))
     with torch.random.fork_rng(devices=[]):
         items = [dataset[i][0] for i in range(count)]
     return torch.stack([x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in items])
+
+
+def example_batch(loader: DataLoader) -> torch.Tensor:
+    """A training batch's worth of ``loader.dataset``'s first inputs: what "auto" times the forms on."""
+    return first_inputs(loader.dataset, loader.batch_size or 1)
 
 
 def layer_forms(model: nn.Module) -> Dict[str, str]:

@@ -192,10 +192,8 @@ def check_execution(value: Optional[str]) -> Optional[str]:
 
 def example_batch(dataset, batch_size: int) -> torch.Tensor:
     """The first ``batch_size`` inputs of ``dataset``: what "auto" times the layers' forms on."""
-    count = max(1, min(len(dataset), batch_size))
-    with torch.random.fork_rng(devices=[]):
-        items = [dataset[i][0] for i in range(count)]
-    return torch.stack([x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in items])
+    from ..algorithms._execution import first_inputs
+    return first_inputs(dataset, batch_size)
 
 
 def in_execution(model: nn.Module, execution: str, example: torch.Tensor) -> Dict[str, str]:
