@@ -300,8 +300,7 @@ class Algorithm(ABC):
                         "rng": _rng_state(train_loader),
                     })
 
-        if self._compaction is not None:
-            _compacted.expand_in_place(model, self._compaction, example_input(train_loader).to(model_device(model)))
+        trained_compacted = self._expand(model, train_loader)
         # The result is the masked model in dense form whatever its phases ran in: what the pruning tools,
         # exports and summaries read (weights and masks), independent of timing decisions; the forms the
         # phases ran in are in summary["execution"]; set_execution converts it again for deployment.
@@ -310,8 +309,8 @@ class Algorithm(ABC):
         summary = {"algorithm": self.name, "target_sparsity": self.config.target_sparsity,
                    "sparsity": float(self._sparsity(model)), "epochs": len(history), **summary,
                    "execution": {phase: dict(forms) for phase, forms in self._forms.items()}}
-        if self._compaction is not None:
-            summary["trained_compacted"] = {k: self._compaction[k] for k in
+        if trained_compacted is not None:
+            summary["trained_compacted"] = {k: trained_compacted[k] for k in
                                             ("params_before", "params_after", "macs_before", "macs_after")}
         if val_loader is not None:
             val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
@@ -327,11 +326,18 @@ class Algorithm(ABC):
             return float(self._sparsity(model))
         return None
 
+    def _expand(self, model: nn.Module, loader: DataLoader) -> Optional[Dict[str, Any]]:
+        """Put a compacted model back into its masked, gated architecture; returns the compaction record."""
+        record, self._compaction = self._compaction, None
+        if record is not None:
+            _compacted.expand_in_place(model, record, example_input(loader).to(model_device(model)))
+        return record
+
     def _settle(self, phase: str, epochs: int, model: nn.Module, loader: DataLoader) -> None:
         """After ``phase``'s transition: compact the model if the phase trains it compacted, and put the
         fixed-mask layers in ``config.execution`` form (before the optimizer is built). A phase of no epochs
         trains nothing: the model stays as its transition left it."""
-        self._compaction = None
+        self._expand(model, loader)
         self._phase_sparsity = None
         if epochs == 0:
             return
