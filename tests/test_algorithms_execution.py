@@ -12,7 +12,6 @@ from sparsesam.algorithms import (AdaSAP, AdaSAPConfig, CSAM, CSAMConfig, HARP, 
                                   Magnitude, MagnitudeConfig, SamPrune, SamPruneConfig, _compacted)
 from sparsesam.algorithms._execution import example_batch, settle_execution
 from sparsesam.nn import execution_summary, masked_layers, sparsify
-from sparsesam.nn.dispatch import sparse_forms
 from sparsesam.pruning import channel_prune, coupled_channel_groups, gate_pruned_channels, magnitude_prune
 from tolerance import assert_within_torch_error
 
@@ -224,3 +223,29 @@ def test_rebuilt_compact_structure_loads_the_compacted_state():
 def test_channel_pruned_resume_rebuilds_the_compacted_model():
     assert_resume_identical(lambda: AdaSAP(AdaSAPConfig(target_sparsity=0.5, adaptive_epochs=1, finetune_epochs=2)),
                             2)
+
+
+@needs_torch_pruning
+def test_a_dead_channel_compaction_keeps_stays_masked_and_dead():
+    """A layer pruned entirely keeps one channel in the compacted model (so it does not vanish): that channel
+    stays masked and gated there, so training cannot revive it, and expanding gives back the original masks."""
+    model, example = _channel_pruned()
+    dict(masked_layers(model))["features.7"].weight_mask.zero_()
+    compact = copy.deepcopy(model)
+    record = _compacted.compact_in_place(compact, example)
+    assert record["still_masked"] == ["features.7"]
+    x, y = example_batch(train_loader()), torch.arange(64) % 10
+    for m in (model, compact):
+        m.train()
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            optimizer.step()
+    _compacted.expand_in_place(compact, record, example)
+    masks = {name: layer.weight_mask for name, layer in masked_layers(compact)}
+    for name, layer in masked_layers(model):
+        assert torch.equal(layer.weight_mask, masks[name]), name
+    model.eval(), compact.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), compact(x), atol=1e-5, rtol=1e-4)

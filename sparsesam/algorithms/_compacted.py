@@ -128,7 +128,7 @@ def _keep_masked(model: nn.Module, compact: nn.Module, record: Dict[str, Any], e
         with torch.no_grad():
             for name, sliced in still:
                 layers[name].weight_mask.copy_(sliced.to(layers[name].weight_mask.dtype))
-        gate_pruned_channels(compact, example, include=record["still_masked"])
+        gate_pruned_channels(compact, example, include=record["still_masked"], keep_output_layer=False)
 
 
 @torch.no_grad()
@@ -161,7 +161,7 @@ def rebuild_compact(model: nn.Module, record: Dict[str, Any], example: torch.Ten
     _slice(plain, record["kept"])
     if record["still_masked"]:
         sparsify(plain, include=record["still_masked"])
-        gate_pruned_channels(plain, example, include=record["still_masked"])
+        gate_pruned_channels(plain, example, include=record["still_masked"], keep_output_layer=False)
     plain.train(model.training)
     _adopt(model, plain)
 
@@ -188,7 +188,7 @@ def expand_in_place(model: nn.Module, record: Dict[str, Any], example: torch.Ten
     modules = dict(model.named_modules())
     for module in model.modules():
         _remove_gates(module)
-    masks = {}
+    masks = {}  # the full-size masks of the layers that are plain in the compacted model
     for name, dims in record["kept"].items():
         module = modules[name]
         _check_module(name, module)
@@ -196,44 +196,31 @@ def expand_in_place(model: nn.Module, record: Dict[str, Any], example: torch.Ten
         full_weight = [size["0"], *(([size["1"]] if size["1"] else [])), *module.weight.shape[2:]]
         if isinstance(module, nn.Conv2d) and module.groups > 1:
             full_weight[1] = module.weight.shape[1]
+        # A removed output channel was a pruned row (mask 0); a removed input channel carried zeros, and
+        # keeps the mask it had before compaction (1: channel pruning masks rows only).
+        rows = torch.zeros(size["0"], dtype=torch.bool, device=module.weight.device)
+        rows[torch.as_tensor(dims.get("0", range(size["0"])), dtype=torch.long, device=rows.device)] = True
+        row_mask = rows.view(-1, *([1] * (len(full_weight) - 1))).expand(full_weight)
         for tensor_name in _channel_tensors(module):
             tensor = getattr(module, tensor_name)
             if tensor_name == "weight_mask":
-                continue  # rebuilt below with the others
-            shape = full_weight if tensor_name == "weight" else [size["0"]]
-            fill = 1.0 if tensor_name == "running_var" else 0.0
-            _replace(module, tensor_name, _scatter(tensor, dims, shape, fill))
-        if name in record["masked"]:
-            # Removed output channels were pruned rows; removed input channels carried zeros: leave them kept.
-            mask = torch.ones(full_weight, dtype=torch.bool, device=module.weight.device)
-            if "0" in dims:
-                mask[:] = False
-                mask[torch.as_tensor(dims["0"], dtype=torch.long, device=mask.device)] = True
-            if hasattr(module, "weight_mask"):
-                inner = _scatter(module.weight_mask.detach().bool(), dims, full_weight, 1.0).bool()
-                mask &= inner
-                del module.weight_mask
-                del module.mask_mode
-                module.__class__ = _dense_class(module)
-            masks[name] = mask
+                # A row the compacted mask prunes entirely (a dead channel compaction kept) is pruned in
+                # the removed input channels too.
+                alive = torch.zeros(size["0"], dtype=torch.bool, device=rows.device)
+                alive[rows] = tensor.reshape(tensor.shape[0], -1).ne(0).any(dim=1)
+                alive = alive.view(-1, *([1] * (len(full_weight) - 1))).expand(full_weight)
+                full = _scatter(tensor, dims, full_weight, 1.0) * alive.to(tensor.dtype)
+            else:
+                shape = full_weight if tensor_name == "weight" else [size["0"]]
+                full = _scatter(tensor, dims, shape, 1.0 if tensor_name == "running_var" else 0.0)
+            _replace(module, tensor_name, full)
+        if name in record["masked"] and not hasattr(module, "weight_mask"):
+            masks[name] = row_mask.clone()
         _set_sizes(module)
-    unmasked = [name for name in record["masked"] if name not in masks]
-    # Layers that lost nothing: plain again (compaction exported them) or still masked.
-    for name in unmasked:
-        module = modules[name]
-        if hasattr(module, "weight_mask"):
-            masks[name] = module.weight_mask.detach().bool().clone()
-            del module.weight_mask
-            del module.mask_mode
-            module.__class__ = _dense_class(module)
-    sparsify(model, include=record["masked"])
+    # Plain in the compacted model: masked again (all ones where nothing was removed).
+    sparsify(model, include=[name for name in record["masked"] if not hasattr(modules[name], "weight_mask")])
     layers = dict(masked_layers(model))
     for name, mask in masks.items():
         layers[name].weight_mask.copy_(mask.to(layers[name].weight_mask.dtype))
     if record["gated"]:
         gate_pruned_channels(model, example, include=record["gated"])
-
-
-def _dense_class(module: nn.Module) -> type:
-    from ..nn.masked import DENSE_OF
-    return DENSE_OF[type(module)]

@@ -128,7 +128,9 @@ def runnable(model: nn.Module, compacted: Optional[nn.Module], execution: str,
     or ``model`` converted in place to ``execution`` form."""
     if compacted is not None:
         return compacted.eval(), {"*": "compacted"}
-    return model.eval(), in_execution(model, execution, example)
+    model.eval()
+    forms = in_execution(model, execution, example)
+    return model.eval(), forms
 
 
 def check_eval_arguments(args: argparse.Namespace) -> None:
