@@ -252,8 +252,6 @@ def add_robustness_arguments(parser: argparse.ArgumentParser, *, examples: int =
     group.add_argument("--cc-examples", type=_positive_int, default=min(examples, 50))
     group.add_argument("--latency-batch", type=_positive_int, default=64)
     group.add_argument("--latency-repeats", type=_positive_int, default=10)
-    add_execution_argument(group, "auto", "the form every evaluation runs the model in (a structured model runs "
-                                          "compacted)")
 
 
 def normalize_robustness_arguments(args: argparse.Namespace) -> None:
@@ -273,6 +271,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_positive_int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_execution_argument(parser, "auto", "the form every evaluation runs the model in (a structured model runs "
+                                           "compacted)")
     add_robustness_arguments(parser)
     parser.set_defaults(func=_run_eval_normalized)
     return parser
