@@ -5,8 +5,9 @@ and ``sparsesam prune`` (prune.json; a prune folder's ``eval/`` subfolder is
 picked up too). ``write_report`` turns them into
 
 * ``report.json``: one summary row per run plus the runs that were not run;
-* ``report.md``: a comparison table (accuracy, sparsity, size, latency,
-  robustness) and per-measurement tables;
+* ``report.md``: a comparison table (accuracy, sparsity, size, the form the
+  model ran in, its latency in that form and in dense form, robustness) and
+  per-measurement tables;
 * plots: accuracy vs sparsity per method, corruption accuracy per type,
   certified accuracy vs radius, PGD accuracy vs eps, CC-Cert per transform
   (the robustness plots are sparsesam.robust.plots').
@@ -66,6 +67,8 @@ def summarize(run: Mapping) -> Dict[str, Any]:
         compacted_nonzero_parameters=ev.get("compacted_nonzero_parameters"),
         compacted_macs=ev.get("compacted_macs"),
         latency_ms=(ev.get("latency") or {}).get("median_ms"),
+        dense_latency_ms=(ev.get("latency_dense") or {}).get("median_ms"),
+        runs_as=runs_as(ev.get("layer_forms")),
         mean_corruption_accuracy=ev.get("mean_corruption_accuracy"),
         fit_seconds=pr.get("fit_seconds"),
     )
@@ -82,6 +85,20 @@ def summarize(run: Mapping) -> Dict[str, Any]:
         row["cc_cert_eps"] = eps
         row["cc_cert_accuracy"] = {t: r["certified_accuracy"][i] for t, r in cc["transforms"].items()}
     return row
+
+
+def runs_as(forms: Optional[Mapping[str, str]]) -> Optional[str]:
+    """How the evaluated model ran: "compacted", "dense", or the count of layers per form ("3 csr, 2 dense")."""
+    if forms is None:
+        return None
+    if not forms or set(forms.values()) == {"dense"}:
+        return "dense"  # no masked layer (a dense model), or all of them dense
+    if set(forms.values()) == {"compacted"}:
+        return "compacted"
+    counts = OrderedDict()
+    for form in sorted(forms.values(), key=lambda f: (f == "dense", f)):
+        counts[form] = counts.get(form, 0) + 1
+    return ", ".join(f"{n} {form}" for form, n in counts.items())
 
 
 def _fmt(value: Any, kind: str = "float") -> str:
@@ -114,13 +131,17 @@ def _labels(rows: List[dict]) -> List[str]:
 def markdown(rows: List[dict], not_run: Mapping[str, str], title: str = "sparsesam report") -> str:
     labels = _labels(rows)
     parts = [f"# {title}", ""]
-    header = ["method", "sparsity %", "clean acc %", "params", "non-zero params", "MACs", "latency ms",
-              "corruption acc %"]
+    # latency ms: the model in the form it was evaluated in (runs as); dense latency ms: the same masks baked
+    # into plain full-size layers.
+    header = ["method", "sparsity %", "clean acc %", "params", "non-zero params", "MACs", "runs as", "latency ms",
+              "dense latency ms", "corruption acc %"]
     body = []
     for label, r in zip(labels, rows):
         body.append([label, _fmt(r["sparsity"], "pct"), _fmt(r["clean_accuracy"], "pct"),
-                     _fmt(r["compacted_parameters"] or r["parameters"], "int"), _fmt(r["compacted_nonzero_parameters"] or r["nonzero_parameters"], "int"),
-                     _fmt(r["compacted_macs"] or r["macs"], "mega"), _fmt(r["latency_ms"], "ms"),
+                     _fmt(r["compacted_parameters"] or r["parameters"], "int"),
+                     _fmt(r["compacted_nonzero_parameters"] or r["nonzero_parameters"], "int"),
+                     _fmt(r["compacted_macs"] or r["macs"], "mega"), _fmt(r.get("runs_as")),
+                     _fmt(r["latency_ms"], "ms"), _fmt(r.get("dense_latency_ms"), "ms"),
                      _fmt(r["mean_corruption_accuracy"], "pct")])
     for name, reason in not_run.items():
         body.append([name] + ["not run"] + ["–"] * (len(header) - 2))

@@ -43,6 +43,10 @@ class TrainingConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     cosine: bool = True  # cosine-anneal each phase's learning rate over its epochs
+    # How the fixed-mask phases (fine-tuning) run their masked layers: "auto" (each layer times dense and the
+    # sparse formats its mask allows on a training batch and keeps the fastest), "dense", "sparse", or a
+    # format's name ("csr", "bsr", "nm"); see sparsesam.nn.set_execution.
+    execution: str = "auto"
 
     def check(self) -> None:
         fraction("target_sparsity", self.target_sparsity)
@@ -51,6 +55,8 @@ class TrainingConfig:
         non_negative("weight_decay", self.weight_decay)
         if not isinstance(self.cosine, bool):
             raise TypeError(f"cosine must be a bool, got {type(self.cosine).__name__}")
+        from ..nn import executions  # the formats registered now
+        choice("execution", self.execution, executions())
 
     def __post_init__(self) -> None:
         self.check()

@@ -21,7 +21,14 @@
    are ranked together (coupled_channel_groups), and the pruned channels
    are gated (gate_pruned_channels) so that the masked model computes what
    the physically smaller one computes.
-3. *Fine-tuning* with uniform ASAM (one radius) on the pruned network.
+3. *Fine-tuning* with uniform ASAM (one radius) on the pruned network,
+   which is first compacted in place: the fine-tuning trains the physically
+   smaller model (torch-pruning through compact_channels; see
+   _compacted.py), whose gradients are the gated masked model's up to float
+   rounding. A resumed run rebuilds that structure from the kept channel
+   indices saved in the checkpoint. At the end the trained small model is
+   put back into the original architecture, masked and gated (removed
+   channels hold zeros), which is what fit() returns.
 
 No official implementation was found (searched by name and title); the
 formula and defaults are the paper's. asam_prune (asam_prune.py) is this
@@ -30,7 +37,8 @@ algorithm with one radius for every channel: its control.
 target_sparsity is the fraction of output channels removed from the
 prunable layers (all masked layers but the classifier). The result's
 compact_model is the physically smaller plain model (compact_channels);
-the summary reports its parameters and MACs.
+the summary reports its parameters and MACs ("trained_compacted": the sizes
+of the model the fine-tuning trained).
 """
 from __future__ import annotations
 
@@ -129,6 +137,9 @@ class AdaSAP(Algorithm):
 
     def phases(self):
         return [("adaptive", self.config.adaptive_epochs), ("finetune", self.config.finetune_epochs)]
+
+    def _compacts(self, phase):
+        return phase == "finetune"
 
     # ----------------------------------------------------------- structure
     def _gate(self, model: nn.Module, loader) -> None:

@@ -8,11 +8,29 @@ continue exactly where it stopped: the model's and optimizer's state dicts,
 the algorithm's own state, the phase and epoch counters, the history and
 the random number generators (torch's, CUDA's and the train loader's).
 
+What runs where. A phase whose masks no longer change (``fixed_mask_phases``,
+the fine-tuning of every algorithm) runs its masked layers in the form the
+config's ``execution`` asks for ("auto" by default: each layer times dense
+and the sparse formats its mask allows on a training batch and keeps the
+fastest; "dense"; "sparse"; a format's name), settled after the phase's
+transition and before its optimizer is built. A phase that fine-tunes a
+channel-pruned model (``_compacts(phase)``) trains the physically smaller
+model (see _compacted.py) and is expanded back into the original,
+masked and gated architecture at the end of the run. The other phases
+(dense training, score / mask search) run dense: their masks change at
+every step. fit() returns the model in dense masked form (convert it with
+set_execution for deployment); ``summary["execution"]`` holds the form
+every layer ran in during each fixed-mask phase.
+
 Resuming rebuilds the model's *structure* for the saved phase (layers
 swapped for masked ones, scores attached, gates on) with
 ``_restructure(phase)`` -- no data-dependent value is computed there --
-then loads the saved values, so a run interrupted after epoch k and resumed
-ends with the same bits as one that never stopped.
+after loading the algorithm's own state (so the structure may depend on
+it), rebuilds the compacted structure from the saved channel indices,
+loads the saved values (always saved in dense form), converts each layer
+to the form it was saved in, and only then builds the optimizer; so a run
+interrupted after epoch k and resumed ends with the same bits as one that
+never stopped.
 
 A checkpoint is duck-typed: ``load() -> Optional[dict]`` and
 ``save(state: dict)``; sparsesam.checkpoint.Checkpointer writes it to disk
@@ -31,10 +49,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..nn import set_execution
 from ..training import evaluate
+from . import _compacted, _execution
 from ._config import check_config
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the layers' execution forms and the compaction record are part of the state
 
 
 @dataclass
@@ -135,11 +155,19 @@ class Algorithm(ABC):
     * ``_train_epoch(phase, epoch, model, loader, optimizer, bar) -> dict``
       of mean loss, accuracy and anything else worth a history column;
     * ``_sparsity(model) -> float`` and ``_summary(model, loader) -> dict``;
-    * optionally ``_state() / _load_state(dict)`` for their own counters.
+    * optionally ``_state() / _load_state(dict)`` for their own counters;
+    * optionally ``fixed_mask_phases`` (the phases whose masks do not change,
+      which run in ``config.execution``) and ``_compacts(phase)`` (the phase
+      trains the compacted model of a channel-pruned one).
     """
 
     config_type: type = object
     name: str = "algorithm"
+    fixed_mask_phases: Tuple[str, ...] = ("finetune",)
+
+    def _compacts(self, phase: str) -> bool:
+        """Whether ``phase`` trains the physically compacted model (channel pruning); default: no."""
+        return False
 
     def __init__(self, config=None) -> None:
         if config is None:
@@ -203,6 +231,9 @@ class Algorithm(ABC):
         names = [name for name, _ in phases]
         history: List[Dict[str, Any]] = []
         saved = checkpoint.load() if checkpoint is not None else None
+        self._compaction: Optional[Dict[str, Any]] = None  # the compacted phase's record (see _compacted.py)
+        self._phase_sparsity: Optional[float] = None       # a fixed-mask phase's sparsity, measured once
+        self._forms: Dict[str, Dict[str, str]] = {}         # the layers' forms in each fixed-mask phase
         optimizer, base_lrs = None, []
         if saved is None:
             torch.manual_seed(self.config.seed)
@@ -215,12 +246,19 @@ class Algorithm(ABC):
             if saved.get("config") != asdict(self.config):
                 raise ValueError("checkpoint was written with a different config")
             start_phase = names.index(saved["phase"])
+            self._load_state(saved["algorithm_state"])
             self._restructure(saved["phase"], model, train_loader)
+            self._compaction = saved["compaction"]
+            if self._compaction is not None:
+                _compacted.rebuild_compact(model, self._compaction, example_input(train_loader).to(model_device(model)))
             model.load_state_dict(saved["model"])
+            self._phase_sparsity = self._fixed_sparsity(saved["phase"], model)
+            if saved["forms"] is not None:
+                _execution.restore_forms(model, saved["forms"])
+                self._forms[saved["phase"]] = dict(saved["forms"])
             optimizer, base_lrs = self._optimizer(saved["phase"], model)
             optimizer.load_state_dict(saved["optimizer"])
             self.step = int(saved["step"])
-            self._load_state(saved["algorithm_state"])
             history = [dict(record) for record in saved["history"]]
             _set_rng_state(train_loader, saved["rng"])
             start_epoch = int(saved["epoch"]) + 1
@@ -229,6 +267,7 @@ class Algorithm(ABC):
             phase, epochs = phases[index]
             if index > start_phase or saved is None:
                 self._enter(phase, model, train_loader)
+                self._settle(phase, epochs, model, train_loader)
                 optimizer, base_lrs = self._optimizer(phase, model)
                 first = 0
             else:
@@ -243,8 +282,9 @@ class Algorithm(ABC):
                                               _Batches(bar, model_device(model)))
                 finally:
                     bar.close()
+                sparsity = self._phase_sparsity if self._phase_sparsity is not None else self._sparsity(model)
                 record = {"phase": phase, "epoch": epoch, **{k: float(v) for k, v in stats.items()},
-                          "lr": float(optimizer.param_groups[0]["lr"]), "sparsity": float(self._sparsity(model))}
+                          "lr": float(optimizer.param_groups[0]["lr"]), "sparsity": float(sparsity)}
                 if val_loader is not None:
                     val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
                     record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
@@ -254,15 +294,58 @@ class Algorithm(ABC):
                     checkpoint.save({
                         "algorithm": self.name, "version": STATE_VERSION, "config": asdict(self.config),
                         "phase": phase, "epoch": epoch, "step": self.step,
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "model": _execution.dense_state(model), "optimizer": optimizer.state_dict(),
+                        "forms": self._forms.get(phase), "compaction": self._compaction,
                         "algorithm_state": self._state(), "history": [dict(r) for r in history],
                         "rng": _rng_state(train_loader),
                     })
 
+        trained_compacted = self._expand(model, train_loader)
+        # The result is the masked model in dense form whatever its phases ran in: what the pruning tools,
+        # exports and summaries read (weights and masks), independent of timing decisions; the forms the
+        # phases ran in are in summary["execution"]; set_execution converts it again for deployment.
+        set_execution(model, "dense")
         summary, compact = self._summary(model, train_loader)
         summary = {"algorithm": self.name, "target_sparsity": self.config.target_sparsity,
-                   "sparsity": float(self._sparsity(model)), "epochs": len(history), **summary}
+                   "sparsity": float(self._sparsity(model)), "epochs": len(history), **summary,
+                   "execution": {phase: dict(forms) for phase, forms in self._forms.items()}}
+        if trained_compacted is not None:
+            summary["trained_compacted"] = {k: trained_compacted[k] for k in
+                                            ("params_before", "params_after", "macs_before", "macs_after")}
         if val_loader is not None:
             val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
             summary.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         return FitResult(model, history, summary, compact)
+
+    # ------------------------------------------------------- what runs where
+    def _fixed_sparsity(self, phase: str, model: nn.Module) -> Optional[float]:
+        """The sparsity of a phase whose masks do not change, measured once on the dense form."""
+        if self._compaction is not None:
+            return float(self._compaction["sparsity"])
+        if phase in self.fixed_mask_phases:
+            return float(self._sparsity(model))
+        return None
+
+    def _expand(self, model: nn.Module, loader: DataLoader) -> Optional[Dict[str, Any]]:
+        """Put a compacted model back into its masked, gated architecture; returns the compaction record."""
+        record, self._compaction = self._compaction, None
+        if record is not None:
+            _compacted.expand_in_place(model, record, example_input(loader).to(model_device(model)))
+        return record
+
+    def _settle(self, phase: str, epochs: int, model: nn.Module, loader: DataLoader) -> None:
+        """After ``phase``'s transition: compact the model if the phase trains it compacted, and put the
+        fixed-mask layers in ``config.execution`` form (before the optimizer is built). A phase of no epochs
+        trains nothing: the model stays as its transition left it."""
+        self._expand(model, loader)
+        self._phase_sparsity = None
+        if epochs == 0:
+            return
+        if self._compacts(phase):
+            sparsity = float(self._sparsity(model))
+            self._compaction = _compacted.compact_in_place(model, example_input(loader).to(model_device(model)))
+            self._compaction["sparsity"] = sparsity
+        self._phase_sparsity = self._fixed_sparsity(phase, model)
+        if phase in self.fixed_mask_phases:
+            example = _execution.example_batch(loader).to(model_device(model))
+            self._forms[phase] = _execution.settle_execution(model, self.config.execution, example)

@@ -3,7 +3,11 @@
 granularity="unstructured" (the default): one global threshold on |w|.
 granularity="channel": ``target_sparsity`` of the output channels removed
 by L2 norm, exactly as AdaSAP prunes (see _channels.py): the
-"magnitude + fine-tune" baseline of structured pruning.
+"magnitude + fine-tune" baseline of structured pruning; it fine-tunes the
+compacted model, as AdaSAP does (see _compacted.py).
+
+Fine-tuning runs its masked layers in ``execution`` form (default "auto":
+sparse where measured faster); see base.py.
 
 loss: the fine-tuning loss, "clean" or an adversarial one ("pgd_at",
 "trades", "mart" with eps / attack_steps / beta): magnitude pruning with
@@ -70,6 +74,9 @@ class Magnitude(Algorithm):
 
     def phases(self):
         return [("finetune", self.config.finetune_epochs)]
+
+    def _compacts(self, phase):
+        return self.structured  # channel granularity fine-tunes the physically smaller model
 
     def _restructure(self, phase, model, loader):
         sparsify(model)

@@ -59,6 +59,9 @@ class SamPrune(Algorithm):
     def structured(self) -> bool:
         return self.config.granularity == "channel"
 
+    def _compacts(self, phase):
+        return phase == "finetune" and self.structured  # fine-tune the compacted model, as AdaSAP does
+
     def _restructure(self, phase, model, loader):
         sparsify(model)
         if phase == "finetune" and self.structured:

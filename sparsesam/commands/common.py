@@ -163,3 +163,43 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# --- Execution: the form a fixed-mask model runs in (sparsesam.nn.set_execution) ---------------------------
+
+EXECUTION_HELP = ("how masked layers run: 'auto' (each layer times dense and the sparse formats its mask "
+                  "allows and keeps the fastest), 'dense', 'sparse', or a format's name ({formats})")
+
+
+def execution_choices() -> Tuple[str, ...]:
+    from ..nn import executions
+    return executions()
+
+
+def add_execution_argument(parser: argparse.ArgumentParser, default: Optional[str], what: str) -> None:
+    """``--execution``: checked when the command runs (a bad value is one ConfigError line, exit 2)."""
+    formats = ", ".join(c for c in execution_choices() if c not in ("auto", "dense", "sparse"))
+    parser.add_argument("--execution", default=default, metavar="FORM",
+                        help=f"{what}: {EXECUTION_HELP.format(formats=formats)}"
+                             + (f" (default {default})" if default else ""))
+
+
+def check_execution(value: Optional[str]) -> Optional[str]:
+    if value is not None and value not in execution_choices():
+        raise ConfigError(f"--execution must be one of {list(execution_choices())}, got {value!r}")
+    return value
+
+
+def example_batch(dataset, batch_size: int) -> torch.Tensor:
+    """The first ``batch_size`` inputs of ``dataset``: what "auto" times the layers' forms on."""
+    from ..algorithms._execution import first_inputs
+    return first_inputs(dataset, batch_size)
+
+
+def in_execution(model: nn.Module, execution: str, example: torch.Tensor) -> Dict[str, str]:
+    """Convert ``model`` (in place) for evaluation in ``execution`` form ("auto": timed on ``example``,
+    forward only, in eval mode); returns ``{layer: form}``. Layers whose channel gates read their mask
+    at every forward stay dense (evaluate a structured model through its compacted form instead)."""
+    from ..algorithms._execution import layer_forms, settle_execution
+    settle_execution(model, execution, example, train=False)
+    return layer_forms(model)

@@ -5,6 +5,11 @@ one epoch per algorithm phase, robustness measured on a few hundred test
 images) are chosen to finish in about ten minutes on two CPU cores; every
 budget is a flag. A method whose algorithm is not in the registry is
 reported as not run: nothing is filled in for it.
+
+``--execution`` (default "auto") is both the algorithms' fine-tuning form
+and the evaluations': the table shows the form each model runs in (its
+masked layers' forms, or "compacted" for AdaSAP) with its latency in that
+form next to the latency of its dense form, measured in turns.
 """
 from __future__ import annotations
 
@@ -21,8 +26,8 @@ from torch.utils.data import DataLoader, Subset
 from ..checkpoint import Checkpointer
 from ..training import evaluate
 from .. import reporting
-from .common import (ConfigError, build_from_spec, check_fraction, dataset_key, echo_config, load_data, make_loaders,
-                     model_spec, prepare_out, seed_everything, write_json)
+from .common import (ConfigError, add_execution_argument, build_from_spec, check_fraction, dataset_key, echo_config,
+                     load_data, make_loaders, model_spec, prepare_out, seed_everything, write_json)
 from .evaluate import add_robustness_arguments, check_eval_arguments, evaluate_model, normalize_robustness_arguments
 from .export import load_model_folder, save_model_folder
 from .prune import PRUNE_CHECKPOINT, parse_settings, prune_model
@@ -118,7 +123,7 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
         os.makedirs(folder, exist_ok=True)
         algorithm = registry[method]
         defaults = {name: args.algo_epochs for name in epoch_fields(algorithm)}
-        defaults.update(seed=args.seed, attack_steps=args.algo_attack_steps)
+        defaults.update(seed=args.seed, attack_steps=args.algo_attack_steps, execution=args.execution)
         defaults.update({k: v for k, v in settings.items()})
         try:
             # AdaSAP prunes whole channels: 90% of the channels is not the
@@ -191,6 +196,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         help="set a config field of every algorithm that has it (repeatable)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_execution_argument(parser, "auto", "the algorithms' fine-tuning and every evaluation (AdaSAP's model "
+                                           "fine-tunes and runs compacted)")
     add_optimizer_arguments(parser, epochs=2, what="training of the starting model")
     add_robustness_arguments(parser, examples=200)
     # Headline robustness on small subsets: one severity of five corruptions, PGD at one eps, smoothing and

@@ -1,5 +1,12 @@
 """``sparsesam eval``: clean accuracy, size, CPU latency and robustness of an exported model.
 
+The model runs in the form ``--execution`` asks for (default "auto": each
+masked layer is timed dense and in the sparse formats its mask allows, on a
+test batch, and keeps the fastest); a structured model runs as its
+compacted model (physically smaller, dense). Latency is measured in that
+form and in the dense form (masks baked into plain layers, full size), so
+the table shows what sparsity buys.
+
 Robustness (each switchable, each on a configurable subset of the test set
 so the whole evaluation fits a small budget): mean accuracy under common
 corruptions, PGD accuracy against eps, randomized-smoothing certified
@@ -20,7 +27,8 @@ from torch.utils.data import DataLoader, Subset
 
 from .. import robust
 from ..training import evaluate
-from .common import (ConfigError, dataset_key, echo_config, load_data, prepare_out, seed_everything, write_json)
+from .common import (ConfigError, add_execution_argument, check_execution, dataset_key, echo_config, example_batch,
+                     in_execution, load_data, prepare_out, seed_everything, write_json)
 from .export import example_input, load_compacted, load_model_folder, plain_model
 
 RESULT = "eval.json"
@@ -71,19 +79,41 @@ def size_and_ops(model: nn.Module, spec: Dict[str, Any], compacted: Optional[nn.
 
 
 @torch.no_grad()
-def cpu_latency(model: nn.Module, spec: Dict[str, Any], batch_size: int, repeats: int, warmup: int = 2) -> Dict[str, Any]:
-    """Median (and spread) wall time of a forward pass on a batch of ``batch_size`` random images, on the CPU."""
-    model = model.eval()
+def cpu_latencies(models: Dict[str, nn.Module], spec: Dict[str, Any], batch_size: int, repeats: int,
+                  warmup: int = 2) -> Dict[str, Dict[str, Any]]:
+    """Median (and spread) wall time of a forward pass of each model on one batch of ``batch_size`` random
+    images, on the CPU; the models take turns (A B A B ...) so that load on a shared machine hits all alike."""
+    for model in models.values():
+        model.eval()
     x = torch.rand(batch_size, spec["in_channels"], spec["image_size"], spec["image_size"])
     for _ in range(warmup):
-        model(x)
-    times = []
+        for model in models.values():
+            model(x)
+    times: Dict[str, List[float]] = {name: [] for name in models}
     for _ in range(repeats):
-        began = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - began)
-    return {"batch_size": batch_size, "repeats": repeats, "threads": torch.get_num_threads(),
-            "median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times), "max_ms": 1000 * max(times)}
+        for name, model in models.items():
+            began = time.perf_counter()
+            model(x)
+            times[name].append(time.perf_counter() - began)
+    return {name: {"batch_size": batch_size, "repeats": repeats, "threads": torch.get_num_threads(),
+                   "median_ms": 1000 * statistics.median(t), "min_ms": 1000 * min(t), "max_ms": 1000 * max(t)}
+            for name, t in times.items()}
+
+
+def cpu_latency(model: nn.Module, spec: Dict[str, Any], batch_size: int, repeats: int, warmup: int = 2) -> Dict[str, Any]:
+    """Median (and spread) wall time of a forward pass on a batch of ``batch_size`` random images, on the CPU."""
+    return cpu_latencies({"model": model}, spec, batch_size, repeats, warmup)["model"]
+
+
+def latency_as_run_and_dense(model: nn.Module, dense: nn.Module, spec: Dict[str, Any], batch_size: int,
+                             repeats: int) -> Dict[str, Any]:
+    """``{"latency": the model as it runs, "latency_dense": the dense form}``, measured in turns (one
+    measurement where the model runs dense anyway)."""
+    if model is dense:
+        latency = cpu_latency(model, spec, batch_size, repeats)
+        return {"latency": latency, "latency_dense": latency}
+    both = cpu_latencies({"as_run": model, "dense": dense}, spec, batch_size, repeats)
+    return {"latency": both["as_run"], "latency_dense": both["dense"]}
 
 
 def _subset_loader(dataset, count: Optional[int], batch_size: int) -> DataLoader:
@@ -92,7 +122,19 @@ def _subset_loader(dataset, count: Optional[int], batch_size: int) -> DataLoader
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
+def runnable(model: nn.Module, compacted: Optional[nn.Module], execution: str,
+             example: torch.Tensor) -> "tuple[nn.Module, Dict[str, str]]":
+    """The model to evaluate and its layers' forms: a structured model's compacted model (all "compacted"),
+    or ``model`` converted in place to ``execution`` form."""
+    if compacted is not None:
+        return compacted.eval(), {"*": "compacted"}
+    model.eval()
+    forms = in_execution(model, execution, example)
+    return model.eval(), forms
+
+
 def check_eval_arguments(args: argparse.Namespace) -> None:
+    check_execution(getattr(args, "execution", None))
     for name in args.corruptions:
         if name not in robust.CORRUPTIONS:
             raise ConfigError(f"unknown corruption {name!r}; choose from {list(robust.CORRUPTIONS)}")
@@ -119,16 +161,20 @@ def evaluate_model(model: nn.Module, info: Dict[str, Any], test, args: argparse.
     """Every enabled measurement of ``model`` on ``test`` (a dataset of images in [0, 1])."""
     spec = info["spec"]
     progress = args.progress
+    execution = getattr(args, "execution", None) or "auto"
     result: Dict[str, Any] = {"name": args.name or info.get("algorithm") or "dense",
                               "algorithm": info.get("algorithm"), "model": spec["model"], "dataset": spec["dataset"],
                               "sparsity": info.get("sparsity", 0.0), "target_sparsity": info.get("target_sparsity"),
                               "test_examples": len(test)}
+    result.update(size_and_ops(model, spec, compacted))  # on the dense masked form
+    dense = plain_model(model)  # the masks baked into plain layers: the dense form one would deploy
+    model, forms = runnable(model, compacted, execution, example_batch(test, args.batch_size))
+    result.update(execution=execution, layer_forms=forms)
     clean = evaluate(model, _subset_loader(test, None, args.batch_size), desc="clean", progress=progress)
     result.update(clean_accuracy=clean["accuracy"], clean_loss=clean["loss"])
-    result.update(size_and_ops(model, spec, compacted))
-    # Latency of what one would deploy: the compacted model, or the masks baked into plain layers.
-    deployed = compacted if compacted is not None else plain_model(model)
-    result["latency"] = cpu_latency(deployed, spec, args.latency_batch, args.latency_repeats)
+    differs = compacted is not None or any(form != "dense" for form in forms.values())
+    result.update(latency_as_run_and_dense(model, dense if differs else model, spec, args.latency_batch,
+                                           args.latency_repeats))
     if args.corruptions and args.severities:
         loader = _subset_loader(test, args.corruption_examples, args.batch_size)
         out = robust.evaluate_corruptions(model, loader, corruptions=args.corruptions, severities=args.severities,
@@ -225,6 +271,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_positive_int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_execution_argument(parser, "auto", "the form every evaluation runs the model in (a structured model runs "
+                                           "compacted)")
     add_robustness_arguments(parser)
     parser.set_defaults(func=_run_eval_normalized)
     return parser

@@ -64,7 +64,10 @@ def _gated_layers(model: nn.Module) -> List[str]:
 
 @torch.no_grad()
 def canonical_copy(model: nn.Module, spec: Dict[str, Any]) -> nn.Module:
-    """A freshly built model of ``spec`` holding ``model``'s function: its weights, binary masks, gates."""
+    """A freshly built model of ``spec`` holding ``model``'s function: its weights, binary masks, gates
+    (a model with layers in sparse form is read through its dense form)."""
+    from ..algorithms._execution import dense_view
+    model = dense_view(model)
     masked = [name for name, _ in masked_layers(model)]
     fresh = build_from_spec(spec)
     if masked:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
+import textwrap
 import time
 from typing import Any, Dict, Optional
 
@@ -11,13 +13,40 @@ from torch import nn
 
 from ..checkpoint import Checkpointer
 from ..training import evaluate
-from .common import (ConfigError, build_from_spec, check_fraction, check_model_name, dataset_key, echo_config,
-                     jsonable, load_data, make_loaders, model_spec, prepare_out, seed_everything, write_json)
+from .common import (ConfigError, add_execution_argument, build_from_spec, check_execution, check_fraction,
+                     check_model_name, dataset_key, echo_config, example_batch, jsonable, load_data, make_loaders,
+                     model_spec, prepare_out, seed_everything, write_json)
+from .evaluate import runnable
 from .export import load_model_folder, save_model_folder
 from .registry import algorithm_registry, build_config, get_algorithm
 from .train import (add_data_arguments, add_model_arguments, add_optimizer_arguments, check_optimizer_arguments,
                     fit_dense)
 
+# One line per algorithm for --help: what it does and what runs where.
+ALGORITHM_HELP = {
+    "magnitude": "global |w| threshold (or L2 channels with granularity=channel), then fine-tuning with the "
+                 "mask fixed (sparse / compacted)",
+    "hydra": "score masks learnt with frozen weights, one uniform rate per layer (dense search), then "
+             "fine-tuning with the mask fixed (sparse)",
+    "harp": "HYDRA's score masks plus learnt per-layer rates under a hardware loss (dense search), then "
+            "fine-tuning with the mask fixed (sparse)",
+    "csam": "sharpness-aware soft masks in mask space (dense), binarised to the target, then fine-tuning "
+            "(sparse)",
+    "sam_prune": "SAM training of the dense model, magnitude pruning, then SAM fine-tuning (sparse / compacted)",
+    "adasap": "ASAM with per-channel radii from channel scores (dense), channel pruning, then uniform-ASAM "
+              "fine-tuning of the compacted model",
+    "asam_prune": "uniform ASAM training of the dense model (AdaSAP's control), then AdaSAP's pruning and "
+                  "fine-tuning",
+}
+
+
+def algorithm_lines() -> Dict[str, str]:
+    """``{name: one line}`` for every algorithm the CLI can run (a line-less one: its class docstring's first line)."""
+    lines = {}
+    for name, algorithm in algorithm_registry().items():
+        doc = (algorithm.__doc__ or "").strip().splitlines()
+        lines[name] = ALGORITHM_HELP.get(name) or (doc[0] if doc else "")
+    return lines
 PRETRAIN_CHECKPOINT = "pretrain_checkpoint.pt"
 PRUNE_CHECKPOINT = "prune_checkpoint.pt"
 RESULT = "prune.json"
@@ -50,9 +79,22 @@ def compacted_model(algorithm: Any, result: Any) -> Optional[nn.Module]:
     return None
 
 
+def with_execution(config: Any, execution: Optional[str]) -> Any:
+    """``config`` with its ``execution`` field set (an algorithm config without one is left as it is)."""
+    if execution is None or not any(f.name == "execution" for f in dataclasses.fields(config)):
+        return config
+    try:
+        return dataclasses.replace(config, execution=execution)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{type(config).__name__}: {error}") from error
+
+
 def prune_model(model: nn.Module, spec: Dict[str, Any], algorithm_name: str, config: Any, train_loader, test_loader,
                 out: str, *, progress: bool, registry=None, extra: Optional[Dict[str, Any]] = None) -> dict:
-    """Run ``algorithm.fit`` (resumable through ``out/prune_checkpoint.pt``), export the model, write prune.json."""
+    """Run ``algorithm.fit`` (resumable through ``out/prune_checkpoint.pt``), export the model, write prune.json.
+
+    The test accuracy is measured with the model in the config's ``execution`` form ("auto" if it has none)
+    or, for a structured algorithm, on its compacted model."""
     algorithm = get_algorithm(algorithm_name, registry)(config)
     checkpointer = Checkpointer(os.path.join(out, PRUNE_CHECKPOINT))
     began = time.perf_counter()
@@ -63,13 +105,17 @@ def prune_model(model: nn.Module, spec: Dict[str, Any], algorithm_name: str, con
     info = save_model_folder(pruned, spec, out, compacted=compacted,
                              extra={"stage": "prune", "algorithm": algorithm_name,
                                     "target_sparsity": getattr(config, "target_sparsity", None)})
-    test = evaluate(pruned, test_loader, desc="test", progress=progress)
+    execution = getattr(config, "execution", "auto")
+    runnable_model, forms = runnable(copy.deepcopy(pruned), compacted, execution,
+                                     example_batch(test_loader.dataset, test_loader.batch_size or 1))
+    test = evaluate(runnable_model, test_loader, desc="test", progress=progress)
     summary = {k: v for k, v in dict(getattr(result, "summary", {}) or {}).items() if not isinstance(v, nn.Module)}
     report = {"command": "prune", "algorithm": algorithm_name, "config": dataclasses.asdict(config),
               "target_sparsity": getattr(config, "target_sparsity", None), "sparsity": info["sparsity"],
               "test_accuracy": test["accuracy"], "test_loss": test["loss"], "fit_seconds": seconds,
               "history": list(getattr(result, "history", []) or []), "summary": summary,
-              "compacted_parameters": (info["compacted"] or {}).get("parameters"), **(extra or {})}
+              "compacted_parameters": (info["compacted"] or {}).get("parameters"), "execution": execution,
+              "layer_forms": forms, **(extra or {})}
     write_json(os.path.join(out, RESULT), report)
     checkpointer.remove()
     return report
@@ -79,7 +125,9 @@ def run_prune(args: argparse.Namespace, registry=None) -> dict:
     check_fraction("--sparsity", args.sparsity)
     registry = algorithm_registry() if registry is None else registry
     algorithm = get_algorithm(args.algorithm, registry)
-    config = build_config(algorithm, args.sparsity, parse_settings(args.set), defaults={"seed": args.seed})
+    check_execution(args.execution)
+    config = with_execution(build_config(algorithm, args.sparsity, parse_settings(args.set),
+                                         defaults={"seed": args.seed}), args.execution)
     args.dataset = dataset_key(args.dataset)
     check_optimizer_arguments(args)
     if args.source is None:
@@ -119,9 +167,19 @@ def run_prune(args: argparse.Namespace, registry=None) -> dict:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    parser = sub.add_parser("prune", help="prune a model with adasap, harp, csam, magnitude, hydra or sam_prune")
-    parser.add_argument("--algorithm", required=True, help="a name of sparsesam.algorithms.ALGORITHMS")
-    parser.add_argument("--sparsity", type=float, default=0.9, help="target fraction of pruned weights, in [0, 1)")
+    lines = algorithm_lines()
+    parser = sub.add_parser("prune", help="prune a model with " + ", ".join(lines),
+                            description="Sparsify a model with one algorithm.\n\nalgorithms:\n" + "\n".join(
+                                textwrap.fill(line, 100, initial_indent=f"  {name:<11}", subsequent_indent=" " * 13)
+                                for name, line in lines.items()),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algorithm", required=True, metavar="NAME",
+                        help="one of: " + ", ".join(lines) + " (see above)")
+    parser.add_argument("--sparsity", type=float, default=0.9,
+                        help="target fraction pruned, in [0, 1): of the prunable layers' WEIGHTS for magnitude, "
+                             "hydra, harp, csam and sam_prune (granularity=unstructured, the default; nm: 1 - n/m); "
+                             "of their OUTPUT CHANNELS for adasap and for granularity=channel (--set "
+                             "granularity=channel on magnitude, sam_prune, hydra, harp)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="set a field of the algorithm's config (repeatable), e.g. --set finetune_epochs=2")
     parser.add_argument("--from", dest="source", default=None,
@@ -133,5 +191,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                                     "are --set fields)")
     parser.add_argument("--out", required=True, help="output folder (model, sparsity.json, prune.json, config.json)")
     parser.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
+    add_execution_argument(parser, None, "the fixed-mask phases (fine-tuning) and the final test evaluation; "
+                                         "overrides the config's 'execution' field (default auto)")
     parser.set_defaults(func=run_prune)
     return parser

@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import Checkpointer
 from ..training import evaluate
-from .common import (ConfigError, build_from_spec, load_data, make_loaders, model_spec, prepare_out, read_json,
-                     seed_everything, write_json)
+from .common import (ConfigError, add_execution_argument, build_from_spec, check_execution, load_data, make_loaders,
+                     model_spec, prepare_out, read_json, seed_everything, write_json)
 from .evaluate import evaluate_model
 from .export import load_compacted, load_model_folder, save_model_folder
-from .prune import prune_model
+from .prune import prune_model, with_execution
 from .registry import algorithm_registry, get_algorithm
 from .reproduce_plan import COMPARISONS, BUDGETS, check_budgets, method_config, resolve_budgets
 from .reproduce_report import write_study_report
@@ -89,12 +89,12 @@ def _eval_namespace(args: argparse.Namespace, measures, name: str) -> argparse.N
         smoothing="smoothing" in measures, sigma=b.sigma, smoothing_n0=b.smoothing_n0, smoothing_n=b.smoothing_n,
         alpha=b.alpha, radii=list(b.radii), smoothing_examples=b.smoothing_examples, smoothing_batch=500,
         cc_cert="cc_cert" in measures, cc_transforms=list(b.cc_transforms), cc_eps=list(b.cc_eps),
-        cc_samples=b.cc_samples, cc_examples=b.cc_examples)
+        cc_samples=b.cc_samples, cc_examples=b.cc_examples, execution=b.execution)
 
 
 def _compact_record(evaluation: Dict[str, Any]) -> Dict[str, Any]:
     """The evaluation without per-example data (kept in the run folder's eval.json)."""
-    record = {k: v for k, v in evaluation.items() if k not in ("smoothing", "cc_cert", "latency")}
+    record = {k: v for k, v in evaluation.items() if k not in ("smoothing", "cc_cert", "latency", "latency_dense")}
     if "smoothing" in evaluation:
         s = evaluation["smoothing"]
         record["smoothing"] = {**s["curve"], "n0": s["n0"], "n": s["n"], "alpha": s["alpha"],
@@ -134,7 +134,8 @@ def _one_run(args, registry, comparison, method: str, sparsity: float, seed: int
              algo_set, test, folder: str) -> Dict[str, Any]:
     os.makedirs(folder, exist_ok=True)
     algorithm = get_algorithm(method, registry)
-    config = method_config(comparison, method, sparsity, algorithm, seed, vars(args))
+    config = with_execution(method_config(comparison, method, sparsity, algorithm, seed, vars(args)),
+                            args.execution)
     began, cpu_began = time.perf_counter(), time.process_time()
     if not os.path.isfile(os.path.join(folder, "prune.json")):
         seed_everything(seed)
@@ -163,6 +164,7 @@ def _one_run(args, registry, comparison, method: str, sparsity: float, seed: int
 
 def run_reproduce(args: argparse.Namespace, registry=None) -> dict:
     began = time.perf_counter()
+    check_execution(args.execution)
     budgets = resolve_budgets(args)
     check_budgets(budgets)
     check_optimizer_arguments(args)
@@ -298,5 +300,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     budgets.add_argument("--cc-transforms", type=_names, default=None)
     budgets.add_argument("--cc-eps", type=_floats, default=None)
     add_optimizer_arguments(parser, epochs=None, what="training of each seed's starting model")
+    add_execution_argument(parser, "auto", "the algorithms' fixed-mask phases and every evaluation (not a budget: "
+                                           "a rerun may change it)")
     parser.set_defaults(func=run_reproduce)
     return parser

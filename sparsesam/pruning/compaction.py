@@ -58,6 +58,10 @@ class CompactionReport:
     macs_after: float
     channels_removed: Dict[str, int] = field(default_factory=dict)
     max_abs_diff: Optional[float] = None
+    # {module name: {"0": kept output-channel indices, "1": kept input-channel indices}} (original numbering)
+    # for every conv / linear / BatchNorm that lost channels: enough to rebuild the small model by slicing
+    # (sparsesam.algorithms._compacted) without tracing it again.
+    kept: Dict[str, Dict[str, List[int]]] = field(default_factory=dict)
 
     @property
     def param_ratio(self) -> float:
@@ -170,6 +174,33 @@ def _removable(graph, group, candidates: List[int], protected) -> List[int]:
     return [c for c in candidates if c not in alive]
 
 
+def _record_kept(kept: Dict[str, Dict[str, List[int]]], name: Optional[str], module: nn.Module, graph, item,
+                 seen: set) -> None:
+    """Remove ``item.idxs`` (positions in the module as it is now) from ``kept[name]``'s index lists
+    (once per module and dimension in a group: ``seen``)."""
+    if name is None or not isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+        return  # parameters of other kinds hold no channel dimension we rebuild
+    out_fn = graph.is_out_channel_pruning_fn(item.dep.handler)
+    in_fn = graph.is_in_channel_pruning_fn(item.dep.handler)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) or (isinstance(module, nn.Conv2d) and module.groups > 1):
+        dims = ["0"]  # BatchNorm, depthwise conv: in and out channels are one dimension
+    elif out_fn and not in_fn:
+        dims = ["0"]
+    elif in_fn and not out_fn:
+        dims = ["1"]
+    else:
+        return
+    entry = kept.setdefault(name, {})
+    size = {"0": module.weight.shape[0], "1": module.weight.shape[1] if module.weight.dim() > 1 else 0}
+    for dim in dims:
+        if (name, dim) in seen:
+            continue
+        seen.add((name, dim))
+        current = entry.setdefault(dim, list(range(size[dim])))
+        drop = set(int(i) for i in item.idxs)
+        entry[dim] = [index for position, index in enumerate(current) if position not in drop]
+
+
 @torch.no_grad()
 def compact_channels(model: nn.Module, example_inputs, protect: Iterable[str] = (),
                      check: bool = True) -> "tuple[nn.Module, CompactionReport]":
@@ -197,6 +228,7 @@ def compact_channels(model: nn.Module, example_inputs, protect: Iterable[str] = 
 
     macs_before, params_before = tp.utils.count_ops_and_params(plain, example_inputs)
     removed: Dict[str, int] = {}
+    kept: Dict[str, Dict[str, List[int]]] = {}
     name_of = {module: name for name, module in modules.items()}
     for name, _ in masked_layers(model):
         module = modules[name]
@@ -213,16 +245,19 @@ def compact_channels(model: nn.Module, example_inputs, protect: Iterable[str] = 
         if not idxs:
             continue
         group = graph.get_pruning_group(module, pruner.prune_out_channels, idxs)
+        seen: set = set()
         for item in group.items:
             target = item.dep.target.module
             if isinstance(target, (nn.Conv2d, nn.Linear)) and graph.is_out_channel_pruning_fn(item.dep.handler) \
                     and not graph.is_in_channel_pruning_fn(item.dep.handler):
                 removed[name_of[target]] = removed.get(name_of[target], 0) + len(item.idxs)
+            _record_kept(kept, name_of.get(target), target, graph, item, seen)
         group.prune()
     macs_after, params_after = tp.utils.count_ops_and_params(plain, example_inputs)
     plain.train(model.training)
 
-    report = CompactionReport(int(params_before), int(params_after), float(macs_before), float(macs_after), removed)
+    report = CompactionReport(int(params_before), int(params_after), float(macs_before), float(macs_after), removed,
+                              kept=kept)
     if check:
         was_training = model.training
         model.eval()
