@@ -260,7 +260,8 @@ class PythonGetSubnet(torch.autograd.Function):
         out = torch.zeros_like(flat)
         order = flat.sort(stable=True, descending=True).indices  # ties: the lower index first
         total = flat.numel()
-        kept = kept_count(float(rate), total, granularity)
+        rate_dtype = rate.dtype if isinstance(rate, torch.Tensor) else torch.float64  # GetSubnet: the rate's dtype
+        kept = kept_count(float(rate), total, granularity, rate_dtype)
         out[order[:kept]] = 1
         return out.view_as(abs_scores)
 
@@ -389,3 +390,16 @@ def test_rates_at_the_extremes_still_get_their_gradient():
         (mask * upstream).sum().backward()
         torch.testing.assert_close(rate.grad, upstream.sum())
         scores.grad = None
+
+
+def test_kept_count_rounds_in_the_rates_dtype_as_getsubnet():
+    # intellisec/harp GetSubnet: j = int((1 - k) * numel) with k a float32 tensor, so the product is
+    # float32: for k = float32(0.001) and 1000 weights it is 999.0 (keeps 1), where double gives 998.99..
+    # (keeps 2).
+    rate = torch.tensor(0.001, dtype=torch.float32)
+    official = 1000 - int((1 - rate) * 1000)
+    assert official == 1
+    assert kept_count(float(rate), 1000, "unstructured", torch.float32) == official
+    assert kept_count(float(rate), 1000, "unstructured", torch.float64) == 2
+    mask = score_mask(torch.arange(1.0, 1001.0), rate)
+    assert int(mask.sum()) == official

@@ -231,9 +231,7 @@ class Algorithm(ABC):
         names = [name for name, _ in phases]
         history: List[Dict[str, Any]] = []
         saved = checkpoint.load() if checkpoint is not None else None
-        self._compaction: Optional[Dict[str, Any]] = None  # the compacted phase's record (see _compacted.py)
-        self._phase_sparsity: Optional[float] = None       # a fixed-mask phase's sparsity, measured once
-        self._forms: Dict[str, Dict[str, str]] = {}         # the layers' forms in each fixed-mask phase
+        self._reset_phase_state()
         optimizer, base_lrs = None, []
         if saved is None:
             torch.manual_seed(self.config.seed)
@@ -266,9 +264,7 @@ class Algorithm(ABC):
         for index in range(start_phase, len(phases)):
             phase, epochs = phases[index]
             if index > start_phase or saved is None:
-                self._enter(phase, model, train_loader)
-                self._settle(phase, epochs, model, train_loader)
-                optimizer, base_lrs = self._optimizer(phase, model)
+                optimizer, base_lrs = self.begin_phase(phase, model, train_loader, epochs)
                 first = 0
             else:
                 first = start_epoch
@@ -318,6 +314,26 @@ class Algorithm(ABC):
         return FitResult(model, history, summary, compact)
 
     # ------------------------------------------------------- what runs where
+    def _reset_phase_state(self) -> None:
+        self._compaction: Optional[Dict[str, Any]] = None  # the compacted phase's record (see _compacted.py)
+        self._phase_sparsity: Optional[float] = None       # a fixed-mask phase's sparsity, measured once
+        self._forms: Dict[str, Dict[str, str]] = {}         # the layers' forms in each fixed-mask phase
+
+    def begin_phase(self, phase: str, model: nn.Module, loader: DataLoader,
+                    epochs: int = 1) -> Tuple[torch.optim.Optimizer, List[float]]:
+        """Enter ``phase`` exactly as fit() does: its transition (prune, attach or freeze scores, binarise),
+        then the form its layers train in (compacted, or ``config.execution`` for a fixed mask), then its
+        optimizer, built last; returns (optimizer, base learning rates). fit() calls it at every phase
+        boundary; call it directly to step through one phase by hand (``bench/bench_algorithms.py`` does),
+        entering the phases before it first, in order."""
+        if phase not in [name for name, _ in self.phases()]:
+            raise ValueError(f"phase must be one of {[name for name, _ in self.phases()]}, got {phase!r}")
+        if not hasattr(self, "_forms"):
+            self._reset_phase_state()
+        self._enter(phase, model, loader)
+        self._settle(phase, epochs, model, loader)
+        return self._optimizer(phase, model)
+
     def _fixed_sparsity(self, phase: str, model: nn.Module) -> Optional[float]:
         """The sparsity of a phase whose masks do not change, measured once on the dense form."""
         if self._compaction is not None:

@@ -41,18 +41,23 @@ from .nm import nm_mask
 GRANULARITIES = ("unstructured", "channel", "nm")
 
 
-def kept_count(rate: float, total: int, granularity: str = "unstructured") -> int:
+def kept_count(rate: float, total: int, granularity: str = "unstructured",
+               dtype: torch.dtype = torch.float64) -> int:
     """How many of ``total`` entries (weights, or channels) rate k keeps: GetSubnet's count, at least one.
 
     Weights: ``total - int((1 - k) * total)`` (the sort zeroes the lowest
     ``int((1 - k) * total)``); channels: ``round(k * total)``. GetSubnet can
     keep none (k * total < 0.5 channels); a layer here keeps at least one, so
-    no layer is cut through.
+    no layer is cut through. The arithmetic is done in ``dtype``, the rate's
+    own (HARP's rates are float32 tensors, as in intellisec/harp, where
+    ``(1 - k) * numel`` is a float32 product): in double, a product that
+    float32 rounds across an integer would keep one entry more or less.
     """
+    k = torch.tensor(rate, dtype=dtype)
     if granularity == "channel":
-        kept = round(rate * total)
+        kept = int(torch.round(k * total))
     else:
-        kept = total - int((1.0 - rate) * total)
+        kept = total - int((1 - k) * total)
     return min(total, max(1, kept))
 
 
@@ -82,16 +87,18 @@ def top_k_by_threshold(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_mask(abs_scores: torch.Tensor, rate: Optional[float], granularity: str, n: int, m: int,
-                weight_shape: Sequence[int]) -> torch.Tensor:
-    """The binary mask (the scores' dtype, ``weight_shape``) the forward produces from |s|; no gradient."""
+                weight_shape: Sequence[int], rate_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The binary mask (the scores' dtype, ``weight_shape``) the forward produces from |s|; no gradient.
+
+    rate_dtype: the dtype the rate's kept count is computed in (see kept_count)."""
     if granularity == "nm":
         mask = nm_mask(abs_scores, n, m)
     elif granularity == "channel":
         per_channel = abs_scores.reshape(-1)
-        keep = top_k_by_threshold(per_channel, kept_count(rate, per_channel.numel(), "channel"))
+        keep = top_k_by_threshold(per_channel, kept_count(rate, per_channel.numel(), "channel", rate_dtype))
         mask = keep.view(-1, *([1] * (len(weight_shape) - 1))).expand(*weight_shape)
     else:
-        mask = top_k_by_threshold(abs_scores, kept_count(rate, abs_scores.numel()))
+        mask = top_k_by_threshold(abs_scores, kept_count(rate, abs_scores.numel(), dtype=rate_dtype))
     return mask.to(abs_scores.dtype).contiguous()
 
 
@@ -109,7 +116,8 @@ class ScoreToMask(torch.autograd.Function):
         value = None if rate is None else float(rate)  # one host read of the rate per forward
         if value is not None and not 0.0 < value <= 1.0:
             raise ValueError(f"keep_rate must be in (0, 1], got {value}")
-        return select_mask(scores.detach().abs(), value, granularity, n, m, weight_shape)
+        rate_dtype = rate.dtype if isinstance(rate, torch.Tensor) else torch.float64
+        return select_mask(scores.detach().abs(), value, granularity, n, m, weight_shape, rate_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

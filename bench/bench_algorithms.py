@@ -1,0 +1,284 @@
+"""End to end: one training step of each algorithm phase, sparsesam against the PyTorch code a user would write.
+
+ResNet-18 with a CIFAR stem (3x3, no max-pool), full width (11.2M parameters),
+3x32x32 inputs, 10 classes, batch 32 (what two cores step through in about a
+second), cross-entropy. Each case times the algorithm's own step on the model its
+phase runs on (the sparsesam side enters the phase as ``fit()`` does:
+``Algorithm.begin_phase``), and the straightforward implementation of the same
+step from ``algorithm_baselines.py``:
+
+* ``adasap_adaptive``: AdaSAP's phase 1 (ASAM, one radius per channel group) vs
+  davda54-style ASAM with per-channel rho; also two bare forward+backward passes,
+  so the report can give the time *beyond* them.
+* ``harp_search``: HARP's score/rate search step (fused score-to-mask, threshold
+  selection, ``mask_score_grad`` backward) vs HYDRA/HARP subnet layers (full sort per
+  forward, autograd straight-through), with HARP's hardware loss.
+* ``harp_finetune`` / ``magnitude_finetune`` at 90% and 99%: a fixed-mask step in the
+  forms ``execution="auto"`` settles on vs ``torch.nn.utils.prune`` masks.
+* ``csam_mask``: C-SAM's mask step (mask ascent in persistent buffers, storage swap)
+  vs plain autograd with copies of the masks.
+
+The loss is the clean cross-entropy in every case (HARP's default is PGD-AT: its ten
+attack passes are forward+backward passes of the same model, so they scale like the
+step measured here and would only make the run longer).
+
+Run: ``.venv/bin/python bench/report.py --suite algorithms`` (tables in RESULTS.md),
+or ``.venv/bin/python -m pytest bench/bench_algorithms.py --benchmark-enable``.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import algorithm_baselines as base
+from sparsesam.algorithms import (AdaSAP, AdaSAPConfig, CSAM, CSAMConfig, HARP, HARPConfig, Magnitude,
+                                  MagnitudeConfig)
+from sparsesam.algorithms._steps import clean_loss, sam_step
+from sparsesam.models import build_model
+from sparsesam.nn import execution_summary, masked_layers, set_execution
+
+BATCH, CHANNELS, SIZE, CLASSES = 32, 3, 32, 10
+KERNEL = "algorithms"  # report.py groups and tabulates by this
+ROUNDS = 5
+
+
+class _Batches:
+    """What ``Algorithm._train_epoch`` iterates over: fixed batches, and a progress bar's set_postfix."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+
+class _Dataset(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def data(batches: int = 1, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batches * BATCH, CHANNELS, SIZE, SIZE, generator=gen)
+    y = torch.randint(0, CLASSES, (batches * BATCH,), generator=gen)
+    loader = torch.utils.data.DataLoader(_Dataset(x, y), batch_size=BATCH, shuffle=False)
+    return loader, list(zip(x.split(BATCH), y.split(BATCH)))
+
+
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet18", CHANNELS, CLASSES).train()
+
+
+# ----------------------------------------------------------------------- the two sides of each case
+# Each ``*_sides`` returns (sparsesam model, its step), (baseline model, its step) for one phase, both from
+# the same weights, masks, radii and rates, so tests/test_bench_algorithms.py can check they compute the same.
+
+def dense_masks(model: nn.Module) -> dict:
+    """{layer name: (weight, mask)} of every masked layer, whatever form it runs in."""
+    dense = set_execution(copy.deepcopy(model), "dense")
+    return {name: (layer.weight.detach().clone(), layer.weight_mask.detach().clone())
+            for name, layer in masked_layers(dense)}
+
+
+def adasap_sides(build=resnet18, batches=None, loader=None, sparsity: float = 0.5):
+    if batches is None:
+        loader, batches = data()
+    config = AdaSAPConfig(target_sparsity=sparsity, adaptive_epochs=1, finetune_epochs=1)
+    algorithm = AdaSAP(config)
+    model = build()
+    plain = copy.deepcopy(model)
+    optimizer, _ = algorithm.begin_phase("adaptive", model, loader)
+    algorithm._refresh_radii(model, loader, optimizer)  # what every adaptive epoch starts with
+    x, y = batches[0]
+    step = iter(range(10**9))
+
+    def ours():
+        sam_step(model, x, y, optimizer, clean_loss, next(step))
+
+    reference = base.ChannelRhoASAM(plain.parameters(), torch.optim.SGD, rho=config.rho_min, adaptive=True,
+                                    eps=optimizer.eps, lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    ours_params = dict(model.named_parameters())
+    for name, p in plain.named_parameters():
+        rho = optimizer.state.get(ours_params[name], {}).get("channel_rho")
+        if rho is not None:
+            reference.set_channel_rho(p, rho)
+
+    def theirs():
+        base.asam_step(plain, x, y, reference)
+
+    def passes():
+        """The two forward+backward passes every SAM step makes, alone."""
+        for _ in range(2):
+            F.cross_entropy(plain(x), y).backward()
+        plain.zero_grad(set_to_none=True)
+
+    return (model, ours), (plain, theirs), passes
+
+
+def harp_search_sides(sparsity: float, build=resnet18, batches=None, loader=None):
+    if batches is None:
+        loader, batches = data()
+    algorithm = HARP(HARPConfig(target_sparsity=sparsity, loss="clean", search_epochs=1, finetune_epochs=1))
+    model = build()
+    plain = copy.deepcopy(model)
+    optimizer, _ = algorithm.begin_phase("search", model, loader)
+    bar = _Batches(batches[:1])
+
+    def ours():
+        algorithm._train_epoch("search", 0, model, loader, optimizer, bar)
+
+    # The official subnet layers on the same layers, rates and scores (HYDRA's scaled init of both).
+    base.subnet_model(plain, 0.5, algorithm.k_min, names=list(algorithm.rates))
+    for name, rate in algorithm.rates.items():
+        # HARP's rate scores are float32 whatever the model's dtype (the official k_score's default dtype).
+        plain.get_submodule(name).k_score = nn.Parameter(rate.p.detach().clone())
+    # One SGD over every trainable tensor: scores, rates and BatchNorm (the weights are frozen), as train.py.
+    c = algorithm.config
+    reference = torch.optim.SGD([p for p in plain.parameters() if p.requires_grad], lr=c.score_lr,
+                                momentum=c.momentum, weight_decay=c.weight_decay)
+    x, y = batches[0]
+    gamma = algorithm.gamma(0)
+
+    def theirs():
+        base.harp_search_step(plain, x, y, reference, gamma, algorithm.target_rate())
+
+    return (model, ours), (plain, theirs), algorithm
+
+
+def finetune_sides(algorithm_name: str, sparsity: float, build=resnet18, batches=None, loader=None,
+                   execution: str = "auto"):
+    if batches is None:
+        loader, batches = data()
+    model = build()
+    if algorithm_name == "harp":
+        algorithm = HARP(HARPConfig(target_sparsity=sparsity, loss="clean", search_epochs=1, finetune_epochs=1,
+                                    execution=execution))
+        algorithm.begin_phase("search", model, loader)
+        optimizer, lrs = algorithm.begin_phase("finetune", model, loader)
+    else:
+        algorithm = Magnitude(MagnitudeConfig(target_sparsity=sparsity, execution=execution))
+        optimizer, lrs = algorithm.begin_phase("finetune", model, loader)
+    bar = _Batches(batches[:1])
+
+    def ours():
+        algorithm._train_epoch("finetune", 0, model, loader, optimizer, bar)
+
+    plain = build()
+    masks = {}
+    with torch.no_grad():
+        for name, (weight, mask) in dense_masks(model).items():
+            plain.get_submodule(name).weight.copy_(weight)
+            masks[name] = mask
+        ours_state = dict(model.named_parameters())
+        for name, p in plain.named_parameters():  # biases, BatchNorm (HARP's search trained it)
+            if name in ours_state and ours_state[name].shape == p.shape:
+                p.copy_(ours_state[name])
+        for name, b in plain.named_buffers():
+            theirs_buffer = dict(model.named_buffers()).get(name)
+            if theirs_buffer is not None and theirs_buffer.shape == b.shape:
+                b.copy_(theirs_buffer)
+    base.prune_with_mask(plain, masks)
+    c = algorithm.config
+    reference = torch.optim.SGD(plain.parameters(), lr=lrs[0], momentum=c.momentum, weight_decay=c.weight_decay)
+    x, y = batches[0]
+
+    def theirs():
+        base.finetune_step(plain, x, y, reference)
+
+    return (model, ours), (plain, theirs), algorithm
+
+
+def csam_sides(sparsity: float = 0.9, build=resnet18, batches=None, loader=None):
+    if batches is None:
+        loader, batches = data()
+    algorithm = CSAM(CSAMConfig(target_sparsity=sparsity, mask_epochs=1, finetune_epochs=1))
+    model = build()
+    plain = copy.deepcopy(model)
+    optimizer, _ = algorithm.begin_phase("mask", model, loader)
+    bar = _Batches(batches[:1])
+
+    def ours():
+        algorithm._train_epoch("mask", 0, model, loader, optimizer, bar)
+
+    base.soft_mask_model(plain, {name: layer.weight_mask for name, layer in masked_layers(model)})
+    c = algorithm.config
+    masks = base.soft_masks(plain)
+    mask_ids = {id(m) for m in masks}
+    groups = [{"params": masks, "lr": c.mask_lr, "weight_decay": 0.0}]
+    if c.weight_lr > 0:
+        groups.append({"params": [p for p in plain.parameters() if id(p) not in mask_ids], "lr": c.weight_lr,
+                       "weight_decay": 0.0})
+    reference = torch.optim.Adam(groups, lr=c.mask_lr)
+    x, y = batches[0]
+    step = iter(range(10**9))
+
+    def theirs():
+        x_t = algorithm._transform(x, next(step))  # the same transform C-SAM draws at that step
+        base.csam_mask_step_autograd(plain, x, x_t, y, reference, algorithm.objective, algorithm.rate_penalty,
+                                     c.rho)
+
+    return (model, ours), (plain, theirs), algorithm
+
+
+# ----------------------------------------------------------------------- the suite
+def _record(benchmark, case: str, impl: str, model: nn.Module, **extra) -> None:
+    forms = execution_summary(model, formats=True)
+    benchmark.group = f"{case} ResNet-18 B={BATCH} {CHANNELS}x{SIZE}x{SIZE}"
+    benchmark.extra_info.update(kernel=KERNEL, case=case, impl=impl,
+                                sparse_layers=sum(f not in ("dense",) for f in forms.values()), layers=len(forms),
+                                **extra)
+
+
+def _time(benchmark, step) -> None:
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["sparsesam", "baseline", "two_passes"])
+def test_adasap_adaptive_step(benchmark, impl):
+    (model, ours), (plain, theirs), passes = adasap_sides()
+    chosen = {"sparsesam": (model, ours), "baseline": (plain, theirs), "two_passes": (plain, passes)}[impl]
+    _record(benchmark, "adasap_adaptive", impl, chosen[0])
+    _time(benchmark, chosen[1])
+
+
+@pytest.mark.parametrize("impl", ["sparsesam", "baseline"])
+@pytest.mark.parametrize("sparsity", [0.9, 0.99])
+def test_harp_search_step(benchmark, impl, sparsity):
+    (model, ours), (plain, theirs), _ = harp_search_sides(sparsity)
+    chosen = (model, ours) if impl == "sparsesam" else (plain, theirs)
+    _record(benchmark, f"harp_search sparsity={sparsity}", impl, chosen[0], sparsity=sparsity)
+    _time(benchmark, chosen[1])
+
+
+@pytest.mark.parametrize("impl", ["sparsesam", "sparsesam_dense", "baseline"])
+@pytest.mark.parametrize("sparsity", [0.9, 0.99])
+@pytest.mark.parametrize("algorithm", ["harp", "magnitude"])
+def test_finetune_step(benchmark, algorithm, sparsity, impl):
+    execution = "dense" if impl == "sparsesam_dense" else "auto"
+    (model, ours), (plain, theirs), _ = finetune_sides(algorithm, sparsity, execution=execution)
+    chosen = (plain, theirs) if impl == "baseline" else (model, ours)
+    _record(benchmark, f"{algorithm}_finetune sparsity={sparsity}", impl, chosen[0], sparsity=sparsity)
+    _time(benchmark, chosen[1])
+
+
+@pytest.mark.parametrize("impl", ["sparsesam", "baseline"])
+def test_csam_mask_step(benchmark, impl):
+    (model, ours), (plain, theirs), _ = csam_sides()
+    chosen = (model, ours) if impl == "sparsesam" else (plain, theirs)
+    _record(benchmark, "csam_mask", impl, chosen[0])
+    _time(benchmark, chosen[1])
