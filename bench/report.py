@@ -37,6 +37,7 @@ ROOT = os.path.dirname(HERE)
 # sparsesam (the one the pytest subprocess, run from ROOT, measures) comes before any install.
 sys.path[:0] = [HERE, ROOT]
 
+import algorithms_report  # noqa: E402
 import sparse_report  # noqa: E402
 
 # name -> pytest file ("memory" is measured here, not timed).
@@ -186,6 +187,27 @@ batch 1 and the demo's evaluation batch 512."""),
 }
 
 
+def algorithms_section(kernels) -> str:
+    import bench_algorithms as b
+    return f"""### The algorithms' phases, end to end (`bench/bench_algorithms.py`)
+
+One training step of each phase as the algorithm runs it (entered with `Algorithm.begin_phase`,
+stepped with its own epoch loop), against the plain PyTorch code of `bench/algorithm_baselines.py`
+for the same step: davda54-style ASAM with per-channel rho (AdaSAP), the official HYDRA/HARP subnet
+layers with a sort per forward and an autograd straight-through estimator plus HARP's hardware loss
+(HARP search), `torch.nn.utils.prune` masks (fine-tuning, sparsesam in the forms `execution="auto"`
+settles on), autograd with copies of the masks (C-SAM). ResNet-18 (CIFAR stem), full width,
+{b.CHANNELS}x{b.SIZE}x{b.SIZE}, batch {b.BATCH}, clean cross-entropy; {b.ROUNDS} rounds each.
+`tests/test_bench_algorithms.py` checks that both sides compute the same masks and weights.
+
+{algorithms_report.algorithms_table(kernels.get("algorithms", {}))}
+
+The whole run, `sparsesam {' '.join(b.PRUNE_RUN)} --execution FORM` (one round each, same run):
+
+{algorithms_report.prune_run_table(next(iter(kernels.get("prune_run", {}).values()), {}))}
+"""
+
+
 def _section(kernels, kernel: str, title: str, intro: str, plots: dict, output: str) -> str:
     cases = kernels.get(kernel)
     body = sparse_report.kernel_table(cases) if cases else "(not run)"
@@ -262,8 +284,10 @@ def main() -> None:
     sections["compact_inference"] += compact_sizes(kernels)
     if "resnet18_step" in kernels and args.profile:
         sections["resnet18_step"] += "\n" + resnet_profile()
+    if "algorithms" in kernels or "prune_run" in kernels:
+        sections["algorithms"] = algorithms_section(kernels)
     for kernel in kernels:
-        if kernel not in KERNEL_SECTIONS:
+        if kernel not in KERNEL_SECTIONS and kernel not in ("algorithms", "prune_run"):
             sections[kernel] = _section(kernels, kernel, f"{kernel} (found in the benchmark results)",
                                         "Compared with the case's `dense_masked` (else `dense`) implementation.",
                                         plots, args.output)
