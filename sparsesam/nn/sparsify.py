@@ -22,7 +22,7 @@ from .masked import DENSE_OF, MASK_MODES, MASKED_OF, MaskedConv2d, MaskedLinear,
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
 
-def _check_selector(argument: str, selector: Selector) -> Selector:
+def check_selector(argument: str, selector: Selector) -> Selector:
     """None, a callable, or the glob patterns as a tuple of strings (read once,
     so a generator of patterns serves every module)."""
     if selector is None or callable(selector):
@@ -42,7 +42,8 @@ def _check_selector(argument: str, selector: Selector) -> Selector:
 def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
     if callable(selector):
         return bool(selector(name, module))
-    return any(fnmatch.fnmatchcase(name, p) for p in selector)
+    patterns = (selector,) if isinstance(selector, str) else selector   # as check_selector leaves it
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def masked_layers(model: nn.Module) -> Iterator[Tuple[str, _MaskedWeight]]:
@@ -76,8 +77,8 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     _check_execution(execution)
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-    include = _check_selector("include", include)
-    exclude = _check_selector("exclude", exclude)
+    include = check_selector("include", include)
+    exclude = check_selector("exclude", exclude)
     chosen = []
     for name, module in list(model.named_modules()):
         masked_cls = MASKED_OF.get(type(module))
