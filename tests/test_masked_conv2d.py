@@ -8,6 +8,9 @@ from sparsesam.ops import masked_conv2d
 from op_cases import DTYPES, MASK_KINDS, make_mask, noncontiguous, outputs_and_grads, to64
 from tolerance import assert_within_torch_error
 
+# The CPU kernels take float16 too (computing in float32, like bfloat16): test it beside the others.
+CPU_DTYPES = (*DTYPES, torch.float16)
+
 # (N, C_in, H, W, C_out, k, stride, padding, dilation, groups)
 CASES = [
     (1, 1, 1, 1, 1, 1, 1, 0, 1, 1),
@@ -31,7 +34,7 @@ def _inputs(case, dtype, mask_kind, contiguous=True, bias=True):
     return dict(x=x, weight=weight, mask=mask, bias=b), conv
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "noncontig"])
