@@ -341,6 +341,20 @@ def test_corrupt_pattern_is_refused_by_the_kernel(field, position, value, words,
         ops.bsr_linear_backward(grad, x, values, *bad.index, [True, True])
 
 
+@pytest.mark.parametrize("values_shape", [(6, 3, 2), (6, 2, 1)], ids=["transposed blocks", "narrower blocks"])
+def test_raw_op_with_values_of_the_wrong_block_shape_names_values(values_shape):
+    """The raw op learns the block width only from values (the index holds block counts): when x does not
+    fit, the message names values' block shape as well as x, forward and backward."""
+    pattern = BSRPattern.from_mask(torch.ones(4, 6, dtype=torch.bool), (2, 3))   # values_shape (4, 2, 3)
+    values = torch.randn(pattern.nblocks, *values_shape[1:])
+    x = torch.randn(3, 6)
+    words = r"x has shape \[3, 6\] but in_features = 2 block columns \(ccol_indices\) x bw = .* values' block shape"
+    with pytest.raises(ValueError, match=words):
+        ops.bsr_linear(x, values, *pattern.index, None)
+    with pytest.raises(ValueError, match=words):
+        ops.bsr_linear_backward(torch.ones(3, 4), x, values, *pattern.index, [True, True])
+
+
 def test_int64_index_and_flat_values_are_refused_by_the_kernel():
     pattern = BSRPattern.from_mask(torch.ones(4, 6, dtype=torch.bool), (2, 3))
     bad = pattern._replace(col_indices=pattern.col_indices.long())
