@@ -82,3 +82,15 @@ def test_valid_settings_still_step():
     before = params[0].clone()
     ops.sgd_step_(params, grads, [], masks, lr=0.5, dampening=-0.5)   # torch.optim.SGD allows any dampening
     torch.testing.assert_close(params[0], before - 0.5 * grads[0])
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ops.cuda_cpp_available()),
+                    reason="needs a GPU and a build with the CUDA C++ kernels")
+def test_cuda_kernel_refuses_non_finite_scalars():
+    w, g = torch.randn(5, 3, device="cuda"), torch.randn(5, 3, device="cuda")
+    with pytest.raises(ValueError, match=r"sgd_step_ \(CUDA\): lr must be finite and >= 0"):
+        torch.ops.sparsesam_cuda.sgd_step_([w], [g], [], [None], NAN, 0.0, 0.0, 0.0, False, False, False)
+    sq_norm = torch.ones((), device="cuda")
+    with pytest.raises(ValueError, match=r"sam_perturb_ \(CUDA\): eps must be finite and >= 0"):
+        torch.ops.sparsesam_cuda.sam_perturb_([torch.empty_like(w)], [w], [g], [None], [torch.tensor(0.05, device="cuda")],
+                                              sq_norm, False, INF)
