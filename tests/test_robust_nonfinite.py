@@ -223,3 +223,17 @@ def test_model_output_of_the_wrong_shape_is_named():
 
     with pytest.raises(ValueError, match=r"\(batch, classes\) logits"):
         predict(Flat(), torch.rand(1, 4, 4), 0.25, 10, 0.001, 10)
+
+
+def test_losses_and_radius_refuse_non_finite_settings():
+    from sparsesam.robust import certified_radius, mart_loss, trades_loss
+
+    x, y = torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    for loss in (trades_loss, mart_loss):
+        with pytest.raises(ValueError, match="beta must be finite"):
+            loss(model, x, y, eps=0.1, beta=INF)
+    with pytest.raises(ValueError, match="p_lower"):
+        certified_radius(1.0, 0.25)       # Phi^-1(1) = inf: no finite radius
+    with pytest.raises(ValueError, match="p_lower"):
+        certified_radius(NAN, 0.25)
