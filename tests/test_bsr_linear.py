@@ -308,25 +308,51 @@ def _corrupt(pattern: BSRPattern, field: str, position: int, value: int) -> BSRP
 
 
 @pytest.mark.parametrize(
-    "field, position, value, words",
+    "field, position, value, words, read_by",
     [
-        ("col_indices", 0, 3, "col_indices must lie in"),
-        ("col_indices", -1, -1, "col_indices must lie in"),
-        ("crow_indices", 1, 100, "crow_indices must be non-decreasing"),
-        ("crow_indices", -1, 3, "crow_indices must start at 0 and end at nblocks"),
-        ("row_indices", 0, 2, "row_indices in"),
-        ("bsr_positions", 0, 1000, "bsr_positions in"),
-        ("ccol_indices", 0, 1, "ccol_indices must start at 0"),
+        # The forward reads the BSR half (crow, col); the backward's dx reads the transposed half.
+        ("col_indices", 0, 3, "col_indices must lie in", "forward"),
+        ("col_indices", -1, -1, "col_indices must lie in", "forward"),
+        ("crow_indices", 1, 100, "crow_indices must be non-decreasing", "forward"),
+        ("crow_indices", -1, 3, "crow_indices must start at 0 and end at nblocks", "forward"),
+        ("row_indices", 0, 2, "row_indices in", "backward"),
+        ("bsr_positions", 0, 1000, "bsr_positions in", "backward"),
+        ("ccol_indices", 0, 1, "ccol_indices must start at 0", "backward"),
     ],
 )
-def test_corrupt_pattern_is_refused_by_the_kernel(field, position, value, words):
-    """The C++ op checks every index before reading through it (a ValueError, never a crash)."""
+def test_corrupt_pattern_is_refused_by_the_kernel(field, position, value, words, read_by):
+    """The C++ op checks every index before reading through it (a ValueError, never a crash).
+
+    Forward and backward are checked apart: the pass that reads the corrupt
+    field must refuse it, and a forward that does not read it must give the
+    intact pattern's result.
+    """
     pattern = BSRPattern.from_mask(torch.ones(4, 6, dtype=torch.bool), (2, 2))
     bad = _corrupt(pattern, field, position, value)
     x, values = torch.randn(3, 6), torch.randn(pattern.values_shape)
-    with pytest.raises(ValueError, match=words):
+    if read_by == "forward":
+        with pytest.raises(ValueError, match=words):
+            ops.bsr_linear(x, values, *bad.index, None)
+    else:
         forward = ops.bsr_linear(x, values, *bad.index, None)
-        ops.bsr_linear_backward(torch.ones_like(forward), x, values, *bad.index, [True, True])
+        torch.testing.assert_close(forward, ops.bsr_linear(x, values, *pattern.index, None), rtol=0, atol=0)
+    grad = torch.ones(3, 4)
+    with pytest.raises(ValueError, match=words):
+        ops.bsr_linear_backward(grad, x, values, *bad.index, [True, True])
+
+
+@pytest.mark.parametrize("values_shape", [(6, 3, 2), (6, 2, 1)], ids=["transposed blocks", "narrower blocks"])
+def test_raw_op_with_values_of_the_wrong_block_shape_names_values(values_shape):
+    """The raw op learns the block width only from values (the index holds block counts): when x does not
+    fit, the message names values' block shape as well as x, forward and backward."""
+    pattern = BSRPattern.from_mask(torch.ones(4, 6, dtype=torch.bool), (2, 3))   # values_shape (4, 2, 3)
+    values = torch.randn(pattern.nblocks, *values_shape[1:])
+    x = torch.randn(3, 6)
+    words = r"x has shape \[3, 6\] but in_features = 2 block columns \(ccol_indices\) x bw = .* values' block shape"
+    with pytest.raises(ValueError, match=words):
+        ops.bsr_linear(x, values, *pattern.index, None)
+    with pytest.raises(ValueError, match=words):
+        ops.bsr_linear_backward(torch.ones(3, 4), x, values, *pattern.index, [True, True])
 
 
 def test_int64_index_and_flat_values_are_refused_by_the_kernel():

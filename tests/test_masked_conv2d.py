@@ -8,6 +8,9 @@ from sparsesam.ops import masked_conv2d
 from op_cases import DTYPES, MASK_KINDS, make_mask, noncontiguous, outputs_and_grads, to64
 from tolerance import assert_within_torch_error
 
+# The CPU kernels take float16 too (computing in float32, like bfloat16): test it beside the others.
+CPU_DTYPES = (*DTYPES, torch.float16)
+
 # (N, C_in, H, W, C_out, k, stride, padding, dilation, groups)
 CASES = [
     (1, 1, 1, 1, 1, 1, 1, 0, 1, 1),
@@ -31,7 +34,7 @@ def _inputs(case, dtype, mask_kind, contiguous=True, bias=True):
     return dict(x=x, weight=weight, mask=mask, bias=b), conv
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "noncontig"])
@@ -99,8 +102,16 @@ def test_opcheck(mask_kind):
         (dict(x=torch.randn(2, 3, 8)), ValueError, "x has 2 channels"),
         (dict(x=torch.randn(8, 8)), ValueError, "x must have 3 or 4 dimensions"),
         (dict(bias=torch.randn(5)), ValueError, "bias has 5 entries"),
-        (dict(stride=0), ValueError, "stride and dilation"),
+        (dict(stride=0), ValueError, "stride must be >= 1"),
+        (dict(stride=2.5), TypeError, "stride must be an int or a pair of ints"),
+        (dict(stride=(1, 2.0)), TypeError, "stride must be an int or a pair of ints"),
+        (dict(dilation=True), TypeError, "dilation must be an int or a pair of ints"),
+        (dict(dilation=(1, 0)), ValueError, "dilation must be >= 1"),
+        (dict(padding=-1), ValueError, "padding must be >= 0"),
+        (dict(padding="same"), TypeError, "padding must be an int or a pair of ints"),
         (dict(padding=(1, 1, 1)), ValueError, "padding must be an int or a pair"),
+        (dict(groups=1.0), TypeError, "groups must be an int"),
+        (dict(groups=0), ValueError, "groups must be >= 1"),
         (dict(groups=2), ValueError, "x has 3 channels but weight expects in_channels=6"),
     ],
 )

@@ -9,6 +9,9 @@ from sparsesam.ops import masked_linear
 from op_cases import DTYPES, MASK_KINDS, make_mask, noncontiguous, outputs_and_grads, to64
 from tolerance import assert_within_torch_error
 
+# The CPU kernels take float16 too (computing in float32, like bfloat16): test it beside the others.
+CPU_DTYPES = (*DTYPES, torch.float16)
+
 # (leading dims of x, in_features, out_features): odd sizes, 1s, a batch of 0, 3-D and 1-D
 # input, layers with no inputs or no outputs.
 SHAPES = [((1,), 1, 1), ((7,), 7, 7), ((5,), 129, 7), ((129,), 33, 129), ((0,), 7, 5), ((2, 3), 7, 4),
@@ -25,7 +28,7 @@ def _inputs(lead, n_in, n_out, dtype, mask_kind, bias=True, contiguous=True):
     return dict(x=x, weight=w, mask=m, bias=b)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "noncontig"])

@@ -9,10 +9,13 @@ from sparsesam.ops import apply_mask, masked_weight_grad
 
 from op_cases import DTYPES, MASK_KINDS, make_mask, noncontiguous
 
+# The CPU kernels take float16 too (computing in float32, like bfloat16): test it beside the others.
+CPU_DTYPES = (*DTYPES, torch.float16)
+
 SHAPES = [(1,), (7,), (129, 7), (0, 5), (3, 5, 3, 3), (65537,)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 def test_apply_mask_is_exact(dtype, shape, mask_kind):
@@ -24,7 +27,7 @@ def test_apply_mask_is_exact(dtype, shape, mask_kind):
         assert torch.equal(apply_mask(noncontiguous(w), noncontiguous(m)), reference.apply_mask(w, m))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize(
     "mask_kind, output_mask",

@@ -254,25 +254,37 @@ def _corrupt(pattern: CSRPattern, field: str, position: int, value: int) -> CSRP
 
 
 @pytest.mark.parametrize(
-    "field, position, value, words",
+    "field, position, value, words, read_by",
     [
-        ("col_indices", 0, 5, "col_indices must lie in"),
-        ("col_indices", -1, -1, "col_indices must lie in"),
-        ("crow_indices", 2, 100, "crow_indices must be non-decreasing"),
-        ("crow_indices", -1, 3, "crow_indices must start at 0 and end at nnz"),
-        ("row_indices", 0, 4, "row_indices in"),
-        ("csr_positions", 0, 1000, "csr_positions in"),
-        ("ccol_indices", 0, 1, "ccol_indices must start at 0"),
+        # The forward reads the CSR half (crow, col); the backward's dx reads the transposed half.
+        ("col_indices", 0, 5, "col_indices must lie in", "forward"),
+        ("col_indices", -1, -1, "col_indices must lie in", "forward"),
+        ("crow_indices", 2, 100, "crow_indices must be non-decreasing", "forward"),
+        ("crow_indices", -1, 3, "crow_indices must start at 0 and end at nnz", "forward"),
+        ("row_indices", 0, 4, "row_indices in", "backward"),
+        ("csr_positions", 0, 1000, "csr_positions in", "backward"),
+        ("ccol_indices", 0, 1, "ccol_indices must start at 0", "backward"),
     ],
 )
-def test_corrupt_pattern_is_refused_by_the_kernel(field, position, value, words):
-    """The C++ op checks every index before reading through it (a ValueError, never a crash)."""
+def test_corrupt_pattern_is_refused_by_the_kernel(field, position, value, words, read_by):
+    """The C++ op checks every index before reading through it (a ValueError, never a crash).
+
+    Forward and backward are checked apart: the pass that reads the corrupt
+    field must refuse it, and a forward that does not read it must give the
+    intact pattern's result.
+    """
     pattern = CSRPattern.from_mask(torch.ones(4, 5, dtype=torch.bool))
     bad = _corrupt(pattern, field, position, value)
     x, values = torch.randn(3, 5), torch.randn(pattern.nnz)
-    with pytest.raises(ValueError, match=words):
+    if read_by == "forward":
+        with pytest.raises(ValueError, match=words):
+            ops.sparse_linear(x, values, *bad, None)
+    else:
         forward = ops.sparse_linear(x, values, *bad, None)
-        ops.sparse_linear_backward(torch.ones_like(forward), x, values, *bad, [True, True])
+        torch.testing.assert_close(forward, ops.sparse_linear(x, values, *pattern, None), rtol=0, atol=0)
+    grad = torch.ones(3, 4)
+    with pytest.raises(ValueError, match=words):
+        ops.sparse_linear_backward(grad, x, values, *bad, [True, True])
 
 
 def test_int64_index_is_refused_by_the_kernel():

@@ -150,6 +150,58 @@ def test_bad_mask_arguments():
         MaskedLinear(2, 2, mask_mode="soft")
 
 
+@pytest.mark.parametrize("mask_mode", ["fixed", "trainable"])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+def test_masks_must_be_finite(mask_mode, value):
+    layer = MaskedLinear(3, 2, mask_mode=mask_mode)
+    before = layer.weight_mask.detach().clone()
+    bad = torch.ones(2, 3)
+    bad[1, 2] = value
+    with pytest.raises(ValueError, match="mask contains NaN or inf .*: a mask must be finite"):
+        layer.set_mask(bad)
+    assert torch.equal(layer.weight_mask.detach(), before)
+    # A checkpoint holding such a mask is refused too (fixed masks would keep NaN/inf entries as "kept").
+    state = {"weight": torch.randn(2, 3), "bias": torch.zeros(2), "weight_mask": bad}
+    with pytest.raises(RuntimeError, match="weight_mask contains NaN or inf"):
+        layer.load_state_dict(state)
+
+
+def test_sparsify_refuses_a_non_finite_torch_prune_mask_and_leaves_the_model_alone():
+    model = SmallCNN(width=8)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            prune.l1_unstructured(module, "weight", amount=0.5)
+    last = model.classifier[1]
+    last.weight_mask[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"classifier\.1\.weight_mask \(torch.nn.utils.prune\) contains NaN or inf"):
+        sparsesam.sparsify(model)
+    assert not list(masked_layers(model))                       # nothing was swapped
+    assert all(hasattr(m, "weight_orig") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+@pytest.mark.parametrize("argument", ["include", "exclude"])
+@pytest.mark.parametrize("selector, words", [(123, "must be a glob pattern"), (b"features.*", "must be a glob pattern"),
+                                             (["features.*", 7], "must hold glob patterns")])
+def test_sparsify_selectors_of_the_wrong_type_name_the_argument(argument, selector, words):
+    model = SmallCNN(width=8)
+    with pytest.raises(TypeError, match=f"{argument} {words}"):
+        sparsesam.sparsify(model, **{argument: selector})
+    assert not list(masked_layers(model))
+
+
+def test_sparsify_reads_a_generator_of_patterns_for_every_layer():
+    model = SmallCNN(width=8)
+    sparsesam.sparsify(model, include=(p for p in ["features.0", "features.3"]))
+    assert [n for n, _ in masked_layers(model)] == ["features.0", "features.3"]
+
+
+def test_sparsify_refuses_an_unknown_mask_mode_before_changing_anything():
+    model = SmallCNN(width=8)
+    with pytest.raises(ValueError, match="mask_mode must be one of"):
+        sparsesam.sparsify(model, mask_mode="soft")
+    assert not list(masked_layers(model))
+
+
 def test_torch_compile_matches_eager():
     model = sparsesam.sparsify(SmallCNN(width=8)).eval()
     for _, layer in masked_layers(model):

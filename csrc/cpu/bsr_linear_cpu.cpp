@@ -301,13 +301,22 @@ void backward(const at::Tensor& g2, const at::Tensor& x, const at::Tensor& value
 
 // --- The ops --------------------------------------------------------------------
 
+// x's last dimension against in_features. The raw op learns the block width
+// only from values' shape (the index holds block counts, not sizes), so a
+// mismatch may be x's fault or values': the message names both.
+void check_in_features(const char* op, const at::Tensor& x, const at::Tensor& values, const Pattern& p) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == p.in_features(), op, ": x has shape ", x.sizes(),
+                    " but in_features = ", p.block_cols, " block columns (ccol_indices) x bw = ", p.bw,
+                    " (values.shape[2]) = ", p.in_features(), ": x or values' block shape (nblocks, bh, bw) = ",
+                    values.sizes(), " is wrong");
+}
+
 at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
                       const at::Tensor& col_indices, const at::Tensor& ccol_indices, const at::Tensor& row_indices,
                       const at::Tensor& bsr_positions, const std::optional<at::Tensor>& bias) {
   const Pattern p = check_pattern(values, crow_indices, col_indices, ccol_indices, row_indices, bsr_positions,
                                   /*bsr=*/true, /*transposed=*/false);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == p.in_features(), "bsr_linear: x has shape ", x.sizes(),
-                    "; its last dimension must be in_features=", p.in_features());
+  check_in_features("bsr_linear", x, values, p);
   TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "bsr_linear: values dtype ", values.scalar_type(),
                    " differs from x dtype ", x.scalar_type());
   const bool has_bias = bias.has_value() && bias->defined();
@@ -343,8 +352,7 @@ std::tuple<at::Tensor, at::Tensor> bsr_linear_backward(const at::Tensor& grad_ou
   // dx reads the transposed block index, dW the BSR.
   const Pattern p = check_pattern(values, crow_indices, col_indices, ccol_indices, row_indices, bsr_positions,
                                   /*bsr=*/want_dvalues, /*transposed=*/want_dx);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == p.in_features(), "bsr_linear_backward: x has shape ", x.sizes(),
-                    "; its last dimension must be in_features=", p.in_features());
+  check_in_features("bsr_linear_backward", x, values, p);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = p.out_features();
   TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), "bsr_linear_backward: grad_out has shape ",

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../common/sam_step_args.h"
 #include "multi_tensor_cpu.h"
 
 namespace sparsesam::cpu {
@@ -160,6 +161,7 @@ void sam_perturb_(at::TensorList out, at::TensorList params, at::TensorList grad
   TORCH_CHECK(sq_norm.defined() && sq_norm.numel() == 1 && sq_norm.device().is_cpu() &&
                   at::isFloatingType(sq_norm.scalar_type()),
               op, ": sq_norm must be a one-element floating CPU tensor");
+  check_finite_non_negative(op, "eps", eps);
   // Read once. A non-finite norm is the caller's business (the Python
   // optimizer skips the step); the kernel just computes with it.
   const double scale = 1.0 / (std::sqrt(value_at(sq_norm, 0)) + eps);
@@ -187,7 +189,13 @@ void sam_perturb_(at::TensorList out, at::TensorList params, at::TensorList grad
                 " values, params[", t, "] has ", channels, " output channels");
     std::vector<double>& coef = coefs[t];
     coef.resize(per_channel ? channels : 1);
-    for (size_t c = 0; c < coef.size(); ++c) coef[c] = value_at(rho, static_cast<int64_t>(c)) * scale;
+    for (size_t c = 0; c < coef.size(); ++c) {
+      const double r = value_at(rho, static_cast<int64_t>(c));
+      // Read here anyway, so the check costs nothing: a NaN, infinite or
+      // negative rho would give a NaN ascent point or a descent step.
+      TORCH_CHECK_VALUE(std::isfinite(r) && r >= 0.0, op, ": rhos[", t, "] must be finite and >= 0, got ", r);
+      coef[c] = r * scale;
+    }
 
     PerturbJob& job = jobs[t];
     job.out = out[t].mutable_data_ptr();
@@ -306,6 +314,7 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
   TORCH_CHECK(use_momentum ? momentum_buffers.size() == n : momentum_buffers.empty(), op,
               ": momentum_buffers must have one entry per parameter when momentum != 0 and be empty otherwise, got ",
               momentum_buffers.size(), " for ", n, " parameters");
+  check_sgd_scalars(op, lr, momentum, dampening, weight_decay);
   const bool decay = weight_decay != 0.0;
   const double coefficients[5] = {maximize ? -1.0 : 1.0, weight_decay, momentum, 1.0 - dampening, lr};
 

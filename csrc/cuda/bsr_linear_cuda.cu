@@ -147,8 +147,11 @@ Shape check_pattern(const at::Tensor& x, const at::Tensor& values, const at::Ten
   check_index(ccol, "ccol_indices", s.block_cols + 1, x);
   check_index(row, "row_indices", s.nblocks, x);
   check_index(pos, "bsr_positions", s.nblocks, x);
+  // The block width comes only from values' shape: a mismatch may be x's fault or values'.
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == s.in_features(), "bsr_linear (CUDA): x has shape ", x.sizes(),
-                    "; its last dimension must be in_features=", s.in_features());
+                    " but in_features = ", s.block_cols, " block columns (ccol_indices) x bw = ", s.bw,
+                    " (values.shape[2]) = ", s.in_features(), ": x or values' block shape (nblocks, bh, bw) = ",
+                    values.sizes(), " is wrong");
   TORCH_CHECK_VALUE(s.out_features() < (int64_t(1) << 31), "bsr_linear (CUDA): too many output features");
   return s;
 }

@@ -55,6 +55,7 @@
 #include <utility>
 #include <vector>
 
+#include "../common/sam_step_args.h"
 #include "../common/schemas.h"
 #include "multi_tensor_cuda.cuh"
 
@@ -363,6 +364,9 @@ void sam_perturb_(at::TensorList out, at::TensorList params, at::TensorList grad
   TORCH_CHECK(device.is_cuda(), op, ": params[0] must be a CUDA tensor, got ", device);
   TORCH_CHECK(sq_norm.defined() && sq_norm.numel() == 1 && is_supported_float(sq_norm.scalar_type()), op,
               ": sq_norm must be a floating tensor with one element");
+  // rhos stay on the device (checking their values would cost a host sync per
+  // step); the Python face and the CPU kernel check them.
+  check_finite_non_negative(op, "eps", eps);
   const c10::cuda::CUDAGuard device_guard(device);
 
   MultiTensorTable table;
@@ -412,6 +416,7 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
   if (params.empty()) return;
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), op, ": params[0] must be a CUDA tensor, got ", device);
+  check_sgd_scalars(op, lr, momentum, dampening, weight_decay);
   const c10::cuda::CUDAGuard device_guard(device);
 
   MultiTensorTable table;

@@ -27,6 +27,22 @@ from ._checkpoint_forms import in_own_form
 MASK_MODES = ("fixed", "trainable")
 
 
+def non_finite_mask_error(name: str, mask: torch.Tensor) -> str | None:
+    """The one-line complaint about a floating mask holding NaN or inf, or None.
+
+    A fixed mask would keep such entries (NaN != 0) and a trainable one
+    multiplies them into the weight (inf * 0 = NaN): either way garbage, so
+    every mask the layers take in must be finite.
+    """
+    if not mask.is_floating_point():
+        return None
+    bad = ~torch.isfinite(mask)
+    if not bool(bad.any()):
+        return None
+    return (f"{name} contains NaN or inf ({int(torch.isnan(mask).sum())} NaN, "
+            f"{int(torch.isinf(mask).sum())} inf): a mask must be finite")
+
+
 class _MaskedWeight:
     """The mask bookkeeping shared by the masked layers (a mixin over nn.Module)."""
 
@@ -52,8 +68,9 @@ class _MaskedWeight:
             raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
         if mask.shape != self.weight.shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)} but weight has {tuple(self.weight.shape)}")
-        if mask.is_floating_point() and torch.isnan(mask).any():
-            raise ValueError("mask contains NaN")
+        error = non_finite_mask_error("mask", mask)
+        if error is not None:
+            raise ValueError(error)
         if parametrize.is_parametrized(self, "weight_mask"):
             # The mask is computed from scores at every read: a copy into it
             # would be lost without a trace.
@@ -85,6 +102,11 @@ class _MaskedWeight:
             state_dict[prefix + "weight"] = orig
         mask_key = prefix + "weight_mask"
         had_mask = mask_key in state_dict
+        if had_mask and isinstance(state_dict[mask_key], torch.Tensor):
+            error = non_finite_mask_error(mask_key, state_dict[mask_key])
+            if error is not None:
+                error_msgs.append(error)  # load_state_dict raises with it, whatever strict
+                return
         if had_mask and self.mask_mode == "fixed":
             state_dict[mask_key] = state_dict[mask_key] != 0
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+from collections import abc
 from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
@@ -16,15 +17,32 @@ from torch.nn.utils import parametrize
 from torch import nn
 
 from .execution import _check_execution, set_execution
-from .masked import DENSE_OF, MASKED_OF, MaskedConv2d, MaskedLinear, _MaskedWeight
+from .masked import DENSE_OF, MASK_MODES, MASKED_OF, MaskedConv2d, MaskedLinear, _MaskedWeight, non_finite_mask_error
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+def check_selector(argument: str, selector: Selector) -> Selector:
+    """None, a callable, or the glob patterns as a tuple of strings (read once,
+    so a generator of patterns serves every module)."""
+    if selector is None or callable(selector):
+        return selector
+    if isinstance(selector, str):
+        return (selector,)
+    if isinstance(selector, bytes) or not isinstance(selector, abc.Iterable):
+        raise TypeError(f"{argument} must be a glob pattern, a list of them or a callable (name, module) -> bool, "
+                        f"got {type(selector).__name__} {selector!r}")
+    patterns = tuple(selector)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{argument} must hold glob patterns (str), got {type(p).__name__} {p!r}")
+    return patterns
 
 
 def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
     if callable(selector):
         return bool(selector(name, module))
-    patterns = [selector] if isinstance(selector, str) else list(selector)
+    patterns = (selector,) if isinstance(selector, str) else selector   # as check_selector leaves it
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -57,7 +75,11 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_execution(execution)
-    swapped = []
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    include = check_selector("include", include)
+    exclude = check_selector("exclude", exclude)
+    chosen = []
     for name, module in list(model.named_modules()):
         masked_cls = MASKED_OF.get(type(module))
         if masked_cls is None:
@@ -66,6 +88,15 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
             continue
         if exclude is not None and _matches(exclude, name, module):
             continue
+        # Checked before any layer changes, so a bad mask leaves the model as it was.
+        prune_mask = getattr(module, "weight_mask", None) if hasattr(module, "weight_orig") else None
+        if isinstance(prune_mask, torch.Tensor):
+            error = non_finite_mask_error(f"{name}.weight_mask (torch.nn.utils.prune)", prune_mask)
+            if error is not None:
+                raise ValueError(error)
+        chosen.append((module, masked_cls))
+    swapped = []
+    for module, masked_cls in chosen:
         mask = _take_torch_prune_mask(module)
         module.__class__ = masked_cls
         module._init_mask(mask_mode, mask)

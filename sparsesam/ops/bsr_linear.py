@@ -39,7 +39,8 @@ def bsr_linear(x: Tensor, values: Tensor, pattern: BSRPattern, bias: Optional[Te
 def _bsr_linear_fake(x, values, crow_indices, col_indices, ccol_indices, row_indices, bsr_positions, bias):
     torch._check(values.dim() == 3, lambda: "values must be (nblocks, bh, bw)")
     torch._check(x.shape[-1] == (ccol_indices.shape[0] - 1) * values.shape[2],
-                 lambda: "x's last dimension must be in_features")
+                 lambda: "x's last dimension must be in_features = block columns x bw (values.shape[2]): "
+                         "x or values' block shape is wrong")
     torch._check(values.shape[0] == col_indices.shape[0], lambda: "values must have one block per column index")
     return x.new_empty((*x.shape[:-1], (crow_indices.shape[0] - 1) * values.shape[1]))
 

@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import _autocast, _checks
+from . import _autocast, _checks, _conv_args
 from ._library import none_if_empty, register_cuda_router
 
 Tensor = torch.Tensor
@@ -33,11 +33,10 @@ def masked_conv2d(
     _checks.mask(weight, mask)
     _checks.bias(weight, bias)
     _checks.same_device(x=x, weight=weight, bias=bias)
-    stride, padding, dilation = (_checks.pair(n, v) for n, v in (("stride", stride), ("padding", padding), ("dilation", dilation)))
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got {stride}, {dilation}, {padding}")
+    stride = _conv_args.int_pair("stride", stride, minimum=1)
+    padding = _conv_args.int_pair("padding", padding, minimum=0)
+    dilation = _conv_args.int_pair("dilation", dilation, minimum=1)
+    groups = _conv_args.positive_int("groups", groups)
     if x.shape[-3] != weight.shape[1] * groups:
         raise ValueError(
             f"x has {x.shape[-3]} channels but weight expects in_channels={weight.shape[1] * groups} (groups={groups})"

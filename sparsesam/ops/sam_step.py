@@ -11,6 +11,8 @@ They run under ``torch.no_grad()`` inside the optimizer: no autograd.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import List, Optional, Sequence
 
 import torch
@@ -40,6 +42,31 @@ def _check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], masks: MaskL
             if m.shape != p.shape or m.device != p.device:
                 raise ValueError(f"masks[{i}] has shape {tuple(m.shape)} on {m.device}, "
                                  f"{names[0]}[{i}] has {tuple(p.shape)} on {p.device}")
+
+
+def _finite_scalar(name: str, value, *, non_negative: bool = True) -> float:
+    """A finite Python number (>= 0 unless told): a NaN or infinite lr or eps
+    would silently turn every parameter, or the ascent point, into NaN."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (non_negative and value < 0):
+        raise ValueError(f"{name} must be finite{' and >= 0' if non_negative else ''}, got {value}")
+    return value
+
+
+def _check_rho_values(rhos: Sequence[Tensor]) -> None:
+    """Every rho finite and >= 0 (a negative rho steps downhill, a NaN one poisons the ascent point).
+
+    A data-dependent check, so only on CPU (one read, no device sync) and not
+    while torch.compile traces; on accelerators the SAM optimizer checks rho
+    when it is set (as ops/_checks.mask does for masks).
+    """
+    if torch.compiler.is_compiling():
+        return
+    for i, rho in enumerate(rhos):
+        if rho.device.type == "cpu" and rho.numel() and not bool(((rho >= 0) & torch.isfinite(rho)).all()):
+            raise ValueError(f"rhos[{i}] must be finite and >= 0, got {rho.tolist()}")
 
 
 def _contiguous(name: str, tensors: Sequence[Tensor]) -> None:
@@ -78,10 +105,10 @@ def sam_perturb_(out: Sequence[Tensor], params: Sequence[Tensor], grads: Sequenc
                              f"({p.shape[0] if p.dim() else 1}), got shape {tuple(rho.shape)}")
         if rho.device != p.device:
             raise ValueError(f"rhos[{i}] is on {rho.device} but params[{i}] is on {p.device}")
+    _check_rho_values(rhos)
     if not isinstance(sq_norm, torch.Tensor) or sq_norm.dim() != 0:
         raise TypeError("sq_norm must be a 0-d tensor (from sam_grad_sq_norm)")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    eps = _finite_scalar("eps", eps)
     _contiguous("out", out)
     _contiguous("params", params)
     torch.ops.sparsesam.sam_perturb_.default(
@@ -95,13 +122,15 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
               nesterov: bool = False, maximize: bool = False, first_step: bool = False) -> None:
     """torch.optim.SGD's update in place, in one pass per element; pruned entries (weight and buffer) frozen."""
     _check_lists(params, grads, masks)
+    lr = _finite_scalar("lr", lr)
+    momentum = _finite_scalar("momentum", momentum)
+    dampening = _finite_scalar("dampening", dampening, non_negative=False)
+    weight_decay = _finite_scalar("weight_decay", weight_decay)
     if momentum:
         _check_lists(params, momentum_buffers, masks, names=("params", "momentum_buffers"))
         _contiguous("momentum_buffers", momentum_buffers)
     elif len(momentum_buffers):
         raise ValueError("momentum_buffers must be empty when momentum == 0")
-    if lr < 0 or momentum < 0 or weight_decay < 0:
-        raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as in torch.optim.SGD)")
     _contiguous("params", params)

@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..sparse.csr import CSRPattern
-from . import _autocast, _checks
+from . import _autocast, _checks, _conv_args
 from ._library import none_if_empty
 
 Tensor = torch.Tensor
@@ -36,11 +36,10 @@ def sparse_conv2d(x: Tensor, values: Tensor, pattern: CSRPattern, bias: Optional
         raise TypeError(f"pattern must be a sparsesam.sparse.CSRPattern, got {type(pattern).__name__}")
     if values.shape[0] != pattern.nnz:
         raise ValueError(f"values has {values.shape[0]} entries but the pattern has nnz={pattern.nnz}")
-    kernel_size, stride, padding, dilation = (_checks.pair(n, v) for n, v in (
-        ("kernel_size", kernel_size), ("stride", stride), ("padding", padding), ("dilation", dilation)))
-    if min(kernel_size) < 1 or min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"kernel_size, stride and dilation must be >= 1 and padding >= 0, got {kernel_size}, "
-                         f"{stride}, {dilation}, {padding}")
+    kernel_size = _conv_args.int_pair("kernel_size", kernel_size, minimum=1)
+    stride = _conv_args.int_pair("stride", stride, minimum=1)
+    padding = _conv_args.int_pair("padding", padding, minimum=0)
+    dilation = _conv_args.int_pair("dilation", dilation, minimum=1)
     taps = kernel_size[0] * kernel_size[1]
     if pattern.in_features != x.shape[-3] * taps:
         raise ValueError(f"x has {x.shape[-3]} channels, so the pattern needs in_channels * kh * kw = "

@@ -1,6 +1,7 @@
 """What every pruning function checks first: its numbers, and which masked layers it may prune."""
 from __future__ import annotations
 
+import numbers
 from typing import List, Tuple
 
 import torch
@@ -8,16 +9,24 @@ from torch import nn
 
 from ..nn import masked_layers
 from ..nn.masked import _MaskedWeight
-from ..nn.sparsify import Selector, _matches
+from ..nn.sparsify import Selector, _matches, check_selector
 
 
 def check_fraction(name: str, value) -> float:
-    """A sparsity / fraction of channels: a real number in [0, 1) (1 would remove everything)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__}")
+    """A sparsity / fraction of channels: a real number in [0, 1) (1 would remove everything; NaN fails)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__} {value!r}")
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
     return float(value)
+
+
+def check_finite(name: str, values: torch.Tensor) -> None:
+    """Weights or scores to rank must be finite: NaN sorts above every number
+    (so NaN weights would be kept as the largest) and inf is no magnitude."""
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+        raise ValueError(f"{name} contains NaN or inf ({nan} NaN, {inf} inf): cannot rank it for pruning")
 
 
 def check_choice(name: str, value, choices) -> str:
@@ -61,6 +70,8 @@ def prunable_layers(model: nn.Module, include: Selector = None, exclude: Selecto
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    include = check_selector("include", include)
+    exclude = check_selector("exclude", exclude)
     skip = output_layer_name(model) if keep_output_layer else None
     layers = [(name, layer) for name, layer in masked_layers(model)
               if name != skip

@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..sparse.bsr import check_blocksize
-from ._common import check_choice, check_fraction
+from ._common import check_choice, check_finite, check_fraction
 
 BLOCK_NORMS = ("l2", "l1")
 
@@ -38,8 +38,7 @@ def block_scores(weight: torch.Tensor, block=(4, 4), norm: str = "l2") -> torch.
     if rows % bh or cols % bw:
         raise ValueError(f"block {(bh, bw)} does not divide the weight's shape {(rows, cols)} (as rows x columns)")
     w = weight.detach().reshape(rows, cols)
-    if torch.isnan(w).any():
-        raise ValueError("weight contains NaN")
+    check_finite("weight", w)
     blocks = w.double().reshape(rows // bh, bh, cols // bw, bw)
     if norm == "l1":
         return blocks.abs().sum(dim=(1, 3))

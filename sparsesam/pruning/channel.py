@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..nn.sparsify import Selector
-from ._common import check_choice, check_fraction, output_channels, prunable_layers
+from ._common import check_choice, check_finite, check_fraction, output_channels, prunable_layers
 from .channel_criteria import TaylorAccumulator, channel_scores
 
 SCOPES = ("layer", "global")
@@ -109,8 +109,7 @@ def prune_channels(model: nn.Module, scores: Mapping[str, torch.Tensor], fractio
         s = scores[name]
         if not isinstance(s, torch.Tensor) or s.shape != (layer.weight.shape[0],):
             raise ValueError(f"scores[{name!r}] must be a tensor of shape ({layer.weight.shape[0]},)")
-        if torch.isnan(s).any():
-            raise ValueError(f"scores[{name!r}] contains NaN")
+        check_finite(f"scores[{name!r}]", s)  # +inf also marks reserved channels below
 
     by_name = dict(layers)
     # A unit's score is the mean of its layers' scores, so tied and single layers rank on one scale.

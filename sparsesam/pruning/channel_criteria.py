@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..nn.sparsify import Selector
-from ._common import check_choice, prunable_layers
+from ._common import check_choice, check_finite, prunable_layers
 
 CHANNEL_CRITERIA = ("l2", "taylor")
 
@@ -142,6 +142,8 @@ def channel_scores(model: nn.Module, criterion: str = "l2", taylor: Optional[Tay
     if criterion == "l2":
         if taylor is not None:
             raise ValueError("taylor is only read by criterion='taylor'")
+        for name, layer in layers:
+            check_finite(f"the weight of layer {name!r}", layer.weight.detach())
         return {name: channel_l2_norms(layer) for name, layer in layers}
     if not isinstance(taylor, TaylorAccumulator):
         raise TypeError(f"criterion='taylor' needs taylor=TaylorAccumulator(...), got {type(taylor).__name__}")
@@ -149,4 +151,6 @@ def channel_scores(model: nn.Module, criterion: str = "l2", taylor: Optional[Tay
     missing = [name for name, _ in layers if name not in recorded]
     if missing:
         raise ValueError(f"taylor did not watch layers {missing}")
+    for name, _ in layers:  # a non-finite loss or gradient during accumulation
+        check_finite(f"the Taylor scores of layer {name!r}", recorded[name])
     return {name: recorded[name] for name, _ in layers}

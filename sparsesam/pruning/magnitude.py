@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..nn import masked_layers
+from ._common import check_choice, check_finite, check_fraction
 
 SCOPES = ("global", "layer")
 
@@ -27,13 +28,15 @@ def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global") ->
     scope="layer" prunes each layer to ``sparsity``. Already-pruned weights
     count with their current value, so pruning is not cumulative by itself.
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    sparsity = check_fraction("sparsity", sparsity)
+    check_choice("scope", scope, SCOPES)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = list(masked_layers(model))
     if not layers:
         raise ValueError("model has no masked layers: call sparsesam.sparsify(model) first")
+    for name, layer in layers:  # all checked before any mask changes
+        check_finite(f"the weight of layer {name!r}", layer.weight)
     if scope == "layer":
         for _, layer in layers:
             keep = round(layer.weight.numel() * (1.0 - sparsity))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..nn.sparsify import Selector
-from ._common import check_nm, prunable_layers
+from ._common import check_finite, check_nm, prunable_layers
 
 
 def _grouped(t: torch.Tensor, m: int, name: str) -> torch.Tensor:
@@ -40,8 +40,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     n, m = check_nm(n, m)
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if scores.is_floating_point() and torch.isnan(scores).any():
-        raise ValueError("scores contains NaN")
+    check_finite("scores", scores)
     groups = _grouped(scores.detach(), m, "scores")
     top = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
     kept = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
@@ -74,18 +73,23 @@ def nm_prune(model: nn.Module, n: int = 2, m: int = 4, scores: Optional[Mapping[
     check_nm(n, m)
     if scores is not None and not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a mapping {{layer name: tensor}}, got {type(scores).__name__}")
-    result = {}
+    result, masks = {}, []
     for name, layer in prunable_layers(model, include, exclude, keep_output_layer):
         if layer.weight.shape[1] % m and skip_indivisible:
             continue
         if scores is None:
             s = layer.effective_weight().detach().abs()
+            check_finite(f"the weight of layer {name!r}", s)
         else:
             if name not in scores:
                 raise ValueError(f"scores has no entry for layer {name!r}")
             s = scores[name]
             if not isinstance(s, torch.Tensor) or s.shape != layer.weight.shape:
                 raise ValueError(f"scores[{name!r}] must be a tensor of the weight's shape {tuple(layer.weight.shape)}")
-        layer.set_mask(nm_mask(s.to(layer.weight.device), n, m))
+            check_finite(f"scores[{name!r}]", s)
+        masks.append((name, layer, nm_mask(s.to(layer.weight.device), n, m)))
+    # Every layer's mask is made (and its scores checked) before any is set.
+    for name, layer, mask in masks:
+        layer.set_mask(mask)
         result[name] = layer.sparsity
     return result

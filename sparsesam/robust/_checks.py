@@ -2,6 +2,7 @@
 argument, before any sampling or model call."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -46,17 +47,40 @@ def labels(name: str, y, n: int) -> None:
         raise ValueError(f"{name} must have shape ({n},) to match the images, got {tuple(y.shape)}")
 
 
+def number(name: str, value) -> float:
+    """A real number as a float (a Python or NumPy number, or a one-element tensor).
+
+    Strings and bools are refused, not converted: ``"0.5"`` or ``True`` as a
+    setting is a caller's mistake that float() would hide.
+    """
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+
+
+def finite(name: str, value) -> float:
+    value = number(name, value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def positive(name: str, value) -> float:
-    value = float(value)
-    if not value > 0:  # also rejects NaN
-        raise ValueError(f"{name} must be > 0, got {value}")
+    """Finite and > 0 (NaN and inf refused: a radius or noise level of inf certifies nothing)."""
+    value = number(name, value)
+    if not (value > 0 and math.isfinite(value)):  # NaN fails the comparison
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
 
 
 def non_negative(name: str, value) -> float:
-    value = float(value)
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    """Finite and >= 0."""
+    value = number(name, value)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return value
 
 
@@ -67,7 +91,7 @@ def positive_int(name: str, value) -> int:
 
 
 def probability(name: str, value, *, open_low: bool = True, open_high: bool = True) -> float:
-    value = float(value)
+    value = number(name, value)  # NaN fails both comparisons below
     ok_low = value > 0 if open_low else value >= 0
     ok_high = value < 1 if open_high else value <= 1
     if not (ok_low and ok_high):
@@ -91,9 +115,11 @@ def choice(name: str, value, options: Sequence[str]) -> str:
 def value_range(name: str, value, *, low_bound: Optional[float] = None) -> tuple:
     """A (low, high) pair with low <= high (and low >= low_bound)."""
     try:
-        low, high = (float(v) for v in value)
+        low, high = (number(name, v) for v in value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} must be finite, got ({low}, {high})")
     if not low <= high:
         raise ValueError(f"{name} must have low <= high, got ({low}, {high})")
     if low_bound is not None and low < low_bound:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from . import _checks
 from .attacks import autoattack, fgsm, pgd
 from .model_state import eval_mode
+from .predictions import check_logits, correct as correct_predictions
 
 ATTACKS = ("pgd", "fgsm", "autoattack")
 
@@ -32,8 +33,11 @@ def adversarial_accuracy(model: nn.Module, batches: Iterable[Tuple[torch.Tensor,
 
     PGD's step size is ``step_size_factor * eps / steps`` at each eps. Every
     batch gets its own attack seed (derived from ``seed``), the same at every eps.
+    An example on which the model's logits are not finite is never counted
+    correct (sparsesam.robust.predictions).
     """
     _checks.choice("attack", attack, ATTACKS)
+    step_size_factor = _checks.non_negative("step_size_factor", step_size_factor)
     epsilons = [_checks.non_negative("epsilons", e) for e in epsilons]
     if not epsilons:
         raise ValueError("epsilons is empty")
@@ -46,7 +50,9 @@ def adversarial_accuracy(model: nn.Module, batches: Iterable[Tuple[torch.Tensor,
             x, y = x.to(device), y.to(device)
             _checks.images("images", x)
             _checks.labels("labels", y, x.shape[0])
-            clean_correct += (model(x).argmax(dim=1) == y).sum().item()
+            clean_logits = model(x)
+            check_logits(clean_logits, x.shape[0])
+            clean_correct += correct_predictions(clean_logits, y).sum().item()
             total += len(y)
             batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0])
             for i, eps in enumerate(epsilons):
@@ -57,7 +63,7 @@ def adversarial_accuracy(model: nn.Module, batches: Iterable[Tuple[torch.Tensor,
                     x_adv = fgsm(model, x, y, eps=eps, norm=norm)
                 else:
                     x_adv = autoattack(model, x, y, eps=eps, norm=norm, seed=batch_seed) if eps > 0 else x
-                correct[i] += (model(x_adv).argmax(dim=1) == y).sum().item()
+                correct[i] += correct_predictions(model(x_adv), y).sum().item()
     if total == 0:
         raise ValueError("batches is empty: nothing to evaluate")
     return {

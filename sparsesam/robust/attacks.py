@@ -8,6 +8,12 @@ mode with ``model_mode="train"``) with parameter gradients off; every
 module's mode and every parameter's ``requires_grad`` are restored after, so
 training losses (sparsesam.robust.adversarial_losses) can call an attack in
 the middle of a training step.
+
+Non-finite logits (sparsesam.robust.predictions): an input on which the
+model outputs NaN or inf is misclassified (it predicts no class), so the
+attack keeps it as a success; where the objective's gradient is not finite
+the example takes no step (a NaN step would leave the eps-ball and [0, 1]).
+eps, step_size and init_std must be finite.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from .model_state import attack_mode
+from .predictions import NO_CLASS, check_logits, predicted_classes
 
 Tensor = torch.Tensor
 Objective = Callable[[Tensor, Tensor], Tensor]
@@ -98,6 +105,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf
     if step_size is None:
         step_size = 2.5 * eps / steps
     step_size = _checks.non_negative("step_size", step_size)
+    init_std = _checks.non_negative("init_std", init_std)
     if eps == 0 or x.numel() == 0:
         return x.detach().clone()
     generator = torch.Generator().manual_seed(int(seed))
@@ -118,12 +126,20 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf
                         step = grad.sign()
                     else:
                         step = grad / _flat_norm(grad).clamp_min(1e-12)
+                    # No step where the gradient is not finite (the model's output was not).
+                    finite = torch.isfinite(grad).flatten(1).all(dim=1).reshape(-1, *([1] * (x.dim() - 1)))
+                    step = torch.where(finite, step, torch.zeros_like(step))
                     delta = _project(delta + step_size * step, x, eps, norm)
             with torch.no_grad():
                 x_adv = x + delta
                 logits = model(x_adv)
-                loss = objective(logits, y).float()
-                wrong = logits.argmax(dim=1) != y
+                check_logits(logits, x.shape[0])
+                prediction = predicted_classes(logits)
+                no_class = prediction == NO_CLASS
+                # A non-finite output is the strongest success: misclassified, largest loss.
+                loss = torch.where(no_class, torch.full_like(best_loss, float("inf")),
+                                   objective(logits, y).float())
+                wrong = no_class | (prediction != y)
                 better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
                 best = torch.where(better.reshape(-1, *([1] * (x.dim() - 1))), x_adv, best)
                 best_wrong = best_wrong | wrong

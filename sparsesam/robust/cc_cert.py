@@ -33,6 +33,12 @@ T_theta with theta drawn from a distribution (here uniform on a range):
    then the prediction stays correct for a fraction >= 1 - eps of the
    transforms. Certified accuracy is the fraction of test points certified.
 
+Non-finite logits (sparsesam.robust.predictions): an image whose clean
+logits are not all finite predicts no class, so it is neither correct nor
+certified (bound 1, margin 0); a transform on which the logits are not all
+finite counts as the worst discrepancy, ``Z = 1 >= d``, i.e. as a change of
+prediction, which keeps the bound an upper bound. Neither can certify.
+
 The transforms come from a seeded generator (one stream per batch and
 transform), so results are reproducible; the official code draws them from the
 global RNG through kornia.
@@ -52,6 +58,7 @@ from .cc_cert_bounds import (ESTIMATORS, OFFICIAL_DELTA, OFFICIAL_N_BOUNDS, OFFI
                              chernoff_cramer_bound, default_t_grid, kl_upper_confidence, official_bound,
                              prediction_discrepancy, top2_margin)
 from .model_state import eval_mode
+from .predictions import NO_CLASS, check_logits, finite_rows, predicted_classes
 from .semantic_transforms import apply_transform, check_range, sample_parameters
 
 Tensor = torch.Tensor
@@ -91,6 +98,7 @@ def cc_cert_batch(model: nn.Module, x: Tensor, y: Tensor, *, transform: str, val
                   seed: int = 0, batch_size: int = 1000) -> dict:
     """CC-Cert bounds for a batch: tensors ``prediction``, ``correct``, ``margin``, ``bound``,
     ``t``, ``z_max`` and ``stable`` (no sampled transform changed the prediction), one per image.
+    ``prediction`` is NO_CLASS (-1) where the clean logits are not finite.
 
     Each image gets ``n_bounds * n_samples`` transforms (the official code's
     ``nbounds * nsamples``); n_samples is the size of one group. See
@@ -108,25 +116,37 @@ def cc_cert_batch(model: nn.Module, x: Tensor, y: Tensor, *, transform: str, val
     generator = torch.Generator().manual_seed(int(seed))
     params = sample_parameters(transform, value_range, n * draws, generator)   # image-major
     with eval_mode(model):
-        probs = F.softmax(model(x).float(), dim=1)
-        chunks = []
+        logits = model(x)
+        check_logits(logits, n)
+        prediction = predicted_classes(logits)                  # NO_CLASS where not finite
+        probs = F.softmax(logits.float(), dim=1)
+        chunks, finite = [], []
         for start in range(0, n * draws, batch_size):
             stop = min(start + batch_size, n * draws)
             images = x[torch.arange(start, stop, device=x.device) // draws]
             xt = apply_transform(images, transform, params[start:stop])
-            chunks.append(F.softmax(model(xt).float(), dim=1))
+            out = model(xt)
+            check_logits(out, stop - start)
+            chunks.append(F.softmax(out.float(), dim=1))
+            finite.append(finite_rows(out))
     transformed = torch.cat(chunks).reshape(n, draws, -1)
+    transformed_finite = torch.cat(finite).reshape(n, draws)
+    clean_finite = prediction != NO_CLASS
+    # A non-finite output on either side is the worst discrepancy (see the module docstring).
     z = prediction_discrepancy(probs, transformed)     # groups = consecutive blocks of n_samples
-    margin = top2_margin(probs)
+    z = torch.where(transformed_finite & clean_finite.unsqueeze(1), z, torch.ones_like(z))
+    margin = torch.where(clean_finite, top2_margin(probs), torch.zeros_like(probs[:, 0]))
     bound, t_best = estimate_bound(z, margin, estimator=estimator, n_bounds=n_bounds, delta=delta, t_grid=t_grid)
-    prediction = probs.argmax(dim=1)
-    stable = (transformed.argmax(dim=2) == prediction.unsqueeze(1)).all(dim=1)
-    return {"prediction": prediction, "correct": prediction == y.to(prediction.device), "margin": margin,
+    bound = torch.where(clean_finite, bound, torch.ones_like(bound))
+    stable = (transformed_finite & (transformed.argmax(dim=2) == prediction.unsqueeze(1))).all(dim=1) & clean_finite
+    correct = clean_finite & (prediction == y.to(prediction.device))
+    return {"prediction": prediction, "correct": correct, "margin": margin,
             "bound": bound, "t": t_best, "z_max": z.amax(dim=1), "stable": stable}
 
 
 def certified_fraction(correct: Tensor, bound: Tensor, epsilon: float) -> float:
     """Fraction of examples that are correct with bound < epsilon (script.py's ``b < th and correct``)."""
+    epsilon = _checks.probability("epsilon", epsilon, open_low=False, open_high=False)
     return (correct & (bound < epsilon)).double().mean().item()
 
 

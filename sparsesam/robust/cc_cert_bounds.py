@@ -115,9 +115,15 @@ def _check_samples(z: Tensor, d: Tensor, t_grid, default=default_t_grid) -> Tens
         raise ValueError(f"z must be (N, M) and d (N,), got {tuple(z.shape)} and {tuple(d.shape)}")
     if z.shape[1] == 0:
         raise ValueError("z has no samples (M = 0)")
+    # A NaN sample would make the bound NaN, which compares as "not certified"
+    # silently; cc_cert_batch maps non-finite model outputs to Z = 1 first.
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("z must be finite (a discrepancy in [0, 1])")
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError("d must be finite (a margin in [0, 1/2])")
     t = (default() if t_grid is None else torch.as_tensor(t_grid, dtype=torch.float64)).to(z.device)
-    if t.dim() != 1 or t.numel() == 0 or not bool((t > 0).all()):
-        raise ValueError("t_grid must be a non-empty 1-D sequence of positive numbers")
+    if t.dim() != 1 or t.numel() == 0 or not bool(((t > 0) & torch.isfinite(t)).all()):
+        raise ValueError("t_grid must be a non-empty 1-D sequence of finite positive numbers")
     return t
 
 

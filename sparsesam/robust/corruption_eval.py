@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import _checks
 from .corruptions import CORRUPTIONS, corrupt
 from .model_state import eval_mode
+from .predictions import check_logits, correct as correct_predictions
 
 
 def _batch_seed(seed: int, corruption_index: int, severity: int, batch_index: int) -> int:
@@ -37,7 +38,8 @@ def evaluate_corruptions(model: nn.Module, batches: Iterable[Tuple[torch.Tensor,
     batches: an iterable of (images in [0, 1], labels), e.g. a DataLoader; it
     is iterated once and kept in memory on the CPU (test sets of 10k small
     images fit easily), so every corruption sees the same images.
-    The model runs in eval mode; its mode is restored afterwards.
+    The model runs in eval mode; its mode is restored afterwards. An image on
+    which the model's logits are not finite is never counted correct.
     """
     for name in corruptions:
         _checks.choice("corruption", name, CORRUPTIONS)
@@ -57,7 +59,9 @@ def evaluate_corruptions(model: nn.Module, batches: Iterable[Tuple[torch.Tensor,
         correct = 0
         for b, (x, y) in enumerate(cached):
             x = transform(x.to(device), b)
-            correct += (model(x).argmax(dim=1).cpu() == y).sum().item()
+            logits = model(x)
+            check_logits(logits, x.shape[0])
+            correct += correct_predictions(logits, y).sum().item()
         return correct / total
 
     with eval_mode(model):

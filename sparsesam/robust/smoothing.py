@@ -13,6 +13,13 @@ certified by Monte Carlo, as in the paper's CERTIFY / PREDICT:
 Noise is added to the [0, 1] image and not clipped (clipping would break the
 Gaussian assumption); the model sees those noisy images. Noise is drawn in
 batches from a generator seeded per call, so results are reproducible.
+
+Non-finite logits: a noisy copy on which the model outputs NaN or inf votes
+for no class (sparsesam.robust.predictions). The base classifier is then f
+with one more output, "no class", which is never cA, so the certificate
+stays sound: such draws only lower pA's bound. When no draw names a class,
+PREDICT and CERTIFY abstain (Cohen's code would count the argmax of NaN,
+class 0, as a vote and could certify it).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import _checks
 from .model_state import eval_mode
+from .predictions import NO_CLASS, check_logits, predicted_classes
 
 ABSTAIN = -1
 
@@ -54,6 +62,7 @@ def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
 def certified_radius(p_lower: float, sigma: float) -> float:
     """``sigma * Phi^-1(p_lower)``: the L2 radius certified when pA >= p_lower > 1/2."""
     _checks.positive("sigma", sigma)
+    _checks.probability("p_lower", p_lower)  # 1 would give an infinite radius
     return float(sigma * _stats().norm.ppf(p_lower))
 
 
@@ -70,7 +79,11 @@ def _check_common(model, x, sigma, n, alpha, batch_size):
 @torch.no_grad()
 def sample_counts(model: nn.Module, x: torch.Tensor, sigma: float, num: int, batch_size: int,
                   generator: torch.Generator) -> np.ndarray:
-    """How often ``model(x + sigma * noise)`` predicts each class, over ``num`` noise draws."""
+    """How often ``model(x + sigma * noise)`` predicts each class, over ``num`` noise draws.
+
+    Draws whose logits are not all finite predict no class and are in no
+    count, so the counts may sum to less than ``num``.
+    """
     counts: Optional[np.ndarray] = None
     remaining = num
     while remaining > 0:
@@ -78,9 +91,11 @@ def sample_counts(model: nn.Module, x: torch.Tensor, sigma: float, num: int, bat
         batch = x.unsqueeze(0).expand(this, *x.shape)
         noise = torch.randn(batch.shape, generator=generator, device=x.device, dtype=x.dtype)
         logits = model(batch + sigma * noise)
+        check_logits(logits, this)
         if counts is None:
             counts = np.zeros(logits.shape[1], dtype=np.int64)
-        counts += np.bincount(logits.argmax(dim=1).cpu().numpy(), minlength=len(counts))
+        classes = predicted_classes(logits).cpu().numpy()
+        counts += np.bincount(classes[classes != NO_CLASS], minlength=len(counts))[:len(counts)]
         remaining -= this
     return counts
 
@@ -95,7 +110,8 @@ def predict(model: nn.Module, x: torch.Tensor, sigma: float, n: int, alpha: floa
 
     Abstains when the two-sided binomial test of the top two counts
     (``binomtest(n1, n1 + n2, 0.5)``) has a p-value above alpha, so a wrong
-    answer has probability at most alpha.
+    answer has probability at most alpha; also when no draw predicts a class
+    (the model's logits were never finite).
     """
     _check_common(model, x, sigma, n, alpha, batch_size)
     with eval_mode(model):
@@ -103,6 +119,8 @@ def predict(model: nn.Module, x: torch.Tensor, sigma: float, n: int, alpha: floa
     order = np.argsort(-counts, kind="stable")
     n1 = int(counts[order[0]])
     n2 = int(counts[order[1]]) if len(counts) > 1 else 0
+    if n1 == 0:
+        return ABSTAIN
     if _stats().binomtest(n1, n1 + n2, 0.5).pvalue > alpha:
         return ABSTAIN
     return int(order[0])
@@ -113,6 +131,7 @@ def certify(model: nn.Module, x: torch.Tensor, sigma: float, n0: int, n: int, al
     """(prediction, L2 radius) of the smoothed classifier at one (C, H, W) image, or (ABSTAIN, 0.0).
 
     Selection and estimation use separate noise draws (both from ``seed``).
+    Abstains when no selection draw predicts a class (non-finite logits).
     """
     _check_common(model, x, sigma, n, alpha, batch_size)
     _checks.positive_int("n0", n0)
@@ -121,6 +140,8 @@ def certify(model: nn.Module, x: torch.Tensor, sigma: float, n0: int, n: int, al
     generator = _generator(x, seed)
     with eval_mode(model):
         selection = sample_counts(model, x, sigma, n0, batch_size, generator)
+        if selection.max() == 0:
+            return ABSTAIN, 0.0
         top = int(np.argmax(selection))
         estimation = sample_counts(model, x, sigma, n, batch_size, generator)
     p_lower = clopper_pearson_lower(int(estimation[top]), n, alpha)
@@ -150,6 +171,14 @@ def certify_dataset(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torc
     Example i uses seed ``seed + i``. Returns the settings and one record per
     certified example: ``{"index", "label", "prediction", "radius", "correct"}``.
     """
+    # Checked here too, so bad settings fail before the data is read.
+    if not callable(model):
+        raise TypeError(f"model must be an nn.Module or callable, got {type(model).__name__}")
+    _checks.positive("sigma", sigma)
+    _checks.positive_int("n0", n0)
+    _checks.positive_int("n", n)
+    _checks.probability("alpha", alpha)
+    _checks.positive_int("batch_size", batch_size)
     _checks.positive_int("skip", skip)
     if max_index is not None:
         _checks.positive_int("max_index", max_index)
@@ -185,7 +214,7 @@ def certified_accuracy(result: dict, radii: Sequence[float]) -> dict:
     Abstentions and wrong predictions count as failures at every radius.
     """
     records = result["records"]
-    radii = [float(r) for r in radii]
+    radii = [_checks.non_negative("radii", r) for r in radii]
     ok = np.array([r["correct"] for r in records], dtype=bool)
     radius = np.array([r["radius"] for r in records], dtype=np.float64)
     accuracy = [float(np.mean(ok & (radius >= r))) for r in radii]
