@@ -190,6 +190,10 @@ void test_sparse_conv2d() {
       {1, 1, 1, 1, 1, {{1, 1}, {1, 1}, {0, 0}, {1, 1}}, 1.0, false},
       {2, 3, 7, 9, 7, {{3, 3}, {1, 1}, {1, 1}, {1, 1}}, 0.4, true},
       {3, 5, 9, 7, 6, {{3, 2}, {2, 1}, {1, 0}, {1, 2}}, 0.3, true},  // strided, dilated, rectangular kernel
+      // Unit stride takes other kernels (contiguous row segments); "same" width (out_w == w) a flat one.
+      {2, 3, 8, 9, 4, {{3, 2}, {1, 1}, {1, 1}, {2, 1}}, 0.5, true},  // unit stride, dilation differs per axis
+      {1, 4, 9, 9, 5, {{3, 3}, {1, 1}, {2, 2}, {2, 2}}, 0.5, false},  // "same" width, dilated
+      {2, 2, 7, 5, 3, {{1, 3}, {1, 1}, {0, 2}, {1, 2}}, 0.5, true},  // "same" width, dilated along w only
       {1, 17, 5, 5, 3, {{1, 1}, {1, 1}, {0, 0}, {1, 1}}, 0.5, false},
       {0, 3, 5, 5, 4, {{3, 3}, {1, 1}, {1, 1}, {1, 1}}, 0.5, true},  // empty batch
       {2, 2, 6, 6, 3, {{3, 3}, {2, 2}, {2, 2}, {1, 1}}, 0.0, true},  // all pruned
