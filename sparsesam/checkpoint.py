@@ -15,6 +15,17 @@ Exact resumption also needs every random stream where it was:
 generators, Python's ``random``, NumPy's global generator and, optionally, a
 DataLoader's own ``torch.Generator`` (its shuffling order and worker seeds are
 drawn from it once per epoch).
+
+Reading is checked, so a bad file is a one-line
+:class:`~sparsesam.file_errors.BadCheckpointError` (a ValueError) naming
+it, never a traceback from deep inside torch: an empty file, one that is not
+a zip archive (random bytes, text, another format), a truncated archive, a
+member whose bytes fail the archive's CRC-32 (torch.load itself does not
+check it, so a flipped bit would load silently), objects other than plain
+data, keys a resume needs that are missing (``load(required=...)``), a
+state written by another algorithm or version (``expect``), and a model or
+optimizer state that does not fit the run's (``restore``: another model,
+width or optimizer).
 """
 from __future__ import annotations
 
@@ -22,10 +33,19 @@ import os
 import pickle
 import random
 import tempfile
-from typing import Any, Dict, Optional
+import zipfile
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .file_errors import BadCheckpointError, describe
+
+# torch.save's format is a zip archive; its first local file header starts with these bytes.
+_ZIP_MAGIC = b"PK\x03\x04"
+# What torch.load and load_state_dict raise on bytes or states they cannot use (each seen on a bad file).
+_READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                zipfile.BadZipFile)
 
 
 class Checkpointer:
@@ -47,18 +67,48 @@ class Checkpointer:
     def exists(self) -> bool:
         return os.path.isfile(self.path)
 
-    def load(self) -> Optional[Dict[str, Any]]:
-        """The last saved state, or None when no checkpoint was written yet."""
+    def load(self, required: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
+        """The last saved state, or None when no checkpoint was written yet.
+
+        required: keys the caller's resume needs; one that is missing is a
+        BadCheckpointError (a checkpoint of another command or version).
+        Any unreadable file is a BadCheckpointError naming it (module docstring).
+        """
+        if isinstance(required, str) or not all(isinstance(key, str) for key in required):
+            raise TypeError(f"required must be a sequence of str keys, got {required!r}")
         if not self.exists():
             return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(f"checkpoint {self.path} holds objects other than tensors, numbers, strings, lists "
-                             f"and dicts, which are not loaded: {error}") from error
-        if not isinstance(state, dict):
-            raise ValueError(f"checkpoint {self.path} does not hold a dict (got {type(state).__name__})")
+        state = read_checkpoint(self.path)
+        missing = [key for key in required if key not in state]
+        if missing:
+            raise BadCheckpointError(self.path, f"the checkpoint lacks {missing} (it holds {sorted(state)}): "
+                                                f"it was written by another command or version")
         return state
+
+    def expect(self, state: Dict[str, Any], **expected: Any) -> None:
+        """Refuse a loaded ``state`` whose fields differ from ``expected`` (e.g. ``algorithm="adasap", version=2``)."""
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise BadCheckpointError(self.path, f"the checkpoint was written with {key}={state.get(key)!r}, "
+                                                    f"this run has {key}={value!r}")
+
+    def restore(self, target: Any, state: Dict[str, Any], key: str) -> None:
+        """``target.load_state_dict(state[key])`` (a module or an optimizer); a state that does not fit is a
+        BadCheckpointError naming the file (a checkpoint of another model, width or optimizer)."""
+        if not callable(getattr(target, "load_state_dict", None)):
+            raise TypeError(f"target must have a load_state_dict method, got {type(target).__name__}")
+        if key not in state:
+            raise BadCheckpointError(self.path, f"the checkpoint has no {key!r} state (it holds {sorted(state)})")
+        problem = f"its {key!r} state does not fit this run's {type(target).__name__} (a checkpoint of another " \
+                  f"model, width, optimizer or algorithm?)"
+        try:
+            target.load_state_dict(state[key])
+        except _READ_ERRORS as error:
+            raise BadCheckpointError(self.path, f"{problem}: {describe(error)}") from error
+        if isinstance(target, torch.optim.Optimizer):
+            mismatch = _optimizer_shape_mismatch(target)
+            if mismatch:
+                raise BadCheckpointError(self.path, f"{problem}: {mismatch}")
 
     def save(self, state: Dict[str, Any]) -> None:
         """Write ``state`` atomically: the previous checkpoint stays intact until the new one is complete."""
@@ -99,6 +149,50 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.path!r})"
+
+
+def _optimizer_shape_mismatch(optimizer: torch.optim.Optimizer) -> Optional[str]:
+    # Optimizer.load_state_dict matches parameters by position only: the buffers of a model of another
+    # width load without complaint and fail (or broadcast) at the first step. Each per-parameter buffer
+    # (momentum, exp_avg, ...) must have its parameter's shape; 0-d entries (step counts) are exempt.
+    index = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    return (f"its {name} of parameter {index} has shape {tuple(value.shape)}, the parameter "
+                            f"{tuple(param.shape)}")
+            index += 1
+    return None
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """The dict a checkpoint file holds, loaded with ``weights_only=True``; BadCheckpointError if unusable."""
+    if os.path.getsize(path) == 0:
+        raise BadCheckpointError(path, "the checkpoint is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if head != _ZIP_MAGIC:
+        raise BadCheckpointError(path, f"not a checkpoint written by torch.save: it does not start like a zip archive "
+                                       f"(first bytes {head!r}); random bytes or another kind of file?")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every member and checks its CRC-32
+    except _READ_ERRORS as error:
+        raise BadCheckpointError(path, f"the checkpoint is truncated or corrupt: its zip archive cannot be read "
+                                       f"({describe(error)})") from error
+    if damaged is not None:
+        raise BadCheckpointError(path, f"the checkpoint is corrupt: archive member {damaged} fails its CRC-32 check")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise BadCheckpointError(path, f"the checkpoint holds objects other than tensors, numbers, strings, lists "
+                                       f"and dicts, which are not loaded ({describe(error)})") from error
+    except _READ_ERRORS as error:
+        raise BadCheckpointError(path, f"the checkpoint cannot be read by torch.load: {describe(error)}") from error
+    if not isinstance(state, dict):
+        raise BadCheckpointError(path, f"the checkpoint does not hold a dict (got {type(state).__name__})")
+    return state
 
 
 def _fsync_directory(directory: str) -> None:
@@ -153,4 +247,4 @@ def restore_rng_state(state: Dict[str, Any], loader_generator: Optional[torch.Ge
         loader_generator.set_state(state["loader"])
 
 
-__all__ = ["Checkpointer", "capture_rng_state", "restore_rng_state"]
+__all__ = ["Checkpointer", "read_checkpoint", "capture_rng_state", "restore_rng_state", "BadCheckpointError"]

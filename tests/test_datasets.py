@@ -10,6 +10,7 @@ import torch
 
 from sparsesam.data import DATASETS, DatasetInfo, ImageDataset, build_dataset, load_cifar10, load_dataset, \
     load_digits, load_fashion_mnist, make_synthetic
+from sparsesam.file_errors import BadDatasetFileError
 from sparsesam.models import build_model
 
 
@@ -68,7 +69,7 @@ def test_fashion_mnist_missing_folder_and_file(tmp_path):
 def test_fashion_mnist_rejects_mismatched_files(tmp_path):
     _fake_fashion_mnist(tmp_path, n_train=5)
     _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(4, np.uint8))
-    with pytest.raises(ValueError, match="5 images but 4 labels"):
+    with pytest.raises(BadDatasetFileError, match="5 images but 4 labels"):
         build_dataset("fashion_mnist", "train", str(tmp_path))
     _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.full(5, 12, np.uint8))
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
@@ -144,7 +145,7 @@ def test_cifar10_refuses_pickles_that_run_code(tmp_path):
     folder.mkdir()
     with open(folder / "test_batch", "wb") as f:
         pickle.dump({"data": _RunsCode(), "labels": []}, f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError, match="may not refer to posix.getcwd|may not refer to nt.getcwd"):
+    with pytest.raises(BadDatasetFileError, match="may not refer to posix.getcwd|may not refer to nt.getcwd"):
         build_dataset("cifar10", "test", str(tmp_path))
 
 
@@ -155,6 +156,95 @@ def test_cifar10_rejects_a_wrong_batch(tmp_path):
         pickle.dump({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, f, protocol=2)
     with pytest.raises(ValueError, match=r"'data' must be uint8 of shape \(N, 3072\)"):
         build_dataset("cifar10", "test", str(tmp_path))
+
+
+# ---------------------------------------------------------------- truncated or foreign dataset files
+
+def _bad_idx_variants(good: bytes):
+    return {
+        "empty": (b"", "bad magic number"),
+        "text": (b"label,image\n3,0 0 0\n", "bad magic number"),
+        "unknown element type": (bytes([0, 0, 0x07, 1]) + good[4:], "unknown IDX element type 0x07"),
+        "header cut": (good[:6], "truncated: the header of a 3-d IDX array takes 16 bytes"),
+        "payload cut": (good[:-100], r"truncated: the header says shape \(6, 28, 28\)"),
+        "trailing bytes": (good + b"\0" * 7, "7 bytes follow the"),
+        "header of another shape": (good[:4] + (7).to_bytes(4, "big") + good[8:], "truncated"),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "text", "unknown element type", "header cut", "payload cut",
+                                  "trailing bytes", "header of another shape"])
+def test_a_bad_idx_file_is_a_one_line_error_naming_it(tmp_path, case):
+    _fake_fashion_mnist(tmp_path, gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    content, message = _bad_idx_variants(path.read_bytes())[case]
+    path.write_bytes(content)
+    with pytest.raises(BadDatasetFileError, match=message) as error:
+        build_dataset("fashion_mnist", "train", str(tmp_path))
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("case", ["truncated gzip", "not gzip"])
+def test_a_bad_gzip_idx_file_is_named(tmp_path, case):
+    _fake_fashion_mnist(tmp_path, gz=True)
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2] if case == "truncated gzip" else b"\0\0\x08\x01" + good)
+    with pytest.raises(BadDatasetFileError, match="not a readable gzip file") as error:
+        build_dataset("fashion_mnist", "test", str(tmp_path))
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+def test_idx_files_of_the_wrong_kind_name_the_file(tmp_path):
+    _fake_fashion_mnist(tmp_path, gz=False)
+    images = tmp_path / "train-images-idx3-ubyte"
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    # The label file where the images belong, and images of another size.
+    images.write_bytes(labels.read_bytes())
+    with pytest.raises(BadDatasetFileError, match=rf"^{images}: expected uint8 images of shape \(N, 28, 28\)"):
+        build_dataset("fashion_mnist", "train", str(tmp_path))
+    _write_idx(images, np.zeros((6, 32, 32), np.uint8))
+    with pytest.raises(BadDatasetFileError, match=r"holds uint8 of shape \(6, 32, 32\)"):
+        build_dataset("fashion_mnist", "train", str(tmp_path))
+    _write_idx(images, np.zeros((6, 28, 28), np.uint8))
+    _write_idx(labels, np.zeros((6, 2), np.uint8))
+    with pytest.raises(BadDatasetFileError, match=rf"^{labels}: expected integer labels of shape \(N,\)"):
+        build_dataset("fashion_mnist", "train", str(tmp_path))
+
+
+def _bad_cifar_variants(good: bytes):
+    return {
+        "empty": (b"", "not a readable CIFAR-10 batch.*EOFError"),
+        "truncated": (good[: len(good) // 2], "not a readable CIFAR-10 batch"),
+        "last byte cut": (good[:-1], "not a readable CIFAR-10 batch"),
+        "random bytes": (bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)),
+                         "not a readable CIFAR-10 batch"),
+        "text": (b"airplane,automobile\n", "not a readable CIFAR-10 batch"),
+        "an IDX file": (bytes([0, 0, 8, 1, 0, 0, 0, 2, 3, 4]), "not a readable CIFAR-10 batch"),
+        "a pickled list": (pickle.dumps([1, 2, 3], protocol=2), r"not a CIFAR-10 batch \(a pickled dict\), got list"),
+        "batches.meta": (pickle.dumps({"label_names": ["airplane"] * 10}, protocol=2), "needs 'data' and 'labels'"),
+        "labels not numbers": (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": ["cat", "dog"]},
+                                            protocol=2), "'labels' must be integers"),
+        "labels of another length": (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [1]}, protocol=2),
+                                     r"2 images but labels of shape \(1,\)"),
+        "data not an array": (pickle.dumps({"data": "pixels", "labels": [1]}, protocol=2),
+                              r"'data' must be uint8 of shape \(N, 3072\), got str"),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated", "last byte cut", "random bytes", "text", "an IDX file",
+                                  "a pickled list", "batches.meta", "labels not numbers", "labels of another length",
+                                  "data not an array"])
+def test_a_bad_cifar_batch_is_a_one_line_error_naming_it(tmp_path, case):
+    folder, _, _ = _fake_cifar10(tmp_path, n=3)
+    path = os.path.join(folder, "test_batch")
+    with open(path, "rb") as f:
+        content, message = _bad_cifar_variants(f.read())[case]
+    with open(path, "wb") as f:
+        f.write(content)
+    with pytest.raises(BadDatasetFileError, match=message) as error:
+        build_dataset("cifar10", "test", str(tmp_path))
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
 
 
 # ---------------------------------------------------------------- sklearn digits

@@ -301,13 +301,36 @@ def test_sgd_step_follows_torch_optim_sgd(dtype, options):
                 torch.testing.assert_close(b, opt.state[p]["momentum_buffer"], rtol=_rel(dtype), atol=_rel(dtype))
 
 
-def test_empty_tensors_are_fine():
-    sq_norm = torch.tensor(1.0, dtype=torch.float64)
-    ops.sam_perturb_.default([], [], [], [], [], sq_norm, False, 0.0)  # sq_norm gives the device
-    ops.sam_perturb_.default([torch.empty(0)], [torch.empty(0)], [torch.empty(0)], [None], [torch.ones(0)], sq_norm,
-                             True, 0.0)
-    ops.sgd_step_.default([torch.empty(0)], [torch.empty(0)], [torch.empty(0)], [None], 0.1, 0.9, 0.0, 0.0, False,
-                          False, True)
+def test_empty_tensors_are_skipped_and_the_others_still_computed():
+    """No parameters is a no-op; empty tensors own no chunk, so two in a row, first or between others, must
+    leave their outputs as they were and not shift the chunks of the tensors after them.
+
+    (sgd_step_ and sam_grad_sq_norm with no tensor at all cannot reach a kernel: the dispatcher picks one
+    from the tensor arguments. sam_perturb_ has sq_norm.)"""
+    assert ops.sam_perturb_.default([], [], [], [], [], torch.tensor(1.0, dtype=torch.float64), False, 0.0) is None
+
+    shapes = [(0,), (0, 3), (9000,), (0,), (0, 4), (7, 3)]  # 9000: more than one 8192-element chunk
+    gen = torch.Generator().manual_seed(3)
+    w, g, buf = ([torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(3))
+    masks = [None, None, torch.rand(9000, generator=gen) > 0.5, None, torch.zeros(0, 4, dtype=torch.bool), None]
+    rhos = [torch.tensor(0.05), torch.ones(0), torch.tensor(0.1), torch.tensor(0.2), torch.ones(0), torch.rand(7)]
+    norm = ops.sam_grad_sq_norm.default(g, w, masks, True)
+    torch.testing.assert_close(norm, reference.sam_grad_sq_norm(g, w, masks, True), rtol=1e-12, atol=0)
+
+    out = [torch.full_like(x, float("nan")) for x in w]
+    storage = [o.data_ptr() for o in out]
+    ops.sam_perturb_.default(out, w, g, masks, rhos, norm, True, 1e-12)
+    for i, (o, r) in enumerate(zip(out, reference.sam_perturb(w, g, masks, rhos, norm, True, 1e-12))):
+        assert o.shape == shapes[i] and o.data_ptr() == storage[i], f"out[{i}] was replaced"
+        assert torch.equal(o, r), f"out[{i}] of shape {shapes[i]}"
+
+    params, bufs = [x.clone() for x in w], [x.clone() for x in buf]
+    ops.sgd_step_.default(params, g, bufs, masks, 0.1, 0.9, 0.0, 1e-3, True, False, False)
+    ref_params, ref_bufs = reference.sgd_step(w, g, buf, masks, 0.1, 0.9, 0.0, 1e-3, True, False, False)
+    for name, ours, ref in (("params", params, ref_params), ("momentum_buffers", bufs, ref_bufs)):
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            assert a.shape == shapes[i]
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{name}[{i}] of shape {shapes[i]}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

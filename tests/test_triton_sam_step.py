@@ -242,11 +242,28 @@ def test_perturb_noncontiguous_out_and_inputs():
     _assert_all_bits("out", out, reference.sam_perturb(params, grads, masks, rhos, sq_norm, True, 1e-12))
 
 
+# Empty tensors own no chunk: two in a row, first and between others, must not shift the chunks
+# of the tensors after them; 9000 elements take two chunks.
+EMPTY_MIX = [(0,), (0, 3), (9000,), (0,), (0, 4), (7, 3)]
+
+
+def _empty_mix(dtype):
+    params = [_randn(s, dtype) for s in EMPTY_MIX]
+    grads = [_randn(s, dtype) for s in EMPTY_MIX]
+    masks = [None, None, torch.rand(9000) > 0.5, None, torch.zeros(0, 4, dtype=torch.bool), None]
+    return params, grads, masks
+
+
 def test_perturb_empty():
-    sam_perturb_([], [], [], [], [], torch.tensor(1.0), False, 1e-12)
-    empty = torch.empty(0, 3)
-    out = torch.empty(0, 3)
-    sam_perturb_([out], [empty], [empty], [None], [torch.empty(0)], torch.tensor(1.0), False, 1e-12)
+    assert sam_perturb_([], [], [], [], [], torch.tensor(1.0), False, 1e-12) is None
+    params, grads, masks = _empty_mix(torch.float32)
+    rhos = [torch.tensor(0.05), torch.empty(0), torch.tensor(0.1), torch.tensor(0.2), torch.empty(0), torch.rand(7)]
+    sq_norm = torch.tensor(3.0, dtype=torch.float64)
+    out = [torch.full_like(p, float("nan")) for p in params]
+    storage = [o.data_ptr() for o in out]
+    assert sam_perturb_(out, params, grads, masks, rhos, sq_norm, True, 1e-12) is None
+    assert [tuple(o.shape) for o in out] == EMPTY_MIX and [o.data_ptr() for o in out] == storage
+    _assert_all_bits("out", out, reference.sam_perturb(params, grads, masks, rhos, sq_norm, True, 1e-12))
 
 
 # --- sgd_step_ -------------------------------------------------------------
@@ -330,9 +347,13 @@ def test_sgd_step_noncontiguous_params_and_buffers():
 
 
 def test_sgd_step_empty():
-    sgd_step_([], [], [], [], 0.1, 0.9, 0.0, 0.0, False, False, True)
-    empty = torch.empty(0)
-    sgd_step_([empty], [empty], [empty.clone()], [None], 0.1, 0.9, 0.0, 0.0, False, False, True)
+    assert sgd_step_([], [], [], [], 0.1, 0.9, 0.0, 0.0, False, False, True) is None
+    params, grads, masks = _empty_mix(torch.float32)
+    buffers = [_randn(s, torch.float32) for s in EMPTY_MIX]
+    ours_p, ours_b, ref_p, ref_b = _run_sgd(params, grads, buffers, masks, 0.9, 0.0, 1e-3, True, False, False)
+    assert [tuple(p.shape) for p in ours_p] == [tuple(b.shape) for b in ours_b] == EMPTY_MIX
+    _assert_all_bits("params", ours_p, ref_p)
+    _assert_all_bits("momentum_buffers", ours_b, ref_b)
 
 
 # --- launches, bad input ---------------------------------------------------

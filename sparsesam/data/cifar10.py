@@ -4,7 +4,9 @@
 ``root``) or that folder itself. Default: the ``SPARSESAM_CIFAR10``
 environment variable, else ``./data``. The batches are pickles; they are
 read with an unpickler that only accepts the few numpy globals the format
-needs, so a foreign pickle cannot run code.
+needs, so a foreign pickle cannot run code. A batch that is truncated,
+corrupt, a pickle of something else or of the wrong shapes is a one-line
+BadDatasetFileError (a ValueError) naming the file.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..file_errors import BadDatasetFileError, describe
 from .dataset import DatasetInfo, ImageDataset, check_limit
 
 FOLDER = "cifar-10-batches-py"
@@ -40,12 +43,23 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# What unpickling untrusted bytes raises: a cut stream (EOFError, "pickle data was truncated"), an
+# unknown opcode or a refused global (UnpicklingError), and numpy's reconstruction of an array from
+# wrong arguments (ValueError, TypeError, ...).
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                    ImportError, OverflowError, UnicodeDecodeError)
+
+
 def _load_pickle(path: str) -> dict:
-    with open(path, "rb") as f:
-        # latin1: the official batches were pickled by Python 2 (byte strings become str keys).
-        batch = _ArrayUnpickler(f, encoding="latin1").load()
+    try:
+        with open(path, "rb") as f:
+            # latin1: the official batches were pickled by Python 2 (byte strings become str keys).
+            batch = _ArrayUnpickler(f, encoding="latin1").load()
+    except _UNPICKLE_ERRORS as error:
+        raise BadDatasetFileError(path, f"not a readable CIFAR-10 batch (truncated, corrupt or another kind of "
+                                        f"file): {describe(error)}") from error
     if not isinstance(batch, dict):
-        raise ValueError(f"{path} is not a CIFAR-10 batch (a pickled dict), got {type(batch).__name__}")
+        raise BadDatasetFileError(path, f"not a CIFAR-10 batch (a pickled dict), got {type(batch).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
@@ -67,15 +81,19 @@ def _read_batch(path: str):
         raise FileNotFoundError(f"CIFAR-10 batch {path} is missing")
     batch = _load_pickle(path)
     if "data" not in batch or "labels" not in batch:
-        raise ValueError(f"{path}: a CIFAR-10 batch needs 'data' and 'labels', found {sorted(batch)}")
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
+        raise BadDatasetFileError(path, f"a CIFAR-10 batch needs 'data' and 'labels', found {sorted(map(str, batch))}")
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise BadDatasetFileError(path, f"'data' must be uint8 of shape (N, 3072), got {got}")
+    try:
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise BadDatasetFileError(path, f"'labels' must be integers, got {describe(error)}") from error
     if labels.shape != (data.shape[0],):
-        raise ValueError(f"{path}: {data.shape[0]} images but labels of shape {labels.shape}")
+        raise BadDatasetFileError(path, f"{data.shape[0]} images but labels of shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
-        raise ValueError(f"{path}: labels must be in [0, {len(CLASSES)}), got [{labels.min()}, {labels.max()}]")
+        raise BadDatasetFileError(path, f"labels must be in [0, {len(CLASSES)}), got [{labels.min()}, {labels.max()}]")
     return data, labels
 
 

@@ -3,7 +3,8 @@
 The default folder is where Debian's ``dataset-fashion-mnist`` package puts
 it; ``root`` (the CLI's ``--data-dir``, or the ``SPARSESAM_FASHION_MNIST``
 environment variable) points anywhere else holding the four standard files,
-gzipped or not.
+gzipped or not. A file that is truncated, corrupt or of another kind is a
+BadDatasetFileError (a ValueError) naming it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ..file_errors import BadDatasetFileError
 from .dataset import DatasetInfo, ImageDataset, check_limit
 from .idx import find_idx, read_idx
 
@@ -35,16 +37,21 @@ def load_fashion_mnist(train: bool = True, root: Optional[str] = None, limit: Op
             f"(apt-get install dataset-fashion-mnist) or pass the folder holding the IDX files"
         )
     split = "train" if train else "t10k"
-    images = read_idx(find_idx(root, f"{split}-images-idx3-ubyte"))
-    labels = read_idx(find_idx(root, f"{split}-labels-idx1-ubyte"))
-    if images.dtype != "uint8":
-        raise ValueError(f"{root}: images must be uint8 pixels, the IDX file holds {images.dtype}")
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1:
-        raise ValueError(f"{root}: expected (N, 28, 28) images and (N,) labels, got {images.shape} and {labels.shape}")
+    images_path = find_idx(root, f"{split}-images-idx3-ubyte")
+    labels_path = find_idx(root, f"{split}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dtype != "uint8" or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise BadDatasetFileError(images_path, f"expected uint8 images of shape (N, 28, 28), the IDX file holds "
+                                               f"{images.dtype} of shape {images.shape}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise BadDatasetFileError(labels_path, f"expected integer labels of shape (N,), the IDX file holds "
+                                               f"{labels.dtype} of shape {labels.shape}")
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise BadDatasetFileError(labels_path, f"{images.shape[0]} images but {labels.shape[0]} labels "
+                                               f"(the images are in {images_path})")
     if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
-        raise ValueError(f"{root}: labels must be in [0, {len(CLASSES)}), got [{labels.min()}, {labels.max()}]")
+        raise BadDatasetFileError(labels_path, f"labels must be in [0, {len(CLASSES)}), got "
+                                               f"[{labels.min()}, {labels.max()}]")
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     x = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0)
