@@ -4,7 +4,8 @@ Every run writes its settings to ``config.json`` in its output folder and
 shows tqdm progress bars on stderr. A bad setting (unknown model, dataset or
 algorithm, a sparsity outside [0, 1), a missing data folder, ...) ends the
 run with one line on stderr and exit status 2, as argparse does for
-malformed arguments.
+malformed arguments; so does a file the run reads that is empty, truncated
+or foreign (sparsesam.file_errors.BadFileError: checkpoints, data files).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import List, Optional
 
 from .commands import demo, evaluate, prune, report, reproduce, train
 from .commands.common import ConfigError
+from .file_errors import BadFileError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +32,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args._argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, for reports (not a setting)
     try:
         args.func(args)
-    except ConfigError as error:
+    except (ConfigError, BadFileError) as error:  # a bad setting, or a file that is truncated or foreign
         print(f"sparsesam {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

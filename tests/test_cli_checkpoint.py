@@ -182,3 +182,16 @@ def test_load_refuses_arbitrary_objects(tmp_path):
     ckpt.save({"epoch": 1, "object": Payload()})
     with pytest.raises(ValueError, match="not loaded"):
         ckpt.load()
+
+
+@pytest.mark.parametrize("content", [b"", os.urandom(4096), b"PK\x03\x04 truncated"], ids=["empty", "random", "truncated"])
+def test_resume_from_a_bad_checkpoint_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys, content):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_after_saves(patch, 1)
+        with pytest.raises(Interrupted):
+            run(train_argv(out, 2))
+    (out / "checkpoint.pt").write_bytes(content)
+    assert run(train_argv(out, 2, "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.pt" in err[0], err
