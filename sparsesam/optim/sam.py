@@ -13,8 +13,30 @@ writes the ascent point ``w + e`` into a persistent buffer and *swaps* it
 with the parameter's storage (``PerturbedPoint``, the mechanism C-SAM uses
 for its masks too), so the weights themselves are never modified;
 ``second_step`` swaps back (exact, free) and applies the update. With
-``torch.optim.SGD`` as the base, the update is one fused pass
-(``sgd_step_``); any other ``torch.optim`` optimizer runs its own step.
+``torch.optim.SGD`` as the base, ``base_optimizer`` is a
+:class:`~sparsesam.optim.fused_sgd.FusedMaskedSGD` (a torch.optim.SGD whose
+step is one fused pass, ``sgd_step_``); any other ``torch.optim`` optimizer
+runs its own step. Either way the update is ``base_optimizer.step()``, so the
+idioms of the widely used code hold: an LR scheduler on the base optimizer
+(``CosineAnnealingLR(optimizer.base_optimizer, T_max)``) and step hooks
+registered on it (``register_step_pre_hook`` / ``register_step_post_hook``)
+see every update. ``load_state_dict`` also takes davda54/sam's state_dict.
+
+Gradient accumulation over micro-batches works for both passes: let the
+gradients of all micro-batches of a pass accumulate (each loss divided by
+the number of micro-batches, as for any accumulation), then step::
+
+    for x, y in micro_batches:
+        (loss_fn(model(x), y) / len(micro_batches)).backward()
+    optimizer.first_step(zero_grad=True)     # one norm, over the summed gradient
+    for x, y in micro_batches:
+        (loss_fn(model(x), y) / len(micro_batches)).backward()
+    optimizer.second_step(zero_grad=True)
+
+This equals the step on the whole batch for models whose forward does not
+depend on the batch split (BatchNorm in training mode normalises each
+micro-batch by its own statistics, as in any accumulation). Under DDP, run
+all but the last micro-batch of each pass inside ``ddp.no_sync()``.
 
 Masks (from masked layers, via ``model=`` or ``masks=``) are honoured: a
 pruned entry never moves and does not count in the gradient norm.
@@ -29,6 +51,7 @@ multi-process data parallelism (DDP averages the gradients after the hooks).
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -39,6 +62,7 @@ from torch import nn
 from ..nn import masked_layers
 from ..ops import sam_step  # noqa: F401  (the ops' fake impls and CUDA routers; the optimizer calls the ops directly)
 from .batchnorm import restore_bn_stats, snapshot_bn_stats
+from .fused_sgd import FusedMaskedSGD, keep_pruned_entries
 from .perturbation import PerturbedPoint
 
 Tensor = torch.Tensor
@@ -54,6 +78,14 @@ def _check_rho(rho, where: str = "rho") -> None:
 def param_masks(model: nn.Module) -> Dict[Tensor, Tensor]:
     """``{weight parameter: its mask}`` for every masked layer of ``model``."""
     return {layer.weight: layer.weight_mask for _, layer in masked_layers(model)}
+
+
+def _masks_via(sam: "weakref.ref[SAM]"):
+    """The base optimizer asks SAM for the masks without keeping SAM alive."""
+    def masks_of(params: List[Tensor]) -> List[Optional[Tensor]]:
+        owner = sam()
+        return owner._masks_of(params) if owner is not None else [None] * len(params)
+    return masks_of
 
 
 class SAM(torch.optim.Optimizer):
@@ -87,7 +119,13 @@ class SAM(torch.optim.Optimizer):
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
-        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        if base_optimizer is torch.optim.SGD:
+            # torch.optim.SGD with a fused, mask-aware step(); same state_dict.
+            self.base_optimizer = FusedMaskedSGD(self.param_groups, masks_of=_masks_via(weakref.ref(self)), **kwargs)
+        else:
+            self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+            # It knows nothing of masks: its step() puts the pruned entries back (hooks of its own).
+            keep_pruned_entries(self.base_optimizer, _masks_via(weakref.ref(self)))
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.eps = eps
@@ -321,70 +359,12 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _descend(self) -> None:
-        if type(self.base_optimizer) is torch.optim.SGD:
-            for group in self.param_groups:
-                if not group.get("differentiable") and not group.get("fused"):
-                    self._fused_sgd(group)
-                else:
-                    self._generic_step_for([group])
-            return
-        self._generic_step_for(self.param_groups)
-
-    def _fused_sgd(self, group: dict) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        momentum = float(group["momentum"])
-        state = self.base_optimizer.state
-        # Parameters with a momentum buffer, and those starting one now
-        # (torch.optim.SGD initialises it with the first update direction).
-        batches = {False: [], True: []}
-        for p in params:
-            first = momentum != 0 and state[p].get("momentum_buffer") is None
-            if first:
-                # zeros: pruned entries are never written by the step
-                state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            batches[first].append(p)
-        for first, batch in batches.items():
-            if not batch:
-                continue
-            work = [p if p.is_contiguous() else p.contiguous() for p in batch]
-            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in batch]
-            lr, dampening, weight_decay = float(group["lr"]), float(group["dampening"]), float(group["weight_decay"])
-            nesterov = bool(group["nesterov"])
-            # torch.optim.SGD validated these at construction; a scheduler or
-            # a user may have changed them since.
-            if lr < 0 or weight_decay < 0 or (nesterov and (momentum <= 0 or dampening != 0)):
-                raise ValueError(f"invalid SGD settings: lr={lr}, weight_decay={weight_decay}, nesterov={nesterov} "
-                                 f"with momentum={momentum}, dampening={dampening}")
-            torch.ops.sparsesam.sgd_step_.default(
-                work, grads, [state[p]["momentum_buffer"] for p in batch] if momentum else [], self._masks_of(batch),
-                lr, momentum, dampening, weight_decay, nesterov, bool(group.get("maximize", False)), first)
-            for p, w in zip(batch, work):
-                if w is not p:
-                    p.copy_(w)
-
-    def _generic_step_for(self, groups: List[dict]) -> None:
-        # The base optimizer knows nothing of masks: keep the pruned entries
-        # of masked parameters as they were.
-        table = self._mask_table()
-        masked = [(p, table[id(p)], p.detach().clone()) for g in groups for p in g["params"]
-                  if id(p) in table and p.grad is not None]
-        if groups is self.param_groups:
-            self.base_optimizer.step()
-        else:
-            # Only some groups: hide the others' gradients from the base step.
-            hidden = [(p, p.grad) for g in self.param_groups if all(g is not chosen for chosen in groups)
-                      for p in g["params"]]
-            for p, _ in hidden:
-                p.grad = None
-            try:
-                self.base_optimizer.step()
-            finally:
-                for p, grad in hidden:
-                    p.grad = grad
-        for p, mask, before in masked:
-            p.copy_(torch.where(mask != 0, p, before))
+        # Always through base_optimizer.step() (the instance attribute an LR
+        # scheduler wraps, and the hooked method): schedulers and step hooks
+        # on the base optimizer see every update. It honours the masks itself
+        # (FusedMaskedSGD in its fused pass, any other through the hooks of
+        # keep_pruned_entries).
+        self.base_optimizer.step()
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
@@ -410,11 +390,49 @@ class SAM(torch.optim.Optimizer):
         return {"sam": super().state_dict(), "base": self.base_optimizer.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if set(state_dict) != {"sam", "base"}:
-            raise ValueError("not a SAM state_dict (expected the keys 'sam' and 'base')")
+        """Load a state_dict of this class, or one of davda54/sam's SAM.
+
+        davda54's SAM saves ``torch.optim.Optimizer.state_dict()`` of itself:
+        ``{"state", "param_groups"}``, the groups holding the hyperparameters
+        (rho, adaptive, lr, momentum, ...) and the state only its ``old_p``
+        copies. Those copies are dropped (after ``second_step`` they equal the
+        weights); its base optimizer's state (momentum buffers) is in no
+        state_dict of that code, so the momentum restarts from zero, with a
+        warning. State other than ``old_p`` found there (a fork that saved the
+        base optimizer's state in the same dict) goes to the base optimizer.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        if set(state_dict) == {"state", "param_groups"}:
+            state_dict = _from_davda54(state_dict)
+        elif set(state_dict) != {"sam", "base"}:
+            raise ValueError("not a SAM state_dict: expected the keys 'sam' and 'base' (sparsesam) "
+                             f"or 'state' and 'param_groups' (davda54/sam), got {sorted(state_dict)}")
         super().load_state_dict(state_dict["sam"])
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
+        missing = [group for group in self.param_groups if float(group.get("momentum", 0) or 0) != 0]
+        if state_dict.get("_davda54") and missing and not state_dict["base"]["state"]:
+            warnings.warn("a davda54/sam state_dict holds no momentum buffers (that code never saves its base "
+                          "optimizer's state): the momentum restarts from zero", stacklevel=2)
+
+
+def _from_davda54(state_dict: Mapping) -> dict:
+    """davda54/sam's ``Optimizer.state_dict()`` of its SAM, as ``{"sam", "base"}``."""
+    groups = state_dict["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, Mapping) and "params" in g for g in groups):
+        raise ValueError("not a davda54/sam state_dict: 'param_groups' must be a list of groups with 'params'")
+    for group in groups:
+        if "rho" not in group or "adaptive" not in group:
+            raise ValueError("not a davda54/sam state_dict: its param groups lack 'rho' and 'adaptive'")
+    base_state = {}
+    for index, entry in state_dict["state"].items():
+        kept = {key: value for key, value in entry.items() if key != "old_p"}
+        if kept:
+            base_state[index] = kept
+    # SAM's and the base optimizer's groups are the same dicts (as in davda54's code).
+    return {"sam": {"state": {}, "param_groups": groups}, "base": {"state": base_state, "param_groups": groups},
+            "_davda54": True}
 
 
 __all__ = ["SAM", "param_masks"]
