@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 import sparsesam
 from sparsesam.models import SmallCNN
@@ -241,6 +242,9 @@ def test_scored_layers_export_their_current_mask_and_refuse_set_mask():
     exported = sparsesam.export(model)
     assert not any(True for _ in masked_layers(exported))
     torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-5)
+    # The original model is untouched by exporting a copy (parametrize's classes are shared by copies).
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert all(parametrize.is_parametrized(layer, "weight_mask") for _, layer in masked_layers(model))
     layer = next(layer for _, layer in masked_layers(model))
     with pytest.raises(RuntimeError, match="freeze_scores"):
         layer.set_mask(torch.ones_like(layer.weight))

@@ -123,13 +123,17 @@ def export(model: nn.Module) -> nn.Module:
     # Sparse-form layers become plain masked layers first (exact).
     exported = set_execution(copy.deepcopy(model), "dense")
     for _, layer in list(masked_layers(exported)):
-        if parametrize.is_parametrized(layer, "weight_mask"):
-            # A score-driven mask (sparsesam.pruning.attach_scores): keep the
-            # mask it gives now; this also restores the layer's own class.
-            parametrize.remove_parametrizations(layer, "weight_mask", leave_parametrized=True)
         with torch.no_grad():
             baked = layer.effective_weight().detach().clone()
-        del layer.weight_mask  # works for the buffer and the parameter alike
+        if parametrize.is_parametrized(layer, "weight_mask"):
+            # A score-driven mask (sparsesam.pruning.attach_scores), baked above as it is now. The
+            # copy shares torch.nn.utils.parametrize's per-module class with the original layer, and
+            # remove_parametrizations would delete the weight_mask property from that shared class
+            # (breaking the original): drop the copy's parametrization by hand instead.
+            layer.__class__ = type(layer).__bases__[0]
+            del layer._modules["parametrizations"]
+        else:
+            del layer.weight_mask  # works for the buffer and the parameter alike
         del layer.mask_mode
         layer.__class__ = DENSE_OF[type(layer)]
         layer.weight = nn.Parameter(baked, requires_grad=layer.weight.requires_grad)
