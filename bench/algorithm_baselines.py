@@ -3,7 +3,7 @@
 Each is what a researcher writes by hand (or copies from the papers' code) for one
 phase, with no sparsesam op in it:
 
-* :class:`ChannelRhoASAM`: davda54/sam's ASAM (``first_step`` / ``second_step``
+* ``ChannelRhoASAM`` (``sam_baselines.LoopSAM``): davda54/sam's ASAM (``first_step`` / ``second_step``
   around ``torch.optim.SGD``, a clone of every weight kept for the restore) with one
   radius per output channel, as AdaSAP's adaptive phase needs:
   ``e = rho_c * w^2 * g / (|| |w| g || + eps)``.
@@ -28,50 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
+from sam_baselines import LoopSAM
+
 
 # --------------------------------------------------------------------------- ASAM
-class ChannelRhoASAM(torch.optim.Optimizer):
-    """davda54/sam's SAM class with ``adaptive=True``, a per-output-channel radius where one is set."""
-
-    def __init__(self, params, base_optimizer, rho=0.5, adaptive=True, eps=1e-12, **kwargs):
-        super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
-        self.eps = eps
-        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.channel_rho: Dict[int, torch.Tensor] = {}
-
-    def set_channel_rho(self, param: torch.Tensor, rho: torch.Tensor) -> None:
-        self.channel_rho[id(param)] = rho.detach().to(param.dtype).reshape(-1, *([1] * (param.dim() - 1)))
-
-    @torch.no_grad()
-    def first_step(self, zero_grad=False):
-        grad_norm = self._grad_norm()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rho = self.channel_rho.get(id(p), group["rho"])
-                self.state[p]["old_p"] = p.data.clone()
-                e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * (rho / (grad_norm + self.eps))
-                p.add_(e_w)
-        if zero_grad:
-            self.zero_grad()
-
-    @torch.no_grad()
-    def second_step(self, zero_grad=False):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.data = self.state[p]["old_p"]
-        self.base_optimizer.step()
-        if zero_grad:
-            self.zero_grad()
-
-    def _grad_norm(self):
-        return torch.norm(torch.stack([
-            ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2)
-            for group in self.param_groups for p in group["params"] if p.grad is not None]), p=2)
+# davda54/sam's SAM with one radius per output channel where one is set (``set_channel_rho``).
+ChannelRhoASAM = LoopSAM
 
 
 def asam_step(model: nn.Module, x, y, optimizer: ChannelRhoASAM) -> float:

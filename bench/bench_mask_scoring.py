@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from algorithm_baselines import GetSubnet  # HARP's / HYDRA's sort-based GetSubnet
 from sparsesam.models import ResNet18
 from sparsesam.ops import mask_ascent_, mask_grad_sq_norm, mask_score_grad
 
@@ -88,24 +89,6 @@ def test_mask_score_grad(benchmark, layers, impl):
 # --- the score-to-mask step of HARP / HYDRA (forward + straight-through backward) ----
 
 
-class _SortGetSubnet(torch.autograd.Function):
-    """HARP's / HYDRA's GetSubnet (models/layers.py): a full sort per forward, autograd straight-through."""
-
-    @staticmethod
-    def forward(ctx, abs_scores, rate):
-        out = abs_scores.clone()
-        _, idx = abs_scores.flatten().sort()
-        j = int((1 - float(rate)) * abs_scores.numel())
-        flat = out.flatten()
-        flat[idx[:j]] = 0
-        flat[idx[j:]] = 1
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, g.sum()
-
-
 def _score_to_mask_step(layers, impl):
     from sparsesam.pruning import score_mask
 
@@ -115,7 +98,7 @@ def _score_to_mask_step(layers, impl):
 
     def step():
         for s, r, dm in zip(leaves, rates, grads):
-            mask = score_mask(s, r) if impl == "sparsesam" else _SortGetSubnet.apply(s.abs(), r)
+            mask = score_mask(s, r) if impl == "sparsesam" else GetSubnet.apply(s.abs(), r)
             mask.backward(dm)  # dM as the masked layer's backward hands it over
     return step
 

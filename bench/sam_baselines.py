@@ -11,19 +11,26 @@ import torch
 
 
 class LoopSAM(torch.optim.Optimizer):
-    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
+    """davda54/sam's SAM; ``set_channel_rho`` gives a parameter one radius per output channel (AdaSAP)."""
+
+    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, eps=1e-12, **kwargs):
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
+        self.eps = eps
+        self.channel_rho = {}
+
+    def set_channel_rho(self, param, rho):
+        self.channel_rho[id(param)] = rho.detach().to(param.dtype).reshape(-1, *([1] * (param.dim() - 1)))
 
     @torch.no_grad()
     def first_step(self, zero_grad=False):
         grad_norm = self._grad_norm()
         for group in self.param_groups:
-            scale = group["rho"] / (grad_norm + 1e-12)
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                scale = self.channel_rho.get(id(p), group["rho"]) / (grad_norm + self.eps)
                 self.state[p]["old_p"] = p.data.clone()
                 e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale.to(p)
                 p.add_(e_w)
