@@ -338,3 +338,47 @@ def test_prune_run(benchmark, impl, tmp_path):
     report = json.loads((out / "prune.json").read_text())
     benchmark.extra_info.update(kernel="prune_run", impl=impl, sparsity=report["sparsity"],
                                 test_accuracy=report["test_accuracy"], fit_seconds=report["fit_seconds"])
+
+
+# ----------------------------------------------------------------------- where the time goes
+def op_profile(step, top: int = 8) -> list:
+    """[(op, self CPU ms)] of one ``step`` under torch.profiler (after a warm-up step), most expensive first."""
+    from collections import defaultdict
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    per_op = defaultdict(float)
+    for event in prof.key_averages():
+        per_op[event.key] += event.self_cpu_time_total / 1e3
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
+    return ranked[:top] + [("all ops", sum(per_op.values()))]
+
+
+def profile_tables() -> str:
+    """The missed cases' steps, op by op (self CPU time), sparsesam beside its baseline."""
+    cases = {
+        "adasap_adaptive": lambda: adasap_sides()[:2],
+        "harp_finetune sparsity=0.9": lambda: finetune_sides("harp", 0.9)[:2],
+        "harp_finetune sparsity=0.99": lambda: finetune_sides("harp", 0.99)[:2],
+        "csam_mask": lambda: csam_sides()[:2],
+    }
+    out = []
+    for case, make in cases.items():
+        (model, ours), (_, theirs) = make()
+        columns = {"sparsesam": dict(op_profile(ours)), "baseline": dict(op_profile(theirs))}
+        ops = list(dict.fromkeys([*columns["sparsesam"], *columns["baseline"]]))
+        forms = execution_summary(model, formats=True)
+        out += [f"{case} (sparsesam's forms: {sum(f != 'dense' for f in forms.values())}/{len(forms)} layers sparse)",
+                "", "| op (self CPU time) | sparsesam (ms) | baseline (ms) |", "|---|---:|---:|"]
+        for op in [o for o in ops if o != "all ops"] + ["all ops"]:
+            out.append(f"| `{op}` | {columns['sparsesam'].get(op, 0.0):.1f} | {columns['baseline'].get(op, 0.0):.1f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] != ["profile"]:
+        sys.exit("usage: python bench/bench_algorithms.py profile   (the benchmarks run under pytest)")
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(profile_tables())
