@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._extras import require
 from .dataset import DatasetInfo, ImageDataset, channel_stats, check_limit
 
 CLASSES = tuple(str(d) for d in range(10))
@@ -26,11 +27,7 @@ TEST_EVERY = 5
 
 
 def _sklearn_digits():
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise ImportError("the digits dataset needs scikit-learn (pip install scikit-learn)") from error
-    bunch = load_digits()
+    bunch = require("sklearn.datasets", extra="data", purpose="the digits data set").load_digits()
     return bunch.images, bunch.target
 
 

@@ -27,6 +27,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from .._extras import require
 from ..nn import export
 from ..nn.sparsify import Selector
 from ._common import output_channels, prunable_layers
@@ -34,12 +35,7 @@ from ._common import output_channels, prunable_layers
 
 def import_torch_pruning():
     """torch-pruning, an optional dependency (``pip install sparsesam[structured]``)."""
-    try:
-        import torch_pruning
-    except ImportError as error:
-        raise ImportError("channel graphs and compaction need torch-pruning: "
-                          "pip install 'sparsesam[structured]' (or torch-pruning)") from error
-    return torch_pruning
+    return require("torch_pruning", extra="structured", purpose="channel graphs and compaction")
 
 
 def dependency_graph(model: nn.Module, example_inputs) -> Tuple[nn.Module, "object"]:

@@ -42,6 +42,7 @@ from typing import Callable, Dict, Tuple
 import numpy as np
 import torch
 
+from .._extras import require
 from . import _checks
 from . import _image_ops as ops
 from .frost import frost_texture
@@ -281,11 +282,7 @@ def pixelate(x: Tensor, severity: int, scale: float, generator: torch.Generator)
 
 def jpeg_compression(x: Tensor, severity: int, scale: float, generator: torch.Generator) -> Tensor:
     # PIL's encoder, as make_cifar_c.py (torchvision.io's JPEG codec is deprecated since 0.29).
-    try:
-        from PIL import Image
-    except ImportError as error:  # optional for the package, required for this corruption
-        raise ImportError("the jpeg_compression corruption needs Pillow (pip install pillow, "
-                          "or sparsesam[robust])") from error
+    Image = require("PIL.Image", extra="robust", purpose="the jpeg_compression corruption")
     quality = JPEG_QUALITY[severity - 1]
     as_bytes = torch.round(x.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     out = []

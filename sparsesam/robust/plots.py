@@ -12,16 +12,13 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from .._extras import require
 from .corruptions import CORRUPTIONS
 
 
 def _figure(width: float, height: float, ncols: int = 1):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:  # optional for the package, required for plots
-        raise ImportError("sparsesam.robust plots need matplotlib (pip install matplotlib, "
-                          "or sparsesam[robust])") from error
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", extra="robust", purpose="plots").FigureCanvasAgg
+    Figure = require("matplotlib.figure", extra="robust", purpose="plots").Figure
 
     figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._extras import require
 from . import _checks
 from .model_state import eval_mode
 from .predictions import NO_CLASS, check_logits, predicted_classes
@@ -38,11 +39,7 @@ ABSTAIN = -1
 
 
 def _stats():
-    try:
-        from scipy import stats
-    except ImportError as error:  # scipy is optional for the package, required here
-        raise ImportError("randomized smoothing needs scipy (pip install scipy, or sparsesam[robust])") from error
-    return stats
+    return require("scipy.stats", extra="robust", purpose="randomized smoothing")
 
 
 def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
