@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import algorithm_baselines as base
+from timing import interleaved
 from sparsesam.algorithms import (AdaSAP, AdaSAPConfig, CSAM, CSAMConfig, HARP, HARPConfig, Magnitude,
                                   MagnitudeConfig)
 from sparsesam.algorithms._steps import clean_loss, sam_step
@@ -250,20 +251,6 @@ def _record(benchmark, case: str, impl: str, model: nn.Module, **extra) -> None:
 
 def _time(benchmark, step) -> None:
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
-
-
-def interleaved(steps: dict, rounds: int) -> dict:
-    """{name: [seconds per round]}: the steps take turns (A B C A B C ...) after one warm-up each."""
-    import time
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 @pytest.mark.parametrize("impl", ["sparsesam", "baseline", "two_passes"])

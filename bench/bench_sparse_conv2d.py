@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from timing import interleaved
 
 from sparsesam.nn import DispatchCache, MaskedConv2d, execution_summary, set_dispatch_cache, set_execution
 from sparsesam.ops import sparse_conv2d
@@ -87,19 +87,6 @@ def test_sparse_conv2d_fwd_bwd(benchmark, impl, sparsity):
     benchmark.pedantic(_fwd_bwd(fn, inputs, grad), rounds=2 if slow else 5, warmup_rounds=1)
 
 
-def _interleaved(steps: dict, rounds: int) -> dict:
-    """Seconds per round of each step, the steps taking turns within every round."""
-    for step in steps.values():
-        step()  # warm-up
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def main(rounds: int = 7) -> None:
     grad = torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, {rounds} rounds\n")
@@ -109,7 +96,7 @@ def main(rounds: int = 7) -> None:
     for sparsity in SPARSITIES:
         cases = {impl: _case(impl, sparsity) for impl in IMPLS}
         for label, make in (("fwd+bwd", lambda fn, inp: _fwd_bwd(fn, inp, grad)), ("fwd", lambda fn, inp: _fwd(fn, inp))):
-            times = _interleaved({impl: make(fn, inp) for impl, (inp, fn, _) in cases.items()}, rounds)
+            times = interleaved({impl: make(fn, inp) for impl, (inp, fn, _) in cases.items()}, rounds)
             ours, dense = times["sparsesam"], times["dense_masked"]
             per_round = statistics.median(d / o for d, o in zip(dense, ours))
             print(f"| {sparsity} | {label} | {statistics.median(ours) * 1e3:.1f} / {min(ours) * 1e3:.1f} "
