@@ -199,8 +199,9 @@ def test_asam_prune_is_the_studys_adasap_control():
     from sparsesam.algorithms import ALGORITHMS
     assert ALGORITHMS["asam_prune"] is AsamPrune and "asam_prune" in KNOWN
     comparison = COMPARISONS["adasap"]
-    assert comparison.methods == ("adasap", "magnitude", "asam_prune")
+    assert comparison.labels == ("adasap", "asam_prune", "magnitude")
+    assert [(a.method, a.control) for a in comparison.ablations] == [("adasap", "asam_prune")]
     budgets = {name: values[0] for name, values in BUDGETS.items()}
-    config = method_config(comparison, "asam_prune", 0.7, AsamPrune, 1, budgets)
+    config = method_config(comparison, comparison.method("asam_prune"), 0.7, AsamPrune, 1, budgets)
     assert config.adaptive_epochs == config.finetune_epochs == budgets["algo_epochs"]
     assert (config.target_sparsity, config.seed, config.adaptive) == (0.7, 1, True)

@@ -2,7 +2,7 @@
 
 Every test runs --quick (digits at 8x8, a quarter-width SmallCNN, a few
 dozen images): seconds. The real study is test_reproduce_full_study
-(marked slow; about 40 minutes on a quiet CPU core).
+(marked slow; hours: docs/reproduce/README.md).
 """
 import json
 import os
@@ -16,7 +16,7 @@ pytest.importorskip("torch_pruning", reason="the structured baselines need torch
 pytest.importorskip("matplotlib", reason="the report's figures need matplotlib")
 
 QUICK = ["reproduce", "--quick", "--seeds", "0", "--threads", "1", "--no-progress"]
-CSAM_RUNS = ["csam-90", "magnitude-90", "sam_prune-90"]
+CSAM_RUNS = ["csam-90", "csam_rho0-90", "magnitude-90", "sam_prune-90"]
 
 
 def _run_json(out, comparison, name, seed=0):
@@ -47,17 +47,27 @@ def test_study_writes_runs_table_figures_and_results(csam_study):
         assert "pgd" not in record and "corruption" not in record  # only what the comparison's paper reports
     # the SAM baseline of C-SAM is unstructured; its config went through the registry
     assert _run_json(out, "csam", "sam_prune-90")["config"]["granularity"] == "unstructured"
+    # the ablation: the same algorithm with the mask perturbation switched off
+    assert _run_json(out, "csam", "csam_rho0-90")["config"]["rho"] == 0.0
+    assert _run_json(out, "csam", "csam-90")["config"]["rho"] > 0
     results = json.load(open(os.path.join(out, "results.json")))
-    assert results["finished_runs"] == results["planned_runs"] == 3
+    assert results["finished_runs"] == results["planned_runs"] == 4
     assert results["seeds"] == [0] and results["command"].startswith("sparsesam reproduce --quick")
-    assert len(results["timing"]["run_cpu_seconds"]) == 3 and all(t > 0 for t in results["timing"]["run_cpu_seconds"])
+    assert len(results["timing"]["run_cpu_seconds"]) == 4 and all(t > 0 for t in results["timing"]["run_cpu_seconds"])
+    # the csam comparison starts from a noise-trained dense model, trained until its plateau rule stopped it
+    dense = json.load(open(os.path.join(out, "seed0", "dense-noise", "train.json")))
+    assert dense["kind"] == "noise" and dense["epochs"] == len(dense["history"]) >= 2
+    assert results["timing"]["dense"]["noise"]["epochs"] == [dense["epochs"]]
+    record = _run_json(out, "csam", "csam-90")
+    assert record["start"] == "noise" and record["train_noise"] and record["dense_epochs"] == dense["epochs"]
+    assert set(record["phase_seconds"]) == {"mask", "finetune"} and record["commit"] is not None
     rows = results["comparisons"]["csam"]["rows"]
-    assert [r["method"] for r in rows] == ["csam", "magnitude", "sam_prune"]
+    assert [r["method"] for r in rows] == ["csam", "csam_rho0", "magnitude", "sam_prune"]
     csam = rows[0]["metrics"]
     assert csam["clean_accuracy"]["mean"] == _run_json(out, "csam", "csam-90")["clean_accuracy"]
     assert {"certified_l2@0.25", "cc_rotation@0.05", "cc_mean@0.05"} <= set(csam)
     table = open(os.path.join(out, "RESULTS.md")).read()
-    assert "C-SAM vs magnitude vs plain SAM masks" in table and "seeds: 0" in table and "commit of the code that ran" in table
+    assert "C-SAM vs magnitude vs plain SAM masks" in table and "seeds: 0" in table and "commits of the code that ran" in table
     for figure in results["figures"]:
         path = os.path.join(out, figure)
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
@@ -75,8 +85,8 @@ def test_rerun_skips_finished_runs_and_a_redone_run_is_identical(csam_study, tmp
     capsys.readouterr()
     assert run([*QUICK, "--comparisons", "csam", "--out", out]) == 0
     err = capsys.readouterr().err
-    assert err.count("done before, skipped") == 2
-    for name in ("csam-90", "sam_prune-90"):
+    assert err.count("done before, skipped") == 4  # the dense model and three runs
+    for name in ("csam-90", "csam_rho0-90", "sam_prune-90"):
         assert os.path.getmtime(os.path.join(out, "seed0", "csam", name, "run.json")) == before[name]
     # deterministic: the redone run (from the dense model read back from disk) equals the first one
     assert _headline(_run_json(out, "csam", "magnitude-90")) == _headline(magnitude)
@@ -85,8 +95,8 @@ def test_rerun_skips_finished_runs_and_a_redone_run_is_identical(csam_study, tmp
 
 def test_interrupted_study_resumes_to_the_same_results(csam_study, tmp_path, monkeypatch):
     out = tmp_path / "interrupted"
-    # Checkpoints: dense 1 epoch, then csam's two phases, then magnitude's first fine-tuning epoch: stop there.
-    interrupt_after_saves(monkeypatch, 4)
+    # Checkpoints: dense 2 epochs, csam's two phases, csam_rho0's two, then magnitude's first fine-tuning epoch.
+    interrupt_after_saves(monkeypatch, 7)
     with pytest.raises(Interrupted):
         run([*QUICK, "--comparisons", "csam", "--out", out])
     monkeypatch.undo()
@@ -103,39 +113,58 @@ def test_interrupted_study_resumes_to_the_same_results(csam_study, tmp_path, mon
 
 def test_structured_baselines_and_adversarial_setting_reach_the_configs(tmp_path):
     from sparsesam.algorithms import ALGORITHMS
-    from sparsesam.commands.reproduce_plan import BUDGETS, COMPARISONS, method_config
+    from sparsesam.commands.reproduce_plan import BUDGETS, COMPARISONS, harp_gamma, method_config
     budgets = {name: values[0] for name, values in BUDGETS.items()}
     adasap, harp, csam = COMPARISONS["adasap"], COMPARISONS["harp"], COMPARISONS["csam"]
-    for method in ("magnitude", "sam_prune"):
-        config = method_config(adasap, method, 0.5, ALGORITHMS[method], 3, budgets)
-        assert config.granularity == "channel" and config.target_sparsity == 0.5 and config.seed == 3
-        assert method_config(csam, method, 0.9, ALGORITHMS[method], 0, budgets).granularity == "unstructured"
-    for method in harp.methods:
-        config = method_config(harp, method, 0.99, ALGORITHMS[method], 0, budgets)
-        assert (config.loss, config.eps, config.attack_steps) == ("pgd_at", budgets["adv_eps"],
-                                                                   budgets["attack_steps"])
+
+    def config(comparison, label, sparsity, seed=0):
+        method = comparison.method(label)
+        return method_config(comparison, method, sparsity, ALGORITHMS[method.algorithm], seed, budgets)
+    magnitude = config(adasap, "magnitude", 0.5, seed=3)
+    assert magnitude.granularity == "channel" and magnitude.target_sparsity == 0.5 and magnitude.seed == 3
+    assert config(csam, "magnitude", 0.9).granularity == "unstructured"
+    assert config(csam, "sam_prune", 0.9).granularity == "unstructured"
+    for method in harp.labels:
+        c = config(harp, method, 0.99)
+        assert (c.loss, c.eps, c.attack_steps) == ("pgd_at", budgets["adv_eps"], budgets["attack_steps"])
+    # HARP's gamma0: the official schedule's summed weight (0.01 * 391 steps * (1 + ... + 20)) over this search
+    steps = -(-budgets["algo_limit"] // budgets["batch_size"])
+    e = budgets["algo_epochs"]
+    assert config(harp, "harp", 0.9).gamma == pytest.approx(harp_gamma(budgets)) == \
+        pytest.approx(0.01 * 391 * 210 / (steps * e * (e + 1) / 2))
     # equal passes over the data: magnitude's single phase gets both phases' epochs
-    assert method_config(csam, "magnitude", 0.9, ALGORITHMS["magnitude"], 0, budgets).finetune_epochs == \
-        2 * budgets["algo_epochs"]
-    sam = method_config(csam, "sam_prune", 0.9, ALGORITHMS["sam_prune"], 0, budgets)
+    assert config(csam, "magnitude", 0.9).finetune_epochs == 2 * budgets["algo_epochs"]
+    sam = config(csam, "sam_prune", 0.9)
     assert sam.sam_epochs == sam.finetune_epochs == budgets["algo_epochs"]
+    assert config(csam, "csam_rho0", 0.9).rho == 0.0 and config(csam, "csam", 0.9).rho > 0
 
 
-def test_report_calls_a_difference_only_outside_the_seed_ranges():
+def test_report_pairs_seeds_and_calls_with_holm_adjusted_paired_tests():
+    from scipy import stats
     from sparsesam.commands.reproduce_plan import COMPARISONS
-    from sparsesam.commands.reproduce_report import _stats, verdicts
+    from sparsesam.commands.reproduce_report import _stats, holm, verdicts
     comparison = COMPARISONS["csam"]
 
-    def row(method, values):
+    def row(method, values, seeds=(0, 1, 2, 3, 4)):
         return {"method": method, "target_sparsity": 0.9, "seeds": len(values),
-                "metrics": {"clean_accuracy": _stats(values)}}
-    rows = [row("csam", [0.80, 0.82, 0.81]), row("magnitude", [0.70, 0.72, 0.79]), row("sam_prune", [0.79, 0.85, 0.9])]
-    calls = {v["baseline"]: v for v in verdicts(comparison, rows)}
-    assert calls["magnitude"]["call"] == "higher"
-    assert calls["magnitude"]["difference"] == pytest.approx(0.81 - (0.70 + 0.72 + 0.79) / 3)
-    assert calls["sam_prune"]["call"] == "within spread"  # ranges overlap although the means differ
-    rows[1] = row("magnitude", [0.70, 0.72])  # two seeds: below the project's minimum, nothing is called
-    assert {v["baseline"]: v["call"] for v in verdicts(comparison, rows)}["magnitude"].startswith("not called")
+                "metrics": {"clean_accuracy": _stats(list(values), list(seeds))}}
+    ours = [0.80, 0.82, 0.81, 0.79, 0.83]
+    # magnitude: always 3-5 points lower (paired: called, although the ranges overlap with ours)
+    magnitude = [0.77, 0.78, 0.77, 0.75, 0.80]
+    rows = [row("csam", ours), row("csam_rho0", [0.81, 0.80, 0.82, 0.78, 0.84]), row("magnitude", magnitude),
+            row("sam_prune", [0.70, 0.90, 0.75, 0.85, 0.80])]
+    found = {v["baseline"]: v for v in verdicts(comparison, rows)}
+    assert found["csam_rho0"]["role"] == "ablation" and found["magnitude"]["role"] == "baseline"
+    m = found["magnitude"]
+    assert m["mean"] == pytest.approx(sum(a - b for a, b in zip(ours, magnitude)) / 5)
+    assert m["p"] == pytest.approx(stats.ttest_rel(ours, magnitude).pvalue) and m["wins"] == 5
+    assert m["p_holm"] == pytest.approx(min(1.0, 3 * m["p"]))  # the smallest of three p-values: times 3
+    assert m["call"] == "higher" and m["ci95"][0] > 0
+    assert found["sam_prune"]["call"] == "no significant difference"  # noisy: means differ, the test says no
+    assert holm([0.01, None, 0.04, 0.03]) == pytest.approx([0.03, None, 0.06, 0.06])
+    # seeds are paired by number: a seed one method lacks is left out of the pair
+    rows[2] = row("magnitude", magnitude[:2], seeds=(0, 1))
+    assert {v["baseline"]: v for v in verdicts(comparison, rows)}["magnitude"]["call"].startswith("not called")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -153,6 +182,9 @@ def test_malformed_arguments_exit_2(tmp_path, capsys, argv, message):
 @pytest.mark.parametrize("argv, message", [
     (["--algo-limit", "500", "--limit", "100"], "--algo-limit"),
     (["--sigma", "0"], "--sigma"),
+    (["--sigma", "nan"], "--sigma"),
+    (["--workers", "0"], "--workers"),
+    (["--limit", "1400", "--val-limit", "400"], "--val-limit"),
     (["--severities", "7"], "--severities"),
     (["--corruptions", "rain"], "unknown corruption"),
     (["--cc-transforms", "shear"], "unknown CC-Cert transform"),
@@ -178,8 +210,31 @@ def test_reproduce_full_study(tmp_path):
     out = tmp_path / "study"
     assert run(["reproduce", "--out", out, "--no-progress"]) == 0
     results = json.load(open(os.path.join(out, "results.json")))
-    assert results["finished_runs"] == results["planned_runs"] == 45
+    assert results["finished_runs"] == results["planned_runs"] == 80
     for comparison in results["comparisons"].values():
         for row in comparison["rows"]:
-            assert row["seeds"] == 3
+            assert row["seeds"] == 5
             assert row["metrics"]["clean_accuracy"]["mean"] > 0.5  # every method learnt Fashion-MNIST
+
+
+def test_plateau_rule_stops_after_patience_epochs_without_a_gain():
+    from sparsesam.commands.reproduce_dense import plateaued
+    assert not plateaued([0.5, 0.6], patience=2, min_delta=0.01)  # too few epochs to judge
+    assert not plateaued([0.5, 0.6, 0.7, 0.71], patience=2, min_delta=0.005)  # 0.71 gains 0.11 on 0.60
+    assert plateaued([0.5, 0.7, 0.705, 0.69], patience=2, min_delta=0.01)  # best before 0.70, since +0.005 at most
+    assert not plateaued([0.5, 0.7, 0.705, 0.72], patience=2, min_delta=0.01)
+
+
+def test_gaussian_noise_collate_adds_cohen_noise_reproducibly():
+    import torch
+    from sparsesam.data.noise import GaussianNoiseCollate
+    batch = [(torch.full((1, 4, 4), 0.5), 3) for _ in range(256)]
+    torch.manual_seed(0)
+    x, y = GaussianNoiseCollate(0.25)(batch)
+    torch.manual_seed(0)
+    expected = torch.full((256, 1, 4, 4), 0.5) + torch.randn(256, 1, 4, 4) * 0.25
+    assert torch.equal(x, expected) and y.tolist() == [3] * 256
+    assert abs(float((x - 0.5).std()) - 0.25) < 0.01
+    for bad in (0, -1.0, float("nan"), float("inf"), "0.25", True):
+        with pytest.raises(ValueError, match="sigma"):
+            GaussianNoiseCollate(bad)

@@ -40,6 +40,7 @@ atomically. The state holds only tensors, numbers, strings, lists and dicts
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -230,6 +231,7 @@ class Algorithm(ABC):
         phases = self.phases()
         names = [name for name, _ in phases]
         history: List[Dict[str, Any]] = []
+        phase_seconds: Dict[str, float] = {}  # training seconds per phase in this call (not validation)
         saved = checkpoint.load() if checkpoint is not None else None
         self._reset_phase_state()
         optimizer, base_lrs = None, []
@@ -273,6 +275,7 @@ class Algorithm(ABC):
                 bar = tqdm(train_loader, desc=f"{self.name} {phase} {epoch + 1}/{epochs}", disable=not progress,
                            leave=False)
                 model.train()
+                epoch_began = time.perf_counter()
                 try:
                     stats = self._train_epoch(phase, epoch, model, train_loader, optimizer,
                                               _Batches(bar, model_device(model)))
@@ -281,6 +284,8 @@ class Algorithm(ABC):
                 sparsity = self._phase_sparsity if self._phase_sparsity is not None else self._sparsity(model)
                 record = {"phase": phase, "epoch": epoch, **{k: float(v) for k, v in stats.items()},
                           "lr": float(optimizer.param_groups[0]["lr"]), "sparsity": float(sparsity)}
+                # Timing is kept out of the history (which a resumed run reproduces bit for bit).
+                phase_seconds[phase] = phase_seconds.get(phase, 0.0) + time.perf_counter() - epoch_began
                 if val_loader is not None:
                     val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
                     record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
@@ -304,7 +309,8 @@ class Algorithm(ABC):
         summary, compact = self._summary(model, train_loader)
         summary = {"algorithm": self.name, "target_sparsity": self.config.target_sparsity,
                    "sparsity": float(self._sparsity(model)), "epochs": len(history), **summary,
-                   "execution": {phase: dict(forms) for phase, forms in self._forms.items()}}
+                   "execution": {phase: dict(forms) for phase, forms in self._forms.items()},
+                   "phase_seconds": phase_seconds}
         if trained_compacted is not None:
             summary["trained_compacted"] = {k: trained_compacted[k] for k in
                                             ("params_before", "params_after", "macs_before", "macs_after")}

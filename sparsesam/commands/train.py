@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -37,9 +37,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=float, default=1.0, help="multiplier of the paper's channel counts")
 
 
-def add_optimizer_arguments(parser: argparse.ArgumentParser, epochs: int = 5, what: str = "training") -> None:
+def add_optimizer_arguments(parser: argparse.ArgumentParser, epochs: Optional[int] = 5,
+                            what: str = "training") -> None:
+    """SGD / SAM flags; ``epochs=None``: no --epochs flag (the caller decides how long to train)."""
     group = parser.add_argument_group(f"dense {what}")
-    group.add_argument("--epochs", type=_non_negative_int, default=epochs)
+    if epochs is not None:
+        group.add_argument("--epochs", type=_non_negative_int, default=epochs)
     group.add_argument("--lr", type=float, default=0.05)
     group.add_argument("--momentum", type=float, default=0.9)
     group.add_argument("--weight-decay", type=float, default=5e-4)
@@ -82,36 +85,56 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     return torch.optim.SGD(params, **sgd)
 
 
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int):
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
+
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, desc: str,
-                progress: bool = True) -> Dict[str, float]:
-    """One epoch of cross-entropy training; a SAM optimizer takes its two-pass step."""
+                progress: bool = True, loss_fn: Optional[Callable] = None, first_step: int = 0) -> Dict[str, float]:
+    """One epoch of training; a SAM optimizer takes its two-pass step.
+
+    ``loss_fn(model, x, y, step) -> (loss, logits or None)`` (the algorithms'
+    form, e.g. an adversarial loss of ``algorithms._steps.make_loss``; step
+    seeds its random draws) defaults to cross-entropy. With logits None
+    (adversarial losses) the accuracy is not measured (None).
+    """
     model.train()
+    loss_fn = cross_entropy_loss if loss_fn is None else loss_fn
     sam = isinstance(optimizer, SAM)
     total_loss = correct = seen = 0.0
+    measured = True
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
-    for x, y in bar:
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+    for i, (x, y) in enumerate(bar):
+        loss, logits = loss_fn(model, x, y, first_step + i)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sam:
             optimizer.first_step(zero_grad=True)
-            F.cross_entropy(model(x), y).backward()
+            loss_fn(model, x, y, first_step + i)[0].backward()
             optimizer.second_step(zero_grad=True)
         else:
             optimizer.step()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: the loss became {loss.item()} (lower --lr or --sam-rho)")
         total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        if logits is None:
+            measured = False
+        else:
+            correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}" if measured else "-")
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1) if measured else None}
 
 
 def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Generator, args: argparse.Namespace,
-              checkpointer: Checkpointer, *, label: str = "train") -> List[dict]:
-    """Train ``args.epochs`` epochs, checkpointing after each; resumes from ``checkpointer`` if it holds a state."""
+              checkpointer: Checkpointer, *, label: str = "train", loss_fn: Optional[Callable] = None) -> List[dict]:
+    """Train ``args.epochs`` epochs, checkpointing after each; resumes from ``checkpointer`` if it holds a state.
+
+    ``loss_fn``: see train_epoch (default cross-entropy). Calling again with a
+    larger ``args.epochs`` continues from the last checkpoint (the learning
+    rate is constant, so the epochs do not depend on the total).
+    """
     optimizer = build_optimizer(model, args)
     history: List[dict] = []
     start = 0
@@ -125,7 +148,7 @@ def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Gene
     for epoch in range(start, args.epochs):
         began = time.perf_counter()
         stats = train_epoch(model, train_loader, optimizer, desc=f"{label} {epoch + 1}/{args.epochs}",
-                            progress=args.progress)
+                            progress=args.progress, loss_fn=loss_fn, first_step=epoch * len(train_loader))
         test = evaluate(model, test_loader, desc="test", progress=args.progress)
         history.append({"phase": label, "epoch": epoch + 1, "loss": stats["loss"], "accuracy": stats["accuracy"],
                         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
