@@ -38,8 +38,8 @@ bench: setup
 
 ci: test test-triton build-cuda ctest check-wheel
 
-# The reproduction study (AdaSAP / HARP / C-SAM comparisons, 3 seeds; about 40 minutes on a quiet CPU core;
-# resumable: run it again to continue). The table, figures and results go to docs/reproduce/.
+# The reproduction study (AdaSAP / HARP / C-SAM comparisons and ablations, 5 seeds; about 6 CPU-hours, 3 hours
+# with 2 workers on 2 quiet cores; resumable: run it again to continue). Results go to docs/reproduce/.
 .PHONY: reproduce
 reproduce: setup
-	$(VENV)/bin/sparsesam reproduce --out reproduce-out --report-dir docs/reproduce --threads 2
+	$(VENV)/bin/sparsesam reproduce --out reproduce-out --report-dir docs/reproduce --threads 1 --workers 2

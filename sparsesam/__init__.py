@@ -1,19 +1,42 @@
 """sparsesam: robust sparse training for PyTorch.
 
-Masked layers over fused kernels (C++ CPU, Triton, CUDA), a drop-in
-``sparsify`` / ``export``, and (in later modules) the SAM family of
-optimizers and the AdaSAP / HARP / C-SAM algorithms.
+The layers, lowest first (each may import only the ones above it):
+
+* ``sparsesam.ops``: the fused primitives (masked forward/backward, the
+  SAM ascent/descent step, mask scoring, sparse matmuls), C++ / Triton /
+  CUDA behind ``torch.library``; ``sparsesam.reference`` is their float64
+  ground truth.
+* ``sparsesam.sparse``: the sparse formats (CSR, BSR, N:M) of fixed masks.
+* ``sparsesam.nn``: masked layers, ``sparsify`` / ``export`` and
+  ``set_execution`` (each fixed-mask layer dense, sparse or "auto").
+* ``sparsesam.optim``: ``SAM`` (and ASAM), ``FusedMaskedSGD``.
+* ``sparsesam.pruning``: criteria, masks, schedules, channel compaction.
+* ``sparsesam.algorithms``: AdaSAP, HARP, C-SAM and the baselines.
+* ``sparsesam.robust``: corruptions, attacks, randomized smoothing, CC-Cert.
+* ``sparsesam.data``, ``sparsesam.models``: datasets and architectures.
+
+The ``sparsesam`` command (``sparsesam.cli`` over ``sparsesam.commands``)
+trains, prunes, evaluates and reproduces the papers' comparisons. The
+subpackages not imported here (algorithms, pruning, robust, data, models)
+load on first use: ``import sparsesam`` stays light.
 """
-from . import ops, optim, reference
-from .nn import MaskedConv2d, MaskedLinear, export, masked_layers, sparsify
+import importlib
+
+from . import ops, optim, reference, sparse
+from .nn import (MaskedConv2d, MaskedLinear, SparseLinear, execution_summary, export, masked_layers,
+                 resolve_execution, set_execution, sparsify)
+from .optim import SAM
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "optim", "reference", "MaskedLinear", "MaskedConv2d", "sparsify", "export", "masked_layers", "__version__"]
+_LAZY = ("algorithms", "pruning", "robust", "data", "models")
 
-# True sparse execution of fixed masks: the sparse formats, and the one call that sets each
-# fixed-mask layer's form (dense, a sparse format, or "auto": the fastest, timed).
-from . import sparse  # noqa: E402
-from .nn import SparseLinear, execution_summary, resolve_execution, set_execution  # noqa: E402
+__all__ = ["ops", "optim", "reference", "sparse", *_LAZY, "MaskedLinear", "MaskedConv2d", "SparseLinear", "SAM",
+           "sparsify", "export", "masked_layers", "set_execution", "resolve_execution", "execution_summary",
+           "__version__"]
 
-__all__ += ["sparse", "SparseLinear", "set_execution", "resolve_execution", "execution_summary"]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'sparsesam' has no attribute {name!r}")
