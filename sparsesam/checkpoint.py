@@ -4,11 +4,13 @@
 algorithm's ``fit(..., checkpoint=...)``: ``load()`` gives the state to resume
 from (or None) and ``save(state)`` is called at the end of every epoch.
 
-A save never leaves a half-written checkpoint: the state goes to a temporary
-file in the same folder, is flushed and fsync'ed, then ``os.replace`` swaps it
-in (atomic on POSIX), and the folder is fsync'ed so the rename survives a
-crash. A run killed at any instant (SIGKILL included) therefore finds either
-the previous complete checkpoint or the new one.
+A save never leaves a half-written checkpoint (:func:`sparsesam._files.atomic_file`):
+the state goes to a temporary file in the same folder, is flushed and
+fsync'ed, then ``os.replace`` swaps it in (atomic on POSIX), and the folder
+is fsync'ed so the rename survives a crash. A run killed at any instant
+(SIGKILL included) therefore finds either the previous complete checkpoint
+or the new one. torch.save's bytes depend only on the state, so identical
+runs write identical checkpoints.
 
 Exact resumption also needs every random stream where it was:
 ``capture_rng_state`` / ``restore_rng_state`` cover torch's CPU (and CUDA)
@@ -32,15 +34,19 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
+import time
 import zipfile
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ._files import atomic_file
 from .file_errors import BadCheckpointError, describe
 
+# Test hook: seconds Checkpointer.save waits between writing the temporary file and putting it in place
+# (tests/test_cli_sigkill.py kills a run there). Unset in normal use.
+WRITE_DELAY_ENV = "SPARSESAM_TEST_CHECKPOINT_WRITE_DELAY"
 # torch.save's format is a zip archive; its first local file header starts with these bytes.
 _ZIP_MAGIC = b"PK\x03\x04"
 # What torch.load and load_state_dict raise on bytes or states they cannot use (each seen on a bad file).
@@ -114,33 +120,15 @@ class Checkpointer:
         """Write ``state`` atomically: the previous checkpoint stays intact until the new one is complete."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
+        delay = _test_write_delay()
+        with atomic_file(self.path, "wb") as f:
+            torch.save(state, f)
+            if delay:
+                # Test hook (WRITE_DELAY_ENV): hold the complete temporary file before it replaces the
+                # checkpoint, so a test can kill the process in the middle of a checkpoint write.
                 f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            # Failed or interrupted mid-write: remove the partial temporary file, keep the old checkpoint.
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_directory(directory)
-        self._remove_stale_temporaries(directory)
+                time.sleep(delay)
         self.saves += 1
-
-    def _remove_stale_temporaries(self, directory: str) -> None:
-        # A process killed mid-save (SIGKILL, power loss) leaves its temporary file behind.
-        prefix = f".{os.path.basename(self.path)}."
-        for name in os.listdir(directory):
-            if name.startswith(prefix) and name.endswith(".tmp"):
-                try:
-                    os.unlink(os.path.join(directory, name))
-                except FileNotFoundError:
-                    pass
 
     def remove(self) -> None:
         """Delete the checkpoint (e.g. once a run has finished and exported its results)."""
@@ -195,18 +183,17 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return state
 
 
-def _fsync_directory(directory: str) -> None:
-    # Makes the rename durable; some filesystems refuse to open a directory, which is fine to skip.
+def _test_write_delay() -> float:
+    text = os.environ.get(WRITE_DELAY_ENV)
+    if not text:
+        return 0.0
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        delay = float(text)
+    except ValueError:
+        raise ValueError(f"{WRITE_DELAY_ENV} must be a number of seconds, got {text!r}") from None
+    if not 0 <= delay < 3600:
+        raise ValueError(f"{WRITE_DELAY_ENV} must be in [0, 3600) seconds, got {text!r}")
+    return delay
 
 
 def _numpy_state() -> tuple:

@@ -7,7 +7,6 @@ and no display is needed.
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping, Optional
 
 import numpy as np
@@ -27,10 +26,10 @@ def _figure(width: float, height: float, ncols: int = 1):
 
 
 def _save(figure, path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    from .._files import atomic_file
     figure.tight_layout()
-    figure.savefig(path, dpi=150, format="png")
+    with atomic_file(path, "wb") as f:  # a reader never sees half a PNG
+        figure.savefig(f, dpi=150, format="png")
     return path
 
 
