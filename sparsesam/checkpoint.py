@@ -50,7 +50,7 @@ WRITE_DELAY_ENV = "SPARSESAM_TEST_CHECKPOINT_WRITE_DELAY"
 # torch.save's format is a zip archive; its first local file header starts with these bytes.
 _ZIP_MAGIC = b"PK\x03\x04"
 # What torch.load and load_state_dict raise on bytes or states they cannot use (each seen on a bad file).
-_READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
                 zipfile.BadZipFile)
 
 
@@ -101,20 +101,7 @@ class Checkpointer:
     def restore(self, target: Any, state: Dict[str, Any], key: str) -> None:
         """``target.load_state_dict(state[key])`` (a module or an optimizer); a state that does not fit is a
         BadCheckpointError naming the file (a checkpoint of another model, width or optimizer)."""
-        if not callable(getattr(target, "load_state_dict", None)):
-            raise TypeError(f"target must have a load_state_dict method, got {type(target).__name__}")
-        if key not in state:
-            raise BadCheckpointError(self.path, f"the checkpoint has no {key!r} state (it holds {sorted(state)})")
-        problem = f"its {key!r} state does not fit this run's {type(target).__name__} (a checkpoint of another " \
-                  f"model, width, optimizer or algorithm?)"
-        try:
-            target.load_state_dict(state[key])
-        except _READ_ERRORS as error:
-            raise BadCheckpointError(self.path, f"{problem}: {describe(error)}") from error
-        if isinstance(target, torch.optim.Optimizer):
-            mismatch = _optimizer_shape_mismatch(target)
-            if mismatch:
-                raise BadCheckpointError(self.path, f"{problem}: {mismatch}")
+        restore_state(target, state, key, source=self.path)
 
     def save(self, state: Dict[str, Any]) -> None:
         """Write ``state`` atomically: the previous checkpoint stays intact until the new one is complete."""
@@ -137,6 +124,32 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.path!r})"
+
+
+def checkpoint_source(checkpoint: Any) -> str:
+    """What an error about ``checkpoint`` names: a Checkpointer's path, else the object's type (a
+    duck-typed checkpoint handed to ``Algorithm.fit``)."""
+    path = getattr(checkpoint, "path", None)
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) else f"<{type(checkpoint).__name__}>"
+
+
+def restore_state(target: Any, state: Dict[str, Any], key: str, *, source: str) -> None:
+    """``target.load_state_dict(state[key])`` for a module or an optimizer; a state that does not fit (another
+    model, width, optimizer or algorithm) is a BadCheckpointError naming ``source`` (the checkpoint's path)."""
+    if not callable(getattr(target, "load_state_dict", None)):
+        raise TypeError(f"target must have a load_state_dict method, got {type(target).__name__}")
+    if key not in state:
+        raise BadCheckpointError(source, f"the checkpoint has no {key!r} state (it holds {sorted(state)})")
+    problem = f"its {key!r} state does not fit this run's {type(target).__name__} (a checkpoint of another " \
+              f"model, width, optimizer or algorithm?)"
+    try:
+        target.load_state_dict(state[key])
+    except READ_ERRORS as error:
+        raise BadCheckpointError(source, f"{problem}: {describe(error)}") from error
+    if isinstance(target, torch.optim.Optimizer):
+        mismatch = _optimizer_shape_mismatch(target)
+        if mismatch:
+            raise BadCheckpointError(source, f"{problem}: {mismatch}")
 
 
 def _optimizer_shape_mismatch(optimizer: torch.optim.Optimizer) -> Optional[str]:
@@ -166,7 +179,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()  # reads every member and checks its CRC-32
-    except _READ_ERRORS as error:
+    except READ_ERRORS as error:
         raise BadCheckpointError(path, f"the checkpoint is truncated or corrupt: its zip archive cannot be read "
                                        f"({describe(error)})") from error
     if damaged is not None:
@@ -176,7 +189,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     except pickle.UnpicklingError as error:
         raise BadCheckpointError(path, f"the checkpoint holds objects other than tensors, numbers, strings, lists "
                                        f"and dicts, which are not loaded ({describe(error)})") from error
-    except _READ_ERRORS as error:
+    except READ_ERRORS as error:
         raise BadCheckpointError(path, f"the checkpoint cannot be read by torch.load: {describe(error)}") from error
     if not isinstance(state, dict):
         raise BadCheckpointError(path, f"the checkpoint does not hold a dict (got {type(state).__name__})")
@@ -234,4 +247,4 @@ def restore_rng_state(state: Dict[str, Any], loader_generator: Optional[torch.Ge
         loader_generator.set_state(state["loader"])
 
 
-__all__ = ["Checkpointer", "read_checkpoint", "capture_rng_state", "restore_rng_state", "BadCheckpointError"]
+__all__ = ["Checkpointer", "read_checkpoint", "restore_state", "checkpoint_source", "READ_ERRORS", "capture_rng_state", "restore_rng_state", "BadCheckpointError"]
