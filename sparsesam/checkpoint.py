@@ -247,4 +247,5 @@ def restore_rng_state(state: Dict[str, Any], loader_generator: Optional[torch.Ge
         loader_generator.set_state(state["loader"])
 
 
-__all__ = ["Checkpointer", "read_checkpoint", "restore_state", "checkpoint_source", "READ_ERRORS", "capture_rng_state", "restore_rng_state", "BadCheckpointError"]
+__all__ = ["Checkpointer", "read_checkpoint", "restore_state", "checkpoint_source", "READ_ERRORS", "WRITE_DELAY_ENV",
+           "capture_rng_state", "restore_rng_state", "BadCheckpointError"]
