@@ -155,12 +155,15 @@ def restore_state(target: Any, state: Dict[str, Any], key: str, *, source: str) 
 def _optimizer_shape_mismatch(optimizer: torch.optim.Optimizer) -> Optional[str]:
     # Optimizer.load_state_dict matches parameters by position only: the buffers of a model of another
     # width load without complaint and fail (or broadcast) at the first step. Each per-parameter buffer
-    # (momentum, exp_avg, ...) must have its parameter's shape; 0-d entries (step counts) are exempt.
+    # must have its parameter's shape (momentum, exp_avg, ...) or its leading dimensions (a per-output-
+    # channel statistic, e.g. AdaSAP's channel_rho of shape (out_channels,)); 0-d entries (step counts)
+    # are exempt.
     index = 0
     for group in optimizer.param_groups:
         for param in group["params"]:
             for name, value in optimizer.state.get(param, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and (
+                        value.dim() > param.dim() or value.shape != param.shape[:value.dim()]):
                     return (f"its {name} of parameter {index} has shape {tuple(value.shape)}, the parameter "
                             f"{tuple(param.shape)}")
             index += 1
