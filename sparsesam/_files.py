@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from typing import IO, Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -38,15 +38,13 @@ def atomic_file(path: PathLike, mode: str = "wb", *, fsync: bool = True) -> Iter
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=directory)
+    fd, tmp = _create_temporary(path, directory)
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         # Failed or interrupted mid-write: drop the partial temporary file, keep the previous file.
@@ -94,11 +92,16 @@ def fsync_directory(directory: PathLike) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    # os.umask can only be read by setting it; put it straight back.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temporary(path: str, directory: str) -> "tuple[int, str]":
+    # Like tempfile.mkstemp (a fresh random name, O_EXCL), but with the permissions a plain open() gives
+    # (0666 less the umask) rather than mkstemp's private 0600: the file becomes the user's result.
+    for _ in range(100):
+        tmp = os.path.join(directory, f"{_temporary_prefix(path)}{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name next to {path}")
 
 
 __all__ = ["atomic_file", "atomic_write", "remove_stale_temporaries", "fsync_directory"]
