@@ -34,7 +34,9 @@ never stopped.
 
 A checkpoint is duck-typed: ``load() -> Optional[dict]`` and
 ``save(state: dict)``; sparsesam.checkpoint.Checkpointer writes it to disk
-atomically. The state holds only tensors, numbers, strings, lists and dicts
+atomically. A saved state of another algorithm, state version, config,
+phase, model or width is refused with a one-line BadCheckpointError naming
+the checkpoint's file (``Checkpointer.path``), before anything is trained. The state holds only tensors, numbers, strings, lists and dicts
 (``torch.load(weights_only=True)`` can read it).
 """
 from __future__ import annotations
