@@ -51,7 +51,7 @@ WRITE_DELAY_ENV = "SPARSESAM_TEST_CHECKPOINT_WRITE_DELAY"
 _ZIP_MAGIC = b"PK\x03\x04"
 # What torch.load and load_state_dict raise on bytes or states they cannot use (each seen on a bad file).
 READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
-                zipfile.BadZipFile)
+               zipfile.BadZipFile)
 
 
 class Checkpointer:
