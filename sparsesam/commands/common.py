@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._files import atomic_write
 from ..data import DATASETS, build_dataset, load_dataset
 from ..models import MODELS, build_model
 
@@ -70,7 +71,6 @@ def write_json(path: str, data: Any, *, sort_keys: bool = False) -> str:
 
     sort_keys: sort every object's keys (the model files, read by programs); the reports keep the
     order the code builds them in, which is fixed, so identical runs still give identical bytes."""
-    from .._files import atomic_write
     atomic_write(path, json.dumps(jsonable(data), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n")
     return path
 

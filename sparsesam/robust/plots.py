@@ -12,6 +12,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from .._extras import require
+from .._files import atomic_file
 from .corruptions import CORRUPTIONS
 
 
@@ -26,7 +27,6 @@ def _figure(width: float, height: float, ncols: int = 1):
 
 
 def _save(figure, path: str) -> str:
-    from .._files import atomic_file
     figure.tight_layout()
     with atomic_file(path, "wb") as f:  # a reader never sees half a PNG
         figure.savefig(f, dpi=150, format="png")
