@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_same_weights, read_weights, train_argv
+from cli_helpers import train_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 

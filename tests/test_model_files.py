@@ -18,7 +18,7 @@ from sparsesam.file_errors import BadFileError
 from sparsesam.nn import masked_layers, sparsify
 from sparsesam.pruning import magnitude_prune
 
-from cli_helpers import DATA, MODEL, run, train_argv
+from cli_helpers import DATA, run, train_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 INFO = load_digits(False, image_size=8, limit=4).info
