@@ -4,11 +4,13 @@
 algorithm's ``fit(..., checkpoint=...)``: ``load()`` gives the state to resume
 from (or None) and ``save(state)`` is called at the end of every epoch.
 
-A save never leaves a half-written checkpoint: the state goes to a temporary
-file in the same folder, is flushed and fsync'ed, then ``os.replace`` swaps it
-in (atomic on POSIX), and the folder is fsync'ed so the rename survives a
-crash. A run killed at any instant (SIGKILL included) therefore finds either
-the previous complete checkpoint or the new one.
+A save never leaves a half-written checkpoint (:func:`sparsesam._files.atomic_file`):
+the state goes to a temporary file in the same folder, is flushed and
+fsync'ed, then ``os.replace`` swaps it in (atomic on POSIX), and the folder
+is fsync'ed so the rename survives a crash. A run killed at any instant
+(SIGKILL included) therefore finds either the previous complete checkpoint
+or the new one. torch.save's bytes depend only on the state, so identical
+runs write identical checkpoints.
 
 Exact resumption also needs every random stream where it was:
 ``capture_rng_state`` / ``restore_rng_state`` cover torch's CPU (and CUDA)
@@ -32,20 +34,24 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
+import time
 import zipfile
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ._files import atomic_file
 from .file_errors import BadCheckpointError, describe
 
+# Test hook: seconds Checkpointer.save waits between writing the temporary file and putting it in place
+# (tests/test_cli_sigkill.py kills a run there). Unset in normal use.
+WRITE_DELAY_ENV = "SPARSESAM_TEST_CHECKPOINT_WRITE_DELAY"
 # torch.save's format is a zip archive; its first local file header starts with these bytes.
 _ZIP_MAGIC = b"PK\x03\x04"
 # What torch.load and load_state_dict raise on bytes or states they cannot use (each seen on a bad file).
-_READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
-                zipfile.BadZipFile)
+READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+               zipfile.BadZipFile)
 
 
 class Checkpointer:
@@ -95,52 +101,21 @@ class Checkpointer:
     def restore(self, target: Any, state: Dict[str, Any], key: str) -> None:
         """``target.load_state_dict(state[key])`` (a module or an optimizer); a state that does not fit is a
         BadCheckpointError naming the file (a checkpoint of another model, width or optimizer)."""
-        if not callable(getattr(target, "load_state_dict", None)):
-            raise TypeError(f"target must have a load_state_dict method, got {type(target).__name__}")
-        if key not in state:
-            raise BadCheckpointError(self.path, f"the checkpoint has no {key!r} state (it holds {sorted(state)})")
-        problem = f"its {key!r} state does not fit this run's {type(target).__name__} (a checkpoint of another " \
-                  f"model, width, optimizer or algorithm?)"
-        try:
-            target.load_state_dict(state[key])
-        except _READ_ERRORS as error:
-            raise BadCheckpointError(self.path, f"{problem}: {describe(error)}") from error
-        if isinstance(target, torch.optim.Optimizer):
-            mismatch = _optimizer_shape_mismatch(target)
-            if mismatch:
-                raise BadCheckpointError(self.path, f"{problem}: {mismatch}")
+        restore_state(target, state, key, source=self.path)
 
     def save(self, state: Dict[str, Any]) -> None:
         """Write ``state`` atomically: the previous checkpoint stays intact until the new one is complete."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
+        delay = _test_write_delay()
+        with atomic_file(self.path, "wb") as f:
+            torch.save(state, f)
+            if delay:
+                # Test hook (WRITE_DELAY_ENV): hold the complete temporary file before it replaces the
+                # checkpoint, so a test can kill the process in the middle of a checkpoint write.
                 f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            # Failed or interrupted mid-write: remove the partial temporary file, keep the old checkpoint.
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_directory(directory)
-        self._remove_stale_temporaries(directory)
+                time.sleep(delay)
         self.saves += 1
-
-    def _remove_stale_temporaries(self, directory: str) -> None:
-        # A process killed mid-save (SIGKILL, power loss) leaves its temporary file behind.
-        prefix = f".{os.path.basename(self.path)}."
-        for name in os.listdir(directory):
-            if name.startswith(prefix) and name.endswith(".tmp"):
-                try:
-                    os.unlink(os.path.join(directory, name))
-                except FileNotFoundError:
-                    pass
 
     def remove(self) -> None:
         """Delete the checkpoint (e.g. once a run has finished and exported its results)."""
@@ -151,15 +126,44 @@ class Checkpointer:
         return f"Checkpointer({self.path!r})"
 
 
+def checkpoint_source(checkpoint: Any) -> str:
+    """What an error about ``checkpoint`` names: a Checkpointer's path, else the object's type (a
+    duck-typed checkpoint handed to ``Algorithm.fit``)."""
+    path = getattr(checkpoint, "path", None)
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) else f"<{type(checkpoint).__name__}>"
+
+
+def restore_state(target: Any, state: Dict[str, Any], key: str, *, source: str) -> None:
+    """``target.load_state_dict(state[key])`` for a module or an optimizer; a state that does not fit (another
+    model, width, optimizer or algorithm) is a BadCheckpointError naming ``source`` (the checkpoint's path)."""
+    if not callable(getattr(target, "load_state_dict", None)):
+        raise TypeError(f"target must have a load_state_dict method, got {type(target).__name__}")
+    if key not in state:
+        raise BadCheckpointError(source, f"the checkpoint has no {key!r} state (it holds {sorted(state)})")
+    problem = f"its {key!r} state does not fit this run's {type(target).__name__} (a checkpoint of another " \
+              f"model, width, optimizer or algorithm?)"
+    try:
+        target.load_state_dict(state[key])
+    except READ_ERRORS as error:
+        raise BadCheckpointError(source, f"{problem}: {describe(error)}") from error
+    if isinstance(target, torch.optim.Optimizer):
+        mismatch = _optimizer_shape_mismatch(target)
+        if mismatch:
+            raise BadCheckpointError(source, f"{problem}: {mismatch}")
+
+
 def _optimizer_shape_mismatch(optimizer: torch.optim.Optimizer) -> Optional[str]:
     # Optimizer.load_state_dict matches parameters by position only: the buffers of a model of another
     # width load without complaint and fail (or broadcast) at the first step. Each per-parameter buffer
-    # (momentum, exp_avg, ...) must have its parameter's shape; 0-d entries (step counts) are exempt.
+    # must have its parameter's shape (momentum, exp_avg, ...) or its leading dimensions (a per-output-
+    # channel statistic, e.g. AdaSAP's channel_rho of shape (out_channels,)); 0-d entries (step counts)
+    # are exempt.
     index = 0
     for group in optimizer.param_groups:
         for param in group["params"]:
             for name, value in optimizer.state.get(param, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and (
+                        value.dim() > param.dim() or value.shape != param.shape[:value.dim()]):
                     return (f"its {name} of parameter {index} has shape {tuple(value.shape)}, the parameter "
                             f"{tuple(param.shape)}")
             index += 1
@@ -178,7 +182,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()  # reads every member and checks its CRC-32
-    except _READ_ERRORS as error:
+    except READ_ERRORS as error:
         raise BadCheckpointError(path, f"the checkpoint is truncated or corrupt: its zip archive cannot be read "
                                        f"({describe(error)})") from error
     if damaged is not None:
@@ -188,25 +192,24 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     except pickle.UnpicklingError as error:
         raise BadCheckpointError(path, f"the checkpoint holds objects other than tensors, numbers, strings, lists "
                                        f"and dicts, which are not loaded ({describe(error)})") from error
-    except _READ_ERRORS as error:
+    except READ_ERRORS as error:
         raise BadCheckpointError(path, f"the checkpoint cannot be read by torch.load: {describe(error)}") from error
     if not isinstance(state, dict):
         raise BadCheckpointError(path, f"the checkpoint does not hold a dict (got {type(state).__name__})")
     return state
 
 
-def _fsync_directory(directory: str) -> None:
-    # Makes the rename durable; some filesystems refuse to open a directory, which is fine to skip.
+def _test_write_delay() -> float:
+    text = os.environ.get(WRITE_DELAY_ENV)
+    if not text:
+        return 0.0
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        delay = float(text)
+    except ValueError:
+        raise ValueError(f"{WRITE_DELAY_ENV} must be a number of seconds, got {text!r}") from None
+    if not 0 <= delay < 3600:
+        raise ValueError(f"{WRITE_DELAY_ENV} must be in [0, 3600) seconds, got {text!r}")
+    return delay
 
 
 def _numpy_state() -> tuple:
@@ -247,4 +250,5 @@ def restore_rng_state(state: Dict[str, Any], loader_generator: Optional[torch.Ge
         loader_generator.set_state(state["loader"])
 
 
-__all__ = ["Checkpointer", "read_checkpoint", "capture_rng_state", "restore_rng_state", "BadCheckpointError"]
+__all__ = ["Checkpointer", "read_checkpoint", "restore_state", "checkpoint_source", "READ_ERRORS", "WRITE_DELAY_ENV",
+           "capture_rng_state", "restore_rng_state", "BadCheckpointError"]

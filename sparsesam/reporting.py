@@ -19,6 +19,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from ._files import atomic_write
 from .robust import plots
 
 EVAL_JSON = "eval.json"
@@ -218,8 +219,7 @@ def write_report(runs: List[dict], out: str, *, not_run: Optional[Mapping[str, s
     text = markdown(rows, not_run, title)
     if figures:
         text += "\n## Figures\n\n" + "\n".join(f"![{k}]({os.path.basename(v)})" for k, v in figures.items()) + "\n"
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(text)
+    atomic_write(os.path.join(out, "report.md"), text)
     from .commands.common import write_json  # shared atomic JSON writer (NaN-free)
     write_json(os.path.join(out, "report.json"), report)
     return report

@@ -191,3 +191,36 @@ def test_error_text_of_a_long_multiline_cause_is_cut_to_one_line(tmp_path):
     assert line.startswith("Error(s) in loading state_dict for ResNet:; size mismatch for a; xxx")
     assert os.fspath(BadFileError(tmp_path / "f", "a\nb").path) == str(tmp_path / "f")
     assert str(BadFileError("f.pt", "a\nb")) == "f.pt: a; b"
+
+
+def test_fit_refuses_a_state_of_another_config_phase_or_width_naming_the_file(tmp_path):
+    import dataclasses
+    from algorithm_problems import fresh_model, pretrained_model, train_loader
+    from sparsesam.algorithms import Magnitude, MagnitudeConfig
+    ckpt = Checkpointer(tmp_path / "prune_checkpoint.pt")
+    config = MagnitudeConfig(target_sparsity=0.5, finetune_epochs=2)
+    Magnitude(config).fit(pretrained_model(), train_loader(), progress=False, checkpoint=ckpt)
+    saved = ckpt.load()
+
+    other = dataclasses.replace(config, target_sparsity=0.6)
+    with pytest.raises(BadCheckpointError, match=r"another config: target_sparsity \(0.5 -> 0.6\)") as error:
+        Magnitude(other).fit(pretrained_model(), train_loader(), progress=False, checkpoint=ckpt)
+    _assert_one_line(error, ckpt.path)
+
+    ckpt.save({**saved, "phase": "search"})
+    with pytest.raises(BadCheckpointError, match="phase 'search', which 'magnitude' does not have") as error:
+        Magnitude(config).fit(pretrained_model(), train_loader(), progress=False, checkpoint=ckpt)
+    _assert_one_line(error, ckpt.path)
+
+    # A model state with every tensor twice as long (a wider model's) does not fit the run's model.
+    state = {key: torch.cat([value, value]) if value.dim() else value for key, value in saved["model"].items()}
+    ckpt.save({**saved, "model": state})
+    with pytest.raises(BadCheckpointError, match="'model' state does not fit") as error:
+        Magnitude(config).fit(fresh_model(), train_loader(), progress=False, checkpoint=ckpt)
+    _assert_one_line(error, ckpt.path)
+
+    del saved["rng"]
+    ckpt.save(saved)
+    with pytest.raises(BadCheckpointError, match=r"lacks \['rng'\]") as error:
+        Magnitude(config).fit(pretrained_model(), train_loader(), progress=False, checkpoint=ckpt)
+    _assert_one_line(error, ckpt.path)

@@ -152,25 +152,26 @@ def test_resume_with_different_settings_is_refused(monkeypatch, tmp_path, capsys
 
 
 def test_demo_interrupted_in_a_method_and_resumed_equals_uninterrupted(monkeypatch, tmp_path):
-    from sparsesam.algorithms import ALGORITHMS
-    from sparsesam.commands import registry as registry_module
-    from cli_helpers import FakeLayerwise
-    monkeypatch.setattr(registry_module, "package_algorithms",
-                        lambda: {"magnitude": ALGORITHMS["magnitude"], "adasap": FakeLayerwise})
+    pytest.importorskip("torch_pruning", reason="AdaSAP's channel groups and compaction need torch-pruning")
 
     def argv_of(out, *extra):
         return ["demo", "--out", out, "--dataset", "digits", "--image-size", "8", "--limit", "64",
                 "--test-limit", "16", "--width", "0.25", "--epochs", "1", "--algo-epochs", "2", "--sparsity", "0.5",
-                "--no-progress", "--no-smoothing", "--no-cc-cert", "--no-pgd", "--no-corruptions",
-                "--latency-repeats", "1", *extra]
+                "--methods", "magnitude,adasap", "--execution", "dense", "--no-progress", "--no-smoothing",
+                "--no-cc-cert", "--no-pgd", "--no-corruptions", "--latency-repeats", "1", *extra]
 
-    # save 1: the dense model's epoch; save 2: magnitude's first fine-tuning epoch.
-    full, split = _interrupt_then_resume(monkeypatch, argv_of, tmp_path, interrupt_at=2)
-    assert (split / "magnitude" / "prune_checkpoint.pt").exists()
+    # Saves: 1 the dense model's epoch, 2-3 magnitude's fine-tuning, 4-5 AdaSAP's phase 1 (ASAM with
+    # per-channel radii), 6 the first epoch of AdaSAP's compacted fine-tuning -- the real algorithm, interrupted
+    # with its compacted model in the checkpoint.
+    full, split = _interrupt_then_resume(monkeypatch, argv_of, tmp_path, interrupt_at=6)
+    state = torch.load(split / "adasap" / "prune_checkpoint.pt", weights_only=True)
+    assert state["algorithm"] == "adasap" and state["phase"] == "finetune" and state["compaction"] is not None
     assert run(argv_of(split)) == 2
     assert run(argv_of(split, "--resume")) == 0
     for method in ("dense", "magnitude", "adasap"):
         assert_same_weights(read_weights(full / method), read_weights(split / method))
+    assert (split / "adasap" / "model_compact.safetensors").read_bytes() == \
+        (full / "adasap" / "model_compact.safetensors").read_bytes()
 
 
 class Payload:

@@ -34,7 +34,9 @@ never stopped.
 
 A checkpoint is duck-typed: ``load() -> Optional[dict]`` and
 ``save(state: dict)``; sparsesam.checkpoint.Checkpointer writes it to disk
-atomically. The state holds only tensors, numbers, strings, lists and dicts
+atomically. A saved state of another algorithm, state version, config,
+phase, model or width is refused with a one-line BadCheckpointError naming
+the checkpoint's file (``Checkpointer.path``), before anything is trained. The state holds only tensors, numbers, strings, lists and dicts
 (``torch.load(weights_only=True)`` can read it).
 """
 from __future__ import annotations
@@ -50,12 +52,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..checkpoint import READ_ERRORS, checkpoint_source, restore_state
+from ..file_errors import BadCheckpointError, describe
 from ..nn import set_execution
 from ..training import evaluate
 from . import _compacted, _execution
 from ._config import check_config
 
 STATE_VERSION = 2  # 2: the layers' execution forms and the compaction record are part of the state
+# Everything fit() saves at the end of an epoch (and needs to resume).
+_STATE_KEYS = ("algorithm", "version", "config", "phase", "epoch", "step", "model", "optimizer", "forms",
+               "compaction", "algorithm_state", "history", "rng")
 
 
 @dataclass
@@ -229,7 +236,6 @@ class Algorithm(ABC):
                                            and callable(getattr(checkpoint, "save", None))):
             raise TypeError("checkpoint must have load() and save(state) methods")
         phases = self.phases()
-        names = [name for name, _ in phases]
         history: List[Dict[str, Any]] = []
         phase_seconds: Dict[str, float] = {}  # training seconds per phase in this call (not validation)
         saved = checkpoint.load() if checkpoint is not None else None
@@ -240,28 +246,8 @@ class Algorithm(ABC):
             self.step = 0
             start_phase, start_epoch = 0, 0
         else:
-            if saved.get("algorithm") != self.name or saved.get("version") != STATE_VERSION:
-                raise ValueError(f"checkpoint is from {saved.get('algorithm')!r} (state version "
-                                 f"{saved.get('version')}), not {self.name!r} version {STATE_VERSION}")
-            if saved.get("config") != asdict(self.config):
-                raise ValueError("checkpoint was written with a different config")
-            start_phase = names.index(saved["phase"])
-            self._load_state(saved["algorithm_state"])
-            self._restructure(saved["phase"], model, train_loader)
-            self._compaction = saved["compaction"]
-            if self._compaction is not None:
-                _compacted.rebuild_compact(model, self._compaction, example_input(train_loader).to(model_device(model)))
-            model.load_state_dict(saved["model"])
-            self._phase_sparsity = self._fixed_sparsity(saved["phase"], model)
-            if saved["forms"] is not None:
-                _execution.restore_forms(model, saved["forms"])
-                self._forms[saved["phase"]] = dict(saved["forms"])
-            optimizer, base_lrs = self._optimizer(saved["phase"], model)
-            optimizer.load_state_dict(saved["optimizer"])
-            self.step = int(saved["step"])
-            history = [dict(record) for record in saved["history"]]
-            _set_rng_state(train_loader, saved["rng"])
-            start_epoch = int(saved["epoch"]) + 1
+            optimizer, base_lrs, history, start_phase, start_epoch = self._resume(saved, checkpoint, model,
+                                                                                 train_loader)
 
         for index in range(start_phase, len(phases)):
             phase, epochs = phases[index]
@@ -318,6 +304,66 @@ class Algorithm(ABC):
             val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
             summary.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         return FitResult(model, history, summary, compact)
+
+    def _resume(self, saved: Dict[str, Any], checkpoint, model: nn.Module, train_loader: DataLoader):
+        """Put ``model``, the algorithm and the random streams where ``saved`` left them; returns (optimizer,
+        base learning rates, history, phase index, first epoch). A state of another algorithm, version,
+        config, model or width is a one-line BadCheckpointError naming the checkpoint's file."""
+        source = checkpoint_source(checkpoint)
+        missing = [key for key in _STATE_KEYS if key not in saved]
+        if missing:
+            raise BadCheckpointError(source, f"the checkpoint lacks {missing}: it was not written by an "
+                                             f"algorithm's fit()")
+        if saved["algorithm"] != self.name or saved["version"] != STATE_VERSION:
+            raise BadCheckpointError(source, f"the checkpoint is from algorithm {saved['algorithm']!r} (state "
+                                             f"version {saved['version']!r}), not {self.name!r} version "
+                                             f"{STATE_VERSION}")
+        config = asdict(self.config)
+        if saved["config"] != config:
+            other = saved["config"] if isinstance(saved["config"], dict) else {}
+            changed = sorted(key for key in set(other) | set(config) if other.get(key) != config.get(key))
+            raise BadCheckpointError(source, "the checkpoint was written with another config: " + ", ".join(
+                f"{key} ({other.get(key)!r} -> {config.get(key)!r})" for key in changed))
+        names = [name for name, _ in self.phases()]
+        if saved["phase"] not in names:
+            raise BadCheckpointError(source, f"the checkpoint is in phase {saved['phase']!r}, which "
+                                             f"{self.name!r} does not have ({names})")
+        phase = saved["phase"]
+        try:
+            # The structure the saved values belong to; a state of another model or width fails here or
+            # in the loading below.
+            self._load_state(saved["algorithm_state"])
+            self._restructure(phase, model, train_loader)
+            self._compaction = saved["compaction"]
+            if self._compaction is not None:
+                _compacted.rebuild_compact(model, self._compaction, example_input(train_loader).to(model_device(model)))
+        except READ_ERRORS as error:
+            raise BadCheckpointError(source, f"the checkpoint's algorithm state does not fit this run's model "
+                                             f"(another model or width?): {describe(error)}") from error
+        restore_state(model, saved, "model", source=source)
+        self._phase_sparsity = self._fixed_sparsity(phase, model)
+        if saved["forms"] is not None:
+            try:
+                _execution.restore_forms(model, saved["forms"])
+            except READ_ERRORS as error:
+                raise BadCheckpointError(source, f"the checkpoint's layer forms do not fit this run's model: "
+                                                 f"{describe(error)}") from error
+            self._forms[phase] = dict(saved["forms"])
+        optimizer, base_lrs = self._optimizer(phase, model)
+        restore_state(optimizer, saved, "optimizer", source=source)
+        epochs = dict(self.phases())[phase]
+        epoch, step = saved["epoch"], saved["step"]
+        if not (isinstance(epoch, int) and 0 <= epoch < epochs and isinstance(step, int) and step >= 0):
+            raise BadCheckpointError(source, f"the checkpoint is at epoch {epoch!r}, step {step!r} of phase "
+                                             f"{phase!r}, which has {epochs} epoch(s)")
+        self.step = step
+        history = [dict(record) for record in saved["history"]]
+        try:
+            _set_rng_state(train_loader, saved["rng"])
+        except READ_ERRORS as error:
+            raise BadCheckpointError(source, f"the checkpoint's random-number state cannot be restored: "
+                                             f"{describe(error)}") from error
+        return optimizer, base_lrs, history, names.index(phase), epoch + 1
 
     # ------------------------------------------------------- what runs where
     def _reset_phase_state(self) -> None:

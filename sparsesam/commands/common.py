@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._files import atomic_write
 from ..data import DATASETS, build_dataset, load_dataset
 from ..models import MODELS, build_model
 
@@ -65,13 +66,12 @@ def jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def write_json(path: str, data: Any) -> str:
-    """Write ``data`` as indented JSON, atomically (temporary file + os.replace)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(jsonable(data), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+def write_json(path: str, data: Any, *, sort_keys: bool = False) -> str:
+    """Write ``data`` as indented JSON, atomically (sparsesam._files.atomic_write).
+
+    sort_keys: sort every object's keys (the model files, read by programs); the reports keep the
+    order the code builds them in, which is fixed, so identical runs still give identical bytes."""
+    atomic_write(path, json.dumps(jsonable(data), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n")
     return path
 
 

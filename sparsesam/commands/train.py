@@ -11,7 +11,8 @@ from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from ..checkpoint import READ_ERRORS, Checkpointer, capture_rng_state, restore_rng_state
+from ..file_errors import BadCheckpointError, describe
 from ..optim import SAM
 from ..training import evaluate
 from .common import (ConfigError, check_model_name, dataset_key, echo_config, load_data, make_loaders, model_spec,
@@ -127,24 +128,37 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1) if measured else None}
 
 
+# What a dense-training checkpoint holds; "kind" tells it from an algorithm's (prune_checkpoint.pt).
+DENSE_STATE_KEYS = ("kind", "label", "model", "optimizer", "epoch", "history", "rng")
+DENSE_KIND = "dense"
+
+
 def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Generator, args: argparse.Namespace,
               checkpointer: Checkpointer, *, label: str = "train", loss_fn: Optional[Callable] = None) -> List[dict]:
     """Train ``args.epochs`` epochs, checkpointing after each; resumes from ``checkpointer`` if it holds a state.
 
     ``loss_fn``: see train_epoch (default cross-entropy). Calling again with a
     larger ``args.epochs`` continues from the last checkpoint (the learning
-    rate is constant, so the epochs do not depend on the total).
+    rate is constant, so the epochs do not depend on the total). A checkpoint
+    of another kind of run (an algorithm's, another label's) or one whose
+    model / optimizer state does not fit (another model, width or optimizer)
+    is a one-line BadCheckpointError naming the file.
     """
     optimizer = build_optimizer(model, args)
     history: List[dict] = []
     start = 0
-    state = checkpointer.load()
+    state = checkpointer.load(required=DENSE_STATE_KEYS)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        checkpointer.expect(state, kind=DENSE_KIND, label=label)
+        checkpointer.restore(model, state, "model")
+        checkpointer.restore(optimizer, state, "optimizer")
+        start = _resumed_epoch(checkpointer, state, args.epochs)
         history = list(state["history"])
-        start = int(state["epoch"])
-        restore_rng_state(state["rng"], generator)
+        try:
+            restore_rng_state(state["rng"], generator)
+        except READ_ERRORS as error:
+            raise BadCheckpointError(checkpointer.path, f"its random-number state cannot be restored: "
+                                                        f"{describe(error)}") from error
     for epoch in range(start, args.epochs):
         began = time.perf_counter()
         stats = train_epoch(model, train_loader, optimizer, desc=f"{label} {epoch + 1}/{args.epochs}",
@@ -153,9 +167,20 @@ def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Gene
         history.append({"phase": label, "epoch": epoch + 1, "loss": stats["loss"], "accuracy": stats["accuracy"],
                         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                         "seconds": time.perf_counter() - began})
-        checkpointer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                           "history": history, "rng": capture_rng_state(generator)})
+        checkpointer.save({"kind": DENSE_KIND, "label": label, "model": model.state_dict(),
+                           "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "history": history,
+                           "rng": capture_rng_state(generator)})
     return history
+
+
+def _resumed_epoch(checkpointer: Checkpointer, state: dict, epochs: int) -> int:
+    epoch, history = state["epoch"], state["history"]
+    if not isinstance(epoch, int) or not 0 <= epoch <= epochs or not isinstance(history, list) \
+            or len(history) != epoch:
+        raise BadCheckpointError(checkpointer.path, f"the checkpoint is at epoch {epoch!r} with "
+                                                    f"{len(history) if isinstance(history, list) else history!r} "
+                                                    f"history entries; this run has {epochs} epoch(s)")
+    return epoch
 
 
 def run_train(args: argparse.Namespace) -> dict:

@@ -7,12 +7,12 @@ and no display is needed.
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping, Optional
 
 import numpy as np
 
 from .._extras import require
+from .._files import atomic_file
 from .corruptions import CORRUPTIONS
 
 
@@ -27,10 +27,9 @@ def _figure(width: float, height: float, ncols: int = 1):
 
 
 def _save(figure, path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=150, format="png")
+    with atomic_file(path, "wb") as f:  # a reader never sees half a PNG
+        figure.savefig(f, dpi=150, format="png")
     return path
 
 
