@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from .. import robust
 from ..training import evaluate
 from .common import (ConfigError, add_execution_argument, check_execution, dataset_key, echo_config, example_batch,
-                     in_execution, load_data, prepare_out, seed_everything, write_json)
+                     in_execution, is_sized, load_data, prepare_out, seed_everything, write_json)
 from .export import example_input, load_compacted, load_model_folder, plain_model
 
 RESULT = "eval.json"
@@ -212,7 +212,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     dataset = dataset_key(args.dataset or spec["dataset"])
     if dataset != spec["dataset"]:
         raise ConfigError(f"{args.model_dir} holds a {spec['dataset']} model; it cannot be evaluated on {dataset}")
-    image_size = spec["image_size"] if dataset in ("digits", "synthetic") else None
+    image_size = spec["image_size"] if is_sized(dataset) else None
     test = load_data(dataset, args.data_dir, args.limit, image_size, split="test")
     out = prepare_out(args.out or os.path.join(args.model_dir, "eval"))
     echo_config(args, out)
