@@ -31,7 +31,7 @@ from torch import nn
 
 from ..nn import masked_layers
 from ._common import output_layer_name
-from .channel_graph import _remove_gates, channel_gates, dependency_graph, import_torch_pruning
+from .channel_graph import _remove_gates, channel_chunks, channel_gates, dependency_graph, import_torch_pruning
 
 # Autograd nodes (as torch-pruning records them) that map an all-zero channel to an all-zero channel.
 _ZERO_PRESERVING = {
@@ -174,6 +174,18 @@ def _removable(graph, group, candidates: List[int], protected) -> List[int]:
     return [c for c in candidates if c not in alive]
 
 
+def _aligned(idxs: List[int], channels: int, chunks: int) -> List[int]:
+    """The channels of ``idxs`` whose position is removable in every one of ``chunks`` equal chunks (a grouped
+    conv keeps equal groups: torch-pruning removes the same positions from each), less one position when that
+    would be all of them (a layer keeps one channel, zero so exact, rather than vanish)."""
+    size = channels // chunks
+    removable = set(idxs)
+    positions = [p for p in range(size) if all(p + k * size in removable for k in range(chunks))]
+    if len(positions) == size:
+        positions = positions[1:]
+    return sorted(p + k * size for p in positions for k in range(chunks))
+
+
 def _record_kept(kept: Dict[str, Dict[str, List[int]]], name: Optional[str], module: nn.Module, graph, item,
                  seen: set) -> None:
     """Remove ``item.idxs`` (positions in the module as it is now) from ``kept[name]``'s index lists
@@ -182,7 +194,8 @@ def _record_kept(kept: Dict[str, Dict[str, List[int]]], name: Optional[str], mod
         return  # parameters of other kinds hold no channel dimension we rebuild
     out_fn = graph.is_out_channel_pruning_fn(item.dep.handler)
     in_fn = graph.is_in_channel_pruning_fn(item.dep.handler)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) or (isinstance(module, nn.Conv2d) and module.groups > 1):
+    depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) or depthwise:
         dims = ["0"]  # BatchNorm, depthwise conv: in and out channels are one dimension
     elif out_fn and not in_fn:
         dims = ["0"]
@@ -192,12 +205,16 @@ def _record_kept(kept: Dict[str, Dict[str, List[int]]], name: Optional[str], mod
         return
     entry = kept.setdefault(name, {})
     size = {"0": module.weight.shape[0], "1": module.weight.shape[1] if module.weight.dim() > 1 else 0}
+    drop = set(int(i) for i in item.idxs)
+    if dims == ["1"] and isinstance(module, nn.Conv2d) and module.groups > 1:
+        # A grouped conv's weight holds in_channels / groups inputs per group, and the same positions go
+        # from every group (_aligned): the kept positions are those of one group.
+        drop = {i % size["1"] for i in drop}
     for dim in dims:
         if (name, dim) in seen:
             continue
         seen.add((name, dim))
         current = entry.setdefault(dim, list(range(size[dim])))
-        drop = set(int(i) for i in item.idxs)
         entry[dim] = [index for position, index in enumerate(current) if position not in drop]
 
 
@@ -239,9 +256,8 @@ def compact_channels(model: nn.Module, example_inputs, protect: Iterable[str] = 
             continue
         pruner = graph.get_pruner_of_module(module)
         group = graph.get_pruning_group(module, pruner.prune_out_channels, candidates)
-        idxs = _removable(graph, group, candidates, protected)
-        if len(idxs) == module.weight.shape[0]:
-            idxs = idxs[1:]  # a layer keeps one channel (zero, so exact) rather than vanish
+        idxs = _aligned(_removable(graph, group, candidates, protected), module.weight.shape[0],
+                        channel_chunks(graph, group))
         if not idxs:
             continue
         group = graph.get_pruning_group(module, pruner.prune_out_channels, idxs)
