@@ -26,6 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .. import robust
+from .._extras import require
+from ..robust.attacks_torchattacks import ITERATIONS, TORCHATTACKS
 from ..training import evaluate
 from .common import (ConfigError, add_execution_argument, check_execution, dataset_key, echo_config, example_batch,
                      in_execution, is_sized, load_data, prepare_out, seed_everything, write_json)
@@ -135,6 +137,11 @@ def runnable(model: nn.Module, compacted: Optional[nn.Module], execution: str,
 
 def check_eval_arguments(args: argparse.Namespace) -> None:
     check_execution(getattr(args, "execution", None))
+    if args.pgd and getattr(args, "attack", "pgd") in TORCHATTACKS:
+        try:  # before any measurement: a missing extra is one line, not a failure half-way through
+            require("torchattacks", extra="attacks", purpose=f"--attack {args.attack}")
+        except ImportError as error:
+            raise ConfigError(str(error)) from error
     for name in args.corruptions:
         if name not in robust.CORRUPTIONS:
             raise ConfigError(f"unknown corruption {name!r}; choose from {list(robust.CORRUPTIONS)}")
@@ -183,8 +190,11 @@ def evaluate_model(model: nn.Module, info: Dict[str, Any], test, args: argparse.
         result["mean_corruption_accuracy"] = out["mean_corruption_accuracy"]
     if args.pgd:
         loader = _subset_loader(test, args.pgd_examples, args.batch_size)
-        result["pgd"] = robust.adversarial_accuracy(model, loader, epsilons=args.pgd_eps, attack="pgd", norm="linf",
-                                                    steps=args.pgd_steps, seed=args.seed, model_name=result["name"],
+        attack = getattr(args, "attack", "pgd")
+        # AutoAttack runs at its official settings (100 iterations); the others take --pgd-steps.
+        steps = ITERATIONS if attack == "autoattack" else args.pgd_steps
+        result["pgd"] = robust.adversarial_accuracy(model, loader, epsilons=args.pgd_eps, attack=attack, norm="linf",
+                                                    steps=steps, seed=args.seed, model_name=result["name"],
                                                     progress=progress)
     if args.smoothing:
         loader = _subset_loader(test, args.smoothing_examples, args.batch_size)
@@ -235,7 +245,11 @@ def add_robustness_arguments(parser: argparse.ArgumentParser, *, examples: int =
     group.add_argument("--corruption-examples", type=_positive_int, default=examples)
     group.add_argument("--no-pgd", dest="pgd", action="store_false")
     group.add_argument("--pgd-eps", type=_floats, default=[0.0, 0.01, 0.03, 0.1], help="L-inf budgets")
-    group.add_argument("--pgd-steps", type=_positive_int, default=10)
+    group.add_argument("--pgd-steps", type=_positive_int, default=10, help="iterations of pgd and apgd-*")
+    group.add_argument("--attack", default="pgd", choices=robust.ATTACKS,
+                       help="the attack of the adversarial measurement: our pgd / fgsm, or torchattacks' "
+                            "(pip install 'sparsesam[attacks]'): autoattack (the standard ensemble at its official "
+                            "settings, as papers report it), apgd-ce, apgd-dlr, apgd-t, fab-t, square")
     group.add_argument("--pgd-examples", type=_positive_int, default=examples)
     group.add_argument("--no-smoothing", dest="smoothing", action="store_false")
     group.add_argument("--sigma", type=float, default=0.25, help="randomized-smoothing noise level")
