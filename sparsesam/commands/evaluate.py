@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .. import robust
 from .._extras import require
+from ..data.cifar10c import CORRUPTIONS as CIFAR10C_CORRUPTIONS, find_cifar10c
 from ..robust.attacks_torchattacks import ITERATIONS, TORCHATTACKS
 from ..training import evaluate
 from .common import (ConfigError, add_execution_argument, check_execution, dataset_key, echo_config, example_batch,
@@ -142,9 +143,16 @@ def check_eval_arguments(args: argparse.Namespace) -> None:
             require("torchattacks", extra="attacks", purpose=f"--attack {args.attack}")
         except ImportError as error:
             raise ConfigError(str(error)) from error
+    cifar10c = getattr(args, "cifar10c", None)
+    known = CIFAR10C_CORRUPTIONS if cifar10c else robust.CORRUPTIONS
     for name in args.corruptions:
-        if name not in robust.CORRUPTIONS:
-            raise ConfigError(f"unknown corruption {name!r}; choose from {list(robust.CORRUPTIONS)}")
+        if name not in known:
+            raise ConfigError(f"unknown corruption {name!r}; choose from {list(known)}")
+    if cifar10c and args.corruptions:
+        try:
+            find_cifar10c(cifar10c)
+        except FileNotFoundError as error:
+            raise ConfigError(f"--cifar10c: {error}") from error
     for s in args.severities:
         if not 1 <= s <= 5:
             raise ConfigError(f"--severities must be in 1..5, got {s}")
@@ -184,8 +192,16 @@ def evaluate_model(model: nn.Module, info: Dict[str, Any], test, args: argparse.
                                            args.latency_repeats))
     if args.corruptions and args.severities:
         loader = _subset_loader(test, args.corruption_examples, args.batch_size)
-        out = robust.evaluate_corruptions(model, loader, corruptions=args.corruptions, severities=args.severities,
-                                          seed=args.seed, model_name=result["name"], progress=progress)
+        if getattr(args, "cifar10c", None):
+            if spec["dataset"] != "cifar10":
+                raise ConfigError(f"--cifar10c needs a CIFAR-10 model, this one is a {spec['dataset']} model")
+            out = robust.evaluate_cifar10c(model, loader, args.cifar10c, corruptions=args.corruptions,
+                                           severities=args.severities, batch_size=args.batch_size,
+                                           model_name=result["name"], progress=progress)
+        else:
+            out = robust.evaluate_corruptions(model, loader, corruptions=args.corruptions,
+                                              severities=args.severities, seed=args.seed, model_name=result["name"],
+                                              progress=progress)
         result["corruption"] = out
         result["mean_corruption_accuracy"] = out["mean_corruption_accuracy"]
     if args.pgd:
@@ -243,6 +259,9 @@ def add_robustness_arguments(parser: argparse.ArgumentParser, *, examples: int =
                        help="comma-separated names of sparsesam.robust.CORRUPTIONS")
     group.add_argument("--severities", type=_ints, default=[1, 3, 5])
     group.add_argument("--corruption-examples", type=_positive_int, default=examples)
+    group.add_argument("--cifar10c", default=None, metavar="DIR",
+                       help="score the corruptions on the released CIFAR-10-C files in DIR (<corruption>.npy, "
+                            "labels.npy) instead of corrupting the test images here (CIFAR-10 models)")
     group.add_argument("--no-pgd", dest="pgd", action="store_false")
     group.add_argument("--pgd-eps", type=_floats, default=[0.0, 0.01, 0.03, 0.1], help="L-inf budgets")
     group.add_argument("--pgd-steps", type=_positive_int, default=10, help="iterations of pgd and apgd-*")
