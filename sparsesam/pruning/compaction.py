@@ -20,6 +20,9 @@ small model computes the masked model's function: the same outputs up to
 float rounding, in eval mode and in train mode. Without gates, a zeroed conv
 channel followed by BatchNorm still carries the BatchNorm's constant and is
 kept (exact, but not smaller): gate first (gate_pruned_channels).
+Where even gates cannot make a channel exactly zero downstream (DenseNet's
+concatenations), ``compact_channels(..., exact=False)`` removes it anyway,
+changing the function by the dropped BatchNorm constants (opt-in).
 """
 from __future__ import annotations
 
@@ -136,8 +139,12 @@ def _zero_rows(module: nn.Module, idxs: List[int]) -> List[bool]:
     return [bool(rows[i].eq(0).all() and (bias is None or bias[i] == 0)) for i in idxs]
 
 
-def _removable(graph, group, candidates: List[int], protected) -> List[int]:
-    """The candidate root channels that every producer in ``group`` leaves exactly zero (see module doc)."""
+def _removable(graph, group, candidates: List[int], protected, exact: bool = True) -> List[int]:
+    """The candidate root channels that every producer in ``group`` leaves exactly zero (see module doc).
+
+    exact=False: only the conv / linear producers are asked (their rows zero), not the BatchNorms nor the
+    operations between them: the channel goes even where a BatchNorm's constant or an unknown operation
+    makes it non-zero downstream (compact_channels(exact=False))."""
     tp = import_torch_pruning()
 
     alive = set()
@@ -155,6 +162,8 @@ def _removable(graph, group, candidates: List[int], protected) -> List[int]:
                 alive.update(r for r, dead in zip(item.root_idxs, _zero_rows(module, item.idxs)) if not dead)
             elif node.type == tp.ops.OPTYPE.DEPTHWISE_CONV:
                 alive.update(r for r, dead in zip(item.root_idxs, _zero_rows(module, item.idxs)) if not dead)
+        elif not exact:
+            continue  # BatchNorm constants, elementwise operations, norms...: dropped with the channel
         elif node.type == tp.ops.OPTYPE.BN:
             alive.update(r for r, dead in zip(item.root_idxs, _zero_rows(module, item.idxs)) if not dead)
         elif node.type == tp.ops.OPTYPE.ELEMENTWISE:
@@ -220,7 +229,7 @@ def _record_kept(kept: Dict[str, Dict[str, List[int]]], name: Optional[str], mod
 
 @torch.no_grad()
 def compact_channels(model: nn.Module, example_inputs, protect: Iterable[str] = (),
-                     check: bool = True) -> "tuple[nn.Module, CompactionReport]":
+                     check: bool = True, exact: bool = True) -> "tuple[nn.Module, CompactionReport]":
     """A physically smaller plain copy of ``model`` without its always-zero channels, and a report.
 
     example_inputs: what ``model(example_inputs)`` takes (a tensor, a tuple
@@ -229,6 +238,17 @@ def compact_channels(model: nn.Module, example_inputs, protect: Iterable[str] = 
     outputs must stay. check: also run both models in eval mode on
     example_inputs and report the largest output difference.
     ``model`` is left unchanged.
+
+    exact=False (opt-in) removes every channel whose conv / linear rows are
+    all pruned in every producer of its group, through torch-pruning, even
+    where the exact rule keeps it: a channel that meets a BatchNorm that is
+    not its layer's only consumer (DenseNet's concatenated features reach
+    the BatchNorms of every later layer, whose ``beta - gamma*mean/std``
+    makes a zero channel a constant image) or an operation not known to
+    keep zeros. The small model then computes the masked model with those
+    constants dropped: not the same function (``max_abs_diff`` says by how
+    much on ``example_inputs``), so fine-tune it afterwards. Protected
+    layers and the classifier's outputs still stay.
     """
     tp = import_torch_pruning()
     if not list(masked_layers(model)):
@@ -256,7 +276,7 @@ def compact_channels(model: nn.Module, example_inputs, protect: Iterable[str] = 
             continue
         pruner = graph.get_pruner_of_module(module)
         group = graph.get_pruning_group(module, pruner.prune_out_channels, candidates)
-        idxs = _aligned(_removable(graph, group, candidates, protected), module.weight.shape[0],
+        idxs = _aligned(_removable(graph, group, candidates, protected, exact), module.weight.shape[0],
                         channel_chunks(graph, group))
         if not idxs:
             continue
