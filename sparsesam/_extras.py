@@ -20,6 +20,13 @@ EXTRAS: Dict[str, Tuple[str, ...]] = {
     "data": ("scikit-learn",),
     "robust": ("scipy", "matplotlib", "pillow"),
     "structured": ("torch-pruning>=1.6",),
+    # torchvision: its architectures by name (--model torchvision:NAME) and image folders
+    # (--dataset imagefolder:PATH). 0.29 is the release built for torch 2.14.
+    "vision": ("torchvision>=0.29,<0.30",),
+    # timm's architectures by name (--model timm:NAME); timm itself needs torchvision.
+    "timm": ("timm>=1.0",),
+    # APGD / AutoAttack from the package index (sparsesam.robust.autoattack).
+    "attacks": ("torchattacks>=3.5",),
 }
 
 # Top-level import name -> distribution, where the two differ or the
@@ -30,6 +37,9 @@ _DISTRIBUTION = {
     "matplotlib": "matplotlib",
     "PIL": "pillow",
     "torch_pruning": "torch-pruning>=1.6",
+    "torchvision": "torchvision>=0.29,<0.30",
+    "timm": "timm>=1.0",
+    "torchattacks": "torchattacks>=3.5",
 }
 
 

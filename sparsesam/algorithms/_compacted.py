@@ -75,17 +75,23 @@ def _channel_tensors(module: nn.Module) -> List[str]:
     return [name for name in names if getattr(module, name, None) is not None]
 
 
-def _set_sizes(module: nn.Module) -> None:
-    """The size attributes of a conv / linear / BatchNorm after its tensors changed shape."""
+def _set_sizes(module: nn.Module, groups: int | None = None) -> None:
+    """The size attributes of a conv / linear / BatchNorm after its tensors changed shape.
+
+    groups: a conv's group count after the change when known (expanding back: the original's);
+    otherwise a depthwise conv (a group per input channel, before the change) follows its channel
+    count and a grouped one (ResNeXt) keeps its groups, each holding weight.shape[1] inputs.
+    """
     weight = module.weight
     if isinstance(module, _BN):
         module.num_features = weight.shape[0]
     elif isinstance(module, nn.Conv2d):
-        depthwise = module.groups > 1
+        if groups is None:
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            groups = weight.shape[0] if depthwise else module.groups
+        module.groups = groups
         module.out_channels = weight.shape[0]
-        module.in_channels = weight.shape[0] if depthwise else weight.shape[1]
-        if depthwise:
-            module.groups = weight.shape[0]
+        module.in_channels = weight.shape[1] * groups
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = weight.shape
 
@@ -140,6 +146,8 @@ def compact_in_place(model: nn.Module, example: torch.Tensor) -> Dict[str, Any]:
     for name in report.kept:
         weight = modules[name].weight
         sizes[name] = {"0": int(weight.shape[0]), "1": int(weight.shape[1]) if weight.dim() > 1 else 0}
+        if isinstance(modules[name], nn.Conv2d):
+            sizes[name]["groups"] = int(modules[name].groups)  # expand_in_place restores it
     record: Dict[str, Any] = {
         "kept": {name: {dim: list(map(int, idx)) for dim, idx in dims.items()} for name, dims in report.kept.items()},
         "sizes": sizes, "masked": [name for name, _ in masked_layers(model)], "gated": _gated_layer_names(model),
@@ -194,8 +202,6 @@ def expand_in_place(model: nn.Module, record: Dict[str, Any], example: torch.Ten
         _check_module(name, module)
         size = record["sizes"][name]
         full_weight = [size["0"], *(([size["1"]] if size["1"] else [])), *module.weight.shape[2:]]
-        if isinstance(module, nn.Conv2d) and module.groups > 1:
-            full_weight[1] = module.weight.shape[1]
         # A removed output channel was a pruned row (mask 0); a removed input channel carried zeros, and
         # keeps the mask it had before compaction (1: channel pruning masks rows only).
         rows = torch.zeros(size["0"], dtype=torch.bool, device=module.weight.device)
@@ -216,7 +222,7 @@ def expand_in_place(model: nn.Module, record: Dict[str, Any], example: torch.Ten
             _replace(module, tensor_name, full)
         if name in record["masked"] and not hasattr(module, "weight_mask"):
             masks[name] = row_mask.clone()
-        _set_sizes(module)
+        _set_sizes(module, size.get("groups"))  # records from before groups were kept: the depthwise rule
     # Plain in the compacted model: masked again (all ones where nothing was removed).
     sparsify(model, include=[name for name in record["masked"] if not hasattr(modules[name], "weight_mask")])
     layers = dict(masked_layers(model))

@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .._files import atomic_write
-from ..data import DATASETS, build_dataset, load_dataset
-from ..models import MODELS, build_model
+from ..data import DATASETS, build_dataset, canonical_name, load_dataset
+from ..models import MODELS, build_model, is_external
 
 CONFIG_FILE = "config.json"
 # Datasets whose image size is a loader option (the file-backed ones have a fixed size).
@@ -28,16 +28,50 @@ class ConfigError(ValueError):
 
 
 def dataset_key(name: str) -> str:
-    key = name.lower().replace("-", "_")
-    if key not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    return key
+    """The dataset's registry name (``imagefolder:PATH`` with PATH made absolute, so a model folder names it)."""
+    try:
+        return canonical_name(name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def is_sized(dataset: str) -> bool:
+    """Whether ``--image-size`` applies to ``dataset`` (a dataset key)."""
+    return dataset in SIZED_DATASETS or dataset.startswith("imagefolder:")
 
 
 def check_model_name(name: str) -> str:
+    """``name`` if it is a model of the package or an existing ``torchvision:NAME`` / ``timm:NAME``."""
+    if is_external(name):
+        from ..models.external import check_external
+        try:
+            return check_external(name)
+        except (ValueError, ImportError) as error:  # unknown architecture, or its library not installed
+            raise ConfigError(str(error)) from error
     if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or torchvision:NAME / timm:NAME")
     return name
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: "cpu", "cuda" or "cuda:N", checked against what this machine has (ConfigError if not)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from error
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
 
 
 def check_fraction(name: str, value: float) -> float:
@@ -96,7 +130,8 @@ def echo_config(args: argparse.Namespace, out: str, extra: Optional[Dict[str, An
     if getattr(args, "resume", False) and os.path.isfile(path):
         # Resuming with other settings would silently mix two runs.
         before = read_json(path)
-        ignored = {"resume", "progress", "environment"}
+        # The device may change: a run interrupted on one GPU resumes on another, or on the CPU.
+        ignored = {"resume", "progress", "environment", "device"}
         changed = sorted(k for k in set(before) | set(config) - ignored
                          if k not in ignored and jsonable(before.get(k)) != jsonable(config.get(k)))
         if changed:
@@ -112,8 +147,9 @@ def echo_config(args: argparse.Namespace, out: str, extra: Optional[Dict[str, An
 def data_options(dataset: str, image_size: Optional[int]) -> Dict[str, Any]:
     if image_size is None:
         return {}
-    if dataset not in SIZED_DATASETS:
-        raise ConfigError(f"--image-size applies only to {list(SIZED_DATASETS)}, not {dataset!r}")
+    if not is_sized(dataset):
+        raise ConfigError(f"--image-size applies only to {list(SIZED_DATASETS)} and imagefolder:PATH, "
+                          f"not {dataset!r}")
     return {"image_size": image_size}
 
 
@@ -121,13 +157,15 @@ def load_data(dataset: str, data_dir: Optional[str], limit: Optional[int], image
               split: Optional[str] = None):
     """``(train, test)`` of ``dataset`` (or only ``split``); a missing folder or a bad option is a ConfigError."""
     key = dataset_key(dataset)
+    if data_dir is not None and key.startswith("imagefolder:"):
+        raise ConfigError(f"--data-dir does not apply to {key}: the folder is part of the name")
     if data_dir is not None and not os.path.isdir(data_dir):
         raise ConfigError(f"--data-dir {data_dir} does not exist or is not a folder")
     try:
         if split is not None:
             return build_dataset(key, split, data_dir, limit=limit, **data_options(key, image_size))
         return load_dataset(key, data_dir, limit=limit, **data_options(key, image_size))
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ImportError) as error:  # a missing folder, or torchvision for an image folder
         raise ConfigError(str(error)) from error
     except (ValueError, TypeError) as error:
         raise ConfigError(f"dataset {key!r}: {error}") from error

@@ -26,9 +26,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .. import robust
+from .._extras import require
+from ..data.cifar10c import CORRUPTIONS as CIFAR10C_CORRUPTIONS, find_cifar10c
+from ..robust.attacks_torchattacks import ITERATIONS, TORCHATTACKS
 from ..training import evaluate
 from .common import (ConfigError, add_execution_argument, check_execution, dataset_key, echo_config, example_batch,
-                     in_execution, load_data, prepare_out, seed_everything, write_json)
+                     in_execution, is_sized, load_data, prepare_out, seed_everything, write_json)
 from .export import example_input, load_compacted, load_model_folder, plain_model
 
 RESULT = "eval.json"
@@ -135,9 +138,21 @@ def runnable(model: nn.Module, compacted: Optional[nn.Module], execution: str,
 
 def check_eval_arguments(args: argparse.Namespace) -> None:
     check_execution(getattr(args, "execution", None))
+    if args.pgd and getattr(args, "attack", "pgd") in TORCHATTACKS:
+        try:  # before any measurement: a missing extra is one line, not a failure half-way through
+            require("torchattacks", extra="attacks", purpose=f"--attack {args.attack}")
+        except ImportError as error:
+            raise ConfigError(str(error)) from error
+    cifar10c = getattr(args, "cifar10c", None)
+    known = CIFAR10C_CORRUPTIONS if cifar10c else robust.CORRUPTIONS
     for name in args.corruptions:
-        if name not in robust.CORRUPTIONS:
-            raise ConfigError(f"unknown corruption {name!r}; choose from {list(robust.CORRUPTIONS)}")
+        if name not in known:
+            raise ConfigError(f"unknown corruption {name!r}; choose from {list(known)}")
+    if cifar10c and args.corruptions:
+        try:
+            find_cifar10c(cifar10c)
+        except FileNotFoundError as error:
+            raise ConfigError(f"--cifar10c: {error}") from error
     for s in args.severities:
         if not 1 <= s <= 5:
             raise ConfigError(f"--severities must be in 1..5, got {s}")
@@ -192,14 +207,25 @@ def evaluate_model(model: nn.Module, info: Dict[str, Any], test, args: argparse.
                                            args.latency_repeats))
     if args.corruptions and args.severities:
         loader = _subset_loader(test, args.corruption_examples, args.batch_size)
-        out = robust.evaluate_corruptions(model, loader, corruptions=args.corruptions, severities=args.severities,
-                                          seed=args.seed, model_name=result["name"], progress=progress)
+        if getattr(args, "cifar10c", None):
+            if spec["dataset"] != "cifar10":
+                raise ConfigError(f"--cifar10c needs a CIFAR-10 model, this one is a {spec['dataset']} model")
+            out = robust.evaluate_cifar10c(model, loader, args.cifar10c, corruptions=args.corruptions,
+                                           severities=args.severities, batch_size=args.batch_size,
+                                           model_name=result["name"], progress=progress)
+        else:
+            out = robust.evaluate_corruptions(model, loader, corruptions=args.corruptions,
+                                              severities=args.severities, seed=args.seed, model_name=result["name"],
+                                              progress=progress)
         result["corruption"] = out
         result["mean_corruption_accuracy"] = out["mean_corruption_accuracy"]
     if args.pgd:
         loader = _subset_loader(test, args.pgd_examples, args.batch_size)
-        result["pgd"] = robust.adversarial_accuracy(model, loader, epsilons=args.pgd_eps, attack="pgd", norm="linf",
-                                                    steps=args.pgd_steps, seed=args.seed, model_name=result["name"],
+        attack = getattr(args, "attack", "pgd")
+        # AutoAttack runs at its official settings (100 iterations); the others take --pgd-steps.
+        steps = ITERATIONS if attack == "autoattack" else args.pgd_steps
+        result["pgd"] = robust.adversarial_accuracy(model, loader, epsilons=args.pgd_eps, attack=attack, norm="linf",
+                                                    steps=steps, seed=args.seed, model_name=result["name"],
                                                     progress=progress)
     if args.smoothing or args.cc_cert:
         certified_model = certificate_form(dense)
@@ -229,7 +255,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     dataset = dataset_key(args.dataset or spec["dataset"])
     if dataset != spec["dataset"]:
         raise ConfigError(f"{args.model_dir} holds a {spec['dataset']} model; it cannot be evaluated on {dataset}")
-    image_size = spec["image_size"] if dataset in ("digits", "synthetic") else None
+    image_size = spec["image_size"] if is_sized(dataset) else None
     test = load_data(dataset, args.data_dir, args.limit, image_size, split="test")
     out = prepare_out(args.out or os.path.join(args.model_dir, "eval"))
     echo_config(args, out)
@@ -250,9 +276,16 @@ def add_robustness_arguments(parser: argparse.ArgumentParser, *, examples: int =
                        help="comma-separated names of sparsesam.robust.CORRUPTIONS")
     group.add_argument("--severities", type=_ints, default=[1, 3, 5])
     group.add_argument("--corruption-examples", type=_positive_int, default=examples)
+    group.add_argument("--cifar10c", default=None, metavar="DIR",
+                       help="score the corruptions on the released CIFAR-10-C files in DIR (<corruption>.npy, "
+                            "labels.npy) instead of corrupting the test images here (CIFAR-10 models)")
     group.add_argument("--no-pgd", dest="pgd", action="store_false")
     group.add_argument("--pgd-eps", type=_floats, default=[0.0, 0.01, 0.03, 0.1], help="L-inf budgets")
-    group.add_argument("--pgd-steps", type=_positive_int, default=10)
+    group.add_argument("--pgd-steps", type=_positive_int, default=10, help="iterations of pgd and apgd-*")
+    group.add_argument("--attack", default="pgd", choices=robust.ATTACKS,
+                       help="the attack of the adversarial measurement: our pgd / fgsm, or torchattacks' "
+                            "(pip install 'sparsesam[attacks]'): autoattack (the standard ensemble at its official "
+                            "settings, as papers report it), apgd-ce, apgd-dlr, apgd-t, fab-t, square")
     group.add_argument("--pgd-examples", type=_positive_int, default=examples)
     group.add_argument("--no-smoothing", dest="smoothing", action="store_false")
     group.add_argument("--sigma", type=float, default=0.25, help="randomized-smoothing noise level")

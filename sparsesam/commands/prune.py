@@ -15,7 +15,7 @@ from ..checkpoint import Checkpointer
 from ..training import evaluate
 from .common import (ConfigError, add_execution_argument, build_from_spec, check_execution, check_fraction,
                      check_model_name, dataset_key, echo_config, example_batch, jsonable, load_data, make_loaders,
-                     model_spec, prepare_out, seed_everything, write_json)
+                     model_spec, prepare_out, resolve_device, seed_everything, write_json)
 from .evaluate import runnable
 from .export import load_model_folder, save_model_folder
 from .registry import algorithm_registry, build_config, get_algorithm
@@ -100,8 +100,10 @@ def prune_model(model: nn.Module, spec: Dict[str, Any], algorithm_name: str, con
     began = time.perf_counter()
     result = algorithm.fit(model, train_loader, val_loader=test_loader, progress=progress, checkpoint=checkpointer)
     seconds = time.perf_counter() - began
-    pruned = result.model
+    pruned = result.model.cpu()  # model folders hold CPU tensors, and the final evaluation runs there
     compacted = compacted_model(algorithm, result)
+    if compacted is not None:
+        compacted = compacted.cpu()
     info = save_model_folder(pruned, spec, out, compacted=compacted,
                              extra={"stage": "prune", "algorithm": algorithm_name,
                                     "target_sparsity": getattr(config, "target_sparsity", None)})
@@ -130,6 +132,7 @@ def run_prune(args: argparse.Namespace, registry=None) -> dict:
                                          defaults={"seed": args.seed}), args.execution)
     args.dataset = dataset_key(args.dataset)
     check_optimizer_arguments(args)
+    device = resolve_device(args.device)
     if args.source is None:
         check_model_name(args.model)
     elif not os.path.isdir(args.source):
@@ -146,13 +149,14 @@ def run_prune(args: argparse.Namespace, registry=None) -> dict:
     pretrain = None
     if args.source is not None:
         model, source_info = load_model_folder(args.source)
+        model.to(device)
         spec = source_info["spec"]
         if spec["dataset"] != train.info.name or spec["image_size"] != train.info.image_size:
             raise ConfigError(f"--from {args.source} was trained on {spec['dataset']} ({spec['image_size']}px), "
                               f"not on {train.info.name} ({train.info.image_size}px)")
     else:
         spec = model_spec(args.model, args.width, train.info)
-        model = build_from_spec(spec)
+        model = build_from_spec(spec).to(device)
         pre_checkpoint = Checkpointer(os.path.join(out, PRETRAIN_CHECKPOINT))
         history = fit_dense(model, train_loader, test_loader, generator, args, pre_checkpoint, label="pretrain")
         pretrain = {"epochs": args.epochs, "history": history}

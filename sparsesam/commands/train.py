@@ -14,9 +14,10 @@ from tqdm.auto import tqdm
 from ..checkpoint import READ_ERRORS, Checkpointer, capture_rng_state, restore_rng_state
 from ..file_errors import BadCheckpointError, describe
 from ..optim import SAM
-from ..training import evaluate
-from .common import (ConfigError, check_model_name, dataset_key, echo_config, load_data, make_loaders, model_spec,
-                     prepare_out, seed_everything, write_json, build_from_spec)
+from ..training import evaluate, model_device
+from .common import (ConfigError, add_device_argument, check_model_name, dataset_key, echo_config, load_data,
+                     make_loaders, model_spec, prepare_out, resolve_device, seed_everything, write_json,
+                     build_from_spec)
 from .export import save_model_folder
 
 CHECKPOINT = "checkpoint.pt"
@@ -24,18 +25,25 @@ RESULT = "train.json"
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist, cifar10, digits or synthetic")
+    parser.add_argument("--dataset", default="fashion_mnist",
+                        help="fashion_mnist, cifar10, digits, synthetic, or imagefolder:PATH (your images: "
+                             "PATH/train/<class>/*.png and PATH/test/<class>/*.png)")
     parser.add_argument("--data-dir", default=None, help="folder of a file-backed dataset (default: its usual place)")
     parser.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images of each split")
-    parser.add_argument("--image-size", type=_positive_int, default=None, help="image size (digits / synthetic only)")
+    parser.add_argument("--image-size", type=_positive_int, default=None,
+                        help="image size (digits / synthetic; imagefolder: resize and centre-crop to it)")
     parser.add_argument("--batch-size", type=_positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smallcnn", help="resnet18, smallcnn, mobilenetv2, googlenet or vgg16bn")
-    parser.add_argument("--width", type=float, default=1.0, help="multiplier of the paper's channel counts")
+    parser.add_argument("--model", default="smallcnn",
+                        help="resnet18, smallcnn, mobilenetv2, googlenet, vgg16bn, or an architecture of torchvision "
+                             "or timm without weights: torchvision:NAME, timm:NAME")
+    parser.add_argument("--width", type=float, default=1.0,
+                        help="multiplier of the paper's channel counts (the package's models only)")
+    add_device_argument(parser)
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser, epochs: Optional[int] = 5,
@@ -106,7 +114,9 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
     total_loss = correct = seen = 0.0
     measured = True
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    device = model_device(model)
     for i, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss, logits = loss_fn(model, x, y, first_step + i)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,6 +197,7 @@ def run_train(args: argparse.Namespace) -> dict:
     check_model_name(args.model)
     args.dataset = dataset_key(args.dataset)
     check_optimizer_arguments(args)
+    device = resolve_device(args.device)
     train, test = load_data(args.dataset, args.data_dir, args.limit, args.image_size)  # bad data: no folder made
     out = prepare_out(args.out)
     checkpointer = Checkpointer(os.path.join(out, CHECKPOINT))
@@ -196,10 +207,11 @@ def run_train(args: argparse.Namespace) -> dict:
     echo_config(args, out)  # after the check: the interrupted run's config.json stays until it is resumed
     seed_everything(args.seed)
     spec = model_spec(args.model, args.width, train.info)
-    model = build_from_spec(spec)
+    model = build_from_spec(spec).to(device)
     train_loader, test_loader, generator = make_loaders(train, test, args.batch_size, args.seed)
     history = fit_dense(model, train_loader, test_loader, generator, args, checkpointer)
     final = evaluate(model, test_loader, desc="test", progress=args.progress)
+    model.cpu()  # model folders hold CPU tensors, whatever --device trained them
     save_model_folder(model, spec, out, extra={"stage": "train", "optimizer": "sam" if args.sam_rho > 0 else "sgd"})
     result = {"command": "train", "model": args.model, "dataset": args.dataset, "epochs": args.epochs,
               "history": history, "test_accuracy": final["accuracy"], "test_loss": final["loss"],

@@ -1,12 +1,14 @@
 """build_dataset / load_dataset: every dataset of the package by name, for the CLI and the experiments."""
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, Optional, Tuple
 
 from .cifar10 import load_cifar10
 from .dataset import ImageDataset, check_split
 from .digits import load_digits
 from .fashion_mnist import load_fashion_mnist
+from .imagefolder import PREFIX as IMAGEFOLDER, load_imagefolder
 from .synthetic import make_synthetic
 
 
@@ -27,18 +29,33 @@ DATASETS: Dict[str, Callable[..., ImageDataset]] = {
 }
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """The registry's spelling of ``name``: ``"fashion_mnist"`` for ``"Fashion-MNIST"``, and
+    ``"imagefolder:<absolute path>"`` for ``"imagefolder:PATH"``; a ValueError if it names no dataset."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if name.startswith(IMAGEFOLDER):
+        path = name[len(IMAGEFOLDER):]
+        if not path:
+            raise ValueError(f"dataset {name!r}: write imagefolder:PATH, PATH holding train/ and test/ class folders")
+        return IMAGEFOLDER + os.path.abspath(path)
     key = name.lower().replace("-", "_")  # "fashion-mnist" as typed on a command line
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)} or imagefolder:PATH")
     return key
+
+
+def _builder(key: str) -> Callable[..., ImageDataset]:
+    if not key.startswith(IMAGEFOLDER):
+        return DATASETS[key]
+    root = key[len(IMAGEFOLDER):]
+    return _needs_no_folder(key, lambda train, limit, **options: load_imagefolder(root, train, limit=limit, **options))
 
 
 def build_dataset(name: str, split: str, data_dir: Optional[str] = None, *, limit: Optional[int] = None,
                   **options) -> ImageDataset:
-    """One split ("train" or "test") of dataset ``name`` (one of ``DATASETS``), images in [0, 1].
+    """One split ("train" or "test") of dataset ``name`` (one of ``DATASETS``, or ``imagefolder:PATH``:
+    your own images, see sparsesam.data.imagefolder), images in [0, 1].
 
     data_dir: the folder of a file-backed dataset (Fashion-MNIST IDX files;
         CIFAR-10's cifar-10-batches-py or its parent); None takes the
@@ -46,14 +63,14 @@ def build_dataset(name: str, split: str, data_dir: Optional[str] = None, *, limi
     limit: keep only the first ``limit`` examples.
     options: the loader's own settings (digits: ``image_size``; synthetic:
         ``num_classes, in_channels, image_size, train_size, test_size, noise,
-        max_shift, seed``).
+        max_shift, seed``; imagefolder: ``image_size``, resize and centre-crop).
     The result's ``.info`` (a DatasetInfo) holds in_channels, num_classes,
     image_size and the normalisation mean / std.
     """
-    key = _canonical(name)
+    key = canonical_name(name)
     train = check_split(split)
     try:
-        return DATASETS[key](train, data_dir, limit, **options)
+        return _builder(key)(train, data_dir, limit, **options)
     except TypeError as error:
         if options and "unexpected keyword argument" in str(error):
             raise TypeError(f"dataset {key!r} does not take option(s) {sorted(options)}: {error}") from error

@@ -1,4 +1,5 @@
 """Models used by the demo, the tests and the experiments."""
+from .external import build_external, is_external
 from .googlenet import GoogLeNet
 from .mobilenetv2 import MobileNetV2
 from .normalize import Normalize, with_normalization
@@ -8,4 +9,5 @@ from .small_cnn import SmallCNN
 from .vgg import VGG16BN
 
 __all__ = ["ResNet18", "SmallCNN", "GoogLeNet", "MobileNetV2", "VGG16BN", "Normalize", "with_normalization",
-           "MODELS", "build_model", "output_layer"]
+           "MODELS", "build_model", "output_layer",
+           "build_external", "is_external"]

@@ -6,6 +6,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 from torch import nn
 
 from ._width import check_width, scaled
+from .external import build_external, is_external
 from .googlenet import GoogLeNet
 from .mobilenetv2 import MobileNetV2
 from .normalize import with_normalization
@@ -45,7 +46,7 @@ MAX_WIDTH = 8.0
 def build_model(name: str, in_channels: int = 3, num_classes: int = 10, width: float = 1.0, *,
                 image_size: int = 32, normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
                 **kwargs) -> nn.Module:
-    """The model called ``name`` (one of ``MODELS``), freshly initialised.
+    """The model called ``name`` (one of ``MODELS``, or ``torchvision:NAME`` / ``timm:NAME``), freshly initialised.
 
     width: a multiplier of the paper's channel counts for every model (1.0 =
         ResNet-18 with 64 stem channels, SmallCNN with 32, ...), not a
@@ -59,9 +60,17 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, width: f
         ``Sequential(normalize=Normalize(mean, std), net=model)`` so it takes
         images in [0, 1].
     kwargs: passed to the model's constructor (``blocks=`` for ResNet18).
+
+    ``torchvision:NAME`` and ``timm:NAME`` build that library's architecture
+    without weights (sparsesam.models.external); they take no width other
+    than 1.0 and no kwargs.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    external = is_external(name)
+    if not external and name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}, "
+                         f"or torchvision:NAME / timm:NAME")
     for arg, value in (("in_channels", in_channels), ("num_classes", num_classes), ("image_size", image_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
@@ -69,7 +78,13 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, width: f
     if width > MAX_WIDTH:
         raise ValueError(f"width is a multiplier of the paper's channels (1.0 = paper), got {width}: "
                          f"pass e.g. width=0.25 for a quarter-width {name}")
-    model = MODELS[name](in_channels, num_classes, width, image_size, **kwargs)
+    if external:
+        if width != 1.0 or kwargs:
+            raise ValueError(f"model {name!r}: an external architecture is built as its library defines it "
+                             f"(width must be 1.0, got {width}; no options, got {sorted(kwargs)})")
+        model = build_external(name, in_channels, num_classes)
+    else:
+        model = MODELS[name](in_channels, num_classes, width, image_size, **kwargs)
     if normalization is not None:
         mean, std = normalization
         if len(mean) != in_channels:

@@ -153,6 +153,45 @@ class MaskedConv2d(_MaskedWeight, nn.Conv2d):
         return masked_conv2d(x, self.weight, self.weight_mask, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
-# The dense layer each masked layer stands in for.
+# The dense layer each masked layer stands in for (masked_subclass adds the subclasses it makes).
 DENSE_OF = {MaskedLinear: nn.Linear, MaskedConv2d: nn.Conv2d}
 MASKED_OF = {dense: masked for masked, dense in DENSE_OF.items()}
+
+
+class _MaskedForward(_MaskedWeight):
+    """A masked subclass of nn.Linear / nn.Conv2d that computes with its own ``forward`` (timm's
+    ``Conv2dSame`` pads first, ``StdConv2d`` standardises its weight, ...): that forward runs with
+    ``self.weight`` standing for ``W*M`` (differentiable: a fixed mask gives pruned weights a zero
+    gradient), as torch.func.functional_call swaps a parameter for the duration of a call. It runs
+    dense: the sparse forms of sparsesam.nn.set_execution are for plain layers only.
+    """
+
+    def forward(self, *args, **kwargs):
+        weight = self._parameters["weight"]
+        self._parameters["weight"] = self.effective_weight()
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._parameters["weight"] = weight
+
+
+def has_own_forward(cls: type) -> bool:
+    """Whether ``cls`` (a subclass of nn.Linear or nn.Conv2d) defines how it computes: a forward, or a
+    Conv2d ``_conv_forward``, of its own rather than the torch layer's."""
+    base = nn.Linear if issubclass(cls, nn.Linear) else nn.Conv2d
+    return cls.forward is not base.forward or getattr(cls, "_conv_forward", None) is not getattr(
+        base, "_conv_forward", None)
+
+
+_MASKED_SUBCLASSES: dict = {}
+
+
+def masked_subclass(cls: type) -> type:
+    """The masked class for ``cls``, a subclass of nn.Linear / nn.Conv2d with its own forward
+    (has_own_forward): ``Masked<Name>(_MaskedForward, cls)``, made once per class and registered in
+    DENSE_OF so that export() turns it back into ``cls``."""
+    if cls not in _MASKED_SUBCLASSES:
+        made = type(f"Masked{cls.__name__}", (_MaskedForward, cls), {"__module__": __name__})
+        _MASKED_SUBCLASSES[cls] = made
+        DENSE_OF[made] = cls
+    return _MASKED_SUBCLASSES[cls]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections import abc
 from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
 
@@ -17,7 +18,8 @@ from torch.nn.utils import parametrize
 from torch import nn
 
 from .execution import _check_execution, set_execution
-from .masked import DENSE_OF, MASK_MODES, MASKED_OF, MaskedConv2d, MaskedLinear, _MaskedWeight, non_finite_mask_error
+from .masked import (DENSE_OF, MASK_MODES, MASKED_OF, MaskedConv2d, MaskedLinear, _MaskedWeight, has_own_forward,
+                     masked_subclass, non_finite_mask_error)
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -58,11 +60,17 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     """Make every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` a masked layer, in place; returns ``model``.
 
     include / exclude: glob patterns on qualified module names (``"layer1.*"``),
-    a list of them, or a callable ``(name, module) -> bool``. Only modules of
-    exactly these types are swapped: subclasses (such as the
-    ``out_proj`` of ``nn.MultiheadAttention``, whose weight is read directly,
-    never through forward) are left alone, so no mask is silently ignored.
-    A layer pruned with ``torch.nn.utils.prune`` keeps its mask.
+    a list of them, or a callable ``(name, module) -> bool``. A layer pruned
+    with ``torch.nn.utils.prune`` keeps its mask.
+
+    Subclasses of nn.Linear / nn.Conv2d: one that computes with its own
+    ``forward`` (timm's ``Conv2dSame``, ``StdConv2d``) is masked too, its
+    forward running with ``weight`` standing for ``W*M`` (dense only, see
+    masked.masked_subclass). One that keeps the torch layer's forward is
+    left dense, because nothing says its forward is what uses the weight
+    (the ``out_proj`` of ``nn.MultiheadAttention`` is read directly, never
+    called), so a mask could be silently ignored: such layers are named in
+    a UserWarning, and ``left_dense(model)`` lists them.
 
     execution: "dense" (default: plain masked layers, computed densely),
     "sparse", a format's name, or "auto" (fixed-mask layers run in a sparse
@@ -79,14 +87,16 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     include = check_selector("include", include)
     exclude = check_selector("exclude", exclude)
-    chosen = []
+    chosen, unsupported = [], []
     for name, module in list(model.named_modules()):
-        masked_cls = MASKED_OF.get(type(module))
-        if masked_cls is None:
-            continue
         if include is not None and not _matches(include, name, module):
             continue
         if exclude is not None and _matches(exclude, name, module):
+            continue
+        masked_cls = _masked_class(type(module))
+        if masked_cls is None:
+            if _is_dense_layer(module):
+                unsupported.append(f"{name} ({type(module).__name__})")
             continue
         # Checked before any layer changes, so a bad mask leaves the model as it was.
         prune_mask = getattr(module, "weight_mask", None) if hasattr(module, "weight_orig") else None
@@ -101,9 +111,39 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
         module.__class__ = masked_cls
         module._init_mask(mask_mode, mask)
         swapped.append(module)
+    if unsupported:
+        warnings.warn(f"sparsify left {len(unsupported)} layer(s) dense: {', '.join(unsupported)}: subclasses of "
+                      f"nn.Linear / nn.Conv2d with the torch layer's forward may be used without calling it "
+                      f"(sparsesam.nn.left_dense lists them; exclude them to silence this)", UserWarning,
+                      stacklevel=2)
     if execution != "dense":
-        model = set_execution(model, execution, example=example, layers=swapped)
+        plain = [m for m in swapped if type(m) in DENSE_OF and type(m) in MASKED_OF.values()]
+        model = set_execution(model, execution, example=example, layers=plain)
     return model
+
+
+def _is_dense_layer(module: nn.Module) -> bool:
+    """An nn.Linear / nn.Conv2d (or subclass) that is not masked nor one of the sparse forms."""
+    from .dispatch import has_forms
+    return isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(module, _MaskedWeight) \
+        and not has_forms(module)
+
+
+def _masked_class(cls: type) -> Optional[type]:
+    """The masked class a module of class ``cls`` becomes, or None (not a layer sparsify masks)."""
+    if cls in MASKED_OF:
+        return MASKED_OF[cls]
+    if issubclass(cls, _MaskedWeight) or not issubclass(cls, (nn.Linear, nn.Conv2d)) or not has_own_forward(cls):
+        return None
+    return masked_subclass(cls)
+
+
+def left_dense(model: nn.Module) -> dict:
+    """``{name: class name}`` of every nn.Linear / nn.Conv2d (subclasses included) of ``model`` that has no
+    mask: what sparsify excluded or could not mask (see sparsify)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return {name: type(module).__name__ for name, module in model.named_modules() if _is_dense_layer(module)}
 
 
 def _take_torch_prune_mask(module: nn.Module) -> Optional[torch.Tensor]:
@@ -140,4 +180,4 @@ def export(model: nn.Module) -> nn.Module:
     return exported
 
 
-__all__ = ["sparsify", "export", "masked_layers", "MaskedLinear", "MaskedConv2d"]
+__all__ = ["sparsify", "export", "masked_layers", "left_dense", "MaskedLinear", "MaskedConv2d"]

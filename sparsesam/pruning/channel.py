@@ -7,7 +7,10 @@ over all channels, so layers lose different fractions). Layers whose
 channels are tied together (the convolutions feeding one residual sum, see
 coupled_channel_groups) can be ranked as one unit: their scores are summed
 and the same channels go in all of them, which is what lets compaction
-remove them physically.
+remove them physically. Layers tied to a grouped convolution (``groups=G``,
+not depthwise: ResNeXt) lose the same positions in each of the G chunks of
+their channels, so every group of the conv keeps as many channels as the
+others (``alignment``, which coupled_channel_groups' result carries).
 
 The new mask is the old one with the dropped channels zeroed: weights
 pruned before stay pruned, and since the criteria score W*M a channel that
@@ -71,6 +74,14 @@ def coupled_unit_scores(scores: Mapping[str, torch.Tensor], coupled: Optional[Se
     return [(unit, sum(_normalized(scores[name], normalize).cpu() for name in unit) / len(unit)) for unit in units]
 
 
+def _unit_chunks(unit: Sequence[str], channels: int, alignment: Mapping[str, int]) -> int:
+    """The number of chunks a unit's channels are pruned in (the largest of its layers'), checked to divide them."""
+    g = max([1] + [alignment.get(name, 1) for name in unit])
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or channels % g:
+        raise ValueError(f"alignment of {list(unit)} must be a positive int dividing their {channels} channels, got {g!r}")
+    return g
+
+
 def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Bool: the ``keep`` largest scores, ties going to the lower index (a stable sort, same on every device)."""
     order = torch.sort(scores, descending=True, stable=True).indices
@@ -83,7 +94,8 @@ def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def prune_channels(model: nn.Module, scores: Mapping[str, torch.Tensor], fraction: float, scope: str = "layer",
                    normalize: Optional[str] = None, min_channels: int = 1,
                    coupled: Optional[Sequence[Sequence[str]]] = None, include: Selector = None,
-                   exclude: Selector = None, keep_output_layer: bool = True) -> Dict[str, float]:
+                   exclude: Selector = None, keep_output_layer: bool = True,
+                   alignment: Optional[Mapping[str, int]] = None) -> Dict[str, float]:
     """Zero the lowest-scored ``fraction`` of output channels; returns each layer's fraction of channels pruned.
 
     scores: {layer name: one score per output channel} (channel_scores(),
@@ -94,8 +106,19 @@ def prune_channels(model: nn.Module, scores: Mapping[str, torch.Tensor], fractio
     global ranking fair across layers of different fan-in. Every layer keeps
     at least ``min_channels`` channels, so no layer is cut off. The
     classifier is left alone unless keep_output_layer=False.
+
+    alignment: {layer name: G}: that layer's channels are G equal chunks
+    that must lose the same positions (layers tied to a grouped conv). Its
+    scores are averaged over the chunks (torch-pruning's MetaPruner rule),
+    positions are ranked, and each pruned position removes G channels.
+    Default: ``coupled.alignment`` when ``coupled`` is coupled_channel_groups'
+    result, else none.
     """
     fraction = check_fraction("fraction", fraction)
+    if alignment is None:
+        alignment = getattr(coupled, "alignment", None) or {}
+    if not isinstance(alignment, Mapping):
+        raise TypeError(f"alignment must be a mapping {{layer name: chunks}}, got {type(alignment).__name__}")
     check_choice("scope", scope, SCOPES)
     check_choice("normalize", normalize, NORMALIZATIONS)
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
@@ -115,23 +138,25 @@ def prune_channels(model: nn.Module, scores: Mapping[str, torch.Tensor], fractio
     # A unit's score is the mean of its layers' scores, so tied and single layers rank on one scale.
     ranked = coupled_unit_scores({name: scores[name] for name, _ in layers}, coupled, normalize)
     units = [[(name, by_name[name]) for name in unit] for unit, _ in ranked]
-    unit_scores = [score for _, score in ranked]
+    chunks = [_unit_chunks(unit, score.numel(), alignment) for unit, score in ranked]
+    # Ranked by position within a chunk: the mean of that position's scores over the chunks.
+    unit_scores = [score.view(g, -1).mean(0) for (_, score), g in zip(ranked, chunks)]
     if scope == "layer":
         keeps = []
-        for s in unit_scores:
+        for s, g in zip(unit_scores, chunks):
             n = s.numel()
-            keeps.append(_keep_top(s, max(n - round(fraction * n), min(min_channels, n))))
+            keeps.append(_keep_top(s, max(n - round(fraction * n), min(-(-min_channels // g), n))))
     else:
         # Reserve each unit's best min_channels (score +inf), then one threshold over everything.
         reserved = []
-        for s in unit_scores:
+        for s, g in zip(unit_scores, chunks):
             r = s.clone()
-            r[_keep_top(s, min(min_channels, s.numel()))] = float("inf")
+            r[_keep_top(s, min(-(-min_channels // g), s.numel()))] = float("inf")  # positions of g channels
             reserved.append(r)
         flat = torch.cat(reserved)
         # A channel of a unit of k tied layers is k layer channels: count it k times toward the target.
-        weight = torch.cat([torch.full((s.numel(),), len(unit), dtype=torch.float64)
-                            for unit, s in zip(units, unit_scores)])
+        weight = torch.cat([torch.full((s.numel(),), len(unit) * g, dtype=torch.float64)
+                            for unit, s, g in zip(units, unit_scores, chunks)])
         order = torch.sort(flat, stable=True).indices  # lowest first; reserved (+inf) last
         pruned_weight = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(weight[order], 0)])
         limit = int(torch.isfinite(flat).sum())  # reserved channels are never pruned
@@ -142,7 +167,8 @@ def prune_channels(model: nn.Module, scores: Mapping[str, torch.Tensor], fractio
         keeps = list(torch.split(kept, [s.numel() for s in unit_scores]))
 
     pruned = {}
-    for unit, keep in zip(units, keeps):
+    for unit, keep, g in zip(units, keeps, chunks):
+        keep = keep.repeat(g)  # the kept positions, in every chunk
         for name, layer in unit:
             mask = layer.weight_mask.detach()
             keep_here = channel_mask(mask.shape, keep.to(mask.device))
@@ -154,14 +180,15 @@ def prune_channels(model: nn.Module, scores: Mapping[str, torch.Tensor], fractio
 def channel_prune(model: nn.Module, fraction: float, criterion: str = "l2", taylor: Optional[TaylorAccumulator] = None,
                   scope: str = "layer", normalize: Optional[str] = None, min_channels: int = 1,
                   coupled: Optional[Sequence[Sequence[str]]] = None, include: Selector = None,
-                  exclude: Selector = None, keep_output_layer: bool = True) -> Dict[str, float]:
+                  exclude: Selector = None, keep_output_layer: bool = True,
+                  alignment: Optional[Mapping[str, int]] = None) -> Dict[str, float]:
     """channel_scores(criterion) then prune_channels(): the one call for L2 or Taylor channel pruning."""
     check_fraction("fraction", fraction)
     layers = prunable_layers(model, include, exclude, keep_output_layer)
     names = [name for name, _ in layers]
     scores = channel_scores(model, criterion, taylor, include=names)
     return prune_channels(model, scores, fraction, scope=scope, normalize=normalize, min_channels=min_channels,
-                          coupled=coupled, include=names, keep_output_layer=False)
+                          coupled=coupled, include=names, keep_output_layer=False, alignment=alignment)
 
 
 def channel_sparsity(model: nn.Module, include: Selector = None, exclude: Selector = None,

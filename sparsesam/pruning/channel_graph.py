@@ -6,6 +6,13 @@ Two facts matter for structured pruning and neither is visible from one layer:
   their channels; a channel of the sum exists while any of them feeds it,
   so only channels pruned in all of them can be removed
   (coupled_channel_groups ranks them as one unit);
+* alignment: a grouped convolution (ResNeXt's, ``groups=G`` but not
+  depthwise) needs every one of its G groups to keep the same number of
+  channels, in its outputs and in its inputs, so the layers tied to it must
+  lose the same positions in each of the G chunks of their channels
+  (torch-pruning's MetaPruner rule, ``_get_channel_groups``);
+  coupled_channel_groups records G per layer (``.alignment``) and
+  prune_channels ranks positions instead of channels there;
 * the layer after: an all-zero output channel of a conv followed by
   BatchNorm is not zero after the BatchNorm (it is ``beta -
   gamma*mean/std``, a constant image), and a Linear keeps adding its
@@ -51,25 +58,62 @@ def dependency_graph(model: nn.Module, example_inputs) -> Tuple[nn.Module, "obje
     return plain, graph
 
 
+def channel_chunks(graph, group) -> int:
+    """Into how many equal chunks the channels of a torch-pruning ``group`` fall, which must all lose the same
+    positions: the largest channel-group count of a grouped conv / GroupNorm in the group, 1 if none.
+
+    This is torch-pruning's MetaPruner._get_channel_groups (v1.6), with its rule that a depthwise conv
+    (groups == out_channels) sets no constraint: its input and output channels are one channel.
+    """
+    counts = [1]
+    for item in group.items:
+        module = item.dep.target.module
+        if isinstance(module, nn.Conv2d) and module.groups == module.out_channels:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None:
+            continue
+        if graph.is_out_channel_pruning_fn(item.dep.handler):
+            counts.append(int(pruner.get_out_channel_groups(module)))
+        else:
+            counts.append(int(pruner.get_in_channel_groups(module)))
+    return max(counts)
+
+
+class CoupledGroups(list):
+    """coupled_channel_groups' result: a list of tied layer-name lists, plus ``alignment``:
+    {layer name: G} for every selected layer whose output channels must be pruned at the same positions
+    in each of G equal chunks (layers tied to a grouped conv); layers absent from it have G = 1."""
+
+    def __init__(self, groups=(), alignment: Dict[str, int] | None = None) -> None:
+        super().__init__(groups)
+        self.alignment: Dict[str, int] = dict(alignment or {})
+
+
 def coupled_channel_groups(model: nn.Module, example_inputs, include: Selector = None, exclude: Selector = None,
-                           keep_output_layer: bool = True) -> List[List[str]]:
+                           keep_output_layer: bool = True) -> CoupledGroups:
     """Names of the selected masked layers whose output channels are tied, one list per tie (2+ layers).
 
     Pass the result as ``coupled=`` to prune_channels / channel_prune so
-    that tied layers lose the same channels.
+    that tied layers lose the same channels; its ``alignment`` (see
+    CoupledGroups) makes them prune the same positions in every chunk of a
+    grouped conv, which they read from it.
     """
     tp = import_torch_pruning()
     names = [name for name, _ in prunable_layers(model, include, exclude, keep_output_layer)]
     plain, graph = dependency_graph(model, example_inputs)
     modules = dict(plain.named_modules())
     name_of = {module: name for name, module in modules.items()}
-    groups, seen = [], set()
+    groups, seen, alignment = [], set(), {}
     for name in names:
-        if name in seen:
-            continue
         module = modules[name]
         pruner = graph.get_pruner_of_module(module)
         group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(module.weight.shape[0])))
+        chunks = channel_chunks(graph, group)
+        if chunks > 1:
+            alignment[name] = chunks
+        if name in seen:
+            continue
         members = []
         for item in group.items:
             target = item.dep.target.module
@@ -85,7 +129,7 @@ def coupled_channel_groups(model: nn.Module, example_inputs, include: Selector =
         seen.update(members)
         if len(members) > 1:
             groups.append(members)
-    return groups
+    return CoupledGroups(groups, alignment)
 
 
 class _ChannelGate:

@@ -20,6 +20,9 @@ small model computes the masked model's function: the same outputs up to
 float rounding, in eval mode and in train mode. Without gates, a zeroed conv
 channel followed by BatchNorm still carries the BatchNorm's constant and is
 kept (exact, but not smaller): gate first (gate_pruned_channels).
+Where even gates cannot make a channel exactly zero downstream (DenseNet's
+concatenations), ``compact_channels(..., exact=False)`` removes it anyway,
+changing the function by the dropped BatchNorm constants (opt-in).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from torch import nn
 
 from ..nn import masked_layers
 from ._common import output_layer_name
-from .channel_graph import _remove_gates, channel_gates, dependency_graph, import_torch_pruning
+from .channel_graph import _remove_gates, channel_chunks, channel_gates, dependency_graph, import_torch_pruning
 
 # Autograd nodes (as torch-pruning records them) that map an all-zero channel to an all-zero channel.
 _ZERO_PRESERVING = {
@@ -136,8 +139,12 @@ def _zero_rows(module: nn.Module, idxs: List[int]) -> List[bool]:
     return [bool(rows[i].eq(0).all() and (bias is None or bias[i] == 0)) for i in idxs]
 
 
-def _removable(graph, group, candidates: List[int], protected) -> List[int]:
-    """The candidate root channels that every producer in ``group`` leaves exactly zero (see module doc)."""
+def _removable(graph, group, candidates: List[int], protected, exact: bool = True) -> List[int]:
+    """The candidate root channels that every producer in ``group`` leaves exactly zero (see module doc).
+
+    exact=False: only the conv / linear producers are asked (their rows zero), not the BatchNorms nor the
+    operations between them: the channel goes even where a BatchNorm's constant or an unknown operation
+    makes it non-zero downstream (compact_channels(exact=False))."""
     tp = import_torch_pruning()
 
     alive = set()
@@ -155,6 +162,8 @@ def _removable(graph, group, candidates: List[int], protected) -> List[int]:
                 alive.update(r for r, dead in zip(item.root_idxs, _zero_rows(module, item.idxs)) if not dead)
             elif node.type == tp.ops.OPTYPE.DEPTHWISE_CONV:
                 alive.update(r for r, dead in zip(item.root_idxs, _zero_rows(module, item.idxs)) if not dead)
+        elif not exact:
+            continue  # BatchNorm constants, elementwise operations, norms...: dropped with the channel
         elif node.type == tp.ops.OPTYPE.BN:
             alive.update(r for r, dead in zip(item.root_idxs, _zero_rows(module, item.idxs)) if not dead)
         elif node.type == tp.ops.OPTYPE.ELEMENTWISE:
@@ -174,6 +183,18 @@ def _removable(graph, group, candidates: List[int], protected) -> List[int]:
     return [c for c in candidates if c not in alive]
 
 
+def _aligned(idxs: List[int], channels: int, chunks: int) -> List[int]:
+    """The channels of ``idxs`` whose position is removable in every one of ``chunks`` equal chunks (a grouped
+    conv keeps equal groups: torch-pruning removes the same positions from each), less one position when that
+    would be all of them (a layer keeps one channel, zero so exact, rather than vanish)."""
+    size = channels // chunks
+    removable = set(idxs)
+    positions = [p for p in range(size) if all(p + k * size in removable for k in range(chunks))]
+    if len(positions) == size:
+        positions = positions[1:]
+    return sorted(p + k * size for p in positions for k in range(chunks))
+
+
 def _record_kept(kept: Dict[str, Dict[str, List[int]]], name: Optional[str], module: nn.Module, graph, item,
                  seen: set) -> None:
     """Remove ``item.idxs`` (positions in the module as it is now) from ``kept[name]``'s index lists
@@ -182,7 +203,8 @@ def _record_kept(kept: Dict[str, Dict[str, List[int]]], name: Optional[str], mod
         return  # parameters of other kinds hold no channel dimension we rebuild
     out_fn = graph.is_out_channel_pruning_fn(item.dep.handler)
     in_fn = graph.is_in_channel_pruning_fn(item.dep.handler)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) or (isinstance(module, nn.Conv2d) and module.groups > 1):
+    depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) or depthwise:
         dims = ["0"]  # BatchNorm, depthwise conv: in and out channels are one dimension
     elif out_fn and not in_fn:
         dims = ["0"]
@@ -192,18 +214,22 @@ def _record_kept(kept: Dict[str, Dict[str, List[int]]], name: Optional[str], mod
         return
     entry = kept.setdefault(name, {})
     size = {"0": module.weight.shape[0], "1": module.weight.shape[1] if module.weight.dim() > 1 else 0}
+    drop = set(int(i) for i in item.idxs)
+    if dims == ["1"] and isinstance(module, nn.Conv2d) and module.groups > 1:
+        # A grouped conv's weight holds in_channels / groups inputs per group, and the same positions go
+        # from every group (_aligned): the kept positions are those of one group.
+        drop = {i % size["1"] for i in drop}
     for dim in dims:
         if (name, dim) in seen:
             continue
         seen.add((name, dim))
         current = entry.setdefault(dim, list(range(size[dim])))
-        drop = set(int(i) for i in item.idxs)
         entry[dim] = [index for position, index in enumerate(current) if position not in drop]
 
 
 @torch.no_grad()
 def compact_channels(model: nn.Module, example_inputs, protect: Iterable[str] = (),
-                     check: bool = True) -> "tuple[nn.Module, CompactionReport]":
+                     check: bool = True, exact: bool = True) -> "tuple[nn.Module, CompactionReport]":
     """A physically smaller plain copy of ``model`` without its always-zero channels, and a report.
 
     example_inputs: what ``model(example_inputs)`` takes (a tensor, a tuple
@@ -212,6 +238,17 @@ def compact_channels(model: nn.Module, example_inputs, protect: Iterable[str] = 
     outputs must stay. check: also run both models in eval mode on
     example_inputs and report the largest output difference.
     ``model`` is left unchanged.
+
+    exact=False (opt-in) removes every channel whose conv / linear rows are
+    all pruned in every producer of its group, through torch-pruning, even
+    where the exact rule keeps it: a channel that meets a BatchNorm that is
+    not its layer's only consumer (DenseNet's concatenated features reach
+    the BatchNorms of every later layer, whose ``beta - gamma*mean/std``
+    makes a zero channel a constant image) or an operation not known to
+    keep zeros. The small model then computes the masked model with those
+    constants dropped: not the same function (``max_abs_diff`` says by how
+    much on ``example_inputs``), so fine-tune it afterwards. Protected
+    layers and the classifier's outputs still stay.
     """
     tp = import_torch_pruning()
     if not list(masked_layers(model)):
@@ -239,9 +276,8 @@ def compact_channels(model: nn.Module, example_inputs, protect: Iterable[str] = 
             continue
         pruner = graph.get_pruner_of_module(module)
         group = graph.get_pruning_group(module, pruner.prune_out_channels, candidates)
-        idxs = _removable(graph, group, candidates, protected)
-        if len(idxs) == module.weight.shape[0]:
-            idxs = idxs[1:]  # a layer keeps one channel (zero, so exact) rather than vanish
+        idxs = _aligned(_removable(graph, group, candidates, protected, exact), module.weight.shape[0],
+                        channel_chunks(graph, group))
         if not idxs:
             continue
         group = graph.get_pruning_group(module, pruner.prune_out_channels, idxs)

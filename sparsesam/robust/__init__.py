@@ -10,6 +10,7 @@ from .adversarial_losses import mart_loss, pgd_at_loss, trades_loss
 from .attacks import NORMS, autoattack, cross_entropy_objective, fgsm, pgd
 from .cc_cert import (cc_cert_batch, cc_cert_dataset, chernoff_cramer_bound, estimate_bound, official_bound,
                       prediction_discrepancy, top2_margin)
+from .cifar10c_eval import evaluate_cifar10c
 from .corruption_eval import evaluate_corruptions, mce, mean_corruption_accuracy
 from .corruptions import CORRUPTION_GROUPS, CORRUPTIONS, corrupt
 from .plots import plot_accuracy_vs_epsilon, plot_cc_cert, plot_certified_accuracy, plot_corruption_accuracy
@@ -18,7 +19,7 @@ from .smoothing import (ABSTAIN, certified_accuracy, certified_radius, certify, 
                         clopper_pearson_lower, predict)
 
 __all__ = [
-    "CORRUPTIONS", "CORRUPTION_GROUPS", "corrupt", "evaluate_corruptions", "mean_corruption_accuracy", "mce",
+    "CORRUPTIONS", "CORRUPTION_GROUPS", "corrupt", "evaluate_corruptions", "evaluate_cifar10c", "mean_corruption_accuracy", "mce",
     "NORMS", "pgd", "fgsm", "autoattack", "cross_entropy_objective", "ATTACKS", "adversarial_accuracy",
     "pgd_at_loss", "trades_loss", "mart_loss",
     "ABSTAIN", "clopper_pearson_lower", "certified_radius", "predict", "certify", "certify_dataset",

@@ -16,11 +16,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _checks
-from .attacks import autoattack, fgsm, pgd
+from .attacks import fgsm, pgd
+from .attacks_torchattacks import TORCHATTACKS, torchattacks_attack
 from .model_state import eval_mode
 from .predictions import check_logits, correct as correct_predictions
 
-ATTACKS = ("pgd", "fgsm", "autoattack")
+# Built in, then torchattacks' (AutoAttack's standard ensemble and its attacks, the [attacks] extra).
+ATTACKS = ("pgd", "fgsm") + TORCHATTACKS
 
 
 @torch.no_grad()
@@ -31,7 +33,11 @@ def adversarial_accuracy(model: nn.Module, batches: Iterable[Tuple[torch.Tensor,
                          progress: bool = False) -> dict:
     """Accuracy on adversarial examples of ``attack`` at every eps of ``epsilons``.
 
-    PGD's step size is ``step_size_factor * eps / steps`` at each eps. Every
+    PGD's step size is ``step_size_factor * eps / steps`` at each eps. For
+    torchattacks' attacks (TORCHATTACKS), ``steps`` is the iterations of
+    APGD / APGD-T / FAB-T (the literature's setting is 100,
+    attacks_torchattacks.ITERATIONS) and the number of classes is read from
+    the model's logits. Every
     batch gets its own attack seed (derived from ``seed``), the same at every eps.
     An example on which the model's logits are not finite is never counted
     correct (sparsesam.robust.predictions).
@@ -62,7 +68,8 @@ def adversarial_accuracy(model: nn.Module, batches: Iterable[Tuple[torch.Tensor,
                 elif attack == "fgsm":
                     x_adv = fgsm(model, x, y, eps=eps, norm=norm)
                 else:
-                    x_adv = autoattack(model, x, y, eps=eps, norm=norm, seed=batch_seed) if eps > 0 else x
+                    x_adv = torchattacks_attack(model, x, y, attack=attack, eps=eps, norm=norm, steps=steps,
+                                                seed=batch_seed, n_classes=int(clean_logits.shape[1]))
                 correct[i] += correct_predictions(model(x_adv), y).sum().item()
     if total == 0:
         raise ValueError("batches is empty: nothing to evaluate")
@@ -70,7 +77,7 @@ def adversarial_accuracy(model: nn.Module, batches: Iterable[Tuple[torch.Tensor,
         "model": model_name or type(model).__name__,
         "attack": attack,
         "norm": norm,
-        "steps": steps if attack == "pgd" else (1 if attack == "fgsm" else None),
+        "steps": 1 if attack == "fgsm" else (None if attack == "square" else steps),
         "restarts": restarts if attack == "pgd" else None,
         "examples": total,
         "seed": seed,
