@@ -164,6 +164,8 @@ class Study:
         # Each kind of dense model (and every run starting from it) has its comparison's width.
         self.specs = {kind: model_spec(b["model"], b[width], full.info) for kind, width in dense_starts().items()}
         self.optimizer_args = argparse.Namespace(**{k: budgets[k] for k in OPTIMIZER_FIELDS})
+        # The code this process runs: read once, at its start (a later checkout does not change loaded modules).
+        self.commit = git_commit()
 
     def dense(self, seed: int, kind: str):
         return train_dense(kind, seed, self.specs[kind], self.train, self.val, self.test, self.b, self.optimizer_args,
@@ -202,7 +204,7 @@ class Study:
                 "start": comparison.start, "train_noise": comparison.train_noise,
                 "sparsity": summary.get("sparsity", pruned["sparsity"]), "weight_sparsity": info["sparsity"],
                 "config": pruned["config"], "dense_test_accuracy": dense_info["test_accuracy"],
-                "dense_epochs": dense_info["epochs"], "commit": git_commit(),
+                "dense_epochs": dense_info["epochs"], "commit": self.commit,
                 "fit_seconds": pruned["fit_seconds"], "phase_seconds": summary.get("phase_seconds", {}),
                 "eval_seconds": time.perf_counter() - fitted,
                 "run_seconds_this_call": time.perf_counter() - began,

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import _extras
+from .._files import atomic_write
 from ..reporting import _table
 from ..robust import plots
 from .common import read_json, write_json
@@ -321,9 +322,7 @@ def write_study_report(out: str, report_dir: str, study: Dict[str, Any], *, comm
               "figures": [os.path.relpath(p, report_dir) for p in made], "runs": all_runs,
               "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_json(os.path.join(report_dir, "results.json"), report)
-    with open(os.path.join(report_dir, "RESULTS.md.tmp"), "w") as f:
-        f.write(_markdown(report, chosen))
-    os.replace(os.path.join(report_dir, "RESULTS.md.tmp"), os.path.join(report_dir, "RESULTS.md"))
+    atomic_write(os.path.join(report_dir, "RESULTS.md"), _markdown(report, chosen))
     return report
 
 
