@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..divergence import TrainingDiverged, check_state
 from ..nn import set_execution
 from ..training import evaluate
 from . import _compacted, _execution
@@ -136,10 +137,10 @@ def _set_rng_state(loader: DataLoader, state: Dict[str, Any]) -> None:
         generator.set_state(state["loader"])
 
 
-def _finite(record: Dict[str, Any]) -> None:
+def _finite(record: Dict[str, Any], where: str) -> None:
     for key, value in record.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise FloatingPointError(f"{record['phase']} epoch {record['epoch']}: {key} is {value}")
+            raise TrainingDiverged(f"the epoch's {key} is {value}", epoch=record["epoch"] + 1, where=where)
 
 
 class Algorithm(ABC):
@@ -273,9 +274,13 @@ class Algorithm(ABC):
                 bar = tqdm(train_loader, desc=f"{self.name} {phase} {epoch + 1}/{epochs}", disable=not progress,
                            leave=False)
                 model.train()
+                where, hint = f"{self.name} {phase}", f"lr {optimizer.param_groups[0]['lr']:g}"
                 try:
                     stats = self._train_epoch(phase, epoch, model, train_loader, optimizer,
                                               _Batches(bar, model_device(model)))
+                    check_state(model)  # BatchNorm statistics can overflow while every loss stays finite
+                except TrainingDiverged as error:
+                    raise error.locate(epoch=epoch + 1, where=where, hint=hint)
                 finally:
                     bar.close()
                 sparsity = self._phase_sparsity if self._phase_sparsity is not None else self._sparsity(model)
@@ -284,7 +289,7 @@ class Algorithm(ABC):
                 if val_loader is not None:
                     val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
                     record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-                _finite(record)
+                _finite(record, where)
                 history.append(record)
                 if checkpoint is not None:
                     checkpoint.save({

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from typing import Dict, List
@@ -11,15 +12,20 @@ from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._validate import MOMENTUM, NON_NEGATIVE, POSITIVE
 from ..checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from ..divergence import StepCheck, TrainingDiverged, check_state
 from ..optim import SAM
 from ..training import evaluate
-from .common import (ConfigError, check_model_name, dataset_key, echo_config, load_data, make_loaders, model_spec,
-                     prepare_out, seed_everything, write_json, build_from_spec)
+from .common import (ConfigError, add_number, check_model_name, check_numbers, dataset_key, echo_config, load_data,
+                     make_loaders, model_spec, prepare_out, seed_everything, write_json, build_from_spec)
 from .export import save_model_folder
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "train.json"
+# The dense optimizer's flags and their ranges: checked when parsed, and again on namespaces built in code.
+OPTIMIZER_FLAGS = {"--lr": POSITIVE, "--momentum": MOMENTUM, "--weight-decay": NON_NEGATIVE,
+                   "--sam-rho": NON_NEGATIVE}
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,16 +40,17 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smallcnn", help="resnet18, smallcnn, mobilenetv2, googlenet or vgg16bn")
-    parser.add_argument("--width", type=float, default=1.0, help="multiplier of the paper's channel counts")
+    add_number(parser, "--width", POSITIVE, default=1.0, help="multiplier of the paper's channel counts")
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser, epochs: int = 5, what: str = "training") -> None:
     group = parser.add_argument_group(f"dense {what}")
     group.add_argument("--epochs", type=_non_negative_int, default=epochs)
-    group.add_argument("--lr", type=float, default=0.05)
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--weight-decay", type=float, default=5e-4)
-    group.add_argument("--sam-rho", type=float, default=0.0, help="SAM radius; 0 trains with plain SGD")
+    add_number(group, "--lr", OPTIMIZER_FLAGS["--lr"], default=0.05)
+    add_number(group, "--momentum", OPTIMIZER_FLAGS["--momentum"], default=0.9)
+    add_number(group, "--weight-decay", OPTIMIZER_FLAGS["--weight-decay"], default=5e-4)
+    add_number(group, "--sam-rho", OPTIMIZER_FLAGS["--sam-rho"], default=0.0,
+               help="SAM radius; 0 trains with plain SGD")
     group.add_argument("--adaptive", action="store_true", help="ASAM (scale-invariant radius); needs --sam-rho > 0")
 
 
@@ -62,14 +69,8 @@ def _non_negative_int(text: str) -> int:
 
 
 def check_optimizer_arguments(args: argparse.Namespace) -> None:
-    if not args.lr > 0:
-        raise ConfigError(f"--lr must be > 0, got {args.lr}")
-    if not 0 <= args.momentum < 1:
-        raise ConfigError(f"--momentum must be in [0, 1), got {args.momentum}")
-    if args.weight_decay < 0:
-        raise ConfigError(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.sam_rho < 0:
-        raise ConfigError(f"--sam-rho must be >= 0, got {args.sam_rho}")
+    """The optimizer flags' ranges (parsed flags were checked already; a namespace built in code was not)."""
+    check_numbers(args, OPTIMIZER_FLAGS)
     if args.adaptive and args.sam_rho == 0:
         raise ConfigError("--adaptive needs --sam-rho > 0 (ASAM is a SAM variant)")
 
@@ -84,10 +85,13 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, desc: str,
                 progress: bool = True) -> Dict[str, float]:
-    """One epoch of cross-entropy training; a SAM optimizer takes its two-pass step."""
+    """One epoch of cross-entropy training; a SAM optimizer takes its two-pass step.
+
+    A NaN or inf loss raises TrainingDiverged naming the step (read from the loss the loop reads anyway)."""
     model.train()
     sam = isinstance(optimizer, SAM)
     total_loss = correct = seen = 0.0
+    check = StepCheck()
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
     for x, y in bar:
         logits = model(x)
@@ -100,18 +104,26 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
             optimizer.second_step(zero_grad=True)
         else:
             optimizer.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: the loss became {loss.item()} (lower --lr or --sam-rho)")
-        total_loss += loss.item() * len(y)
+        value = loss.item()  # the step's one sync
+        check.step(loss=value)
+        total_loss += value * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
 
 
+def divergence_hint(args: argparse.Namespace) -> str:
+    sam = f", --sam-rho {args.sam_rho:g}" if args.sam_rho > 0 else ""
+    return f"--lr {args.lr:g}{sam}: lower it"
+
+
 def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Generator, args: argparse.Namespace,
               checkpointer: Checkpointer, *, label: str = "train") -> List[dict]:
-    """Train ``args.epochs`` epochs, checkpointing after each; resumes from ``checkpointer`` if it holds a state."""
+    """Train ``args.epochs`` epochs, checkpointing after each; resumes from ``checkpointer`` if it holds a state.
+
+    A NaN or inf loss, parameter, BatchNorm statistic or test loss raises TrainingDiverged naming the epoch
+    (and the step); the epoch is not checkpointed."""
     optimizer = build_optimizer(model, args)
     history: List[dict] = []
     start = 0
@@ -124,9 +136,16 @@ def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Gene
         restore_rng_state(state["rng"], generator)
     for epoch in range(start, args.epochs):
         began = time.perf_counter()
-        stats = train_epoch(model, train_loader, optimizer, desc=f"{label} {epoch + 1}/{args.epochs}",
-                            progress=args.progress)
+        try:
+            stats = train_epoch(model, train_loader, optimizer, desc=f"{label} {epoch + 1}/{args.epochs}",
+                                progress=args.progress)
+            check_state(model)  # BatchNorm statistics can overflow while every loss stays finite
+        except TrainingDiverged as error:
+            raise error.locate(epoch=epoch + 1, where=label, hint=divergence_hint(args))
         test = evaluate(model, test_loader, desc="test", progress=args.progress)
+        if not math.isfinite(test["loss"]):  # finite weights whose logits overflow
+            raise TrainingDiverged(f"the test loss is {test['loss']}", epoch=epoch + 1, where=label,
+                                   hint=divergence_hint(args))
         history.append({"phase": label, "epoch": epoch + 1, "loss": stats["loss"], "accuracy": stats["accuracy"],
                         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                         "seconds": time.perf_counter() - began})

@@ -15,6 +15,8 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _validate
+
 Tensor = torch.Tensor
 MasksOf = Callable[[List[Tensor]], List[Optional[Tensor]]]
 
@@ -56,6 +58,19 @@ def keep_pruned_entries(optimizer: torch.optim.Optimizer, masks_of: MasksOf) -> 
     return [optimizer.register_step_pre_hook(snapshot), optimizer.register_step_post_hook(restore)]
 
 
+def check_sgd_settings(lr, momentum, dampening, weight_decay) -> None:
+    """torch.optim.SGD's ranges, and finite: torch's own checks (``lr < 0``) let NaN through, and a NaN or
+    infinite lr, momentum, dampening or weight decay turns every parameter into NaN at the first step."""
+    if isinstance(lr, Tensor):
+        lr = float(lr)  # a one-element tensor lr (torch.optim.SGD allows it)
+    _validate.non_negative("lr", lr)
+    _validate.non_negative("momentum", momentum)
+    _validate.finite("dampening", dampening)
+    if isinstance(weight_decay, Tensor):
+        weight_decay = float(weight_decay)
+    _validate.non_negative("weight_decay", weight_decay)
+
+
 def _torch_sgd_step() -> Callable:
     """torch.optim.SGD.step without the step-hook wrapper torch adds to it, so that
     calling it from inside our own (hooked) step does not run the hooks twice."""
@@ -82,6 +97,8 @@ class FusedMaskedSGD(torch.optim.SGD):
         if masks_of is not None and not callable(masks_of):
             raise TypeError(f"masks_of must be callable or None, got {type(masks_of).__name__}")
         super().__init__(params, **kwargs)
+        for group in self.param_groups:  # the defaults and every group's own settings
+            check_sgd_settings(group["lr"], group["momentum"], group["dampening"], group["weight_decay"])
         self._masks_of = masks_of
 
     def _masks(self, params: List[Tensor]) -> List[Optional[Tensor]]:
@@ -117,9 +134,9 @@ class FusedMaskedSGD(torch.optim.SGD):
         momentum = float(group["momentum"])
         lr, dampening, weight_decay = float(group["lr"]), float(group["dampening"]), float(group["weight_decay"])
         nesterov = bool(group["nesterov"])
-        # torch.optim.SGD validated these at construction; a scheduler or a
-        # user may have changed them since.
-        if lr < 0 or weight_decay < 0 or (nesterov and (momentum <= 0 or dampening != 0)):
+        # Checked at construction; a scheduler or a user may have changed them since (Python floats: no sync).
+        check_sgd_settings(lr, momentum, dampening, weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(f"invalid SGD settings: lr={lr}, weight_decay={weight_decay}, nesterov={nesterov} "
                              f"with momentum={momentum}, dampening={dampening}")
         # Parameters with a momentum buffer, and those starting one now
