@@ -137,10 +137,11 @@ def _set_rng_state(loader: DataLoader, state: Dict[str, Any]) -> None:
         generator.set_state(state["loader"])
 
 
-def _finite(record: Dict[str, Any], where: str) -> None:
+def _finite(record: Dict[str, Any], where: str, hint: str) -> None:
     for key, value in record.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise TrainingDiverged(f"the epoch's {key} is {value}", epoch=record["epoch"] + 1, where=where)
+            raise TrainingDiverged(f"the epoch's {key} is {value}", epoch=record["epoch"] + 1, where=where,
+                                   hint=hint)
 
 
 class Algorithm(ABC):
@@ -289,7 +290,7 @@ class Algorithm(ABC):
                 if val_loader is not None:
                     val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
                     record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-                _finite(record, where)
+                _finite(record, where, hint)
                 history.append(record)
                 if checkpoint is not None:
                     checkpoint.save({

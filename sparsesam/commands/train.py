@@ -5,7 +5,7 @@ import argparse
 import math
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -118,6 +118,11 @@ def divergence_hint(args: argparse.Namespace) -> str:
     return f"--lr {args.lr:g}{sam}: lower it"
 
 
+def _where(label: str) -> Optional[str]:
+    """The phase a divergence message names: none for ``sparsesam train`` itself ("pretrain" for prune's)."""
+    return None if label == "train" else label
+
+
 def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Generator, args: argparse.Namespace,
               checkpointer: Checkpointer, *, label: str = "train") -> List[dict]:
     """Train ``args.epochs`` epochs, checkpointing after each; resumes from ``checkpointer`` if it holds a state.
@@ -141,10 +146,10 @@ def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Gene
                                 progress=args.progress)
             check_state(model)  # BatchNorm statistics can overflow while every loss stays finite
         except TrainingDiverged as error:
-            raise error.locate(epoch=epoch + 1, where=label, hint=divergence_hint(args))
+            raise error.locate(epoch=epoch + 1, where=_where(label), hint=divergence_hint(args))
         test = evaluate(model, test_loader, desc="test", progress=args.progress)
         if not math.isfinite(test["loss"]):  # finite weights whose logits overflow
-            raise TrainingDiverged(f"the test loss is {test['loss']}", epoch=epoch + 1, where=label,
+            raise TrainingDiverged(f"the test loss is {test['loss']}", epoch=epoch + 1, where=_where(label),
                                    hint=divergence_hint(args))
         history.append({"phase": label, "epoch": epoch + 1, "loss": stats["loss"], "accuracy": stats["accuracy"],
                         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
