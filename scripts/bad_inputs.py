@@ -312,7 +312,8 @@ CASES: List[Case] = [
     # Files: one line naming the file, exit 2.
     Case("`train --resume` with a checkpoint of random bytes",
          cli("train", *TINY, "--resume", "--out", _bad_checkpoint("random-bytes", bytes(range(256)) * 4))),
-    Case("`train --resume` with an empty checkpoint", cli("train", *TINY, "--resume", "--out", _bad_checkpoint("empty", b""))),
+    Case("`train --resume` with an empty checkpoint",
+         cli("train", *TINY, "--resume", "--out", _bad_checkpoint("empty", b""))),
     Case("`train --resume` with a truncated checkpoint",
          cli("train", *TINY, "--resume", "--out", _truncated_checkpoint)),
     Case("`eval` of a folder whose `model.safetensors` is truncated",
