@@ -8,7 +8,7 @@ a NaN radius, learning rate or weight decay silently turns a run into
 plain SGD or its weights into NaN. The message says what was wanted and
 what was given::
 
-    >>> non_negative("rho", float("nan"))
+    >>> NON_NEGATIVE.check("rho", float("nan"))
     Traceback (most recent call last):
     ValueError: rho must be a finite number >= 0, got nan
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -85,36 +85,6 @@ def is_real(value) -> bool:
 def _show(value: float) -> str:
     """``0`` rather than ``0.0`` for a whole bound; a value as Python prints it (nan, inf, 1e+06)."""
     return str(int(value)) if math.isfinite(value) and value == int(value) and abs(value) < 1e15 else str(value)
-
-
-def finite(name: str, value) -> float:
-    return FINITE.check(name, value)
-
-
-def non_negative(name: str, value) -> float:
-    return NON_NEGATIVE.check(name, value)
-
-
-def positive(name: str, value) -> float:
-    return POSITIVE.check(name, value)
-
-
-def fraction(name: str, value) -> float:
-    """In [0, 1)."""
-    return FRACTION.check(name, value)
-
-
-def probability(name: str, value) -> float:
-    """In [0, 1]."""
-    return PROBABILITY.check(name, value)
-
-
-def each(name: str, values: Iterable, allowed: Range, *, non_empty: bool = True) -> List[float]:
-    """Every entry of ``values`` in ``allowed``; the error names the entry (``name[i]``)."""
-    values = list(values)
-    if non_empty and not values:
-        raise ValueError(f"{name} must not be empty")
-    return [allowed.check(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 
 def finite_tensor(name: str, tensor) -> None:

@@ -70,7 +70,7 @@ Tensor = torch.Tensor
 
 
 def _check_rho(rho, where: str = "rho") -> None:
-    _validate.non_negative(where, rho)
+    _validate.NON_NEGATIVE.check(where, rho)
 
 
 def param_masks(model: nn.Module) -> Dict[Tensor, Tensor]:
@@ -114,7 +114,7 @@ class SAM(torch.optim.Optimizer):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD), "
                             f"got {base_optimizer!r}")
-        _validate.non_negative("eps", eps)  # NaN or inf would make every ascent point NaN (or no ascent)
+        _validate.NON_NEGATIVE.check("eps", eps)  # NaN or inf would make every ascent point NaN (or no ascent)
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
         if base_optimizer is torch.optim.SGD:
             # torch.optim.SGD with a fused, mask-aware step(); same state_dict.
