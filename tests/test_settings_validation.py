@@ -292,3 +292,10 @@ def test_sparse_formats_refuse_nan_and_inf_masks(bad):
                   lambda: largest_blocksize(mask), lambda: detect(mask)):
         with pytest.raises(ValueError, match=r"mask contains NaN or inf"):
             build()
+
+
+def test_block_sparse_layer_says_why_a_mask_with_inf_cannot_run_block_sparse():
+    from sparsesam.nn import BlockSparseLinear
+    mask = torch.ones(8, 8)
+    mask[0, 0] = math.inf
+    assert BlockSparseLinear.applicable(mask) == "the mask contains NaN or inf"
