@@ -2,10 +2,15 @@
 
 Every run writes its settings to ``config.json`` in its output folder and
 shows tqdm progress bars on stderr. A bad setting (unknown model, dataset or
-algorithm, a sparsity outside [0, 1), a missing data folder, ...) ends the
-run with one line on stderr and exit status 2, as argparse does for
-malformed arguments; so does a file the run reads that is empty, truncated
-or foreign (sparsesam.file_errors.BadFileError: checkpoints, data files).
+algorithm, a sparsity outside [0, 1), a NaN or infinite number, a missing
+data folder, ...) ends the run with one line on stderr naming the flag and
+exit status 2, as argparse does for malformed arguments; numeric flags are
+checked as they are parsed (commands.common.add_number), before anything
+runs. So does a file the run reads that is empty, truncated or foreign
+(sparsesam.file_errors.BadFileError: checkpoints, data files). Training that
+diverges (a NaN or inf loss, weight or BatchNorm statistic:
+sparsesam.divergence.TrainingDiverged) ends with one line naming the epoch
+and the step, exit status 3, and no exported model.
 """
 from __future__ import annotations
 
@@ -14,8 +19,12 @@ import sys
 from typing import List, Optional
 
 from .commands import demo, evaluate, prune, report, reproduce, train
-from .commands.common import ConfigError
+from .commands.common import ConfigError, FlagError
+from .divergence import TrainingDiverged
 from .file_errors import BadFileError
+
+BAD_INPUT = 2  # a bad setting or file: nothing was run (or nothing was exported)
+DIVERGED = 3   # the settings were valid but training turned NaN / inf: nothing was exported
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,13 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except FlagError as error:  # a number outside its flag's range
+        print(f"{error.prog}: error: {error}", file=sys.stderr)
+        return BAD_INPUT
     args._argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, for reports (not a setting)
     try:
         args.func(args)
     except (ConfigError, BadFileError) as error:  # a bad setting, or a file that is truncated or foreign
         print(f"sparsesam {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
+    except TrainingDiverged as error:
+        print(f"sparsesam {args.command}: error: {error}", file=sys.stderr)
+        return DIVERGED
     return 0
 
 

@@ -1,17 +1,15 @@
 """Checks on the algorithms' config fields: every error names the field."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable
 
+from .. import _validate
+
 
 def fraction(name: str, value, *, high_open: bool = True) -> None:
-    """A real number in [0, 1) (or [0, 1] with high_open=False)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (0.0 <= value < 1.0 if high_open else 0.0 <= value <= 1.0):
-        raise ValueError(f"{name} must be in [0, {'1)' if high_open else '1]'}, got {value}")
+    """A real number in [0, 1) (or [0, 1] with high_open=False); NaN and inf are refused."""
+    (_validate.FRACTION if high_open else _validate.PROBABILITY).check(name, value)
 
 
 def count(name: str, value, minimum: int = 0) -> None:
@@ -22,10 +20,8 @@ def count(name: str, value, minimum: int = 0) -> None:
 
 
 def non_negative(name: str, value, *, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    """A finite real number >= 0 (> 0 with positive=True)."""
+    (_validate.POSITIVE if positive else _validate.NON_NEGATIVE).check(name, value)
 
 
 def choice(name: str, value, choices: Iterable) -> None:

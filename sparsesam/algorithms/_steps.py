@@ -4,6 +4,11 @@ A loss function here is ``loss_fn(model, x, y, step) -> (loss, logits)``:
 ``step`` seeds whatever it draws (the attack's random start), so a run
 resumed from a checkpoint draws the same numbers; ``logits`` are the clean
 predictions used for the training accuracy (None: measured separately).
+
+Every algorithm's epoch adds each step's values to an :class:`EpochMeter`,
+which refuses a NaN or inf one (sparsesam.divergence.TrainingDiverged,
+naming the step; Algorithm.fit adds the phase and the epoch): the values
+are Python floats the step has read already, so the check costs no sync.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..divergence import StepCheck
 from ..robust import mart_loss, pgd_at_loss, trades_loss
 from ..robust.model_state import eval_mode
 
@@ -42,15 +48,19 @@ def make_loss(name: str, *, eps: float, attack_steps: int, beta: float, seed: in
 
 
 class EpochMeter:
-    """Running means of a training epoch, shown on the progress bar."""
+    """Running means of a training epoch, shown on the progress bar; a NaN or inf value stops the run."""
 
     def __init__(self, bar) -> None:
         self.bar = bar
         self.sums: Dict[str, float] = {}
         self.seen = 0
         self.correct = 0
+        self.check = StepCheck()
 
     def add(self, batch_size: int, logits: Optional[torch.Tensor], y: torch.Tensor, **values: float) -> None:
+        """One step's batch: its size, clean logits (None: no accuracy) and values (the loss, ...); raises
+        TrainingDiverged if a value is NaN or inf."""
+        self.check.step(**values)
         self.seen += batch_size
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + float(value) * batch_size

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import READ_ERRORS, checkpoint_source, restore_state
 from ..file_errors import BadCheckpointError, describe
+from ..divergence import TrainingDiverged, check_state
 from ..nn import set_execution
 from ..training import evaluate
 from . import _compacted, _execution
@@ -144,10 +145,11 @@ def _set_rng_state(loader: DataLoader, state: Dict[str, Any]) -> None:
         generator.set_state(state["loader"])
 
 
-def _finite(record: Dict[str, Any]) -> None:
+def _finite(record: Dict[str, Any], where: str, hint: str) -> None:
     for key, value in record.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise FloatingPointError(f"{record['phase']} epoch {record['epoch']}: {key} is {value}")
+            raise TrainingDiverged(f"the epoch's {key} is {value}", epoch=record["epoch"] + 1, where=where,
+                                   hint=hint)
 
 
 class Algorithm(ABC):
@@ -262,9 +264,13 @@ class Algorithm(ABC):
                            leave=False)
                 model.train()
                 epoch_began = time.perf_counter()
+                where, hint = f"{self.name} {phase}", f"lr {optimizer.param_groups[0]['lr']:g}"
                 try:
                     stats = self._train_epoch(phase, epoch, model, train_loader, optimizer,
                                               _Batches(bar, model_device(model)))
+                    check_state(model)  # BatchNorm statistics can overflow while every loss stays finite
+                except TrainingDiverged as error:
+                    raise error.locate(epoch=epoch + 1, where=where, hint=hint)
                 finally:
                     bar.close()
                 sparsity = self._phase_sparsity if self._phase_sparsity is not None else self._sparsity(model)
@@ -275,7 +281,7 @@ class Algorithm(ABC):
                 if val_loader is not None:
                     val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
                     record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-                _finite(record)
+                _finite(record, where, hint)
                 history.append(record)
                 if checkpoint is not None:
                     checkpoint.save({

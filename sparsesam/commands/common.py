@@ -7,14 +7,16 @@ import math
 import os
 import platform
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .. import _validate
 from .._files import atomic_write
+from .._validate import Range
 from ..data import DATASETS, build_dataset, canonical_name, load_dataset
 from ..models import MODELS, build_model, is_external
 
@@ -75,9 +77,78 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def check_fraction(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-        raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    problem = _validate.FRACTION.problem(value)
+    if problem is not None:
+        raise ConfigError(f"{name} {problem}")
     return float(value)
+
+
+# --- Numeric flags: every float finite and in its range (sparsesam._validate), refused with one line -------
+
+
+class FlagError(ConfigError):
+    """A flag's value outside its range, found while the command line is parsed (``prog``: the subcommand's
+    "sparsesam train"); the CLI prints it on one line and exits with status 2, before anything runs."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+def float_list(text: str) -> List[float]:
+    """An argparse type: comma-separated numbers (their range is the flag's action's to check)."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def number_problem(value: Any, allowed: Range) -> Optional[str]:
+    """None when ``value`` (a number, or a list of them: non-empty, every entry) is in ``allowed``, else
+    "must be ..., got ..." (without the flag's name)."""
+    if not isinstance(value, (list, tuple)):
+        return allowed.problem(value)
+    if not value:
+        return f"must list one or more numbers, each {allowed.describe()}"
+    for i, entry in enumerate(value):
+        problem = allowed.problem(entry)
+        if problem is not None:
+            return f"{problem} (entry {i + 1} of {len(value)})"
+    return None
+
+
+class NumberFlag(argparse.Action):
+    """Stores a flag's number (or list of numbers) once it is in ``allowed``; otherwise a FlagError naming
+    the flag ends the parse (argparse's own error would print the whole usage before its message)."""
+
+    def __init__(self, option_strings, dest, *, allowed: Range, **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.allowed = allowed
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        problem = number_problem(values, self.allowed)
+        if problem is not None:
+            raise FlagError(parser.prog, f"{option_string} {problem}")
+        setattr(namespace, self.dest, values)
+
+
+def add_number(container, flag: str, allowed: Range, *, many: bool = False, help: Optional[str] = None,
+               **kwargs) -> argparse.Action:
+    """``container.add_argument(flag)`` for a float (``many``: comma-separated floats) that must be in
+    ``allowed``; the range is added to the help."""
+    text = f"comma-separated, each {allowed.describe()}" if many else allowed.describe()
+    return container.add_argument(flag, type=float_list if many else float, action=NumberFlag, allowed=allowed,
+                                  help=f"{help}; {text}" if help else text, **kwargs)
+
+
+def check_numbers(args: argparse.Namespace, flags: Mapping[str, Range]) -> None:
+    """The same ranges on a namespace built in code (not parsed): a ConfigError naming the first flag out of
+    its range. ``flags``: ``{"--flag-name": Range}``; a value of None (a default left to the command) passes."""
+    for flag, allowed in flags.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        problem = None if value is None else number_problem(value, allowed)
+        if problem is not None:
+            raise ConfigError(f"{flag} {problem}")
 
 
 def jsonable(value: Any) -> Any:

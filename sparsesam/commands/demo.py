@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Subset
 from ..checkpoint import Checkpointer
 from ..training import evaluate
 from .. import reporting
-from .common import (ConfigError, add_execution_argument, build_from_spec, check_fraction, dataset_key, echo_config,
-                     load_data, make_loaders, model_spec, prepare_out, seed_everything, write_json)
+from .._validate import FRACTION, POSITIVE
+from .common import (ConfigError, add_execution_argument, add_number, build_from_spec, check_fraction, dataset_key,
+                     echo_config, load_data, make_loaders, model_spec, prepare_out, seed_everything, write_json)
 from .evaluate import add_robustness_arguments, check_eval_arguments, evaluate_model, normalize_robustness_arguments
 from .export import load_model_folder, save_model_folder
 from .prune import PRUNE_CHECKPOINT, parse_settings, prune_model
@@ -194,14 +195,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's package)")
     parser.add_argument("--image-size", type=_positive_int, default=None, help="digits / synthetic only")
     parser.add_argument("--model", default="smallcnn")
-    parser.add_argument("--width", type=float, default=0.5)
+    add_number(parser, "--width", POSITIVE, default=0.5, help="multiplier of the paper's channel counts")
     parser.add_argument("--limit", type=_positive_int, default=10000, help="training images used")
     parser.add_argument("--test-limit", type=_positive_int, default=1000, help="test images used")
     parser.add_argument("--batch-size", type=_positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sparsity", type=float, default=0.9, help="weight sparsity of the unstructured methods")
-    parser.add_argument("--channel-sparsity", type=float, default=0.5,
-                        help="fraction of channels the structured method (adasap) removes")
+    add_number(parser, "--sparsity", FRACTION, default=0.9, help="weight sparsity of the unstructured methods")
+    add_number(parser, "--channel-sparsity", FRACTION, default=0.5,
+               help="fraction of channels the structured method (adasap) removes")
     parser.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS))
     parser.add_argument("--algo-limit", type=_positive_int, default=2000,
                         help="training images the pruning algorithms use (their epochs cost several passes)")

@@ -27,21 +27,29 @@ from torch.utils.data import DataLoader, Subset
 
 from .. import robust
 from .._extras import require
+from .._validate import FINITE, NON_NEGATIVE, OPEN_PROBABILITY, POSITIVE, Range
 from ..data.cifar10c import CORRUPTIONS as CIFAR10C_CORRUPTIONS, find_cifar10c
 from ..robust.attacks_torchattacks import ITERATIONS, TORCHATTACKS
 from ..training import evaluate
-from .common import (ConfigError, add_execution_argument, check_execution, dataset_key, echo_config, example_batch,
-                     in_execution, is_sized, load_data, prepare_out, seed_everything, write_json)
+from .common import (ConfigError, add_execution_argument, add_number, check_execution, check_numbers, dataset_key,
+                     echo_config, example_batch, float_list, in_execution, is_sized, load_data, number_problem,
+                     prepare_out, seed_everything, write_json)
 from .export import example_input, load_compacted, load_model_folder, plain_model
 
 RESULT = "eval.json"
+# The robustness flags' ranges: checked when parsed, and again on namespaces built in code (demo, reproduce).
+ROBUSTNESS_FLAGS = {"--pgd-eps": NON_NEGATIVE, "--sigma": POSITIVE, "--alpha": OPEN_PROBABILITY,
+                    "--radii": NON_NEGATIVE, "--cc-eps": Range(0.0, 1.0, low_open=True)}
 
 
 def _floats(text: str) -> List[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    """An argparse type: comma-separated finite numbers (for flags declared without a range; eval's own
+    lists are add_number flags, which also check the range)."""
+    values = float_list(text)
+    problem = number_problem(values, FINITE)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return values
 
 
 def _ints(text: str) -> List[int]:
@@ -156,19 +164,10 @@ def check_eval_arguments(args: argparse.Namespace) -> None:
     for s in args.severities:
         if not 1 <= s <= 5:
             raise ConfigError(f"--severities must be in 1..5, got {s}")
-    if any(e < 0 for e in args.pgd_eps) or not args.pgd_eps:
-        raise ConfigError(f"--pgd-eps must be non-empty and >= 0, got {args.pgd_eps}")
-    if not args.sigma > 0:
-        raise ConfigError(f"--sigma must be > 0, got {args.sigma}")
-    if not 0 < args.alpha < 1:
-        raise ConfigError(f"--alpha must be in (0, 1), got {args.alpha}")
-    if any(r < 0 for r in args.radii) or not args.radii:
-        raise ConfigError(f"--radii must be non-empty and >= 0, got {args.radii}")
+    check_numbers(args, ROBUSTNESS_FLAGS)
     for name in args.cc_transforms:
         if name not in robust.TRANSFORMS:
             raise ConfigError(f"unknown CC-Cert transform {name!r}; choose from {list(robust.TRANSFORMS)}")
-    if any(not 0 < e <= 1 for e in args.cc_eps) or not args.cc_eps:
-        raise ConfigError(f"--cc-eps must be non-empty and in (0, 1], got {args.cc_eps}")
 
 
 def certificate_form(plain: nn.Module) -> nn.Module:
@@ -280,7 +279,8 @@ def add_robustness_arguments(parser: argparse.ArgumentParser, *, examples: int =
                        help="score the corruptions on the released CIFAR-10-C files in DIR (<corruption>.npy, "
                             "labels.npy) instead of corrupting the test images here (CIFAR-10 models)")
     group.add_argument("--no-pgd", dest="pgd", action="store_false")
-    group.add_argument("--pgd-eps", type=_floats, default=[0.0, 0.01, 0.03, 0.1], help="L-inf budgets")
+    add_number(group, "--pgd-eps", ROBUSTNESS_FLAGS["--pgd-eps"], many=True, default=[0.0, 0.01, 0.03, 0.1],
+               help="L-inf budgets")
     group.add_argument("--pgd-steps", type=_positive_int, default=10, help="iterations of pgd and apgd-*")
     group.add_argument("--attack", default="pgd", choices=robust.ATTACKS,
                        help="the attack of the adversarial measurement: our pgd / fgsm, or torchattacks' "
@@ -288,16 +288,19 @@ def add_robustness_arguments(parser: argparse.ArgumentParser, *, examples: int =
                             "settings, as papers report it), apgd-ce, apgd-dlr, apgd-t, fab-t, square")
     group.add_argument("--pgd-examples", type=_positive_int, default=examples)
     group.add_argument("--no-smoothing", dest="smoothing", action="store_false")
-    group.add_argument("--sigma", type=float, default=0.25, help="randomized-smoothing noise level")
+    add_number(group, "--sigma", ROBUSTNESS_FLAGS["--sigma"], default=0.25, help="randomized-smoothing noise level")
     group.add_argument("--smoothing-n0", type=_positive_int, default=32)
     group.add_argument("--smoothing-n", type=_positive_int, default=256, help="Monte-Carlo samples per image")
-    group.add_argument("--alpha", type=float, default=0.001)
-    group.add_argument("--radii", type=_floats, default=[0.0, 0.1, 0.25, 0.5, 0.75])
+    add_number(group, "--alpha", ROBUSTNESS_FLAGS["--alpha"], default=0.001,
+               help="failure probability of a smoothing certificate")
+    add_number(group, "--radii", ROBUSTNESS_FLAGS["--radii"], many=True, default=[0.0, 0.1, 0.25, 0.5, 0.75],
+               help="L2 radii of the certified-accuracy curve")
     group.add_argument("--smoothing-examples", type=_positive_int, default=min(examples, 50))
     group.add_argument("--smoothing-batch", type=_positive_int, default=256)
     group.add_argument("--no-cc-cert", dest="cc_cert", action="store_false")
     group.add_argument("--cc-transforms", type=_names, default=["rotation", "brightness", "contrast"])
-    group.add_argument("--cc-eps", type=_floats, default=[0.01, 0.05, 0.1], help="failure probabilities")
+    add_number(group, "--cc-eps", ROBUSTNESS_FLAGS["--cc-eps"], many=True, default=[0.01, 0.05, 0.1],
+               help="failure probabilities")
     group.add_argument("--cc-samples", type=_positive_int, default=100)
     group.add_argument("--cc-examples", type=_positive_int, default=min(examples, 50))
     group.add_argument("--latency-batch", type=_positive_int, default=64)

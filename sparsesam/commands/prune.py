@@ -11,11 +11,12 @@ from typing import Any, Dict, Optional
 
 from torch import nn
 
+from .._validate import FRACTION
 from ..checkpoint import Checkpointer
 from ..training import evaluate
-from .common import (ConfigError, add_execution_argument, build_from_spec, check_execution, check_fraction,
-                     check_model_name, dataset_key, echo_config, example_batch, jsonable, load_data, make_loaders,
-                     model_spec, prepare_out, resolve_device, seed_everything, write_json)
+from .common import (ConfigError, add_execution_argument, add_number, build_from_spec, check_execution,
+                     check_fraction, check_model_name, dataset_key, echo_config, example_batch, jsonable, load_data,
+                     make_loaders, model_spec, prepare_out, resolve_device, seed_everything, write_json)
 from .evaluate import runnable
 from .export import load_model_folder, save_model_folder
 from .registry import algorithm_registry, build_config, get_algorithm
@@ -179,11 +180,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithm", required=True, metavar="NAME",
                         help="one of: " + ", ".join(lines) + " (see above)")
-    parser.add_argument("--sparsity", type=float, default=0.9,
-                        help="target fraction pruned, in [0, 1): of the prunable layers' WEIGHTS for magnitude, "
-                             "hydra, harp, csam and sam_prune (granularity=unstructured, the default; nm: 1 - n/m); "
-                             "of their OUTPUT CHANNELS for adasap and for granularity=channel (--set "
-                             "granularity=channel on magnitude, sam_prune, hydra, harp)")
+    add_number(parser, "--sparsity", FRACTION, default=0.9,
+               help="target fraction pruned: of the prunable layers' WEIGHTS for magnitude, "
+                    "hydra, harp, csam and sam_prune (granularity=unstructured, the default; nm: 1 - n/m); "
+                    "of their OUTPUT CHANNELS for adasap and for granularity=channel (--set "
+                    "granularity=channel on magnitude, sam_prune, hydra, harp)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="set a field of the algorithm's config (repeatable), e.g. --set finetune_epochs=2")
     parser.add_argument("--from", dest="source", default=None,

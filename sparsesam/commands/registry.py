@@ -59,12 +59,19 @@ def config_class(algorithm: type) -> type:
                     f"or annotate __init__(self, config: <Name>Config)")
 
 
-def _parse_value(text: str, current: Any) -> Any:
-    """A --set value, read as JSON when it parses (numbers, true/false, lists), else as a string."""
+def _parse_value(text: str, current: Any, wants_float: bool = False) -> Any:
+    """A --set value, read as JSON when it parses (numbers, true/false, lists), else as a string; for a
+    float field (``current`` a float, or ``wants_float``: an Optional[float] field), also as Python reads a
+    float ("nan", "inf": the config's check then refuses it, naming the field)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
         value = text
+        if isinstance(current, float) or wants_float:
+            try:
+                value = float(text)
+            except ValueError:
+                pass
     if isinstance(current, bool) and not isinstance(value, bool):
         raise ValueError(f"expects true or false, got {text!r}")
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -72,6 +79,15 @@ def _parse_value(text: str, current: Any) -> Any:
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
     return value
+
+
+def _field_types(cls: type, name: str) -> tuple:
+    """The types a config field's annotation allows (``Optional[float]`` -> (float, NoneType)); () if unknown."""
+    try:
+        hint = typing.get_type_hints(cls).get(name)
+    except Exception:  # an annotation that does not resolve: no type to go by
+        return ()
+    return typing.get_args(hint) or (hint,)
 
 
 def build_config(algorithm: type, target_sparsity: float, overrides: Mapping[str, str] = (),
@@ -93,7 +109,7 @@ def build_config(algorithm: type, target_sparsity: float, overrides: Mapping[str
         if key not in fields:
             raise ConfigError(f"{cls.__name__} has no setting {key!r}; it has {sorted(fields)}")
         try:
-            values[key] = _parse_value(text, getattr(base, key, None))
+            values[key] = _parse_value(text, getattr(base, key, None), float in _field_types(cls, key))
         except ValueError as error:
             raise ConfigError(f"--set {key}: {error}") from error
     try:

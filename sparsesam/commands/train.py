@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from typing import Callable, Dict, List, Optional
@@ -11,17 +12,22 @@ from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._validate import MOMENTUM, NON_NEGATIVE, POSITIVE
 from ..checkpoint import READ_ERRORS, Checkpointer, capture_rng_state, restore_rng_state
+from ..divergence import StepCheck, TrainingDiverged, check_state
 from ..file_errors import BadCheckpointError, describe
 from ..optim import SAM
 from ..training import evaluate, model_device
-from .common import (ConfigError, add_device_argument, check_model_name, dataset_key, echo_config, load_data,
-                     make_loaders, model_spec, prepare_out, resolve_device, seed_everything, write_json,
-                     build_from_spec)
+from .common import (ConfigError, add_device_argument, add_number, check_model_name, check_numbers, dataset_key,
+                     echo_config, load_data, make_loaders, model_spec, prepare_out, resolve_device, seed_everything,
+                     write_json, build_from_spec)
 from .export import save_model_folder
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "train.json"
+# The dense optimizer's flags and their ranges: checked when parsed, and again on namespaces built in code.
+OPTIMIZER_FLAGS = {"--lr": POSITIVE, "--momentum": MOMENTUM, "--weight-decay": NON_NEGATIVE,
+                   "--sam-rho": NON_NEGATIVE}
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +47,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smallcnn",
                         help="resnet18, smallcnn, mobilenetv2, googlenet, vgg16bn, or an architecture of torchvision "
                              "or timm without weights: torchvision:NAME, timm:NAME")
-    parser.add_argument("--width", type=float, default=1.0,
-                        help="multiplier of the paper's channel counts (the package's models only)")
+    add_number(parser, "--width", POSITIVE, default=1.0,
+               help="multiplier of the paper's channel counts (the package's models only)")
     add_device_argument(parser)
 
 
@@ -52,10 +58,11 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, epochs: Optional[in
     group = parser.add_argument_group(f"dense {what}")
     if epochs is not None:
         group.add_argument("--epochs", type=_non_negative_int, default=epochs)
-    group.add_argument("--lr", type=float, default=0.05)
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--weight-decay", type=float, default=5e-4)
-    group.add_argument("--sam-rho", type=float, default=0.0, help="SAM radius; 0 trains with plain SGD")
+    add_number(group, "--lr", OPTIMIZER_FLAGS["--lr"], default=0.05)
+    add_number(group, "--momentum", OPTIMIZER_FLAGS["--momentum"], default=0.9)
+    add_number(group, "--weight-decay", OPTIMIZER_FLAGS["--weight-decay"], default=5e-4)
+    add_number(group, "--sam-rho", OPTIMIZER_FLAGS["--sam-rho"], default=0.0,
+               help="SAM radius; 0 trains with plain SGD")
     group.add_argument("--adaptive", action="store_true", help="ASAM (scale-invariant radius); needs --sam-rho > 0")
 
 
@@ -74,14 +81,8 @@ def _non_negative_int(text: str) -> int:
 
 
 def check_optimizer_arguments(args: argparse.Namespace) -> None:
-    if not args.lr > 0:
-        raise ConfigError(f"--lr must be > 0, got {args.lr}")
-    if not 0 <= args.momentum < 1:
-        raise ConfigError(f"--momentum must be in [0, 1), got {args.momentum}")
-    if args.weight_decay < 0:
-        raise ConfigError(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.sam_rho < 0:
-        raise ConfigError(f"--sam-rho must be >= 0, got {args.sam_rho}")
+    """The optimizer flags' ranges (parsed flags were checked already; a namespace built in code was not)."""
+    check_numbers(args, OPTIMIZER_FLAGS)
     if args.adaptive and args.sam_rho == 0:
         raise ConfigError("--adaptive needs --sam-rho > 0 (ASAM is a SAM variant)")
 
@@ -106,13 +107,16 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
     ``loss_fn(model, x, y, step) -> (loss, logits or None)`` (the algorithms'
     form, e.g. an adversarial loss of ``algorithms._steps.make_loss``; step
     seeds its random draws) defaults to cross-entropy. With logits None
-    (adversarial losses) the accuracy is not measured (None).
+    (adversarial losses) the accuracy is not measured (None). A NaN or inf
+    loss raises TrainingDiverged naming the step (read from the loss the loop
+    reads anyway).
     """
     model.train()
     loss_fn = cross_entropy_loss if loss_fn is None else loss_fn
     sam = isinstance(optimizer, SAM)
     total_loss = correct = seen = 0.0
     measured = True
+    check = StepCheck()
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
     device = model_device(model)
     for i, (x, y) in enumerate(bar):
@@ -126,9 +130,9 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
             optimizer.second_step(zero_grad=True)
         else:
             optimizer.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: the loss became {loss.item()} (lower --lr or --sam-rho)")
-        total_loss += loss.item() * len(y)
+        value = loss.item()  # the step's one sync
+        check.step(loss=value)
+        total_loss += value * len(y)
         if logits is None:
             measured = False
         else:
@@ -143,6 +147,16 @@ DENSE_STATE_KEYS = ("kind", "label", "model", "optimizer", "epoch", "history", "
 DENSE_KIND = "dense"
 
 
+def divergence_hint(args: argparse.Namespace) -> str:
+    sam = f", --sam-rho {args.sam_rho:g}" if args.sam_rho > 0 else ""
+    return f"--lr {args.lr:g}{sam}: lower it"
+
+
+def _where(label: str) -> Optional[str]:
+    """The phase a divergence message names: none for ``sparsesam train`` itself ("pretrain" for prune's)."""
+    return None if label == "train" else label
+
+
 def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Generator, args: argparse.Namespace,
               checkpointer: Checkpointer, *, label: str = "train", loss_fn: Optional[Callable] = None) -> List[dict]:
     """Train ``args.epochs`` epochs, checkpointing after each; resumes from ``checkpointer`` if it holds a state.
@@ -152,7 +166,9 @@ def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Gene
     rate is constant, so the epochs do not depend on the total). A checkpoint
     of another kind of run (an algorithm's, another label's) or one whose
     model / optimizer state does not fit (another model, width or optimizer)
-    is a one-line BadCheckpointError naming the file.
+    is a one-line BadCheckpointError naming the file. A NaN or inf loss,
+    parameter, BatchNorm statistic or test loss raises TrainingDiverged naming
+    the epoch (and the step); the epoch is not checkpointed.
     """
     optimizer = build_optimizer(model, args)
     history: List[dict] = []
@@ -171,9 +187,16 @@ def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Gene
                                                         f"{describe(error)}") from error
     for epoch in range(start, args.epochs):
         began = time.perf_counter()
-        stats = train_epoch(model, train_loader, optimizer, desc=f"{label} {epoch + 1}/{args.epochs}",
-                            progress=args.progress, loss_fn=loss_fn, first_step=epoch * len(train_loader))
+        try:
+            stats = train_epoch(model, train_loader, optimizer, desc=f"{label} {epoch + 1}/{args.epochs}",
+                                progress=args.progress, loss_fn=loss_fn, first_step=epoch * len(train_loader))
+            check_state(model)  # BatchNorm statistics can overflow while every loss stays finite
+        except TrainingDiverged as error:
+            raise error.locate(epoch=epoch + 1, where=_where(label), hint=divergence_hint(args))
         test = evaluate(model, test_loader, desc="test", progress=args.progress)
+        if not math.isfinite(test["loss"]):  # finite weights whose logits overflow
+            raise TrainingDiverged(f"the test loss is {test['loss']}", epoch=epoch + 1, where=_where(label),
+                                   hint=divergence_hint(args))
         history.append({"phase": label, "epoch": epoch + 1, "loss": stats["loss"], "accuracy": stats["accuracy"],
                         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                         "seconds": time.perf_counter() - began})

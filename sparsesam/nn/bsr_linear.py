@@ -106,8 +106,8 @@ class BlockSparseLinear(LinearForms, nn.Module):
             return f"the mask is a {type(mask).__name__}, not a tensor"
         if mask.dim() != 2:
             return f"the mask has shape {tuple(mask.shape)}, not 2-D"
-        if mask.is_floating_point() and bool(torch.isnan(mask).any()):
-            return "the mask contains NaN"
+        if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+            return "the mask contains NaN or inf"
         if largest_blocksize(mask, candidates) is None:
             sizes = ", ".join(f"{bh}x{bw}" for bh, bw in candidates)
             return f"the mask is not block-structured for any block size of {sizes}"

@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import _validate
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -29,7 +31,8 @@ def same_device(**tensors: Optional[torch.Tensor]) -> None:
 
 
 def mask(weight: torch.Tensor, value, name: str = "mask") -> None:
-    """A mask is bool, or floating with the weight's dtype, shaped like the weight, and free of NaN."""
+    """A mask is bool, or floating with the weight's dtype, shaped like the weight, and free of NaN and inf
+    (NaN != 0 would keep an entry, and inf * w is inf or NaN)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype != torch.bool and value.dtype != weight.dtype:
@@ -42,9 +45,8 @@ def mask(weight: torch.Tensor, value, name: str = "mask") -> None:
     # the mask, no device sync) and not while torch.compile traces (it would
     # break the graph). On accelerators it would cost a host sync per layer
     # per step; there MaskedLinear/MaskedConv2d.set_mask checks instead.
-    if (value.dtype != torch.bool and value.device.type == "cpu" and not torch.compiler.is_compiling()
-            and torch.isnan(value).any()):
-        raise ValueError(f"{name} contains NaN")
+    if value.dtype != torch.bool and value.device.type == "cpu" and not torch.compiler.is_compiling():
+        _validate.finite_tensor(name, value)
 
 
 def bias(weight: torch.Tensor, value: Optional[torch.Tensor]) -> None:

@@ -15,6 +15,8 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _validate
+
 Tensor = torch.Tensor
 MasksOf = Callable[[List[Tensor]], List[Optional[Tensor]]]
 
@@ -56,6 +58,20 @@ def keep_pruned_entries(optimizer: torch.optim.Optimizer, masks_of: MasksOf) -> 
     return [optimizer.register_step_pre_hook(snapshot), optimizer.register_step_post_hook(restore)]
 
 
+def check_sgd_settings(*, lr=None, momentum=None, dampening=None, weight_decay=None) -> None:
+    """torch.optim.SGD's ranges, and finite (None: not given): torch's own checks (``lr < 0``) let NaN
+    through, and a NaN or infinite lr, momentum, dampening or weight decay turns every parameter into NaN at
+    the first step. A one-element tensor lr or weight decay (torch.optim.SGD allows them) is read once."""
+    def number(value):
+        return float(value) if isinstance(value, Tensor) else value
+
+    for name, value, allowed in (("lr", lr, _validate.NON_NEGATIVE), ("momentum", momentum, _validate.NON_NEGATIVE),
+                                 ("dampening", dampening, _validate.FINITE),
+                                 ("weight_decay", weight_decay, _validate.NON_NEGATIVE)):
+        if value is not None:
+            allowed.check(name, number(value))
+
+
 def _torch_sgd_step() -> Callable:
     """torch.optim.SGD.step without the step-hook wrapper torch adds to it, so that
     calling it from inside our own (hooked) step does not run the hooks twice."""
@@ -81,7 +97,11 @@ class FusedMaskedSGD(torch.optim.SGD):
     def __init__(self, params, *, masks_of: Optional[MasksOf] = None, **kwargs) -> None:
         if masks_of is not None and not callable(masks_of):
             raise TypeError(f"masks_of must be callable or None, got {type(masks_of).__name__}")
+        settings = ("lr", "momentum", "dampening", "weight_decay")
+        check_sgd_settings(**{k: kwargs[k] for k in settings if k in kwargs})  # before torch's less clear checks
         super().__init__(params, **kwargs)
+        for group in self.param_groups:  # a group may set its own
+            check_sgd_settings(**{k: group[k] for k in settings})
         self._masks_of = masks_of
 
     def _masks(self, params: List[Tensor]) -> List[Optional[Tensor]]:
@@ -117,9 +137,9 @@ class FusedMaskedSGD(torch.optim.SGD):
         momentum = float(group["momentum"])
         lr, dampening, weight_decay = float(group["lr"]), float(group["dampening"]), float(group["weight_decay"])
         nesterov = bool(group["nesterov"])
-        # torch.optim.SGD validated these at construction; a scheduler or a
-        # user may have changed them since.
-        if lr < 0 or weight_decay < 0 or (nesterov and (momentum <= 0 or dampening != 0)):
+        # Checked at construction; a scheduler or a user may have changed them since (Python floats: no sync).
+        check_sgd_settings(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(f"invalid SGD settings: lr={lr}, weight_decay={weight_decay}, nesterov={nesterov} "
                              f"with momentum={momentum}, dampening={dampening}")
         # Parameters with a momentum buffer, and those starting one now

@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import _validate
 from ..nn import masked_layers
 from ..ops import sam_step  # noqa: F401  (the ops' fake impls and CUDA routers; the optimizer calls the ops directly)
 from .batchnorm import restore_bn_stats, snapshot_bn_stats
@@ -69,10 +70,7 @@ Tensor = torch.Tensor
 
 
 def _check_rho(rho, where: str = "rho") -> None:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise TypeError(f"{where} must be a number, got {type(rho).__name__}")
-    if not rho >= 0 or rho == float("inf"):
-        raise ValueError(f"{where} must be a finite number >= 0, got {rho}")
+    _validate.NON_NEGATIVE.check(where, rho)
 
 
 def param_masks(model: nn.Module) -> Dict[Tensor, Tensor]:
@@ -96,9 +94,9 @@ class SAM(torch.optim.Optimizer):
             and ``adaptive``).
         base_optimizer: a ``torch.optim.Optimizer`` class, built here over the
             same param groups with ``**kwargs``.
-        rho: neighbourhood radius (``>= 0``).
+        rho: neighbourhood radius (finite, ``>= 0``).
         adaptive: ASAM (scale-invariant perturbation ``e ∝ w^2 g``).
-        eps: added to the gradient norm.
+        eps: added to the gradient norm (finite, ``>= 0``).
         model: the model being trained; if given, its masked layers' masks
             are honoured and BatchNorm running statistics are updated once
             per step (by the first forward pass only).
@@ -116,8 +114,7 @@ class SAM(torch.optim.Optimizer):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD), "
                             f"got {base_optimizer!r}")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        _validate.NON_NEGATIVE.check("eps", eps)  # NaN or inf would make every ascent point NaN (or no ascent)
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
         if base_optimizer is torch.optim.SGD:
             # torch.optim.SGD with a fused, mask-aware step(); same state_dict.

@@ -34,6 +34,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _validate
+
 Tensor = torch.Tensor
 
 _INT32_LIMIT = 2**31 - 1
@@ -68,8 +70,7 @@ def _check_mask(mask: Tensor) -> None:
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dim() != 2:
         raise ValueError(f"mask must have 2 dimensions (out_features, in_features), got shape {tuple(mask.shape)}")
-    if mask.is_floating_point() and torch.isnan(mask).any():
-        raise ValueError("mask contains NaN")
+    _validate.finite_tensor("mask", mask)  # NaN != 0 would keep an entry; inf is no keep/prune flag
 
 
 def block_structure_error(mask: Tensor, blocksize) -> Optional[str]:

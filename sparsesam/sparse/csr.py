@@ -29,6 +29,8 @@ from typing import NamedTuple, Tuple
 
 import torch
 
+from .. import _validate
+
 Tensor = torch.Tensor
 
 _INT32_LIMIT = 2**31 - 1
@@ -56,8 +58,7 @@ class CSRPattern(NamedTuple):
             raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
         if mask.dim() != 2:
             raise ValueError(f"mask must have 2 dimensions (out_features, in_features), got shape {tuple(mask.shape)}")
-        if mask.is_floating_point() and torch.isnan(mask).any():
-            raise ValueError("mask contains NaN")
+        _validate.finite_tensor("mask", mask)  # NaN != 0 would keep an entry; inf is no keep/prune flag
         out_features, in_features = mask.shape
         _check_int32(out_features, in_features, int(torch.count_nonzero(mask)))
         rows, cols = (mask != 0).nonzero(as_tuple=True)  # row-major: the CSR order

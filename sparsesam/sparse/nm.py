@@ -26,6 +26,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from .. import _validate
+
 Tensor = torch.Tensor
 
 MAX_M = 16
@@ -48,8 +50,7 @@ def _check_mask(mask) -> None:
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dim() != 2:
         raise ValueError(f"mask must have 2 dimensions (out_features, in_features), got shape {tuple(mask.shape)}")
-    if mask.is_floating_point() and torch.isnan(mask).any():
-        raise ValueError("mask contains NaN")
+    _validate.finite_tensor("mask", mask)  # NaN != 0 would keep an entry; inf is no keep/prune flag
 
 
 def group_counts(mask: Tensor, m: int) -> Tensor:
