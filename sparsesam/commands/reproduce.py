@@ -27,7 +27,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .common import (ConfigError, add_execution_argument, check_execution, jsonable, load_data, model_spec,
+from .._validate import OPEN_PROBABILITY, POSITIVE, PROBABILITY, Range
+from .common import (ConfigError, add_execution_argument, add_number, check_execution, jsonable, load_data, model_spec,
                      prepare_out, read_json, seed_everything, write_json)
 from .evaluate import evaluate_model
 from .export import load_compacted, load_model_folder
@@ -380,10 +381,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     budgets.add_argument("--dataset", default=None, help=f"default {full['dataset']}")
     budgets.add_argument("--image-size", type=_positive_int, default=None, help="digits / synthetic only")
     budgets.add_argument("--model", default=None, help=f"default {full['model']}")
-    budgets.add_argument("--width", type=float, default=None,
-                         help=f"width multiplier of the adasap and harp comparisons' models, default {full['width']}")
-    budgets.add_argument("--certified-width", type=float, default=None,
-                         help=f"width multiplier of the csam comparison's models, default {full['certified_width']}")
+    add_number(budgets, "--width", POSITIVE, default=None,
+               help=f"width multiplier of the adasap and harp comparisons' models, default {full['width']}")
+    add_number(budgets, "--certified-width", POSITIVE, default=None,
+               help=f"width multiplier of the csam comparison's models, default {full['certified_width']}")
     budgets.add_argument("--limit", type=_positive_int, default=None,
                          help=f"training images of the dense models (default {full['limit']})")
     budgets.add_argument("--val-limit", type=_positive_int, default=None,
@@ -398,26 +399,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
                          help=f"cap of the dense trainings (default {full['dense_max_epochs']})")
     budgets.add_argument("--dense-patience", type=_positive_int, default=None,
                          help=f"plateau: epochs without a gain of --dense-min-delta (default {full['dense_patience']})")
-    budgets.add_argument("--dense-min-delta", type=float, default=None,
-                         help=f"plateau: the smallest validation-accuracy gain that counts "
-                              f"(default {full['dense_min_delta']})")
+    add_number(budgets, "--dense-min-delta", PROBABILITY, default=None,
+               help=f"plateau: the smallest validation-accuracy gain that counts (default {full['dense_min_delta']})")
     budgets.add_argument("--algo-epochs", type=_positive_int, default=None,
                          help=f"epochs of every algorithm phase (magnitude fine-tunes twice as long; "
                               f"default {full['algo_epochs']})")
     budgets.add_argument("--attack-steps", type=_positive_int, default=None,
                          help=f"PGD steps of adversarial training, harp comparison (default {full['attack_steps']})")
-    budgets.add_argument("--adv-eps", type=float, default=None,
-                         help=f"L-inf eps of adversarial training (default {full['adv_eps']})")
+    add_number(budgets, "--adv-eps", Range(0.0, 1.0, low_open=True), default=None,
+               help=f"L-inf eps of adversarial training (default {full['adv_eps']})")
     budgets.add_argument("--pgd-eps", type=_floats, default=None, help=f"evaluation eps (default {full['pgd_eps']})")
     budgets.add_argument("--pgd-steps", type=_positive_int, default=None)
     budgets.add_argument("--corruptions", type=_names, default=None)
     budgets.add_argument("--severities", type=_int_list, default=None)
-    budgets.add_argument("--sigma", type=float, default=None,
-                         help="randomized-smoothing noise level (also the csam comparison's training noise)")
+    add_number(budgets, "--sigma", POSITIVE, default=None,
+               help="randomized-smoothing noise level (also the csam comparison's training noise)")
     budgets.add_argument("--smoothing-examples", type=_positive_int, default=None)
     budgets.add_argument("--smoothing-n0", type=_positive_int, default=None)
     budgets.add_argument("--smoothing-n", type=_positive_int, default=None)
-    budgets.add_argument("--alpha", type=float, default=None)
+    add_number(budgets, "--alpha", OPEN_PROBABILITY, default=None, help="failure probability of the certificates")
     budgets.add_argument("--radii", type=_floats, default=None)
     budgets.add_argument("--cc-examples", type=_positive_int, default=None)
     budgets.add_argument("--cc-samples", type=_positive_int, default=None)
