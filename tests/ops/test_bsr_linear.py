@@ -46,9 +46,23 @@ from sparsesam.nn import BlockSparseLinear, MaskedLinear
 from sparsesam.ops import bsr_linear, use_backend
 from sparsesam.sparse import block_structure_error, BSRPattern, largest_blocksize
 
-from backends import GPU_BACKENDS, gpu_case, tk, triton_case
+from backends import assert_linear_format_matches_dense, backend_op, GPU_BACKENDS, gpu_case, OP_BACKENDS, tk, triton_case
 from op_cases import noncontiguous, outputs_and_grads, to64
 from tolerance import assert_within_torch_error
+
+
+# ============================================================================
+# Every backend (reference, cpu, triton, cuda) against the dense float64 math
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_every_backend_matches_f_linear_on_the_dense_weight(backend):
+    forward, device = backend_op(backend, "bsr_linear")
+    backward, _ = backend_op(backend, "bsr_linear_backward")
+    blocks = torch.rand(4, 3) < 0.5
+    blocks[1] = False  # an empty block row
+    mask = blocks.repeat_interleave(8, 0).repeat_interleave(16, 1)  # 32 x 48 in 8 x 16 blocks
+    pattern = BSRPattern.from_mask(mask, (8, 16))
+    assert_linear_format_matches_dense(forward, backward, device, pattern, lambda p: p.index)
 
 
 # ============================================================================

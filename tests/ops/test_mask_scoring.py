@@ -49,8 +49,54 @@ import torch.nn.functional as F
 from sparsesam import reference
 from sparsesam.ops import mask_ascent_, mask_grad_sq_norm, mask_score_grad, sam_grad_sq_norm
 
-from backends import tk, triton_case
+from backends import backend_op, OP_BACKENDS, tk, triton_case
 from tolerance import assert_within_torch_error
+
+
+# ============================================================================
+# Every backend (reference, cpu, triton, cuda) against the dense float64 math
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_every_backend_matches_the_mask_scoring_math(backend):
+    """dM = G*W (or G where the weight is None): its squared norm, C-SAM's clipped ascent and HARP's
+    straight-through score and rate gradients, float32 against the float64 formulas of the same inputs."""
+    sq_norm_op, device = backend_op(backend, "mask_grad_sq_norm")
+    ascent, _ = backend_op(backend, "mask_ascent_")
+    score_grad, _ = backend_op(backend, "mask_score_grad")
+    shapes = [(5, 3), (7,), (2, 3, 3, 3)]
+    grads = [torch.randn(s) for s in shapes]
+    weights = [torch.randn(shapes[0]), None, torch.randn(shapes[2])]
+    masks = [torch.rand(s) for s in shapes]
+    scores = [torch.randn(s) for s in shapes]
+    on = lambda ts: [t.to(device) if t is not None else None for t in ts]  # noqa: E731
+
+    def mask_grads(grads, weights):
+        return [gi * wi if wi is not None else gi for gi, wi in zip(grads, weights)]
+
+    dm64 = mask_grads([gi.double() for gi in grads], [wi.double() if wi is not None else None for wi in weights])
+    sq64 = sum(d.square().sum() for d in dm64)
+    sq = sq_norm_op(on(grads), on(weights))
+    assert sq.dtype == torch.float64 and abs(sq.item() - sq64.item()) <= 1e-5 * sq64.item()
+
+    rho, eps = 0.3, 1e-12
+
+    def ascended(dm, masks, sq_norm):
+        return [(m + rho * d / (sq_norm.to(d.dtype).sqrt() + eps)).clamp(0, 1) for d, m in zip(dm, masks)]
+
+    sq_cpu = sq.cpu()
+    truth = ascended(dm64, [m.double() for m in masks], sq_cpu)
+    torch_own = ascended(mask_grads(grads, weights), masks, sq_cpu)
+    out = on([torch.empty_like(m) for m in masks])
+    ascent(out, on(grads), on(weights), on(masks), sq, rho, eps)
+    for i, (o, own, ref) in enumerate(zip(out, torch_own, truth)):
+        assert_within_torch_error(f"out[{i}]", o.cpu(), own, ref)
+
+    score_grads, rate_grads = score_grad(on(grads), on(weights), on(scores))
+    torch_own = [s.sign() * d for s, d in zip(scores, mask_grads(grads, weights))]
+    for i, (o, own, d, s) in enumerate(zip(score_grads, torch_own, dm64, scores)):
+        assert_within_torch_error(f"score_grads[{i}]", o.cpu(), own, s.double().sign() * d)
+    assert rate_grads.dtype == torch.float64
+    torch.testing.assert_close(rate_grads.cpu(), torch.stack([d.sum() for d in dm64]), rtol=1e-6, atol=1e-6)
 
 
 # ============================================================================

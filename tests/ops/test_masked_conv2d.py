@@ -33,13 +33,52 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparsesam import reference
 from sparsesam.ops import masked_conv2d
 
-from backends import cuda_cpp_case, tk, triton_case
+from backends import backend_op, cuda_cpp_case, OP_BACKENDS, tk, triton_case
 from op_cases import DTYPES, make_mask, MASK_KINDS, noncontiguous, outputs_and_grads, to64
 from tolerance import assert_within_torch_error
+
+
+# ============================================================================
+# Every backend (reference, cpu, triton, cuda) against the dense float64 math
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_every_backend_matches_conv2d_on_the_masked_weight(backend, mask_kind):
+    """y, dx, dW = G*M and dM = G*W of a grouped, strided, padded convolution, float32 vs the float64 dense math."""
+    forward, device = backend_op(backend, "masked_conv2d")
+    backward, _ = backend_op(backend, "masked_conv2d_backward")
+    conv = ([2, 1], [1, 2], [1, 1], 2)  # stride, padding, dilation, groups
+    x, w, b = torch.randn(2, 4, 7, 9, dtype=torch.float64), torch.randn(6, 2, 3, 1, dtype=torch.float64), \
+        torch.randn(6, dtype=torch.float64)
+    mask = make_mask(w.shape, mask_kind, torch.float64)
+    g = torch.randn(F.conv2d(x, w, b, *conv).shape, dtype=torch.float64)
+
+    def dense(x, w, mask, b, g):
+        m = mask.to(w.dtype)
+        x, effective = x.clone().requires_grad_(), (w * m).requires_grad_()
+        y = F.conv2d(x, effective, b, *conv)
+        dx, G = torch.autograd.grad(y, [x, effective], g)
+        return y.detach(), dx, G * m, G * w
+
+    def f32(t):
+        return t.float() if t.is_floating_point() else t
+
+    truth = dense(x, w, mask, b, g)
+    torch_own = dense(*(f32(t) for t in (x, w, mask, b, g)))
+    on = lambda t: f32(t).to(device)  # noqa: E731
+    want = [True, True, mask_kind == "float"]  # a bool mask has no gradient
+    ours = (forward(on(x), on(w), on(mask), on(b), *conv), *backward(on(g), on(x), on(w), on(mask), *conv, want))
+    sums = (2 * 3, 3 * 3, g[:, 0].numel(), g[:, 0].numel())  # C_in/groups*kh*kw, C_out/groups*kh*kw, N*OH*OW
+    for name, o, own, ref, n, wanted in zip(("y", "dx", "dW", "dM"), ours, torch_own, truth, sums, [True, *want]):
+        if wanted:
+            assert_within_torch_error(name, o.cpu(), own, ref, reduction_size=n)
+        else:
+            assert o.shape == (0,)
 
 
 # ============================================================================

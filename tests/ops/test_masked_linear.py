@@ -33,13 +33,47 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparsesam import reference
 from sparsesam.ops import masked_linear
 
-from backends import cuda_cpp_case, tk, triton_case
+from backends import backend_op, cuda_cpp_case, OP_BACKENDS, tk, triton_case
 from op_cases import DTYPES, make_mask, MASK_KINDS, noncontiguous, outputs_and_grads, to64
 from tolerance import assert_within_torch_error
+
+
+# ============================================================================
+# Every backend (reference, cpu, triton, cuda) against the dense float64 math
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_every_backend_matches_f_linear_on_the_masked_weight(backend, mask_kind):
+    """y, dx, dW = G*M and dM = G*W (G = dL/d(W*M)) in float32 against the float64 dense math."""
+    forward, device = backend_op(backend, "masked_linear")
+    backward, _ = backend_op(backend, "masked_linear_backward")
+    x, w, b, g = (torch.randn(*s, dtype=torch.float64) for s in ((5, 3, 33), (17, 33), (17,), (5, 3, 17)))
+    mask = make_mask((17, 33), mask_kind, torch.float64)
+
+    def dense(x, w, mask, b, g):
+        m = mask.to(w.dtype)
+        G = g.reshape(-1, 17).t() @ x.reshape(-1, 33)
+        return F.linear(x, w * m, b), g @ (w * m), G * m, G * w
+
+    def f32(t):
+        return t.float() if t.is_floating_point() else t
+
+    truth = dense(x, w, mask, b, g)
+    torch_own = dense(*(f32(t) for t in (x, w, mask, b, g)))
+    on = lambda t: f32(t).to(device)  # noqa: E731
+    want = [True, True, mask_kind == "float"]  # a bool mask has no gradient
+    ours = (forward(on(x), on(w), on(mask), on(b)), *backward(on(g), on(x), on(w), on(mask), want))
+    for name, o, own, ref, sums, wanted in zip(("y", "dx", "dW", "dM"), ours, torch_own, truth, (33, 17, 15, 15),
+                                               [True, *want]):
+        if wanted:
+            assert_within_torch_error(name, o.cpu(), own, ref, reduction_size=sums)
+        else:
+            assert o.shape == (0,)
 
 
 # ============================================================================

@@ -37,8 +37,27 @@ import torch
 from sparsesam import reference
 from sparsesam.ops import apply_mask, masked_weight_grad
 
-from backends import cuda_cpp_case, tk, triton_case
+from backends import backend_op, cuda_cpp_case, OP_BACKENDS, tk, triton_case
 from op_cases import DTYPES, make_mask, MASK_KINDS, noncontiguous
+
+
+# ============================================================================
+# Every backend (reference, cpu, triton, cuda) against the dense float64 math
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_every_backend_is_the_elementwise_math(backend, mask_kind):
+    """W*M, and (dW, dM) = (G*M, G*W): one rounding each, so every backend gives exactly these bits."""
+    apply, device = backend_op(backend, "apply_mask")
+    weight_grad, _ = backend_op(backend, "masked_weight_grad")
+    w, g = torch.randn(37, 41).to(device), torch.randn(37, 41).to(device)
+    mask = make_mask((37, 41), mask_kind, torch.float32).to(device)
+    m = mask.to(w.dtype)
+    assert torch.equal(apply(w, mask), w * m)
+    want = [True, mask_kind == "float"]  # a bool mask has no gradient
+    dw, dm = weight_grad(g, w, mask, want)
+    assert torch.equal(dw, g * m)
+    assert torch.equal(dm, g * w) if want[1] else dm.shape == (0,)
 
 
 # ============================================================================

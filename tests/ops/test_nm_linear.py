@@ -47,9 +47,20 @@ from sparsesam.pruning.nm import nm_mask
 from sparsesam.sparse import NMPattern
 from sparsesam.sparse.nm import detect
 
-from backends import GPU_BACKENDS, gpu_case, tk, triton_case
+from backends import assert_linear_format_matches_dense, backend_op, GPU_BACKENDS, gpu_case, OP_BACKENDS, tk, triton_case
 from op_cases import noncontiguous, outputs_and_grads, to64
 from tolerance import assert_within_torch_error
+
+
+# ============================================================================
+# Every backend (reference, cpu, triton, cuda) against the dense float64 math
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_every_backend_matches_f_linear_on_the_dense_weight(backend):
+    forward, device = backend_op(backend, "nm_linear")
+    backward, _ = backend_op(backend, "nm_linear_backward")
+    pattern = NMPattern.from_mask(nm_mask(torch.rand(17, 32), 2, 4), 2, 4)
+    assert_linear_format_matches_dense(forward, backward, device, pattern, lambda p: tuple(p))
 
 
 # ============================================================================

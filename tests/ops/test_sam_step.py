@@ -60,13 +60,81 @@ import torch
 
 from sparsesam import ops, reference
 
-from backends import cuda_cpp_case, tk, triton_case
+from backends import backend_op, cuda_cpp_case, OP_BACKENDS, tk, triton_case
+from tolerance import assert_within_torch_error
+
+
+# ============================================================================
+# Every backend (reference, cpu, triton, cuda) against the dense float64 math
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_every_backend_matches_the_sam_step_math(backend, adaptive):
+    """The three ops on float32 parameters (a bool, no and a soft mask; 0-d and per-channel rho) against
+    the float64 formulas of the same float32 inputs; pruned entries keep their bits."""
+    grad_sq_norm, device = backend_op(backend, "sam_grad_sq_norm")
+    perturb, _ = backend_op(backend, "sam_perturb_")
+    sgd, _ = backend_op(backend, "sgd_step_")
+    shapes = [(5, 3), (7,), (2, 3, 3, 3)]
+    w = [torch.randn(s) for s in shapes]
+    g = [torch.randn(s) for s in shapes]
+    buffers = [torch.randn(s) for s in shapes]
+    masks = [torch.rand(shapes[0]) > 0.5, None, torch.where(torch.rand(shapes[2]) > 0.3, torch.rand(shapes[2]), 0.0)]
+    rhos = [torch.tensor(0.05), torch.full((7,), 0.1), torch.tensor(0.2)]
+    on = lambda ts: [t.to(device) if t is not None else None for t in ts]  # noqa: E731
+
+    def kept(new, old, m):
+        return new if m is None else torch.where(m != 0, new, old)
+
+    def per_channel(rho, like):
+        return rho if rho.dim() == 0 else rho.reshape(-1, *([1] * (like.dim() - 1)))
+
+    scales = [p.double().abs() if adaptive else torch.ones((), dtype=torch.float64) for p in w]
+    sq64 = sum(kept(gi.double() * s, torch.zeros(()), m).square().sum() for gi, s, m in zip(g, scales, masks))
+    sq = grad_sq_norm(on(g), on(w) if adaptive else [], on(masks), adaptive)
+    assert sq.dtype == torch.float64 and sq.dim() == 0
+    assert abs(sq.item() - sq64.item()) <= 1e-5 * sq64.item()
+
+    def perturbed(w, g, rhos, sq_norm):
+        return [kept(p + per_channel(r.to(p.dtype), p) * (p.abs() ** 2 if adaptive else 1) * gi
+                     / (sq_norm.to(p.dtype).sqrt() + 1e-12), p, m) for p, gi, r, m in zip(w, g, rhos, masks)]
+
+    sq_cpu = sq.cpu()
+    truth = perturbed([p.double() for p in w], [gi.double() for gi in g], rhos, sq_cpu)
+    torch_own = perturbed(w, g, rhos, sq_cpu)
+    out = on([torch.empty_like(p) for p in w])
+    perturb(out, on(w), on(g), on(masks), on(rhos), sq, adaptive, 1e-12)
+    for i, (o, own, ref) in enumerate(zip(out, torch_own, truth)):
+        assert_within_torch_error(f"out[{i}]", o.cpu(), own, ref)
+        if masks[i] is not None:
+            assert torch.equal(o.cpu()[masks[i] == 0], w[i][masks[i] == 0])
+
+    lr, momentum, weight_decay = 0.1, 0.9, 1e-4
+
+    def sgd_math(w, g, buffers):
+        d = [gi + weight_decay * p for p, gi in zip(w, g)]
+        new_buffers = [momentum * b + di for b, di in zip(buffers, d)]
+        new_w = [p - lr * (di + momentum * b) for p, di, b in zip(w, d, new_buffers)]  # nesterov
+        return ([kept(n, p, m) for n, p, m in zip(new_w, w, masks)],
+                [kept(n, b, m) for n, b, m in zip(new_buffers, buffers, masks)])
+
+    truth = sgd_math(*([t.double() for t in ts] for ts in (w, g, buffers)))
+    torch_own = sgd_math(w, g, buffers)
+    params, moments = on([p.clone() for p in w]), on([b.clone() for b in buffers])
+    sgd(params, on(g), moments, on(masks), lr, momentum, 0.0, weight_decay, True, False, False)
+    for name, ours in (("params", params), ("momentum_buffers", moments)):
+        which = 0 if name == "params" else 1
+        for i, o in enumerate(ours):
+            assert_within_torch_error(f"{name}[{i}]", o.cpu(), torch_own[which][i], truth[which][i], reduction_size=3)
+            if masks[i] is not None:
+                before = (w if which == 0 else buffers)[i]
+                assert torch.equal(o.cpu()[masks[i] == 0], before[masks[i] == 0])
 
 
 # ============================================================================
 # Reference and CPU C++ kernels
 
-ops_2 = torch.ops.sparsesam
+raw_ops = torch.ops.sparsesam  # the registered ops, no Python face in front
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -151,7 +219,7 @@ def assert_pruned_untouched(name, new, old, mask):
 @pytest.mark.parametrize("mask_kinds", [("none",), ("bool",), ("float",), MASK_KINDS], ids="-".join)
 def test_sam_grad_sq_norm_matches_reference(dtype, adaptive, mask_kinds):
     w, g, _, masks = make_case(dtype, shapes=SHAPES, mask_kinds=mask_kinds)
-    ours = ops_2.sam_grad_sq_norm.default(g, w, masks, adaptive)
+    ours = raw_ops.sam_grad_sq_norm.default(g, w, masks, adaptive)
     ref = reference.sam_grad_sq_norm(g, w, masks, adaptive)
     assert ours.dtype == torch.float64 and ours.dim() == 0
     # Every term is positive, so the relative error of the sum is that of the terms.
@@ -160,7 +228,7 @@ def test_sam_grad_sq_norm_matches_reference(dtype, adaptive, mask_kinds):
 
 def test_sam_grad_sq_norm_weights_unread_when_not_adaptive():
     g = [torch.randn(5), torch.randn(3, 4)]
-    ours = ops_2.sam_grad_sq_norm.default(g, [], [None, None], False)
+    ours = raw_ops.sam_grad_sq_norm.default(g, [], [None, None], False)
     assert ours.item() == pytest.approx(sum(x.double().square().sum().item() for x in g), rel=1e-6)
 
 
@@ -168,7 +236,7 @@ def test_sam_grad_sq_norm_of_empty_tensors_is_zero():
     # (An empty list carries no tensor, so the dispatcher has no device to
     # pick a kernel by: the Python face answers that case itself.)
     empty = [torch.empty(0), torch.empty(0, 3)]
-    assert ops_2.sam_grad_sq_norm.default(empty, empty, [None, torch.empty(0, dtype=torch.bool)], True).item() == 0.0
+    assert raw_ops.sam_grad_sq_norm.default(empty, empty, [None, torch.empty(0, dtype=torch.bool)], True).item() == 0.0
 
 
 def test_sam_grad_sq_norm_excludes_pruned_nan_and_inf():
@@ -176,9 +244,9 @@ def test_sam_grad_sq_norm_excludes_pruned_nan_and_inf():
     w = torch.tensor([2.0, 1.0, float("nan"), 3.0])
     keep = torch.tensor([True, False, True, False])
     soft = torch.tensor([0.5, -0.0, 1.0, 0.0])
-    assert ops_2.sam_grad_sq_norm.default([g], [w], [keep], False).item() == 5.0
-    assert ops_2.sam_grad_sq_norm.default([g], [w], [soft], False).item() == 5.0
-    assert math.isnan(ops_2.sam_grad_sq_norm.default([g], [w], [keep], True).item())  # w = nan at a kept entry
+    assert raw_ops.sam_grad_sq_norm.default([g], [w], [keep], False).item() == 5.0
+    assert raw_ops.sam_grad_sq_norm.default([g], [w], [soft], False).item() == 5.0
+    assert math.isnan(raw_ops.sam_grad_sq_norm.default([g], [w], [keep], True).item())  # w = nan at a kept entry
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
@@ -189,10 +257,10 @@ def test_sam_grad_sq_norm_is_bitwise_deterministic(dtype, adaptive):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ops_2.sam_grad_sq_norm.default(g, w, masks, adaptive)
+        one = raw_ops.sam_grad_sq_norm.default(g, w, masks, adaptive)
         torch.set_num_threads(2)
-        two = ops_2.sam_grad_sq_norm.default(g, w, masks, adaptive)
-        again = ops_2.sam_grad_sq_norm.default(g, w, masks, adaptive)
+        two = raw_ops.sam_grad_sq_norm.default(g, w, masks, adaptive)
+        again = raw_ops.sam_grad_sq_norm.default(g, w, masks, adaptive)
     finally:
         torch.set_num_threads(threads)
     assert bits(one).item() == bits(two).item() == bits(again).item()
@@ -224,7 +292,7 @@ def test_sam_perturb_matches_reference(dtype, adaptive, per_channel, mask_kinds)
     w_before = [x.clone() for x in w]
     g_before = [x.clone() for x in g]
     out = [torch.full_like(x, float("nan")) for x in w]
-    ops_2.sam_perturb_.default(out, w, g, masks, rhos, sq_norm, adaptive, 1e-12)
+    raw_ops.sam_perturb_.default(out, w, g, masks, rhos, sq_norm, adaptive, 1e-12)
 
     w64, g64 = [x.double() for x in w], [x.double() for x in g]
     ref = reference.sam_perturb(w64, g64, masks, rhos, sq_norm, adaptive, 1e-12)
@@ -244,7 +312,7 @@ def test_sam_perturb_float64_is_exact():
         rhos = make_rhos(SHAPES, per_channel, torch.float64, gen)
         sq_norm = reference.sam_grad_sq_norm(g, w, masks, adaptive)
         out = [torch.empty_like(x) for x in w]
-        ops_2.sam_perturb_.default(out, w, g, masks, rhos, sq_norm, adaptive, 1e-12)
+        raw_ops.sam_perturb_.default(out, w, g, masks, rhos, sq_norm, adaptive, 1e-12)
         for o, r in zip(out, reference.sam_perturb(w, g, masks, rhos, sq_norm, adaptive, 1e-12)):
             assert torch.equal(o, r)
 
@@ -253,7 +321,7 @@ def test_sam_perturb_pruned_nan_gradient_keeps_weight():
     w = torch.tensor([1.0, 2.0, 3.0])
     g = torch.tensor([1.0, float("nan"), float("inf")])
     out = [torch.empty(3)]
-    ops_2.sam_perturb_.default(out, [w], [g], [torch.tensor([1.0, 0.0, -0.0])], [torch.tensor(1.0)],
+    raw_ops.sam_perturb_.default(out, [w], [g], [torch.tensor([1.0, 0.0, -0.0])], [torch.tensor(1.0)],
                              torch.tensor(4.0, dtype=torch.float64), False, 0.0)
     assert torch.equal(out[0], torch.tensor([1.5, 2.0, 3.0]))
 
@@ -294,7 +362,7 @@ def test_sgd_step_matches_reference(dtype, options):
         buf = []
     w_new, buf_new = [x.clone() for x in w], [x.clone() for x in buf]
     g_before = [x.clone() for x in g]
-    ops_2.sgd_step_.default(w_new, g, buf_new, masks, lr, options["momentum"], options["dampening"],
+    raw_ops.sgd_step_.default(w_new, g, buf_new, masks, lr, options["momentum"], options["dampening"],
                           options["weight_decay"], options["nesterov"], options["maximize"], options["first_step"])
     ref_w, ref_buf = reference.sgd_step([x.double() for x in w], [x.double() for x in g],
                                         [x.double() for x in buf], masks, lr=lr, **options)
@@ -317,7 +385,7 @@ def test_sgd_step_is_exact_in_its_dtype(dtype):
     for options in SGD_OPTIONS:
         bufs = buf if options["momentum"] else []
         w_new, buf_new = [x.clone() for x in w], [x.clone() for x in bufs]
-        ops_2.sgd_step_.default(w_new, g, buf_new, masks, 0.1, options["momentum"], options["dampening"],
+        raw_ops.sgd_step_.default(w_new, g, buf_new, masks, 0.1, options["momentum"], options["dampening"],
                               options["weight_decay"], options["nesterov"], options["maximize"], options["first_step"])
         ref_w, ref_buf = reference.sgd_step(w, g, bufs, masks, lr=0.1, **options)
         for a, b in zip(w_new + buf_new, ref_w + ref_buf):
@@ -340,7 +408,7 @@ def test_sgd_step_follows_torch_optim_sgd(dtype, options):
         for p, gr in zip(params, grads):
             p.grad = gr.clone()
         opt.step()
-        ops_2.sgd_step_.default(ours, grads, bufs, [None] * len(w), 0.05, opts["momentum"], opts["dampening"],
+        raw_ops.sgd_step_.default(ours, grads, bufs, [None] * len(w), 0.05, opts["momentum"], opts["dampening"],
                               opts["weight_decay"], opts["nesterov"], opts["maximize"], step == 0)
         for p, o in zip(params, ours):
             # torch may fuse a multiply-add (AVX2 fmadd) where we round twice.
@@ -356,25 +424,25 @@ def test_empty_tensors_are_skipped_and_the_others_still_computed():
 
     (sgd_step_ and sam_grad_sq_norm with no tensor at all cannot reach a kernel: the dispatcher picks one
     from the tensor arguments. sam_perturb_ has sq_norm.)"""
-    assert ops_2.sam_perturb_.default([], [], [], [], [], torch.tensor(1.0, dtype=torch.float64), False, 0.0) is None
+    assert raw_ops.sam_perturb_.default([], [], [], [], [], torch.tensor(1.0, dtype=torch.float64), False, 0.0) is None
 
     shapes = [(0,), (0, 3), (9000,), (0,), (0, 4), (7, 3)]  # 9000: more than one 8192-element chunk
     gen = torch.Generator().manual_seed(3)
     w, g, buf = ([torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(3))
     masks = [None, None, torch.rand(9000, generator=gen) > 0.5, None, torch.zeros(0, 4, dtype=torch.bool), None]
     rhos = [torch.tensor(0.05), torch.ones(0), torch.tensor(0.1), torch.tensor(0.2), torch.ones(0), torch.rand(7)]
-    norm = ops_2.sam_grad_sq_norm.default(g, w, masks, True)
+    norm = raw_ops.sam_grad_sq_norm.default(g, w, masks, True)
     torch.testing.assert_close(norm, reference.sam_grad_sq_norm(g, w, masks, True), rtol=1e-12, atol=0)
 
     out = [torch.full_like(x, float("nan")) for x in w]
     storage = [o.data_ptr() for o in out]
-    ops_2.sam_perturb_.default(out, w, g, masks, rhos, norm, True, 1e-12)
+    raw_ops.sam_perturb_.default(out, w, g, masks, rhos, norm, True, 1e-12)
     for i, (o, r) in enumerate(zip(out, reference.sam_perturb(w, g, masks, rhos, norm, True, 1e-12))):
         assert o.shape == shapes[i] and o.data_ptr() == storage[i], f"out[{i}] was replaced"
         assert torch.equal(o, r), f"out[{i}] of shape {shapes[i]}"
 
     params, bufs = [x.clone() for x in w], [x.clone() for x in buf]
-    ops_2.sgd_step_.default(params, g, bufs, masks, 0.1, 0.9, 0.0, 1e-3, True, False, False)
+    raw_ops.sgd_step_.default(params, g, bufs, masks, 0.1, 0.9, 0.0, 1e-3, True, False, False)
     ref_params, ref_bufs = reference.sgd_step(w, g, buf, masks, 0.1, 0.9, 0.0, 1e-3, True, False, False)
     for name, ours, ref in (("params", params, ref_params), ("momentum_buffers", bufs, ref_bufs)):
         for i, (a, b) in enumerate(zip(ours, ref)):
@@ -386,16 +454,16 @@ def test_empty_tensors_are_skipped_and_the_others_still_computed():
 def test_elementwise_ops_do_not_depend_on_thread_count(dtype):
     w, g, buf, masks = make_case(dtype, seed=6, shapes=SHAPES + [(70001,)])
     rhos = make_rhos(SHAPES + [(70001,)], True, torch.float64, torch.Generator().manual_seed(0))
-    sq_norm = ops_2.sam_grad_sq_norm.default(g, w, masks, True)
+    sq_norm = raw_ops.sam_grad_sq_norm.default(g, w, masks, True)
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
             out = [torch.empty_like(x) for x in w]
-            ops_2.sam_perturb_.default(out, w, g, masks, rhos, sq_norm, True, 1e-12)
+            raw_ops.sam_perturb_.default(out, w, g, masks, rhos, sq_norm, True, 1e-12)
             w2, b2 = [x.clone() for x in w], [x.clone() for x in buf]
-            ops_2.sgd_step_.default(w2, g, b2, masks, 0.1, 0.9, 0.0, 1e-4, True, False, False)
+            raw_ops.sgd_step_.default(w2, g, b2, masks, 0.1, 0.9, 0.0, 1e-4, True, False, False)
             results.append(out + w2 + b2)
     finally:
         torch.set_num_threads(threads)
@@ -412,44 +480,44 @@ def test_bad_input_is_refused():
     a, b = torch.randn(4, 3), torch.randn(4, 3)
     one = torch.tensor(1.0, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="masks has 2 entries"):
-        ops_2.sam_grad_sq_norm.default([a], [b], [None, None], False)
+        raw_ops.sam_grad_sq_norm.default([a], [b], [None, None], False)
     with pytest.raises(RuntimeError, match="weights has 0 entries"):
-        ops_2.sam_grad_sq_norm.default([a], [], [None], True)
+        raw_ops.sam_grad_sq_norm.default([a], [], [None], True)
     with pytest.raises(RuntimeError, match=r"grads\[0\] must be contiguous"):
-        ops_2.sam_grad_sq_norm.default([a.t()], [b], [None], False)
+        raw_ops.sam_grad_sq_norm.default([a.t()], [b], [None], False)
     with pytest.raises(RuntimeError, match=r"weights\[0\] has shape"):
-        ops_2.sam_grad_sq_norm.default([a], [b.reshape(3, 4)], [None], True)
+        raw_ops.sam_grad_sq_norm.default([a], [b.reshape(3, 4)], [None], True)
     with pytest.raises(RuntimeError, match=r"weights\[0\] is Double"):
-        ops_2.sam_grad_sq_norm.default([a], [b.double()], [None], True)
+        raw_ops.sam_grad_sq_norm.default([a], [b.double()], [None], True)
     with pytest.raises(RuntimeError, match=r"masks\[0\] has 11 elements"):
-        ops_2.sam_grad_sq_norm.default([a], [b], [torch.ones(11, dtype=torch.bool)], False)
+        raw_ops.sam_grad_sq_norm.default([a], [b], [torch.ones(11, dtype=torch.bool)], False)
     with pytest.raises(RuntimeError, match=r"masks\[0\] must be bool, uint8, int8 or floating"):
-        ops_2.sam_grad_sq_norm.default([a], [b], [torch.ones(4, 3, dtype=torch.int32)], False)
+        raw_ops.sam_grad_sq_norm.default([a], [b], [torch.ones(4, 3, dtype=torch.int32)], False)
     with pytest.raises(RuntimeError, match=r"grads\[0\] must be float32"):
-        ops_2.sam_grad_sq_norm.default([torch.ones(3, dtype=torch.int64)], [], [None], False)
+        raw_ops.sam_grad_sq_norm.default([torch.ones(3, dtype=torch.int64)], [], [None], False)
 
     with pytest.raises(RuntimeError, match=r"rhos\[0\] has 3 values"):
-        ops_2.sam_perturb_.default([torch.empty_like(a)], [a], [b], [None], [torch.ones(3)], one, False, 0.0)
+        raw_ops.sam_perturb_.default([torch.empty_like(a)], [a], [b], [None], [torch.ones(3)], one, False, 0.0)
     with pytest.raises(RuntimeError, match="one entry per parameter"):
-        ops_2.sam_perturb_.default([torch.empty_like(a)], [a], [b], [None], [], one, False, 0.0)
+        raw_ops.sam_perturb_.default([torch.empty_like(a)], [a], [b], [None], [], one, False, 0.0)
     with pytest.raises(RuntimeError, match="sq_norm must be"):
-        ops_2.sam_perturb_.default([torch.empty_like(a)], [a], [b], [None], [one], torch.ones(2), False, 0.0)
+        raw_ops.sam_perturb_.default([torch.empty_like(a)], [a], [b], [None], [one], torch.ones(2), False, 0.0)
     with pytest.raises(RuntimeError, match=r"out\[0\] and params\[0\] overlap"):
-        ops_2.sam_perturb_.default([a], [a], [b], [None], [one], one, False, 0.0)
+        raw_ops.sam_perturb_.default([a], [a], [b], [None], [one], one, False, 0.0)
     with pytest.raises(RuntimeError, match=r"out\[0\] is BFloat16"):
-        ops_2.sam_perturb_.default([torch.empty_like(a, dtype=torch.bfloat16)], [a], [b], [None], [one], one, False,
+        raw_ops.sam_perturb_.default([torch.empty_like(a, dtype=torch.bfloat16)], [a], [b], [None], [one], one, False,
                                  0.0)
 
     with pytest.raises(RuntimeError, match="momentum_buffers must have one entry per parameter"):
-        ops_2.sgd_step_.default([a], [b], [], [None], 0.1, 0.9, 0.0, 0.0, False, False, False)
+        raw_ops.sgd_step_.default([a], [b], [], [None], 0.1, 0.9, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match="momentum_buffers must have one entry per parameter"):
-        ops_2.sgd_step_.default([a], [b], [torch.zeros_like(a)], [None], 0.1, 0.0, 0.0, 0.0, False, False, False)
+        raw_ops.sgd_step_.default([a], [b], [torch.zeros_like(a)], [None], 0.1, 0.0, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\] has shape"):
-        ops_2.sgd_step_.default([a], [b], [torch.zeros(12)], [None], 0.1, 0.9, 0.0, 0.0, False, False, False)
+        raw_ops.sgd_step_.default([a], [b], [torch.zeros(12)], [None], 0.1, 0.9, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match=r"params\[0\] must be contiguous"):
-        ops_2.sgd_step_.default([a.t()], [b.t()], [], [None], 0.1, 0.0, 0.0, 0.0, False, False, False)
+        raw_ops.sgd_step_.default([a.t()], [b.t()], [], [None], 0.1, 0.0, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match=r"params\[0\] and grads\[0\] overlap"):
-        ops_2.sgd_step_.default([a], [a], [], [None], 0.1, 0.0, 0.0, 0.0, False, False, False)
+        raw_ops.sgd_step_.default([a], [a], [], [None], 0.1, 0.0, 0.0, 0.0, False, False, False)
 
 
 def test_python_faces_handle_empty_lists_and_bad_mask_dtypes():
@@ -462,8 +530,29 @@ def test_python_faces_handle_empty_lists_and_bad_mask_dtypes():
         sam_grad_sq_norm([p], [p], [torch.ones(3, dtype=torch.int64)])
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_opcheck(adaptive):
+    """Schemas, fake impls and the declared mutations (out, params, momentum buffers) agree with the kernels."""
+    shapes = [(5, 3), (7,), (0, 4), (2, 3, 3, 3)]
+    params = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    masks = [torch.rand(shapes[0]) > 0.5, None, torch.ones(shapes[2], dtype=torch.bool), torch.rand(shapes[3])
+             .to(torch.float64)]
+    rhos = [torch.tensor(0.05, dtype=torch.float64), torch.full((7,), 0.1, dtype=torch.float64),
+            torch.tensor(0.05, dtype=torch.float64), torch.full((2,), 0.2, dtype=torch.float64)]
+    weights = params if adaptive else []
+    torch.library.opcheck(raw_ops.sam_grad_sq_norm.default, (grads, weights, masks, adaptive))
+    sq_norm = raw_ops.sam_grad_sq_norm.default(grads, weights, masks, adaptive)
+    out = [torch.empty_like(p) for p in params]
+    torch.library.opcheck(raw_ops.sam_perturb_.default, (out, params, grads, masks, rhos, sq_norm, adaptive, 1e-12))
+    buffers = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    for momentum, bufs in ((0.9, buffers), (0.0, [])):
+        torch.library.opcheck(raw_ops.sgd_step_.default,
+                              (params, grads, bufs, masks, 0.1, momentum, 0.0, 1e-4, momentum > 0, False, False))
+
+
 # ============================================================================
-# Reference and CPU C++ kernels
+# Bad settings: the Python face and the CPU kernel refuse them
 
 NAN, INF = float("nan"), float("inf")
 
@@ -541,8 +630,7 @@ def test_valid_settings_still_step():
     torch.testing.assert_close(params[0], before - 0.5 * grads[0])
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and ops.cuda_cpp_available()),
-                    reason="needs a GPU and a build with the CUDA C++ kernels")
+@cuda_cpp_case
 def test_cuda_kernel_refuses_non_finite_scalars():
     w, g = torch.randn(5, 3, device="cuda"), torch.randn(5, 3, device="cuda")
     with pytest.raises(ValueError, match=r"sgd_step_ \(CUDA\): lr must be finite and >= 0"):

@@ -45,9 +45,21 @@ from sparsesam.nn import MaskedLinear, SparseLinear
 from sparsesam.ops import sparse_linear, use_backend
 from sparsesam.sparse import CSRPattern
 
-from backends import GPU_BACKENDS, gpu_case, tk, triton_case
+from backends import assert_linear_format_matches_dense, backend_op, GPU_BACKENDS, gpu_case, OP_BACKENDS, tk, triton_case
 from op_cases import noncontiguous, outputs_and_grads, to64
 from tolerance import assert_within_torch_error
+
+
+# ============================================================================
+# Every backend (reference, cpu, triton, cuda) against the dense float64 math
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_every_backend_matches_f_linear_on_the_dense_weight(backend):
+    forward, device = backend_op(backend, "sparse_linear")
+    backward, _ = backend_op(backend, "sparse_linear_backward")
+    mask = torch.rand(17, 33) < 0.3
+    mask[3] = False  # an empty row
+    assert_linear_format_matches_dense(forward, backward, device, CSRPattern.from_mask(mask), lambda p: tuple(p))
 
 
 # ============================================================================
