@@ -1283,3 +1283,39 @@ def test_sam_step_ops_reject_bad_input():
     with pytest.raises(RuntimeError, match="non-overlapping and dense"):
         strided = torch.randn(4, 10, device="cuda")[:, ::2]
         ops_cuda_cpp.sgd_step_([strided], [g], [], [None], 0.1, 0.0, 0.0, 0.0, False, False, False)
+
+
+# ============================================================================
+# Callers: the SAM optimizer and FusedMaskedSGD reach these ops through the typed faces
+
+
+@pytest.mark.parametrize("norm_in_backward", [False, True])
+def test_the_optimizer_calls_the_typed_faces(monkeypatch, norm_in_backward):
+    import sparsesam.optim.fused_sgd as fused_sgd
+    import sparsesam.optim.sam as sam_module
+    from sparsesam.optim import SAM
+
+    calls = []
+
+    def spy(module, name):
+        face = getattr(module, name)
+        assert face is getattr(ops, name)  # the face of sparsesam.ops, not the raw op
+
+        def record(*args, **kwargs):
+            calls.append(name)
+            return face(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, record)
+
+    spy(sam_module, "sam_grad_sq_norm")
+    spy(sam_module, "sam_perturb_")
+    spy(fused_sgd, "sgd_step_")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
+                    norm_in_backward=norm_in_backward)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.second_step()
+    assert {"sam_grad_sq_norm", "sam_perturb_", "sgd_step_"} <= set(calls)
