@@ -1,5 +1,9 @@
 """The bsr_linear op on every backend.
 
+The first test runs on every backend (``backends.OP_BACKENDS``: reference, CPU C++, Triton under
+the interpreter, CUDA C++), each skipped with the reason where this machine lacks it; the sections
+after it are the backend-specific tests.
+
 Reference and CPU C++ kernels: bsr_linear (block-sparse weights, C++ CPU kernels through the registered op) vs sparsesam.reference,
 the BSRPattern format, and the BlockSparseLinear module.
 

@@ -1,5 +1,9 @@
 """The mask-scoring ops (mask_grad_sq_norm, mask_ascent_, mask_score_grad) on every backend.
 
+The first test runs on every backend (``backends.OP_BACKENDS``: reference, CPU C++, Triton under
+the interpreter, CUDA C++), each skipped with the reason where this machine lacks it; the sections
+after it are the backend-specific tests.
+
 Reference and CPU C++ kernels: Mask-perturbation scoring (sparsesam/ops/mask_scoring.py over
 csrc/cpu/mask_scoring_cpu.cpp) vs sparsesam.reference, and vs the
 algorithms' own definitions.

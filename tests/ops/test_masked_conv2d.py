@@ -1,5 +1,9 @@
 """The masked_conv2d op on every backend.
 
+The first test runs on every backend (``backends.OP_BACKENDS``: reference, CPU C++, Triton under
+the interpreter, CUDA C++), each skipped with the reason where this machine lacks it; the sections
+after it are the backend-specific tests.
+
 Reference and CPU C++ kernels: masked_conv2d (C++ CPU kernel through the registered op) vs sparsesam.reference.
 
 Triton kernels (marked triton): The Triton masked-layer kernels (sparsesam.triton_kernels) vs sparsesam.reference.

@@ -1,5 +1,9 @@
 """The nm_linear op on every backend.
 
+The first test runs on every backend (``backends.OP_BACKENDS``: reference, CPU C++, Triton under
+the interpreter, CUDA C++), each skipped with the reason where this machine lacks it; the sections
+after it are the backend-specific tests.
+
 Reference and CPU C++ kernels: nm_linear (N:M weights, C++ CPU kernels through the registered op) vs sparsesam.reference,
 and the NMPattern format.
 

@@ -1,5 +1,9 @@
 """The fused SAM step ops (sam_grad_sq_norm, sam_perturb_, sgd_step_) on every backend.
 
+The first test runs on every backend (``backends.OP_BACKENDS``: reference, CPU C++, Triton under
+the interpreter, CUDA C++), each skipped with the reason where this machine lacks it; the sections
+after it are the backend-specific tests.
+
 Reference and CPU C++ kernels: The CPU kernels of the fused SAM step (csrc/cpu/sam_step_cpu.cpp), called
 directly as ``torch.ops.sparsesam.<op>.default``, vs sparsesam.reference.
 
@@ -10,7 +14,7 @@ relative to the magnitudes that went into it, and a bf16 / f16 result within
 one ulp of it (plus what float32 arithmetic adds, and, for SGD, the rounding
 of the stored momentum buffer that torch itself also uses).
 
-Reference and CPU C++ kernels: The fused SAM step ops refuse settings that would silently poison the weights:
+Bad settings: the fused SAM step ops refuse settings that would silently poison the weights:
 non-finite or negative lr / momentum / weight decay, non-finite dampening,
 eps that is not finite and >= 0, rho that is negative or not finite. Both the
 Python face (sparsesam.ops) and the CPU kernel (raw torch.ops.sparsesam calls)
