@@ -41,7 +41,8 @@ PyMethodDef methods[] = {
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "sparsesam compiled ops (registered with torch.library)", -1, methods};
+      PyModuleDef_HEAD_INIT, "_C", "sparsesam compiled ops (registered with torch.library)", -1, methods,
+      nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }
