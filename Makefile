@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-triton test-slow build-cuda ctest check-wheel bench ci
+.PHONY: setup demo test test-triton test-gpu test-slow build-cuda ctest check-wheel bench ci
 
 setup:
 	bash scripts/setup.sh
@@ -17,6 +17,10 @@ test: setup
 # Triton kernels on the CPU through Triton's interpreter.
 test-triton: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
+
+# The op cases marked gpu (Triton and CUDA C++ kernels on a device); each skips, saying why, without a GPU.
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -1,4 +1,4 @@
-// TORCH_LIBRARY(sparsesam): the one place where the public ops are defined.
+// Defines every schema of common/schemas.h in every namespace this build has.
 // Per-device implementations live beside their kernels (cpu/*_cpu.cpp,
 // cuda/*_cuda.cu); fake (meta) impls and autograd are registered in Python
 // (sparsesam/ops/<op>.py), as in pytorch/extension-cpp.
@@ -6,25 +6,23 @@
 
 #include "common/schemas.h"
 
-TORCH_LIBRARY(sparsesam, m) {
-  m.def(SPARSESAM_SCHEMA_APPLY_MASK);
-  m.def(SPARSESAM_SCHEMA_MASKED_WEIGHT_GRAD);
-  m.def(SPARSESAM_SCHEMA_MASKED_LINEAR);
-  m.def(SPARSESAM_SCHEMA_MASKED_LINEAR_BACKWARD);
-  m.def(SPARSESAM_SCHEMA_MASKED_CONV2D);
-  m.def(SPARSESAM_SCHEMA_MASKED_CONV2D_BACKWARD);
-  m.def(SPARSESAM_SCHEMA_SAM_GRAD_SQ_NORM);
-  m.def(SPARSESAM_SCHEMA_SAM_PERTURB);
-  m.def(SPARSESAM_SCHEMA_SGD_STEP);
-  m.def(SPARSESAM_SCHEMA_MASK_GRAD_SQ_NORM);
-  m.def(SPARSESAM_SCHEMA_MASK_ASCENT);
-  m.def(SPARSESAM_SCHEMA_MASK_SCORE_GRAD);
-  m.def(SPARSESAM_SCHEMA_SPARSE_LINEAR);
-  m.def(SPARSESAM_SCHEMA_SPARSE_LINEAR_BACKWARD);
-  m.def(SPARSESAM_SCHEMA_SPARSE_CONV2D);
-  m.def(SPARSESAM_SCHEMA_SPARSE_CONV2D_BACKWARD);
-  m.def(SPARSESAM_SCHEMA_BSR_LINEAR);
-  m.def(SPARSESAM_SCHEMA_BSR_LINEAR_BACKWARD);
-  m.def(SPARSESAM_SCHEMA_NM_LINEAR);
-  m.def(SPARSESAM_SCHEMA_NM_LINEAR_BACKWARD);
+namespace {
+
+void define_every_schema(torch::Library& m) {
+  for (const char* schema : sparsesam::kSchemas) {
+    m.def(schema);
+  }
 }
+
+}  // namespace
+
+// The public ops: CPU kernels from csrc/cpu, the CUDA kernel bound in Python
+// to the backend chosen there (sparsesam/ops/_library.py).
+TORCH_LIBRARY(sparsesam, m) { define_every_schema(m); }
+
+#ifdef SPARSESAM_WITH_CUDA
+// The same schemas, CUDA kernels only (csrc/cuda): the `cuda` backend of
+// sparsesam/ops/_library.py, reached through torch.ops.sparsesam_cuda so that
+// choosing it never overrides a registration of `sparsesam`.
+TORCH_LIBRARY(sparsesam_cuda, m) { define_every_schema(m); }
+#endif

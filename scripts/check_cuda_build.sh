@@ -15,5 +15,5 @@ start=$(date +%s)
 SPARSESAM_CUDA=1 MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace
 echo "CUDA build: $(( $(date +%s) - start )) s"
 # Every schema of csrc/common/schemas.h registered in both namespaces, with a CUDA kernel.
-"$PY" -m pytest -q -p no:cacheprovider tests/test_op_registration.py
+"$PY" -m pytest -q -p no:cacheprovider tests/ops/test_op_registration.py
 "$PY" -c "import sparsesam.ops as ops; assert ops.cuda_cpp_available(); print('CUDA build imports; sparsesam_cuda ops registered')"

@@ -7,7 +7,7 @@ from sparsesam.robust import CORRUPTIONS, cc_cert_batch, certify, corrupt, pgd
 
 from robust_data import ConstantClassifier, natural_images, trained_digits_mlp, digits
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 # Stored as uint8 in between (floor): an ulp of difference before flooring moves a value by 1/255.
 QUANTISED = {"glass_blur", "snow"}

@@ -1,7 +1,8 @@
 """Triton kernels for sparsesam's ops (the default backend for CUDA tensors).
 
 Every function here has the name and signature of the op it implements, so
-``sparsesam.ops._library`` routes to it with one ``getattr``. Under
+``sparsesam.ops._library`` binds it to the op by name (an op with no Triton
+kernel here runs its reference). Under
 ``TRITON_INTERPRET=1`` (set before triton is imported) the same kernels run on
 CPU tensors, which is how the tests exercise them without a GPU.
 """

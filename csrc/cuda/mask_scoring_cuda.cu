@@ -30,7 +30,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common/schemas.h"
 #include "multi_tensor_cuda.cuh"
 
 namespace sparsesam::cuda {

@@ -1,5 +1,4 @@
-// CUDA kernels for apply_mask and masked_weight_grad (the fused epilogue),
-// and the one TORCH_LIBRARY(sparsesam_cuda) block.
+// CUDA kernels for apply_mask and masked_weight_grad (the fused epilogue).
 //
 // Both kernels are memory-bound single passes, so the only thing that
 // matters is moving bytes at full bandwidth: 16-byte vector loads/stores
@@ -23,7 +22,6 @@
 #include <cstdint>
 
 #include "../common/masked_math.h"
-#include "../common/schemas.h"
 
 namespace sparsesam::cuda {
 namespace {
@@ -247,29 +245,6 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_grad(const at::Tensor& grad_wei
 }  // namespace
 
 }  // namespace sparsesam::cuda
-
-// The same schemas as TORCH_LIBRARY(sparsesam) in ops.cpp, in a namespace of
-// their own: Python registers the `sparsesam` CUDA kernel (a router picking
-// Triton / CUDA C++ / reference per call), and reaches these through
-// torch.ops.sparsesam_cuda without overriding any registration.
-TORCH_LIBRARY(sparsesam_cuda, m) {
-  m.def(SPARSESAM_SCHEMA_APPLY_MASK);
-  m.def(SPARSESAM_SCHEMA_MASKED_WEIGHT_GRAD);
-  m.def(SPARSESAM_SCHEMA_MASKED_LINEAR);
-  m.def(SPARSESAM_SCHEMA_MASKED_LINEAR_BACKWARD);
-  m.def(SPARSESAM_SCHEMA_MASKED_CONV2D);
-  m.def(SPARSESAM_SCHEMA_MASKED_CONV2D_BACKWARD);
-  m.def(SPARSESAM_SCHEMA_SAM_GRAD_SQ_NORM);
-  m.def(SPARSESAM_SCHEMA_SAM_PERTURB);
-  m.def(SPARSESAM_SCHEMA_SGD_STEP);
-  m.def(SPARSESAM_SCHEMA_MASK_GRAD_SQ_NORM);
-  m.def(SPARSESAM_SCHEMA_MASK_ASCENT);
-  m.def(SPARSESAM_SCHEMA_MASK_SCORE_GRAD);
-  m.def(SPARSESAM_SCHEMA_SPARSE_LINEAR);
-  m.def(SPARSESAM_SCHEMA_SPARSE_LINEAR_BACKWARD);
-  m.def(SPARSESAM_SCHEMA_BSR_LINEAR);
-  m.def(SPARSESAM_SCHEMA_BSR_LINEAR_BACKWARD);
-}
 
 TORCH_LIBRARY_IMPL(sparsesam_cuda, CUDA, m) {
   m.impl("apply_mask", &sparsesam::cuda::apply_mask);

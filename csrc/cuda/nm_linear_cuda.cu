@@ -36,7 +36,6 @@
 #include <vector>
 
 #include "../common/masked_layers.h"
-#include "../common/schemas.h"
 
 namespace sparsesam::cuda {
 namespace {
@@ -217,13 +216,6 @@ std::tuple<at::Tensor, at::Tensor> nm_linear_backward(const at::Tensor& grad_out
 }
 
 }  // namespace
-
-// The schemas in the sparsesam_cuda namespace (a fragment of the library
-// masked_weight_cuda.cu defines), next to their kernels.
-TORCH_LIBRARY_FRAGMENT(sparsesam_cuda, m) {
-  m.def(SPARSESAM_SCHEMA_NM_LINEAR);
-  m.def(SPARSESAM_SCHEMA_NM_LINEAR_BACKWARD);
-}
 
 TORCH_LIBRARY_IMPL(sparsesam_cuda, CUDA, m) {
   m.impl("nm_linear", &nm_linear);

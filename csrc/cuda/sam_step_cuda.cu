@@ -56,7 +56,6 @@
 #include <vector>
 
 #include "../common/sam_step_args.h"
-#include "../common/schemas.h"
 #include "multi_tensor_cuda.cuh"
 
 namespace sparsesam::cuda {

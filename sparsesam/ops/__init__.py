@@ -1,10 +1,12 @@
 """The typed Python face of every sparsesam op.
 
 One module per op (or op family); each checks its arguments (clear errors
-naming the argument), registers the fake impl and autograd, and routes CUDA
-tensors to the selected backend. Callers never pick kernels.
+naming the argument), registers the fake impl and autograd. CUDA tensors run
+the backend bound once for every op (``SPARSESAM_BACKEND`` at import, then
+:func:`set_backend` / the :func:`use_backend` context manager; see
+``ops/_library.py``). Callers never pick kernels.
 """
-from ._library import BACKENDS, backend, cuda_cpp_available
+from ._library import BACKENDS, OPS, backend, cuda_cpp_available, kernel, set_backend, use_backend
 from .masked_conv2d import masked_conv2d
 from .masked_linear import masked_linear
 from .masked_weight import apply_mask, masked_weight_grad
@@ -16,7 +18,11 @@ from .nm_linear import nm_linear
 
 __all__ = [
     "BACKENDS",
+    "OPS",
     "backend",
+    "set_backend",
+    "use_backend",
+    "kernel",
     "cuda_cpp_available",
     "apply_mask",
     "masked_weight_grad",

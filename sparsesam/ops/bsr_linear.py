@@ -18,7 +18,7 @@ import torch
 
 from ..sparse.bsr import BSRPattern
 from . import _sparse_linear_common as common
-from ._library import none_if_empty, register_cuda_router
+from ._library import none_if_empty
 
 Tensor = torch.Tensor
 
@@ -81,5 +81,3 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("sparsesam::bsr_linear", _backward, setup_context=_setup_context)
-register_cuda_router("bsr_linear")
-register_cuda_router("bsr_linear_backward")

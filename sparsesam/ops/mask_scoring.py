@@ -24,7 +24,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import _checks
-from ._library import register_cuda_router
 
 Tensor = torch.Tensor
 WeightList = Optional[Sequence[Optional[Tensor]]]
@@ -142,9 +141,5 @@ def _mask_score_grad_fake(grads, weights, scores):
     score_grads = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in scores]
     return score_grads, torch.empty((len(grads),), dtype=torch.float64, device=device)
 
-
-register_cuda_router("mask_grad_sq_norm")
-register_cuda_router("mask_ascent_")
-register_cuda_router("mask_score_grad")
 
 __all__: List[str] = ["mask_grad_sq_norm", "mask_ascent_", "mask_score_grad"]

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _autocast, _checks, _conv_args
-from ._library import none_if_empty, register_cuda_router
+from ._library import none_if_empty
 
 Tensor = torch.Tensor
 IntPair = Union[int, Sequence[int]]
@@ -108,5 +108,3 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("sparsesam::masked_conv2d", _backward, setup_context=_setup_context)
-register_cuda_router("masked_conv2d")
-register_cuda_router("masked_conv2d_backward")

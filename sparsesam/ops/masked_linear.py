@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from . import _autocast, _checks
-from ._library import none_if_empty, register_cuda_router
+from ._library import none_if_empty
 
 Tensor = torch.Tensor
 
@@ -84,5 +84,3 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("sparsesam::masked_linear", _backward, setup_context=_setup_context)
-register_cuda_router("masked_linear")
-register_cuda_router("masked_linear_backward")

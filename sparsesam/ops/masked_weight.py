@@ -11,7 +11,7 @@ from typing import Sequence, Tuple
 import torch
 
 from . import _checks
-from ._library import empty_output, none_if_empty, register_cuda_router
+from ._library import empty_output, none_if_empty
 
 Tensor = torch.Tensor
 
@@ -68,5 +68,3 @@ def _apply_mask_backward(ctx, grad):
 
 
 torch.library.register_autograd("sparsesam::apply_mask", _apply_mask_backward, setup_context=_apply_mask_setup)
-register_cuda_router("apply_mask")
-register_cuda_router("masked_weight_grad")

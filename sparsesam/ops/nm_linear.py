@@ -17,7 +17,7 @@ import torch
 
 from ..sparse.nm import NMPattern
 from . import _sparse_linear_common as common
-from ._library import none_if_empty, register_cuda_router
+from ._library import none_if_empty
 
 Tensor = torch.Tensor
 
@@ -72,5 +72,3 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("sparsesam::nm_linear", _backward, setup_context=_setup_context)
-register_cuda_router("nm_linear")
-register_cuda_router("nm_linear_backward")

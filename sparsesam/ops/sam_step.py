@@ -8,6 +8,13 @@
 * ``sgd_step_``: torch.optim.SGD's update in one pass, pruned entries frozen.
 
 They run under ``torch.no_grad()`` inside the optimizer: no autograd.
+
+Each face checks its arguments in Python (errors name the argument) unless
+called with ``check_args=False``: the SAM optimizer and FusedMaskedSGD build
+these lists from their own parameters on every step, check rho and the SGD
+settings when they are set, and would pay more for the per-tensor Python
+checks than for the fused pass itself. The kernels check every tensor's
+dtype, shape and device either way.
 """
 from __future__ import annotations
 
@@ -18,7 +25,6 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import _checks
-from ._library import register_cuda_router
 
 Tensor = torch.Tensor
 MaskList = Sequence[Optional[Tensor]]
@@ -75,11 +81,12 @@ def _contiguous(name: str, tensors: Sequence[Tensor]) -> None:
             raise ValueError(f"{name}[{i}] must be contiguous (the op writes or reads it as flat memory)")
 
 
-def sam_grad_sq_norm(grads: Sequence[Tensor], weights: Sequence[Tensor], masks: MaskList, adaptive: bool = False) -> Tensor:
+def sam_grad_sq_norm(grads: Sequence[Tensor], weights: Sequence[Tensor], masks: MaskList, adaptive: bool = False, *,
+                     check_args: bool = True) -> Tensor:
     """Sum over all tensors of ``(s*g)^2`` at kept entries (``s = |w|`` if adaptive, else 1), float64, 0-d."""
-    if adaptive or len(weights):
+    if check_args and (adaptive or len(weights)):
         _check_lists(weights, grads, masks, names=("weights", "grads"))
-    else:
+    elif check_args:
         _check_lists(grads, grads, masks, names=("grads", "grads"))
     if not len(grads):
         # No tensor to dispatch on: the empty sum, here.
@@ -91,8 +98,18 @@ def sam_grad_sq_norm(grads: Sequence[Tensor], weights: Sequence[Tensor], masks: 
 
 
 def sam_perturb_(out: Sequence[Tensor], params: Sequence[Tensor], grads: Sequence[Tensor], masks: MaskList,
-                 rhos: Sequence[Tensor], sq_norm: Tensor, adaptive: bool = False, eps: float = 1e-12) -> None:
+                 rhos: Sequence[Tensor], sq_norm: Tensor, adaptive: bool = False, eps: float = 1e-12, *,
+                 check_args: bool = True) -> None:
     """``out[i] = w + rho * s^2 * g / (sqrt(sq_norm) + eps)`` at kept entries, ``w`` at pruned ones."""
+    if check_args:
+        _check_perturb_args(out, params, grads, masks, rhos, sq_norm, eps)
+    torch.ops.sparsesam.sam_perturb_.default(
+        list(out), list(params), [g.contiguous() for g in grads], [m.contiguous() if m is not None else None for m in masks],
+        list(rhos), sq_norm, bool(adaptive), float(eps),
+    )
+
+
+def _check_perturb_args(out, params, grads, masks, rhos, sq_norm, eps) -> None:
     _check_lists(params, grads, masks)
     _check_lists(params, out, masks, names=("params", "out"))
     if len(rhos) != len(params):
@@ -108,19 +125,28 @@ def sam_perturb_(out: Sequence[Tensor], params: Sequence[Tensor], grads: Sequenc
     _check_rho_values(rhos)
     if not isinstance(sq_norm, torch.Tensor) or sq_norm.dim() != 0:
         raise TypeError("sq_norm must be a 0-d tensor (from sam_grad_sq_norm)")
-    eps = _finite_scalar("eps", eps)
+    _finite_scalar("eps", eps)
     _contiguous("out", out)
     _contiguous("params", params)
-    torch.ops.sparsesam.sam_perturb_.default(
-        list(out), list(params), [g.contiguous() for g in grads], [m.contiguous() if m is not None else None for m in masks],
-        list(rhos), sq_norm, bool(adaptive), float(eps),
-    )
 
 
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], masks: MaskList, *,
               lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-              nesterov: bool = False, maximize: bool = False, first_step: bool = False) -> None:
+              nesterov: bool = False, maximize: bool = False, first_step: bool = False,
+              check_args: bool = True) -> None:
     """torch.optim.SGD's update in place, in one pass per element; pruned entries (weight and buffer) frozen."""
+    if check_args:
+        _check_sgd_args(params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay, nesterov)
+    if not len(params):
+        return
+    torch.ops.sparsesam.sgd_step_.default(
+        list(params), [g.contiguous() for g in grads], list(momentum_buffers),
+        [m.contiguous() if m is not None else None for m in masks],
+        float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first_step),
+    )
+
+
+def _check_sgd_args(params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay, nesterov) -> None:
     _check_lists(params, grads, masks)
     lr = _finite_scalar("lr", lr)
     momentum = _finite_scalar("momentum", momentum)
@@ -134,13 +160,6 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as in torch.optim.SGD)")
     _contiguous("params", params)
-    if not len(params):
-        return
-    torch.ops.sparsesam.sgd_step_.default(
-        list(params), [g.contiguous() for g in grads], list(momentum_buffers),
-        [m.contiguous() if m is not None else None for m in masks],
-        float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(first_step),
-    )
 
 
 @torch.library.register_fake("sparsesam::sam_grad_sq_norm")
@@ -158,9 +177,5 @@ def _sam_perturb_fake(out, params, grads, masks, rhos, sq_norm, adaptive, eps):
 def _sgd_step_fake(params, grads, momentum_buffers, masks, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
     return None
 
-
-register_cuda_router("sam_grad_sq_norm")
-register_cuda_router("sam_perturb_")
-register_cuda_router("sgd_step_")
 
 __all__: List[str] = ["sam_grad_sq_norm", "sam_perturb_", "sgd_step_"]

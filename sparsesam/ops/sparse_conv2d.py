@@ -8,9 +8,10 @@ direct sparse convolution: every kept weight adds a shifted window of one
 input plane to one output plane, so forward, dx and dvalues each cost
 ``nnz * N * H_out * W_out`` multiply-adds and no im2col buffer is built.
 groups = 1 and numeric zero padding only (a grouped or reflect-padded layer
-stays dense: see sparsesam.nn.SparseConv2d). On CUDA the op runs the
-float64-exact reference (dense cuDNN through sparsesam.reference): correct,
-not fast; the dispatcher (sparsesam.nn.set_execution) times it like any path.
+stays dense: see sparsesam.nn.SparseConv2d). On CUDA the op runs its
+reference (dense cuDNN through sparsesam.reference) under every backend, as
+ops/_library.py binds an op a backend has no kernel for: correct, not fast;
+the dispatcher (sparsesam.nn.set_execution) times it like any path.
 """
 from __future__ import annotations
 
@@ -123,17 +124,3 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("sparsesam::sparse_conv2d", _backward, setup_context=_setup_context)
-
-
-def _reference_kernel(op_name: str):
-    def run(*args):
-        from .. import reference  # lazy: the reference imports nothing of ops, but keep import order free
-        return getattr(reference, op_name)(*args)
-
-    run.__name__ = f"{op_name}_cuda_reference"
-    return run
-
-
-# No GPU kernel yet: CUDA tensors run the reference (see the module docstring).
-torch.library.register_kernel("sparsesam::sparse_conv2d", "cuda", _reference_kernel("sparse_conv2d"))
-torch.library.register_kernel("sparsesam::sparse_conv2d_backward", "cuda", _reference_kernel("sparse_conv2d_backward"))

@@ -16,7 +16,7 @@ import torch
 
 from ..sparse.csr import CSRPattern
 from . import _sparse_linear_common as common
-from ._library import none_if_empty, register_cuda_router
+from ._library import none_if_empty
 
 Tensor = torch.Tensor
 
@@ -72,5 +72,3 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("sparsesam::sparse_linear", _backward, setup_context=_setup_context)
-register_cuda_router("sparse_linear")
-register_cuda_router("sparse_linear_backward")

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .. import _validate
+from ..ops import sgd_step_
 
 Tensor = torch.Tensor
 MasksOf = Callable[[List[Tensor]], List[Optional[Tensor]]]
@@ -157,10 +158,11 @@ class FusedMaskedSGD(torch.optim.SGD):
             # The op reads flat memory: non-contiguous tensors (rare) go through contiguous copies.
             work = [p if p.is_contiguous() else p.contiguous() for p in batch]
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in batch]
-            torch.ops.sparsesam.sgd_step_.default(
-                work, grads, [self.state[p]["momentum_buffer"] for p in batch] if momentum else [],
-                self._masks(batch), lr, momentum, dampening, weight_decay, nesterov,
-                bool(group.get("maximize", False)), first)
+            # check_args=False: the settings were checked above and the lists are built here.
+            sgd_step_(work, grads, [self.state[p]["momentum_buffer"] for p in batch] if momentum else [],
+                      self._masks(batch), lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                      nesterov=nesterov, maximize=bool(group.get("maximize", False)), first_step=first,
+                      check_args=False)
             for p, w in zip(batch, work):
                 if w is not p:
                     p.copy_(w)

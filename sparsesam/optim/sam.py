@@ -61,7 +61,7 @@ from torch import nn
 
 from .. import _validate
 from ..nn import masked_layers
-from ..ops import sam_step  # noqa: F401  (the ops' fake impls and CUDA routers; the optimizer calls the ops directly)
+from ..ops import sam_grad_sq_norm, sam_perturb_
 from .batchnorm import restore_bn_stats, snapshot_bn_stats
 from .fused_sgd import FusedMaskedSGD, keep_pruned_entries
 from .perturbation import PerturbedPoint
@@ -219,7 +219,7 @@ class SAM(torch.optim.Optimizer):
         mask = self._mask_table().get(id(p))
         if mask is not None and not mask.is_contiguous():
             return
-        value = torch.ops.sparsesam.sam_grad_sq_norm.default([g], [p] if adaptive else [], [mask], adaptive)
+        value = sam_grad_sq_norm([g], [p] if adaptive else [], [mask], adaptive, check_args=False)
         self._hook_norms[id(p)] = (weakref.ref(g), g._version, mask, mask._version if mask is not None else 0,
                                    adaptive, float(value))
 
@@ -299,8 +299,8 @@ class SAM(torch.optim.Optimizer):
                     rest["masks"].append(m)
                 else:
                     from_hooks += value
-            part = torch.ops.sparsesam.sam_grad_sq_norm.default(
-                rest["grads"], rest["params"] if adaptive else [], rest["masks"], adaptive) if rest["grads"] else None
+            part = sam_grad_sq_norm(rest["grads"], rest["params"] if adaptive else [], rest["masks"], adaptive,
+                                    check_args=False) if rest["grads"] else None
             if from_hooks:
                 part = torch.tensor(from_hooks, dtype=torch.float64) if part is None else part + from_hooks
             if part is not None:
@@ -313,11 +313,11 @@ class SAM(torch.optim.Optimizer):
         buffers = self._point.buffers(params)
         flat_params = [p if p.is_contiguous() else p.contiguous() for p in params]
         flat_out = [b if p.is_contiguous() else torch.empty_like(fp) for b, p, fp in zip(buffers, params, flat_params)]
-        # Straight to the op: the optimizer builds these lists itself, and the
-        # face's per-tensor Python checks would cost more than the pass (the
-        # kernel still checks every tensor).
-        torch.ops.sparsesam.sam_perturb_.default(flat_out, flat_params, batch["grads"], batch["masks"], batch["rhos"],
-                                                sq_norm, bool(adaptive), float(self.eps))
+        # check_args=False: the optimizer builds these lists itself and checks
+        # rho when it is set; the face's per-tensor Python checks would cost
+        # more than the pass (the kernel still checks every tensor).
+        sam_perturb_(flat_out, flat_params, batch["grads"], batch["masks"], batch["rhos"], sq_norm, bool(adaptive),
+                     float(self.eps), check_args=False)
         for buf, out in zip(buffers, flat_out):
             if out is not buf:
                 buf.copy_(out)

@@ -1,4 +1,10 @@
-"""Mask-perturbation scoring (sparsesam/ops/mask_scoring.py over
+"""The mask-scoring ops (mask_grad_sq_norm, mask_ascent_, mask_score_grad) on every backend.
+
+The first test runs on every backend (``backends.OP_BACKENDS``: reference, CPU C++, Triton under
+the interpreter, CUDA C++), each skipped with the reason where this machine lacks it; the sections
+after it are the backend-specific tests.
+
+Reference and CPU C++ kernels: Mask-perturbation scoring (sparsesam/ops/mask_scoring.py over
 csrc/cpu/mask_scoring_cpu.cpp) vs sparsesam.reference, and vs the
 algorithms' own definitions.
 
@@ -15,6 +21,26 @@ algorithms' own definitions.
 
 None of these ops is differentiable (they post-process gradients under
 no_grad), so there is no gradcheck; opcheck covers the registrations.
+
+Triton kernels (marked triton): The Triton mask-scoring kernels (sparsesam.triton_kernels: mask_grad_sq_norm,
+mask_ascent_, mask_score_grad) vs sparsesam.reference.
+
+They run on CPU under the Triton interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest -m triton tests/ops/test_mask_scoring.py
+
+TRITON_INTERPRET must be set before triton is imported, so these cases skip
+themselves when it is not. Sizes: 1, 7, 129 (one partial block), 3x5x3x3, 0
+elements, a 0-d tensor, 1030 (a full block and a tail) and 33x130 (two
+chunks).
+
+* Elementwise kernels compute in float64 and round like torch's ``.to``, so
+  ascent points and score gradients must equal the reference bit for bit.
+* The reductions add in another (fixed) order: float64 error bounds, and the
+  same bits twice.
+
+bfloat16 is not tested: the interpreter keeps it as raw uint16 bits and does
+arithmetic on the bit patterns. float16 stands in for the 16-bit path.
 """
 from __future__ import annotations
 
@@ -26,7 +52,59 @@ import torch.nn.functional as F
 
 from sparsesam import reference
 from sparsesam.ops import mask_ascent_, mask_grad_sq_norm, mask_score_grad, sam_grad_sq_norm
+
+from backends import backend_op, OP_BACKENDS, tk, triton_case
 from tolerance import assert_within_torch_error
+
+
+# ============================================================================
+# Every backend (reference, cpu, triton, cuda) against the dense float64 math
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_every_backend_matches_the_mask_scoring_math(backend):
+    """dM = G*W (or G where the weight is None): its squared norm, C-SAM's clipped ascent and HARP's
+    straight-through score and rate gradients, float32 against the float64 formulas of the same inputs."""
+    sq_norm_op, device = backend_op(backend, "mask_grad_sq_norm")
+    ascent, _ = backend_op(backend, "mask_ascent_")
+    score_grad, _ = backend_op(backend, "mask_score_grad")
+    shapes = [(5, 3), (7,), (2, 3, 3, 3)]
+    grads = [torch.randn(s) for s in shapes]
+    weights = [torch.randn(shapes[0]), None, torch.randn(shapes[2])]
+    masks = [torch.rand(s) for s in shapes]
+    scores = [torch.randn(s) for s in shapes]
+    on = lambda ts: [t.to(device) if t is not None else None for t in ts]  # noqa: E731
+
+    def mask_grads(grads, weights):
+        return [gi * wi if wi is not None else gi for gi, wi in zip(grads, weights)]
+
+    dm64 = mask_grads([gi.double() for gi in grads], [wi.double() if wi is not None else None for wi in weights])
+    sq64 = sum(d.square().sum() for d in dm64)
+    sq = sq_norm_op(on(grads), on(weights))
+    assert sq.dtype == torch.float64 and abs(sq.item() - sq64.item()) <= 1e-5 * sq64.item()
+
+    rho, eps = 0.3, 1e-12
+
+    def ascended(dm, masks, sq_norm):
+        return [(m + rho * d / (sq_norm.to(d.dtype).sqrt() + eps)).clamp(0, 1) for d, m in zip(dm, masks)]
+
+    sq_cpu = sq.cpu()
+    truth = ascended(dm64, [m.double() for m in masks], sq_cpu)
+    torch_own = ascended(mask_grads(grads, weights), masks, sq_cpu)
+    out = on([torch.empty_like(m) for m in masks])
+    ascent(out, on(grads), on(weights), on(masks), sq, rho, eps)
+    for i, (o, own, ref) in enumerate(zip(out, torch_own, truth)):
+        assert_within_torch_error(f"out[{i}]", o.cpu(), own, ref)
+
+    score_grads, rate_grads = score_grad(on(grads), on(weights), on(scores))
+    torch_own = [s.sign() * d for s, d in zip(scores, mask_grads(grads, weights))]
+    for i, (o, own, d, s) in enumerate(zip(score_grads, torch_own, dm64, scores)):
+        assert_within_torch_error(f"score_grads[{i}]", o.cpu(), own, s.double().sign() * d)
+    assert rate_grads.dtype == torch.float64
+    torch.testing.assert_close(rate_grads.cpu(), torch.stack([d.sum() for d in dm64]), rtol=1e-6, atol=1e-6)
+
+
+# ============================================================================
+# Reference and CPU C++ kernels
 
 ops = torch.ops.sparsesam
 
@@ -350,3 +428,137 @@ def test_kernel_refuses_overlapping_out():
         ops.mask_ascent_.default([soft], [a], [None], [soft], sq, 0.1, 0.0)
     with pytest.raises(RuntimeError, match=r"out\[0\] and grads\[0\] overlap"):
         ops.mask_ascent_.default([a], [a], [None], [soft], sq, 0.1, 0.0)
+
+
+# ============================================================================
+# Triton kernels (marked triton)
+
+DTYPES_triton = [torch.float32, torch.float64, torch.float16]
+SHAPES_triton = [(1,), (7,), (129,), (3, 5, 3, 3), (0,), (), (1030,), (33, 130)]
+_BITS_triton = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t):
+    return t.reshape(-1).view(_BITS_triton[t.element_size()])
+
+
+def _assert_all_bits(name, ours, ref):
+    assert len(ours) == len(ref)
+    for i, (o, r) in enumerate(zip(ours, ref)):
+        assert o.shape == r.shape and o.dtype == r.dtype, f"{name}[{i}]: {o.shape} {o.dtype} vs {r.shape} {r.dtype}"
+        assert torch.equal(_bits(o), _bits(r)), f"{name}[{i}]: {int((_bits(o) != _bits(r)).sum())} entries differ"
+
+
+def _randn(shape, dtype):
+    # Drawn in float64 and rounded once, so every dtype sees the same values.
+    return torch.randn(shape, dtype=torch.float64).to(dtype)
+
+
+def _case(dtype, weights="mixed", shapes=SHAPES_triton):
+    g = [_randn(s, dtype) for s in shapes]
+    w = [_randn(s, dtype) for s in shapes]
+    if weights == "none":
+        w = [None] * len(shapes)
+    elif weights == "mixed":
+        w = [x if i % 2 == 0 else None for i, x in enumerate(w)]
+    return g, w
+
+
+# --- mask_grad_sq_norm ---------------------------------------------------------
+
+
+@triton_case
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("weights", ["all", "none", "mixed"])
+def test_mask_grad_sq_norm(dtype, weights):
+    g, w = _case(dtype, weights)
+    ours = tk.mask_grad_sq_norm(g, w)
+    ref = reference.mask_grad_sq_norm(g, w)
+    assert ours.dtype == torch.float64 and ours.dim() == 0
+    # Blocks summed in float32 (float64 for float64 inputs), partials in float64.
+    rel = 1e-13 if dtype == torch.float64 else 1e-5
+    assert abs(ours.item() - ref.item()) <= rel * ref.item()
+    assert torch.equal(_bits(ours), _bits(tk.mask_grad_sq_norm(g, w)))
+
+
+@triton_case
+def test_mask_grad_sq_norm_is_the_sam_norm_kernel():
+    g, w = _case(torch.float32, "all")
+    assert torch.equal(_bits(tk.mask_grad_sq_norm(g, w)), _bits(tk.sam_grad_sq_norm(g, w, [None] * len(g), True)))
+
+
+# --- mask_ascent_ ----------------------------------------------------------------
+
+
+@triton_case
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("weights", ["all", "mixed"])
+def test_mask_ascent_bitwise(dtype, weights):
+    g, w = _case(dtype, weights)
+    masks = [torch.rand(s, dtype=torch.float64).to(dtype) for s in SHAPES_triton]
+    sq = reference.mask_grad_sq_norm(g, w)
+    for rho in (0.05, 3.0):
+        out = [torch.full_like(m, float("nan")) for m in masks]
+        tk.mask_ascent_(out, g, w, masks, sq, rho, 1e-12)
+        _assert_all_bits("out", out, reference.mask_ascent(g, w, masks, sq, rho, 1e-12))
+
+
+@triton_case
+def test_mask_ascent_noncontiguous_out_and_nan():
+    g = [_randn((6, 9), torch.float32), torch.tensor([float("nan"), 1.0, -1.0])]
+    masks = [torch.rand(6, 9), torch.tensor([0.5, 0.5, 0.5])]
+    out = [torch.empty(9, 6).t(), torch.empty(3)]
+    sq = torch.tensor(4.0, dtype=torch.float64)
+    tk.mask_ascent_(out, g, [None, None], masks, sq, 0.7, 0.0)
+    ref = reference.mask_ascent(g, [None, None], masks, sq, 0.7, 0.0)
+    assert torch.equal(out[0], ref[0])
+    assert math.isnan(out[1][0].item()) and torch.equal(out[1][1:], torch.tensor([0.85, 0.15]))
+
+
+# --- mask_score_grad ---------------------------------------------------------------
+
+
+@triton_case
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("weights", ["all", "none", "mixed"])
+def test_mask_score_grad(dtype, weights):
+    g, w = _case(dtype, weights)
+    scores = [_randn(s, dtype) for s in SHAPES_triton]
+    scores[1] = torch.zeros_like(scores[1])
+    score_grads, rates = tk.mask_score_grad(g, w, scores)
+    ref_grads, ref_rates = reference.mask_score_grad(g, w, scores)
+    _assert_all_bits("score_grads", score_grads, ref_grads)
+    assert rates.dtype == torch.float64 and rates.shape == (len(g),)
+    magnitude = torch.stack([reference._mask_grad(x, y).abs().sum() for x, y in zip(g, w)])
+    assert bool(((rates - ref_rates).abs() <= 1e-13 * magnitude).all())
+    assert torch.equal(_bits(rates), _bits(tk.mask_score_grad(g, w, scores)[1]))
+
+
+# --- empty, bad input ------------------------------------------------------------
+
+
+@triton_case
+def test_empty_lists_and_tensors():
+    assert tk.mask_grad_sq_norm([], []).item() == 0.0
+    tk.mask_ascent_([], [], [], [], torch.tensor(1.0), 0.1, 0.0)
+    score_grads, rates = tk.mask_score_grad([], [], [])
+    assert score_grads == [] and rates.shape == (0,)
+    e = [torch.empty(0), torch.empty(3, 0)]
+    assert tk.mask_grad_sq_norm(e, e).item() == 0.0
+    score_grads, rates = tk.mask_score_grad(e, [None, None], e)
+    assert rates.tolist() == [0.0, 0.0] and [s.shape for s in score_grads] == [(0,), (3, 0)]
+
+
+@triton_case
+def test_bad_input():
+    a = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="weights"):
+        tk.mask_grad_sq_norm([a], [])
+    with pytest.raises(TypeError, match=r"weights\[0\]"):
+        tk.mask_grad_sq_norm([a], [a.double()])
+    with pytest.raises(TypeError, match=r"out\[0\]"):
+        tk.mask_ascent_([a.half()], [a], [None], [a], torch.tensor(1.0), 0.1, 0.0)
+    with pytest.raises(ValueError, match="sq_norm"):
+        tk.mask_ascent_([a.clone()], [a], [None], [a], torch.ones(2), 0.1, 0.0)
+    with pytest.raises(ValueError, match=r"scores\[0\]"):
+        tk.mask_score_grad([a], [None], [torch.zeros(3, 4)])

@@ -1,13 +1,41 @@
-"""nm_linear (N:M weights, C++ CPU kernels through the registered op) vs sparsesam.reference,
+"""The nm_linear op on every backend.
+
+The first test runs on every backend (``backends.OP_BACKENDS``: reference, CPU C++, Triton under
+the interpreter, CUDA C++), each skipped with the reason where this machine lacks it; the sections
+after it are the backend-specific tests.
+
+Reference and CPU C++ kernels: nm_linear (N:M weights, C++ CPU kernels through the registered op) vs sparsesam.reference,
 and the NMPattern format.
 
 Sizes are chosen for the kernels' paths: batches of 1, 3, 9, 17, 64 and 129
 give 1, 2, 4 and 8 vectors per batch tile and partial and several tiles;
 n = 1, 2, 4 (unrolled variants) and 3, 5, 15 (the general loop); 300 groups
 of 4 at batch 129 give several cache blocks and dx tasks.
+
+Triton kernels (marked triton): The Triton nm_linear kernels (sparsesam.triton_kernels.nm_linear) vs sparsesam.reference.
+
+They run on CPU under the Triton interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest -m triton tests/ops/test_nm_linear.py
+
+TRITON_INTERPRET must be set before triton is imported, so these cases skip
+themselves when it is not. Sizes are small (the interpreter runs one program at a
+time) but odd: rows longer than one 32-entry block, batches over one and
+several blocks, several N:M (n = m - 1 included), odd out_features, in or
+out features 0, a batch of 0. float16 stands in for the 16-bit path (the
+interpreter cannot do bfloat16 arithmetic). Tolerances follow the
+flash-attention rule of tests/tolerance.py.
+
+On a GPU (marked gpu): nm_linear on a GPU: the Triton kernels and the CUDA C++ kernels vs sparsesam.reference.
+
+Through the public op (autograd included) with sparsesam.ops.use_backend binding
+the backend, so the CUDA router is covered too. Results must be within about
+twice PyTorch's own error versus float64 (tests/tolerance.py). Skipped
+without a GPU; the CUDA C++ cases also without a SPARSESAM_CUDA=1 build.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -18,13 +46,29 @@ import torch
 import torch.nn.functional as F
 
 from sparsesam import reference
-from sparsesam.ops import nm_linear
+from sparsesam.ops import nm_linear, use_backend
 from sparsesam.pruning.nm import nm_mask
 from sparsesam.sparse import NMPattern
 from sparsesam.sparse.nm import detect
 
+from backends import assert_linear_format_matches_dense, backend_op, GPU_BACKENDS, gpu_case, OP_BACKENDS, tk, triton_case
 from op_cases import noncontiguous, outputs_and_grads, to64
 from tolerance import assert_within_torch_error
+
+
+# ============================================================================
+# Every backend (reference, cpu, triton, cuda) against the dense float64 math
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_every_backend_matches_f_linear_on_the_dense_weight(backend):
+    forward, device = backend_op(backend, "nm_linear")
+    backward, _ = backend_op(backend, "nm_linear_backward")
+    pattern = NMPattern.from_mask(nm_mask(torch.rand(17, 32), 2, 4), 2, 4)
+    assert_linear_format_matches_dense(forward, backward, device, pattern, lambda p: tuple(p))
+
+
+# ============================================================================
+# Reference and CPU C++ kernels
 
 ops = torch.ops.sparsesam
 
@@ -216,7 +260,7 @@ def test_baseline_isa_kernels_match_reference():
         print("ok")
     """)
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
@@ -376,3 +420,85 @@ def test_pattern_gather_scatter_checks():
         p.gather(torch.randn(3, 7))
     with pytest.raises(ValueError, match="values has shape"):
         p.scatter(torch.randn(6))
+
+
+# ============================================================================
+# Triton kernels (marked triton)
+
+DTYPES_triton = [torch.float32, torch.float64, torch.float16]
+# (leading dims of x, out_features, n, m, groups)
+SHAPES_triton = [((1,), 1, 1, 2, 1), ((7,), 5, 2, 4, 20), ((2, 3), 17, 3, 8, 2), ((70,), 6, 1, 16, 2),
+          ((5,), 3, 15, 16, 1), ((0,), 5, 2, 4, 3), ((4,), 3, 2, 4, 0), ((4,), 0, 1, 4, 2)]
+
+
+def _case(lead, n_out, n, m, groups, dtype):
+    pattern = NMPattern.from_mask(nm_mask(torch.rand(n_out, groups * m), n, m), n, m)
+    rnd = lambda *s: torch.randn(*s, dtype=torch.float64).to(dtype)  # noqa: E731
+    return pattern, rnd(*lead, groups * m), rnd(*pattern.values_shape), rnd(n_out), rnd(*lead, n_out)
+
+
+@triton_case
+@pytest.mark.parametrize("layout", ["contig", "noncontig"])
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("shape", SHAPES_triton, ids=str)
+def test_forward_matches_reference(shape, dtype, layout):
+    pattern, x, values, bias, _ = _case(*shape, dtype)
+    if layout == "noncontig":
+        x = noncontiguous(x)
+    for b in (bias, None):
+        ours = tk.nm_linear(x, values, *pattern, b)
+        torch_own = reference.nm_linear(x, values, *pattern, b)
+        ref = reference.nm_linear(x.double(), values.double(), *pattern, b.double() if b is not None else None)
+        assert_within_torch_error("y", ours, torch_own, ref, reduction_size=pattern.in_features)
+
+
+@triton_case
+@pytest.mark.parametrize("output_mask", list(itertools.product([True, False], repeat=2)), ids=str)
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("shape", SHAPES_triton, ids=str)
+def test_backward_matches_reference(shape, dtype, output_mask):
+    pattern, x, values, _, grad = _case(*shape, dtype)
+    grad = noncontiguous(grad)
+    # What autograd did not save arrives as a zero-stride placeholder, never read.
+    x_arg = x if output_mask[1] else torch.zeros((), dtype=dtype).expand(x.shape)
+    v_arg = values if output_mask[0] else torch.zeros((), dtype=dtype).expand(values.shape)
+    ours = tk.nm_linear_backward(grad, x_arg, v_arg, *pattern, output_mask)
+    torch_own = reference.nm_linear_backward(grad, x, values, *pattern, output_mask)
+    ref = reference.nm_linear_backward(grad.double(), x.double(), values.double(), *pattern, output_mask)
+    batch = grad.shape[:-1].numel()
+    for name, o, t, r, wanted, sums in zip(("dx", "dvalues"), ours, torch_own, ref, output_mask,
+                                           (pattern.out_features, batch)):
+        if wanted:
+            assert_within_torch_error(name, o, t, r.to(torch.float64), reduction_size=sums)
+        else:
+            assert o.shape == (0,)
+
+
+# ============================================================================
+# On a GPU (marked gpu)
+
+DTYPES_gpu = [torch.float32, torch.float64, torch.bfloat16]
+# (leading dims of x, out_features, n, m, groups): odd sizes, a batch over
+# several 256-row blocks, a batch of 0, 3-D x, several N:M.
+SHAPES_gpu = [((1,), 1, 1, 2, 1), ((7,), 5, 2, 4, 18), ((300,), 65, 1, 8, 16), ((0,), 7, 2, 4, 2),
+          ((2, 3), 17, 3, 8, 2), ((256,), 512, 2, 4, 256), ((33,), 9, 15, 16, 3)]
+
+
+@gpu_case
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES_gpu, ids=str)
+@pytest.mark.parametrize("shape", SHAPES_gpu, ids=str)
+def test_forward_backward_vs_reference_gpu(backend, dtype, shape):
+    with use_backend(backend):
+        lead, n_out, n, m, groups = shape
+        pattern = NMPattern.from_mask(nm_mask(torch.rand(n_out, groups * m), n, m), n, m).to("cuda")
+        rnd = lambda *s: torch.randn(*s, dtype=torch.float64, device="cuda").to(dtype)  # noqa: E731
+        inputs = dict(x=rnd(*lead, groups * m), values=rnd(*pattern.values_shape), bias=rnd(n_out))
+        ours, ours_grads = outputs_and_grads(lambda x, values, bias: nm_linear(x, values, pattern, bias), inputs)
+        ref_fn = lambda x, values, bias: reference.nm_linear(x, values, *pattern, bias)  # noqa: E731
+        torch_own, torch_grads = outputs_and_grads(ref_fn, inputs)
+        ref, ref_grads = outputs_and_grads(ref_fn, to64(inputs))
+        batch = inputs["x"].shape[:-1].numel()
+        assert_within_torch_error("y", ours, torch_own, ref, reduction_size=pattern.in_features)
+        for name, sums in (("x", pattern.out_features), ("values", batch), ("bias", batch)):
+            assert_within_torch_error(f"d{name}", ours_grads[name], torch_grads[name], ref_grads[name], reduction_size=sums)

@@ -1,12 +1,40 @@
-"""sparse_linear (CSR weights, C++ CPU kernels through the registered op) vs sparsesam.reference,
+"""The sparse_linear op on every backend.
+
+The first test runs on every backend (``backends.OP_BACKENDS``: reference, CPU C++, Triton under
+the interpreter, CUDA C++), each skipped with the reason where this machine lacks it; the sections
+after it are the backend-specific tests.
+
+Reference and CPU C++ kernels: sparse_linear (CSR weights, C++ CPU kernels through the registered op) vs sparsesam.reference,
 the CSRPattern format, and the SparseLinear module.
 
 Sizes are chosen for the kernels' paths: batches of 1, 3, 9, 17, 64 and 129
 give 1, 2, 4 and 8 vectors per batch tile and partial and several tiles;
 in_features 1100 at batch 129 gives several column (cache) blocks.
+
+Triton kernels (marked triton): The Triton sparse_linear kernels (sparsesam.triton_kernels.sparse_linear) vs sparsesam.reference.
+
+They run on CPU under the Triton interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest -m triton tests/ops/test_sparse_linear.py
+
+TRITON_INTERPRET must be set before triton is imported, so these cases skip
+themselves when it is not. Sizes are small (the interpreter runs one program at a
+time) but odd: rows longer than one 32-entry block, batches over one and
+several 16..64-row blocks, empty rows and columns, an all-pruned layer, a
+batch of 0. float16 stands in for the 16-bit path (the interpreter cannot do
+bfloat16 arithmetic; see tests/ops/test_sparse_linear.py). Tolerances follow the
+flash-attention rule of tests/tolerance.py.
+
+On a GPU (marked gpu): sparse_linear on a GPU: the Triton kernels and the CUDA C++ kernels vs sparsesam.reference.
+
+Through the public op (autograd included) with sparsesam.ops.use_backend binding
+the backend, so the CUDA router is covered too. Results must be within about
+twice PyTorch's own error versus float64 (tests/tolerance.py). Skipped
+without a GPU; the CUDA C++ cases also without a SPARSESAM_CUDA=1 build.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -18,11 +46,28 @@ import torch.nn.functional as F
 
 from sparsesam import reference
 from sparsesam.nn import MaskedLinear, SparseLinear
-from sparsesam.ops import sparse_linear
+from sparsesam.ops import sparse_linear, use_backend
 from sparsesam.sparse import CSRPattern
 
+from backends import assert_linear_format_matches_dense, backend_op, GPU_BACKENDS, gpu_case, OP_BACKENDS, tk, triton_case
 from op_cases import noncontiguous, outputs_and_grads, to64
 from tolerance import assert_within_torch_error
+
+
+# ============================================================================
+# Every backend (reference, cpu, triton, cuda) against the dense float64 math
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_every_backend_matches_f_linear_on_the_dense_weight(backend):
+    forward, device = backend_op(backend, "sparse_linear")
+    backward, _ = backend_op(backend, "sparse_linear_backward")
+    mask = torch.rand(17, 33) < 0.3
+    mask[3] = False  # an empty row
+    assert_linear_format_matches_dense(forward, backward, device, CSRPattern.from_mask(mask), lambda p: tuple(p))
+
+
+# ============================================================================
+# Reference and CPU C++ kernels
 
 ops = torch.ops.sparsesam
 
@@ -212,7 +257,7 @@ def test_baseline_isa_kernels_match_reference():
         print("ok")
     """)
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
@@ -462,3 +507,112 @@ def test_whole_model_to_sparse_and_back():
     set_execution(model, "dense")
     assert all(not isinstance(m, SparseLinear) for m in model)
     torch.testing.assert_close(model(x), before)
+
+
+# ============================================================================
+# Triton kernels (marked triton)
+
+DTYPES_triton = [torch.float32, torch.float64, torch.float16]
+# (leading dims of x, in_features, out_features, density)
+SHAPES_triton = [((1,), 1, 1, 1.0), ((7,), 70, 5, 0.8), ((2, 3), 17, 9, 0.4), ((129,), 20, 6, 0.5), ((0,), 7, 5, 0.5),
+          ((5,), 9, 4, 0.0)]
+
+
+def _case(lead, n_in, n_out, density, dtype):
+    mask = torch.rand(n_out, n_in) < density
+    if n_out > 2 and n_in > 2:
+        mask[1] = False
+        mask[:, -2] = False
+    pattern = CSRPattern.from_mask(mask)
+    rnd = lambda *s: torch.randn(*s, dtype=torch.float64).to(dtype)  # noqa: E731
+    return pattern, rnd(*lead, n_in), rnd(pattern.nnz), rnd(n_out), rnd(*lead, n_out)
+
+
+@triton_case
+@pytest.mark.parametrize("layout", ["contig", "noncontig"])
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("shape", SHAPES_triton, ids=str)
+def test_forward_matches_reference(shape, dtype, layout):
+    pattern, x, values, bias, _ = _case(*shape, dtype)
+    if layout == "noncontig":
+        x = noncontiguous(x)
+    for b in (bias, None):
+        ours = tk.sparse_linear(x, values, *pattern, b)
+        torch_own = reference.sparse_linear(x, values, *pattern, b)
+        ref = reference.sparse_linear(x.double(), values.double(), *pattern, b.double() if b is not None else None)
+        assert_within_torch_error("y", ours, torch_own, ref, reduction_size=pattern.in_features)
+
+
+@triton_case
+@pytest.mark.parametrize("output_mask", list(itertools.product([True, False], repeat=2)), ids=str)
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("shape", SHAPES_triton, ids=str)
+def test_backward_matches_reference(shape, dtype, output_mask):
+    pattern, x, values, _, grad = _case(*shape, dtype)
+    grad = noncontiguous(grad)
+    # What autograd did not save arrives as a zero-stride placeholder, never read.
+    x_arg = x if output_mask[1] else torch.zeros((), dtype=dtype).expand(x.shape)
+    v_arg = values if output_mask[0] else torch.zeros((), dtype=dtype).expand(values.shape)
+    ours = tk.sparse_linear_backward(grad, x_arg, v_arg, *pattern, output_mask)
+    torch_own = reference.sparse_linear_backward(grad, x, values, *pattern, output_mask)
+    ref = reference.sparse_linear_backward(grad.double(), x.double(), values.double(), *pattern, output_mask)
+    batch = grad.numel() // max(pattern.out_features, 1)
+    for name, o, t, r, wanted, sums in zip(("dx", "dvalues"), ours, torch_own, ref, output_mask,
+                                           (pattern.out_features, batch)):
+        if wanted:
+            assert_within_torch_error(name, o, t, r.to(torch.float64), reduction_size=sums)
+        else:
+            assert o.shape == (0,)
+
+
+# ============================================================================
+# On a GPU (marked gpu)
+
+DTYPES_gpu = [torch.float32, torch.float64, torch.bfloat16]
+# (leading dims of x, in_features, out_features, density): odd sizes, a batch
+# over several 256-row blocks, an all-pruned layer, a batch of 0, 3-D x.
+SHAPES_gpu = [((1,), 1, 1, 1.0), ((7,), 70, 5, 0.8), ((300,), 129, 65, 0.1), ((5,), 9, 4, 0.0), ((0,), 7, 5, 0.5),
+          ((2, 3), 17, 9, 0.4), ((256,), 1024, 512, 0.05)]
+
+
+def _case_gpu(lead, n_in, n_out, density, dtype):
+    mask = torch.rand(n_out, n_in) < density
+    if n_out > 2 and n_in > 2:
+        mask[1] = False
+        mask[:, -2] = False
+    pattern = CSRPattern.from_mask(mask).to("cuda")
+    rnd = lambda *s: torch.randn(*s, dtype=torch.float64, device="cuda").to(dtype)  # noqa: E731
+    return pattern, dict(x=rnd(*lead, n_in), values=rnd(pattern.nnz), bias=rnd(n_out))
+
+
+@gpu_case
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES_gpu, ids=str)
+@pytest.mark.parametrize("shape", SHAPES_gpu, ids=str)
+def test_forward_backward_vs_reference_gpu(backend, dtype, shape):
+    with use_backend(backend):
+        torch.manual_seed(0)
+        pattern, inputs = _case_gpu(*shape, dtype)
+        ours, ours_grads = outputs_and_grads(lambda x, values, bias: sparse_linear(x, values, pattern, bias), inputs)
+        ref_fn = lambda x, values, bias: reference.sparse_linear(x, values, *pattern, bias)  # noqa: E731
+        torch_own, torch_grads = outputs_and_grads(ref_fn, inputs)
+        ref, ref_grads = outputs_and_grads(ref_fn, to64(inputs))
+        batch = inputs["x"].numel() // max(pattern.in_features, 1)
+        assert_within_torch_error("y", ours, torch_own, ref, reduction_size=pattern.in_features)
+        for name, sums in (("x", pattern.out_features), ("values", batch), ("bias", batch)):
+            assert_within_torch_error(f"d{name}", ours_grads[name], torch_grads[name], ref_grads[name], reduction_size=sums)
+
+
+@gpu_case
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_only_one_gradient_reads_only_its_inputs(backend):
+    with use_backend(backend):
+        pattern, inputs = _case_gpu((33,), 40, 30, 0.3, torch.float32)
+        x, values = inputs["x"], inputs["values"].requires_grad_()
+        (dvalues,) = torch.autograd.grad(sparse_linear(x, values, pattern).sum(), [values])
+        expected = reference.sparse_linear_backward(torch.ones(33, 30, device="cuda"), x, values.detach(), *pattern,
+                                                    [False, True])[1]
+        torch.testing.assert_close(dvalues, expected)
+        x = x.requires_grad_()
+        (dx,) = torch.autograd.grad(sparse_linear(x, values.detach(), pattern).sum(), [x])
+        torch.testing.assert_close(dx, torch.ones(33, 30, device="cuda") @ pattern.scatter(values.detach()))
