@@ -238,3 +238,41 @@ def test_gaussian_noise_collate_adds_cohen_noise_reproducibly():
     for bad in (0, -1.0, float("nan"), float("inf"), "0.25", True):
         with pytest.raises(ValueError, match="sigma"):
             GaussianNoiseCollate(bad)
+
+
+def test_parallel_workers_match_one_worker_and_die_with_the_study(csam_study, tmp_path):
+    """--workers 2 computes what one worker does; workers of a killed study do not live on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "parallel"
+    assert run([*QUICK, "--comparisons", "csam", "--workers", "2", "--out", out]) == 0
+    for name in CSAM_RUNS:
+        parallel, serial = _run_json(out, "csam", name), _run_json(csam_study, "csam", name)
+        # The certified results are equal; CC-Cert's mean bounds (about 1e-13 here) may differ in the 7th digit
+        # (another process: another float summation order somewhere in the worker's libraries).
+        for record in (parallel, serial):
+            for t in record["cc_cert"]["transforms"].values():
+                t["mean_bound"] = pytest.approx(t["mean_bound"], rel=1e-5)
+        assert _headline(parallel) == _headline(serial), name
+    # A study killed with SIGKILL while its workers train: they notice within seconds and exit.
+    killed = tmp_path / "killed"
+    study = subprocess.Popen([sys.executable, "-m", "sparsesam.cli", *QUICK, "--comparisons", "csam,harp",
+                              "--seeds", "0,1", "--workers", "2", "--out", str(killed)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (killed / "seed0").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(study.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert workers, "the study started no worker process"
+    study.send_signal(signal.SIGKILL)
+    study.wait()
+    deadline = time.time() + 30
+    while any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+              for pid in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")
+             and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+    assert not alive, f"workers {alive} outlived the killed study"

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import shlex
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -230,8 +231,21 @@ class Study:
 _WORKER_STUDY: Optional[Study] = None
 
 
-def _start_worker(budgets: Dict[str, Any], settings: Dict[str, Any]) -> None:
+def _exit_with_parent(parent: int, every: float = 2.0) -> None:
+    """End this worker when the study's process is gone (killed: no executor shutdown told the workers).
+
+    Without it an orphaned worker finishes its task, and a restarted study
+    would work on the same run folder at the same time.
+    """
+    while True:
+        time.sleep(every)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _start_worker(budgets: Dict[str, Any], settings: Dict[str, Any], parent: int) -> None:
     global _WORKER_STUDY
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(settings["threads"] or 1)
     _WORKER_STUDY = Study(budgets, settings)
 
@@ -270,7 +284,7 @@ def run_tasks(tasks: List[Task], study: Study) -> None:
     pending = [t for t in tasks if t not in finished]
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
     with futures.ProcessPoolExecutor(settings["workers"], mp_context=context, initializer=_start_worker,
-                                     initargs=(budgets, settings)) as pool:
+                                     initargs=(budgets, settings, os.getpid())) as pool:
         running: Dict[futures.Future, Task] = {}
         failure: Optional[BaseException] = None
         while pending or running:
