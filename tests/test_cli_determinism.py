@@ -12,8 +12,8 @@ from cli_helpers import DATA, run, train_argv
 pytest.importorskip("torch_pruning", reason="the structured run (compacted model file) needs torch-pruning")
 
 # The only files that legitimately differ: they report how long the run took ("seconds" of every training epoch,
-# "fit_seconds"). They are compared without those fields; the model files hold no times at all.
-TIMED = {"dense/train.json": ("seconds",), "adasap/prune.json": ("fit_seconds",)}
+# "fit_seconds", the summary's "phase_seconds"). They are compared without those fields; the model files hold no times at all.
+TIMED = {"dense/train.json": ("seconds",), "adasap/prune.json": ("fit_seconds", "phase_seconds")}
 EXPECTED = {"dense/config.json", "dense/model.json", "dense/model.safetensors", "dense/sparsity.json",
             "dense/train.json", "adasap/config.json", "adasap/model.json", "adasap/model.safetensors",
             "adasap/model_compact.safetensors", "adasap/sparsity.json", "adasap/prune.json"}

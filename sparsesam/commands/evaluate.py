@@ -146,7 +146,7 @@ def runnable(model: nn.Module, compacted: Optional[nn.Module], execution: str,
 
 def check_eval_arguments(args: argparse.Namespace) -> None:
     check_execution(getattr(args, "execution", None))
-    if args.pgd and getattr(args, "attack", "pgd") in TORCHATTACKS:
+    if getattr(args, "pgd", False) and getattr(args, "attack", "pgd") in TORCHATTACKS:
         try:  # before any measurement: a missing extra is one line, not a failure half-way through
             require("torchattacks", extra="attacks", purpose=f"--attack {args.attack}")
         except ImportError as error:
