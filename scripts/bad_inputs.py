@@ -55,9 +55,12 @@ class Scratch:
         return self._model
 
     def copy_of_model(self, name: str) -> str:
-        """A fresh copy of the trained model folder (each case corrupts its own)."""
+        """A fresh copy of the trained model folder (each case corrupts its own; its name is the case's, so the
+        table's messages are the same on every run)."""
         import shutil
-        target = os.path.join(tempfile.mkdtemp(prefix=f"{name}-", dir=self.folder), "model")
+        target = os.path.join(self.folder, name, "model")
+        if os.path.exists(target):
+            shutil.rmtree(target)
         shutil.copytree(self.model_dir(), target)
         return target
 
