@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Subset
 
 from sparsesam.algorithms import CSAM, CSAMConfig
 from sparsesam.commands.common import load_data
-from sparsesam.commands.export import load_model_folder
+from sparsesam.model_files import load_model_folder
 from sparsesam.nn import masked_layers
 from sparsesam.training import evaluate
 

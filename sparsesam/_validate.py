@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+class ConfigError(ValueError):
+    """A bad setting given by the user: the CLI prints it on one line and exits with status 2."""
+
+
 @dataclass(frozen=True)
 class Range:
     """The finite numbers between ``low`` and ``high`` (None: unbounded; ``*_open``: the bound excluded)."""

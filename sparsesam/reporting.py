@@ -220,7 +220,7 @@ def write_report(runs: List[dict], out: str, *, not_run: Optional[Mapping[str, s
     if figures:
         text += "\n## Figures\n\n" + "\n".join(f"![{k}]({os.path.basename(v)})" for k, v in figures.items()) + "\n"
     atomic_write(os.path.join(out, "report.md"), text)
-    from .commands.common import write_json  # shared atomic JSON writer (NaN-free)
+    from .model_files import write_json  # shared atomic JSON writer (NaN-free)
     write_json(os.path.join(out, "report.json"), report)
     return report
 

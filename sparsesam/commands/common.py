@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import sys
@@ -15,18 +13,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import _validate
-from .._files import atomic_write
-from .._validate import Range
+from .._validate import ConfigError, Range
 from ..data import DATASETS, build_dataset, canonical_name, load_dataset
-from ..models import MODELS, build_model, is_external
+from ..model_files import jsonable, read_json, write_json
 
 CONFIG_FILE = "config.json"
 # Datasets whose image size is a loader option (the file-backed ones have a fixed size).
 SIZED_DATASETS = ("digits", "synthetic")
-
-
-class ConfigError(ValueError):
-    """A bad setting given by the user: the CLI prints it on one line and exits with status 2."""
 
 
 def dataset_key(name: str) -> str:
@@ -40,19 +33,6 @@ def dataset_key(name: str) -> str:
 def is_sized(dataset: str) -> bool:
     """Whether ``--image-size`` applies to ``dataset`` (a dataset key)."""
     return dataset in SIZED_DATASETS or dataset.startswith("imagefolder:")
-
-
-def check_model_name(name: str) -> str:
-    """``name`` if it is a model of the package or an existing ``torchvision:NAME`` / ``timm:NAME``."""
-    if is_external(name):
-        from ..models.external import check_external
-        try:
-            return check_external(name)
-        except (ValueError, ImportError) as error:  # unknown architecture, or its library not installed
-            raise ConfigError(str(error)) from error
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or torchvision:NAME / timm:NAME")
-    return name
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,40 +131,6 @@ def check_numbers(args: argparse.Namespace, flags: Mapping[str, Range]) -> None:
             raise ConfigError(f"{flag} {problem}")
 
 
-def jsonable(value: Any) -> Any:
-    """``value`` with tensors / numpy values turned into JSON numbers and lists; anything else
-    (modules, callables) becomes its repr. Non-finite floats become None (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return jsonable(value.detach().cpu().tolist()) if value.numel() <= 4096 else f"<tensor {tuple(value.shape)}>"
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return jsonable(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return repr(value)
-
-
-def write_json(path: str, data: Any, *, sort_keys: bool = False) -> str:
-    """Write ``data`` as indented JSON, atomically (sparsesam._files.atomic_write).
-
-    sort_keys: sort every object's keys (the model files, read by programs); the reports keep the
-    order the code builds them in, which is fixed, so identical runs still give identical bytes."""
-    atomic_write(path, json.dumps(jsonable(data), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n")
-    return path
-
-
-def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
 def prepare_out(out: str) -> str:
     """Create the output folder (an existing file of that name is a ConfigError)."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -240,22 +186,6 @@ def load_data(dataset: str, data_dir: Optional[str], limit: Optional[int], image
         raise ConfigError(str(error)) from error
     except (ValueError, TypeError) as error:
         raise ConfigError(f"dataset {key!r}: {error}") from error
-
-
-def model_spec(model: str, width: float, info) -> Dict[str, Any]:
-    """Everything needed to rebuild the architecture (written next to exported weights)."""
-    return {"model": model, "width": width, "dataset": info.name, "in_channels": info.in_channels,
-            "num_classes": info.num_classes, "image_size": info.image_size,
-            "mean": list(info.mean), "std": list(info.std)}
-
-
-def build_from_spec(spec: Dict[str, Any]) -> nn.Module:
-    check_model_name(spec["model"])
-    try:
-        return build_model(spec["model"], spec["in_channels"], spec["num_classes"], spec["width"],
-                           image_size=spec["image_size"], normalization=(spec["mean"], spec["std"]))
-    except ValueError as error:
-        raise ConfigError(f"model {spec['model']!r}: {error}") from error
 
 
 def make_loaders(train, test, batch_size: int, seed: int, eval_batch_size: int = 512

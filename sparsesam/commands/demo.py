@@ -27,10 +27,10 @@ from ..checkpoint import Checkpointer
 from ..training import evaluate
 from .. import reporting
 from .._validate import FRACTION, POSITIVE
-from .common import (ConfigError, add_execution_argument, add_number, build_from_spec, check_fraction, dataset_key,
-                     echo_config, load_data, make_loaders, model_spec, prepare_out, seed_everything, write_json)
+from ..model_files import build_from_spec, load_model_folder, model_spec, save_model_folder, write_json
+from .common import (ConfigError, add_execution_argument, add_number, check_fraction, dataset_key, echo_config,
+                     load_data, make_loaders, prepare_out, seed_everything)
 from .evaluate import add_robustness_arguments, check_eval_arguments, evaluate_model, normalize_robustness_arguments
-from .export import load_model_folder, save_model_folder
 from .prune import PRUNE_CHECKPOINT, parse_settings, prune_model
 from .registry import algorithm_registry, build_config, epoch_fields
 from .train import CHECKPOINT, check_optimizer_arguments, fit_dense
@@ -60,7 +60,7 @@ def _methods(text: str):
 
 def _eval_into(folder: str, args: argparse.Namespace, name: str, test) -> dict:
     model, info = load_model_folder(folder)
-    from .export import load_compacted
+    from ..model_files import load_compacted
     compacted = load_compacted(folder, info)
     eval_args = argparse.Namespace(**vars(args))
     eval_args.name = name

@@ -31,10 +31,10 @@ from .._validate import FINITE, NON_NEGATIVE, OPEN_PROBABILITY, POSITIVE, Range
 from ..data.cifar10c import CORRUPTIONS as CIFAR10C_CORRUPTIONS, find_cifar10c
 from ..robust.attacks_torchattacks import ITERATIONS, TORCHATTACKS
 from ..training import evaluate
+from ..model_files import example_input, load_compacted, load_model_folder, plain_model, write_json
 from .common import (ConfigError, add_execution_argument, add_number, check_execution, check_numbers, dataset_key,
                      echo_config, example_batch, float_list, in_execution, is_sized, load_data, number_problem,
-                     prepare_out, seed_everything, write_json)
-from .export import example_input, load_compacted, load_model_folder, plain_model
+                     prepare_out, seed_everything)
 
 RESULT = "eval.json"
 # The robustness flags' ranges: checked when parsed, and again on namespaces built in code (demo, reproduce).

@@ -14,11 +14,11 @@ from torch import nn
 from .._validate import FRACTION
 from ..checkpoint import Checkpointer
 from ..training import evaluate
-from .common import (ConfigError, add_execution_argument, add_number, build_from_spec, check_execution,
-                     check_fraction, check_model_name, dataset_key, echo_config, example_batch, jsonable, load_data,
-                     make_loaders, model_spec, prepare_out, resolve_device, seed_everything, write_json)
+from ..model_files import (build_from_spec, check_model_name, jsonable, load_model_folder, model_spec,
+                           save_model_folder, write_json)
+from .common import (ConfigError, add_execution_argument, add_number, check_execution, check_fraction, dataset_key,
+                     echo_config, example_batch, load_data, make_loaders, prepare_out, resolve_device, seed_everything)
 from .evaluate import runnable
-from .export import load_model_folder, save_model_folder
 from .registry import algorithm_registry, build_config, get_algorithm
 from .train import (add_data_arguments, add_model_arguments, add_optimizer_arguments, check_optimizer_arguments,
                     fit_dense)

@@ -19,7 +19,7 @@ from .common import ConfigError, add_execution_argument, check_execution
 
 
 def _model_folder(run: Dict[str, Any]):
-    from .export import is_model_folder
+    from ..model_files import is_model_folder
     for folder in ((run.get("eval") or {}).get("model_dir"), run["folder"]):
         if folder and is_model_folder(folder):
             return folder
@@ -29,7 +29,7 @@ def _model_folder(run: Dict[str, Any]):
 def retime(runs: List[Dict[str, Any]], execution: str, batch: int, repeats: int) -> None:
     """Measure each run's model in ``execution`` form and in dense form; the results replace the eval's."""
     from .evaluate import latency_as_run_and_dense, runnable
-    from .export import load_compacted, load_model_folder, plain_model
+    from ..model_files import load_compacted, load_model_folder, plain_model
     for run in runs:
         folder = _model_folder(run)
         if folder is None:

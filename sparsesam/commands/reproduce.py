@@ -28,10 +28,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from .._validate import OPEN_PROBABILITY, POSITIVE, PROBABILITY, Range
-from .common import (ConfigError, add_execution_argument, add_number, check_execution, jsonable, load_data, model_spec,
-                     prepare_out, read_json, seed_everything, write_json)
+from ..model_files import jsonable, load_compacted, load_model_folder, model_spec, read_json, write_json
+from .common import (ConfigError, add_execution_argument, add_number, check_execution, load_data, prepare_out,
+                     seed_everything)
 from .evaluate import evaluate_model
-from .export import load_compacted, load_model_folder
 from .prune import prune_model, with_execution
 from .registry import algorithm_registry, get_algorithm
 from .reproduce_dense import dense_folder, train_dense, training_loader

@@ -30,8 +30,8 @@ from ..algorithms._steps import make_loss
 from ..checkpoint import Checkpointer
 from ..data.noise import GaussianNoiseCollate
 from ..training import evaluate
-from .common import build_from_spec, read_json, seed_everything, write_json
-from .export import load_model_folder, save_model_folder
+from ..model_files import build_from_spec, load_model_folder, read_json, save_model_folder, write_json
+from .common import seed_everything
 from .train import CHECKPOINT, fit_dense
 
 DENSE_FILE = "train.json"

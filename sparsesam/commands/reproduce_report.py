@@ -21,11 +21,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..model_files import read_json, write_json
 from .. import _extras
 from .._files import atomic_write
 from ..reporting import _table
 from ..robust import plots
-from .common import read_json, write_json
 from .reproduce_plan import COMPARISONS, Comparison
 
 RUN_FILE = "run.json"

@@ -18,10 +18,9 @@ from ..divergence import StepCheck, TrainingDiverged, check_state
 from ..file_errors import BadCheckpointError, describe
 from ..optim import SAM
 from ..training import evaluate, model_device
-from .common import (ConfigError, add_device_argument, add_number, check_model_name, check_numbers, dataset_key,
-                     echo_config, load_data, make_loaders, model_spec, prepare_out, resolve_device, seed_everything,
-                     write_json, build_from_spec)
-from .export import save_model_folder
+from ..model_files import build_from_spec, check_model_name, model_spec, save_model_folder, write_json
+from .common import (ConfigError, add_device_argument, add_number, check_numbers, dataset_key, echo_config, load_data,
+                     make_loaders, prepare_out, resolve_device, seed_everything)
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "train.json"
