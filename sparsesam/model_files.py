@@ -286,9 +286,9 @@ def plain_model(model: nn.Module) -> nn.Module:
     """``model`` as plain nn.Conv2d / nn.Linear layers computing the same function: masks baked into the
     weights, channel gates into the BatchNorm / bias that follows (what one would deploy)."""
     from .nn import export
-    from .pruning.compaction import _bake_gates
+    from .pruning.compaction import bake_gates
     plain = export(model)
-    _bake_gates(model, plain)  # also takes the copied gate hooks off (they point at the masked layers)
+    bake_gates(model, plain)  # also takes the copied gate hooks off (they point at the masked layers)
     return plain
 
 
@@ -357,10 +357,10 @@ def load_compacted(path: str, info: Dict[str, Any]) -> Optional[nn.Module]:
     if not isinstance(record, dict) or not isinstance(record.get("kept"), dict) or "weights" not in record:
         raise BadFileError(json_path, "its 'compacted' entry lacks the kept channels ('kept') or the weights file: "
                                       "a folder of an older version (re-export it with this version)")
-    from .algorithms._compacted import _slice
+    from .algorithms._compacted import slice_channels
     module = build_from_spec(info["spec"])
     try:
-        _slice(module, record["kept"])
+        slice_channels(module, record["kept"])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
         raise BadFileError(json_path, f"its compacted architecture ('kept') does not fit the model: "
                                       f"{describe(error)}") from error

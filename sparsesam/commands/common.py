@@ -83,6 +83,45 @@ def float_list(text: str) -> List[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def finite_float_list(text: str) -> List[float]:
+    """An argparse type: comma-separated finite numbers (for flags declared without a range; flags with a
+    range are add_number flags, which also check it)."""
+    values = float_list(text)
+    problem = number_problem(values, _validate.FINITE)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return values
+
+
+def int_list(text: str) -> List[int]:
+    """An argparse type: comma-separated integers."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def name_list(text: str) -> List[str]:
+    """An argparse type: comma-separated names (blanks dropped)."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def number_problem(value: Any, allowed: Range) -> Optional[str]:
     """None when ``value`` (a number, or a list of them: non-empty, every entry) is in ``allowed``, else
     "must be ..., got ..." (without the flag's name)."""

@@ -179,32 +179,33 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
 
 def _typed(algorithm, values):
     """Demo defaults are ints / floats already; --set strings are parsed like prune's --set."""
-    from .registry import _parse_value, config_class
+    from .registry import config_class, parse_value
     import dataclasses
     cls = config_class(algorithm)
     base = {f.name: f.default for f in dataclasses.fields(cls)}
-    return {k: (_parse_value(v, base.get(k)) if isinstance(v, str) else v) for k, v in values.items()}
+    return {k: (parse_value(v, base.get(k)) if isinstance(v, str) else v) for k, v in values.items()}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .train import add_optimizer_arguments, _positive_int
+    from .common import positive_int
+    from .train import add_optimizer_arguments
     parser = sub.add_parser("demo", help="train, prune with magnitude / AdaSAP / HARP / C-SAM, evaluate, report "
                                          "(about 10 minutes on 2 CPU cores)")
     parser.add_argument("--out", default="./demo-out")
     parser.add_argument("--dataset", default="fashion_mnist")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's package)")
-    parser.add_argument("--image-size", type=_positive_int, default=None, help="digits / synthetic only")
+    parser.add_argument("--image-size", type=positive_int, default=None, help="digits / synthetic only")
     parser.add_argument("--model", default="smallcnn")
     add_number(parser, "--width", POSITIVE, default=0.5, help="multiplier of the paper's channel counts")
-    parser.add_argument("--limit", type=_positive_int, default=10000, help="training images used")
-    parser.add_argument("--test-limit", type=_positive_int, default=1000, help="test images used")
-    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--limit", type=positive_int, default=10000, help="training images used")
+    parser.add_argument("--test-limit", type=positive_int, default=1000, help="test images used")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     add_number(parser, "--sparsity", FRACTION, default=0.9, help="weight sparsity of the unstructured methods")
     add_number(parser, "--channel-sparsity", FRACTION, default=0.5,
                help="fraction of channels the structured method (adasap) removes")
     parser.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS))
-    parser.add_argument("--algo-limit", type=_positive_int, default=2000,
+    parser.add_argument("--algo-limit", type=positive_int, default=2000,
                         help="training images the pruning algorithms use (their epochs cost several passes)")
     parser.add_argument("--algo-epochs", type=int, default=1, help="every '*epochs' field of the algorithms' configs")
     parser.add_argument("--algo-attack-steps", type=int, default=2,

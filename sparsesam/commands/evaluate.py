@@ -27,47 +27,19 @@ from torch.utils.data import DataLoader, Subset
 
 from .. import robust
 from .._extras import require
-from .._validate import FINITE, NON_NEGATIVE, OPEN_PROBABILITY, POSITIVE, Range
+from .._validate import NON_NEGATIVE, OPEN_PROBABILITY, POSITIVE, Range
 from ..data.cifar10c import CORRUPTIONS as CIFAR10C_CORRUPTIONS, find_cifar10c
 from ..robust.attacks_torchattacks import ITERATIONS, TORCHATTACKS
 from ..training import evaluate
 from ..model_files import example_input, load_compacted, load_model_folder, plain_model, write_json
 from .common import (ConfigError, add_execution_argument, add_number, check_execution, check_numbers, dataset_key,
-                     echo_config, example_batch, float_list, in_execution, is_sized, load_data, number_problem,
+                     echo_config, example_batch, in_execution, int_list, is_sized, load_data, name_list, positive_int,
                      prepare_out, seed_everything)
 
 RESULT = "eval.json"
 # The robustness flags' ranges: checked when parsed, and again on namespaces built in code (demo, reproduce).
 ROBUSTNESS_FLAGS = {"--pgd-eps": NON_NEGATIVE, "--sigma": POSITIVE, "--alpha": OPEN_PROBABILITY,
                     "--radii": NON_NEGATIVE, "--cc-eps": Range(0.0, 1.0, low_open=True)}
-
-
-def _floats(text: str) -> List[float]:
-    """An argparse type: comma-separated finite numbers (for flags declared without a range; eval's own
-    lists are add_number flags, which also check the range)."""
-    values = float_list(text)
-    problem = number_problem(values, FINITE)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(problem)
-    return values
-
-
-def _ints(text: str) -> List[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _names(text: str) -> List[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def size_and_ops(model: nn.Module, spec: Dict[str, Any], compacted: Optional[nn.Module]) -> Dict[str, Any]:
@@ -270,41 +242,41 @@ def run_eval(args: argparse.Namespace) -> dict:
 def add_robustness_arguments(parser: argparse.ArgumentParser, *, examples: int = 200) -> None:
     group = parser.add_argument_group("robustness (each on the first N test images)")
     group.add_argument("--no-corruptions", dest="corruptions_on", action="store_false")
-    group.add_argument("--corruptions", type=_names,
+    group.add_argument("--corruptions", type=name_list,
                        default=["gaussian_noise", "defocus_blur", "fog", "contrast", "pixelate"],
                        help="comma-separated names of sparsesam.robust.CORRUPTIONS")
-    group.add_argument("--severities", type=_ints, default=[1, 3, 5])
-    group.add_argument("--corruption-examples", type=_positive_int, default=examples)
+    group.add_argument("--severities", type=int_list, default=[1, 3, 5])
+    group.add_argument("--corruption-examples", type=positive_int, default=examples)
     group.add_argument("--cifar10c", default=None, metavar="DIR",
                        help="score the corruptions on the released CIFAR-10-C files in DIR (<corruption>.npy, "
                             "labels.npy) instead of corrupting the test images here (CIFAR-10 models)")
     group.add_argument("--no-pgd", dest="pgd", action="store_false")
     add_number(group, "--pgd-eps", ROBUSTNESS_FLAGS["--pgd-eps"], many=True, default=[0.0, 0.01, 0.03, 0.1],
                help="L-inf budgets")
-    group.add_argument("--pgd-steps", type=_positive_int, default=10, help="iterations of pgd and apgd-*")
+    group.add_argument("--pgd-steps", type=positive_int, default=10, help="iterations of pgd and apgd-*")
     group.add_argument("--attack", default="pgd", choices=robust.ATTACKS,
                        help="the attack of the adversarial measurement: our pgd / fgsm, or torchattacks' "
                             "(pip install 'sparsesam[attacks]'): autoattack (the standard ensemble at its official "
                             "settings, as papers report it), apgd-ce, apgd-dlr, apgd-t, fab-t, square")
-    group.add_argument("--pgd-examples", type=_positive_int, default=examples)
+    group.add_argument("--pgd-examples", type=positive_int, default=examples)
     group.add_argument("--no-smoothing", dest="smoothing", action="store_false")
     add_number(group, "--sigma", ROBUSTNESS_FLAGS["--sigma"], default=0.25, help="randomized-smoothing noise level")
-    group.add_argument("--smoothing-n0", type=_positive_int, default=32)
-    group.add_argument("--smoothing-n", type=_positive_int, default=256, help="Monte-Carlo samples per image")
+    group.add_argument("--smoothing-n0", type=positive_int, default=32)
+    group.add_argument("--smoothing-n", type=positive_int, default=256, help="Monte-Carlo samples per image")
     add_number(group, "--alpha", ROBUSTNESS_FLAGS["--alpha"], default=0.001,
                help="failure probability of a smoothing certificate")
     add_number(group, "--radii", ROBUSTNESS_FLAGS["--radii"], many=True, default=[0.0, 0.1, 0.25, 0.5, 0.75],
                help="L2 radii of the certified-accuracy curve")
-    group.add_argument("--smoothing-examples", type=_positive_int, default=min(examples, 50))
-    group.add_argument("--smoothing-batch", type=_positive_int, default=256)
+    group.add_argument("--smoothing-examples", type=positive_int, default=min(examples, 50))
+    group.add_argument("--smoothing-batch", type=positive_int, default=256)
     group.add_argument("--no-cc-cert", dest="cc_cert", action="store_false")
-    group.add_argument("--cc-transforms", type=_names, default=["rotation", "brightness", "contrast"])
+    group.add_argument("--cc-transforms", type=name_list, default=["rotation", "brightness", "contrast"])
     add_number(group, "--cc-eps", ROBUSTNESS_FLAGS["--cc-eps"], many=True, default=[0.01, 0.05, 0.1],
                help="failure probabilities")
-    group.add_argument("--cc-samples", type=_positive_int, default=100)
-    group.add_argument("--cc-examples", type=_positive_int, default=min(examples, 50))
-    group.add_argument("--latency-batch", type=_positive_int, default=64)
-    group.add_argument("--latency-repeats", type=_positive_int, default=10)
+    group.add_argument("--cc-samples", type=positive_int, default=100)
+    group.add_argument("--cc-examples", type=positive_int, default=min(examples, 50))
+    group.add_argument("--latency-batch", type=positive_int, default=64)
+    group.add_argument("--latency-repeats", type=positive_int, default=10)
 
 
 def normalize_robustness_arguments(args: argparse.Namespace) -> None:
@@ -320,8 +292,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="label in reports (default: the algorithm, or 'dense')")
     parser.add_argument("--dataset", default=None, help="default: the dataset the model was trained on")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--limit", type=_positive_int, default=None, help="use only the first N test images")
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N test images")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     add_execution_argument(parser, "auto", "the form every evaluation runs the model in (a structured model runs "

@@ -59,7 +59,7 @@ def config_class(algorithm: type) -> type:
                     f"or annotate __init__(self, config: <Name>Config)")
 
 
-def _parse_value(text: str, current: Any, wants_float: bool = False) -> Any:
+def parse_value(text: str, current: Any, wants_float: bool = False) -> Any:
     """A --set value, read as JSON when it parses (numbers, true/false, lists), else as a string; for a
     float field (``current`` a float, or ``wants_float``: an Optional[float] field), also as Python reads a
     float ("nan", "inf": the config's check then refuses it, naming the field)."""
@@ -109,7 +109,7 @@ def build_config(algorithm: type, target_sparsity: float, overrides: Mapping[str
         if key not in fields:
             raise ConfigError(f"{cls.__name__} has no setting {key!r}; it has {sorted(fields)}")
         try:
-            values[key] = _parse_value(text, getattr(base, key, None), float in _field_types(cls, key))
+            values[key] = parse_value(text, getattr(base, key, None), float in _field_types(cls, key))
         except ValueError as error:
             raise ConfigError(f"--set {key}: {error}") from error
     try:

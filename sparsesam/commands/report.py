@@ -64,14 +64,14 @@ def run_report(args: argparse.Namespace) -> dict:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .evaluate import _positive_int
+    from .common import positive_int
     parser = sub.add_parser("report", help="compare eval / prune runs: report.json, report.md, PNG plots")
     parser.add_argument("folders", nargs="+", help="output folders of 'sparsesam eval' or 'sparsesam prune'")
     parser.add_argument("--out", required=True, help="folder for report.json, report.md and the plots")
     parser.add_argument("--title", default="sparsesam report")
     add_execution_argument(parser, None, "measure every run's latency again, in this form and dense (default: "
                                          "the figures of its eval.json, measured with eval's --execution, auto)")
-    parser.add_argument("--latency-batch", type=_positive_int, default=64)
-    parser.add_argument("--latency-repeats", type=_positive_int, default=10)
+    parser.add_argument("--latency-batch", type=positive_int, default=64)
+    parser.add_argument("--latency-repeats", type=positive_int, default=10)
     parser.set_defaults(func=run_report)
     return parser

@@ -351,7 +351,7 @@ def run_reproduce(args: argparse.Namespace, registry=None) -> dict:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from .train import add_optimizer_arguments
-    from .evaluate import _floats, _ints as _int_list, _names, _positive_int
+    from .common import finite_float_list, int_list, name_list, positive_int
     parser = sub.add_parser(
         "reproduce",
         help=f"the AdaSAP / HARP / C-SAM comparisons and ablations on Fashion-MNIST over seeds ({MEASURED}; "
@@ -379,50 +379,50 @@ def add_parser(sub) -> argparse.ArgumentParser:
     full = {name: values[0] for name, values in BUDGETS.items()}
     budgets = parser.add_argument_group("budgets (default: the full study's; --quick: tiny ones)")
     budgets.add_argument("--dataset", default=None, help=f"default {full['dataset']}")
-    budgets.add_argument("--image-size", type=_positive_int, default=None, help="digits / synthetic only")
+    budgets.add_argument("--image-size", type=positive_int, default=None, help="digits / synthetic only")
     budgets.add_argument("--model", default=None, help=f"default {full['model']}")
     add_number(budgets, "--width", POSITIVE, default=None,
                help=f"width multiplier of the adasap and harp comparisons' models, default {full['width']}")
     add_number(budgets, "--certified-width", POSITIVE, default=None,
                help=f"width multiplier of the csam comparison's models, default {full['certified_width']}")
-    budgets.add_argument("--limit", type=_positive_int, default=None,
+    budgets.add_argument("--limit", type=positive_int, default=None,
                          help=f"training images of the dense models (default {full['limit']})")
-    budgets.add_argument("--val-limit", type=_positive_int, default=None,
+    budgets.add_argument("--val-limit", type=positive_int, default=None,
                          help=f"held-out training images (the last ones) for the dense plateau rule "
                               f"(default {full['val_limit']})")
-    budgets.add_argument("--algo-limit", type=_positive_int, default=None,
+    budgets.add_argument("--algo-limit", type=positive_int, default=None,
                          help=f"training images of the pruning algorithms (default {full['algo_limit']})")
-    budgets.add_argument("--test-limit", type=_positive_int, default=None,
+    budgets.add_argument("--test-limit", type=positive_int, default=None,
                          help=f"test images for clean, corruption and PGD accuracy (default {full['test_limit']})")
-    budgets.add_argument("--batch-size", type=_positive_int, default=None)
-    budgets.add_argument("--dense-max-epochs", type=_positive_int, default=None,
+    budgets.add_argument("--batch-size", type=positive_int, default=None)
+    budgets.add_argument("--dense-max-epochs", type=positive_int, default=None,
                          help=f"cap of the dense trainings (default {full['dense_max_epochs']})")
-    budgets.add_argument("--dense-patience", type=_positive_int, default=None,
+    budgets.add_argument("--dense-patience", type=positive_int, default=None,
                          help=f"plateau: epochs without a gain of --dense-min-delta (default {full['dense_patience']})")
     add_number(budgets, "--dense-min-delta", PROBABILITY, default=None,
                help=f"plateau: the smallest validation-accuracy gain that counts (default {full['dense_min_delta']})")
-    budgets.add_argument("--algo-epochs", type=_positive_int, default=None,
+    budgets.add_argument("--algo-epochs", type=positive_int, default=None,
                          help=f"epochs of every algorithm phase (magnitude fine-tunes twice as long; "
                               f"default {full['algo_epochs']})")
-    budgets.add_argument("--attack-steps", type=_positive_int, default=None,
+    budgets.add_argument("--attack-steps", type=positive_int, default=None,
                          help=f"PGD steps of adversarial training, harp comparison (default {full['attack_steps']})")
     add_number(budgets, "--adv-eps", Range(0.0, 1.0, low_open=True), default=None,
                help=f"L-inf eps of adversarial training (default {full['adv_eps']})")
-    budgets.add_argument("--pgd-eps", type=_floats, default=None, help=f"evaluation eps (default {full['pgd_eps']})")
-    budgets.add_argument("--pgd-steps", type=_positive_int, default=None)
-    budgets.add_argument("--corruptions", type=_names, default=None)
-    budgets.add_argument("--severities", type=_int_list, default=None)
+    budgets.add_argument("--pgd-eps", type=finite_float_list, default=None, help=f"evaluation eps (default {full['pgd_eps']})")
+    budgets.add_argument("--pgd-steps", type=positive_int, default=None)
+    budgets.add_argument("--corruptions", type=name_list, default=None)
+    budgets.add_argument("--severities", type=int_list, default=None)
     add_number(budgets, "--sigma", POSITIVE, default=None,
                help="randomized-smoothing noise level (also the csam comparison's training noise)")
-    budgets.add_argument("--smoothing-examples", type=_positive_int, default=None)
-    budgets.add_argument("--smoothing-n0", type=_positive_int, default=None)
-    budgets.add_argument("--smoothing-n", type=_positive_int, default=None)
+    budgets.add_argument("--smoothing-examples", type=positive_int, default=None)
+    budgets.add_argument("--smoothing-n0", type=positive_int, default=None)
+    budgets.add_argument("--smoothing-n", type=positive_int, default=None)
     add_number(budgets, "--alpha", OPEN_PROBABILITY, default=None, help="failure probability of the certificates")
-    budgets.add_argument("--radii", type=_floats, default=None)
-    budgets.add_argument("--cc-examples", type=_positive_int, default=None)
-    budgets.add_argument("--cc-samples", type=_positive_int, default=None)
-    budgets.add_argument("--cc-transforms", type=_names, default=None)
-    budgets.add_argument("--cc-eps", type=_floats, default=None)
+    budgets.add_argument("--radii", type=finite_float_list, default=None)
+    budgets.add_argument("--cc-examples", type=positive_int, default=None)
+    budgets.add_argument("--cc-samples", type=positive_int, default=None)
+    budgets.add_argument("--cc-transforms", type=name_list, default=None)
+    budgets.add_argument("--cc-eps", type=finite_float_list, default=None)
     add_optimizer_arguments(parser, epochs=None, what="training of each seed's starting models")
     add_execution_argument(parser, "auto", "the algorithms' fixed-mask phases and every evaluation (not a budget: "
                                            "a rerun may change it)")

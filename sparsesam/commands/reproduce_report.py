@@ -24,7 +24,7 @@ import numpy as np
 from ..model_files import read_json, write_json
 from .. import _extras
 from .._files import atomic_write
-from ..reporting import _table
+from ..reporting import markdown_table
 from ..robust import plots
 from .reproduce_plan import COMPARISONS, Comparison
 
@@ -201,7 +201,7 @@ def _mean_dicts(items: List[Any]) -> Any:
 
 def plot_metrics_vs_sparsity(comparison: Comparison, rows: List[Dict[str, Any]], names: List[str], path: str) -> str:
     """One panel per metric: mean over seeds against target sparsity, one line per method, min–max error bars."""
-    figure, axes = plots._figure(4.2 * len(names), 3.8, ncols=len(names))
+    figure, axes = plots.new_figure(4.2 * len(names), 3.8, ncols=len(names))
     axes = np.atleast_1d(axes)
     for axis, name in zip(axes, names):
         for method in comparison.labels:
@@ -219,7 +219,7 @@ def plot_metrics_vs_sparsity(comparison: Comparison, rows: List[Dict[str, Any]],
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
     figure.suptitle(f"{comparison.key}: mean over seeds, bars = min–max")
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)
 
 
 def _figures(comparison: Comparison, rows, runs, figures: str) -> List[str]:
@@ -350,7 +350,7 @@ def _p(value: Optional[float]) -> str:
 
 
 def _verdict_table(verdicts: List[Dict[str, Any]]) -> str:
-    return _table(["target", "metric", "vs", "difference: mean ± std [95% CI]", "wins/losses", "p", "p (Holm)",
+    return markdown_table(["target", "metric", "vs", "difference: mean ± std [95% CI]", "wins/losses", "p", "p (Holm)",
                    "call"],
                   [[f"{100 * v['sparsity']:g}%", v["metric"], v["baseline"], _difference(v),
                     f"{v['wins']}/{v['losses']} of {v['n']}", _p(v["p"]), _p(v.get("p_holm")), v["call"]]
@@ -389,7 +389,7 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
         f"training", ""]
     if t["dense"]:
         lines += ["## Dense starting models", "",
-                  _table(["kind", "seeds", "epochs to plateau", "validation accuracy", "test accuracy",
+                  markdown_table(["kind", "seeds", "epochs to plateau", "validation accuracy", "test accuracy",
                           "training s (mean)"],
                          [[kind, str(d["n"]), ", ".join(map(str, d["epochs"])) +
                            ("" if all(d["plateaued"]) else " (some hit the cap)"),
@@ -407,7 +407,7 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
                   ""]
         table = [[r["method"], f"{100 * r['target_sparsity']:g}% {comparison.unit}", str(r["seeds"]),
                   *[_cell(r["metrics"].get(n)) for n in names]] for r in rows]
-        lines += [_table(["method", "target", "seeds", *names], table), ""]
+        lines += [markdown_table(["method", "target", "seeds", *names], table), ""]
         baseline = [v for v in data["verdicts"] if v["role"] == "baseline"]
         ablation = [v for v in data["verdicts"] if v["role"] == "ablation"]
         if baseline:
@@ -420,7 +420,7 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
                           _verdict_table(mine), ""]
     if t["methods"]:
         lines += ["## Cost per phase (mean seconds of one run, one process)", "",
-                  _table(["run", "phases and evaluation"],
+                  markdown_table(["run", "phases and evaluation"],
                          [[key, ", ".join(f"{p} {s:.0f}" for p, s in parts.items())]
                           for key, parts in t["methods"].items()]), ""]
     figures = report["figures"]

@@ -20,7 +20,7 @@ from ..optim import SAM
 from ..training import evaluate, model_device
 from ..model_files import build_from_spec, check_model_name, model_spec, save_model_folder, write_json
 from .common import (ConfigError, add_device_argument, add_number, check_numbers, dataset_key, echo_config, load_data,
-                     make_loaders, prepare_out, resolve_device, seed_everything)
+                     make_loaders, non_negative_int, positive_int, prepare_out, resolve_device, seed_everything)
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "train.json"
@@ -34,10 +34,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fashion_mnist, cifar10, digits, synthetic, or imagefolder:PATH (your images: "
                              "PATH/train/<class>/*.png and PATH/test/<class>/*.png)")
     parser.add_argument("--data-dir", default=None, help="folder of a file-backed dataset (default: its usual place)")
-    parser.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images of each split")
-    parser.add_argument("--image-size", type=_positive_int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N images of each split")
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="image size (digits / synthetic; imagefolder: resize and centre-crop to it)")
-    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -56,27 +56,13 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, epochs: Optional[in
     """SGD / SAM flags; ``epochs=None``: no --epochs flag (the caller decides how long to train)."""
     group = parser.add_argument_group(f"dense {what}")
     if epochs is not None:
-        group.add_argument("--epochs", type=_non_negative_int, default=epochs)
+        group.add_argument("--epochs", type=non_negative_int, default=epochs)
     add_number(group, "--lr", OPTIMIZER_FLAGS["--lr"], default=0.05)
     add_number(group, "--momentum", OPTIMIZER_FLAGS["--momentum"], default=0.9)
     add_number(group, "--weight-decay", OPTIMIZER_FLAGS["--weight-decay"], default=5e-4)
     add_number(group, "--sam-rho", OPTIMIZER_FLAGS["--sam-rho"], default=0.0,
                help="SAM radius; 0 trains with plain SGD")
     group.add_argument("--adaptive", action="store_true", help="ASAM (scale-invariant radius); needs --sam-rho > 0")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
 
 
 def check_optimizer_arguments(args: argparse.Namespace) -> None:

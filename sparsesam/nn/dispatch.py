@@ -332,7 +332,7 @@ def sparse_forms(layer: nn.Module) -> List[str]:
     return [fmt.name for fmt in SPARSE_FORMATS if fmt.masked is base and fmt.refuses(masked) is None]
 
 
-def _copy_in(layer: nn.Module, form: str) -> nn.Module:
+def copy_in_form(layer: nn.Module, form: str) -> nn.Module:
     """A plain copy of ``layer`` in ``form`` (shares nothing): what "auto" times."""
     masked = layer.to_masked() if form_of(layer) != "dense" else _plain_masked_copy(layer)
     return masked if form == "dense" else _find_format(form, _masked_base(layer)).layer.from_masked(masked)
