@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import sparsesam
-from sparsesam.commands.evaluate import certificate_form
 from sparsesam.models.small_cnn import SmallCNN
 from sparsesam.nn import export
 from sparsesam.pruning import magnitude_prune
+from sparsesam.evaluation import certificate_form
 
 WIDTHS = [8, 16]  # channels of the first layer: study widths 0.25 and 0.5
 BATCH = 1000

@@ -15,8 +15,12 @@ The layers, lowest first (each may import only the ones above it):
 * ``sparsesam.robust``: corruptions, attacks, randomized smoothing, CC-Cert.
 * ``sparsesam.data``, ``sparsesam.models``: datasets and architectures.
 
-The ``sparsesam`` command (``sparsesam.cli`` over ``sparsesam.commands``)
-trains, prunes, evaluates and reproduces the papers' comparisons. The
+Above them, the runs: ``sparsesam.training`` (the training and evaluation
+loops), ``sparsesam.pruning_run`` (one algorithm's run), ``sparsesam.evaluation``
+(accuracy, latency, robustness) and ``sparsesam.model_files`` (model folders
+and run files), which the study (``sparsesam.study``, the papers'
+comparisons) and the ``sparsesam`` command (``sparsesam.cli`` and its
+subcommands) use; the library never imports the command's modules. The
 subpackages not imported here (algorithms, pruning, robust, data, models)
 load on first use: ``import sparsesam`` stays light.
 """

@@ -16,8 +16,8 @@ from sparsesam.algorithms import ALGORITHMS
 from sparsesam.cli import build_parser
 from sparsesam.commands.common import ConfigError, NumberFlag, finite_float_list, float_list
 from sparsesam.commands.evaluate import check_eval_arguments
-from sparsesam.commands.registry import build_config, config_class
-from sparsesam.commands.train import check_optimizer_arguments
+from sparsesam.algorithms.registry import build_config, config_class
+from sparsesam.training import check_optimizer_arguments
 from sparsesam.optim import SAM
 from sparsesam.optim.fused_sgd import FusedMaskedSGD
 

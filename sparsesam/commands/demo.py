@@ -24,16 +24,17 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import Checkpointer
-from ..training import evaluate
+from ..training import DENSE_CHECKPOINT, check_optimizer_arguments, evaluate, fit_dense
 from .. import reporting
 from .._validate import FRACTION, POSITIVE
 from ..model_files import build_from_spec, load_model_folder, model_spec, save_model_folder, write_json
-from .common import (ConfigError, add_execution_argument, add_number, check_fraction, dataset_key, echo_config,
-                     load_data, make_loaders, prepare_out, seed_everything)
-from .evaluate import add_robustness_arguments, check_eval_arguments, evaluate_model, normalize_robustness_arguments
-from .prune import PRUNE_CHECKPOINT, parse_settings, prune_model
-from .registry import algorithm_registry, build_config, epoch_fields
-from .train import CHECKPOINT, check_optimizer_arguments, fit_dense
+from ..run_setup import check_fraction, dataset_key, load_data, make_loaders, prepare_out, seed_everything
+from ..evaluation import evaluate_model
+from ..pruning_run import PRUNE_CHECKPOINT, prune_model
+from .common import ConfigError, add_execution_argument, add_number, echo_config
+from .evaluate import add_robustness_arguments, check_eval_arguments, normalize_robustness_arguments
+from .prune import parse_settings
+from ..algorithms.registry import algorithm_registry, build_config, epoch_fields
 
 DEFAULT_METHODS = ("magnitude", "adasap", "harp", "csam")
 STRUCTURED_METHODS = ("adasap",)
@@ -90,8 +91,8 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
         leftover = os.path.join(out, method, PRUNE_CHECKPOINT)
         if os.path.exists(leftover) and not args.resume:
             raise ConfigError(f"{leftover} holds an unfinished run: pass --resume or choose another --out")
-    if os.path.exists(os.path.join(dense_dir, CHECKPOINT)) and not args.resume:
-        raise ConfigError(f"{os.path.join(dense_dir, CHECKPOINT)} holds an unfinished run: pass --resume "
+    if os.path.exists(os.path.join(dense_dir, DENSE_CHECKPOINT)) and not args.resume:
+        raise ConfigError(f"{os.path.join(dense_dir, DENSE_CHECKPOINT)} holds an unfinished run: pass --resume "
                           f"or choose another --out")
     echo_config(args, out)
     seed_everything(args.seed)
@@ -110,7 +111,7 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
         print("[demo] dense model already trained (--resume): reusing it", file=sys.stderr)
     else:
         dense = build_from_spec(spec)
-        checkpointer = Checkpointer(os.path.join(dense_dir, CHECKPOINT))
+        checkpointer = Checkpointer(os.path.join(dense_dir, DENSE_CHECKPOINT))
         history = fit_dense(dense, train_loader, test_loader, generator, args, checkpointer, label="dense")
         save_model_folder(dense, spec, dense_dir, extra={"stage": "train", "algorithm": None})
         dense_test = evaluate(dense, test_loader, desc="test", progress=args.progress)
@@ -179,7 +180,7 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
 
 def _typed(algorithm, values):
     """Demo defaults are ints / floats already; --set strings are parsed like prune's --set."""
-    from .registry import config_class, parse_value
+    from ..algorithms.registry import config_class, parse_value
     import dataclasses
     cls = config_class(algorithm)
     base = {f.name: f.default for f in dataclasses.fields(cls)}

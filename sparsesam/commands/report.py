@@ -15,7 +15,8 @@ from typing import Any, Dict, List
 import torch
 
 from .. import reporting
-from .common import ConfigError, add_execution_argument, check_execution
+from ..run_setup import check_execution
+from .common import ConfigError, add_execution_argument
 
 
 def _model_folder(run: Dict[str, Any]):
@@ -28,7 +29,7 @@ def _model_folder(run: Dict[str, Any]):
 
 def retime(runs: List[Dict[str, Any]], execution: str, batch: int, repeats: int) -> None:
     """Measure each run's model in ``execution`` form and in dense form; the results replace the eval's."""
-    from .evaluate import latency_as_run_and_dense, runnable
+    from ..evaluation import latency_as_run_and_dense, runnable
     from ..model_files import load_compacted, load_model_folder, plain_model
     for run in runs:
         folder = _model_folder(run)

@@ -21,12 +21,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..model_files import read_json, write_json
 from .. import _extras
 from .._files import atomic_write
+from ..model_files import read_json, write_json
 from ..reporting import markdown_table
 from ..robust import plots
-from .reproduce_plan import COMPARISONS, Comparison
+from .plan import COMPARISONS, Comparison
 
 RUN_FILE = "run.json"
 MIN_SEEDS = 3  # the project's rule: no difference is called on fewer seeds
@@ -82,7 +82,7 @@ def metrics(comparison: Comparison, record: Dict[str, Any]) -> Dict[str, float]:
     return values
 
 
-def _stats(values: List[float], seeds: Optional[List[int]] = None) -> Dict[str, Any]:
+def seed_stats(values: List[float], seeds: Optional[List[int]] = None) -> Dict[str, Any]:
     stats = {"n": len(values), "mean": statistics.fmean(values),
              "std": statistics.stdev(values) if len(values) > 1 else 0.0,
              "min": min(values), "max": max(values), "values": values}
@@ -105,7 +105,7 @@ def aggregate(out: str, comparison: Comparison, seeds: List[int]) -> Tuple[List[
                     per_seed[seed] = metrics(comparison, record)
             names = list(dict.fromkeys(k for m in per_seed.values() for k in m))
             rows.append({"method": method, "target_sparsity": sparsity, "seeds": len(per_seed),
-                         "metrics": {k: _stats([m[k] for m in per_seed.values() if k in m],
+                         "metrics": {k: seed_stats([m[k] for m in per_seed.values() if k in m],
                                                [s for s, m in per_seed.items() if k in m]) for k in names}})
     return rows, runs
 
@@ -255,7 +255,7 @@ def _figures(comparison: Comparison, rows, runs, figures: str) -> List[str]:
 
 
 def _dense_infos(out: str, seeds: List[int], kinds: List[str]) -> Dict[str, List[dict]]:
-    """Each kind's finished dense models (train.json of reproduce_dense), in seed order."""
+    """Each kind's finished dense models (train.json of sparsesam.study.dense), in seed order."""
     infos: Dict[str, List[dict]] = {}
     for kind in kinds:
         for seed in seeds:
@@ -273,8 +273,8 @@ def _timing(runs: List[dict], out: str, seeds: List[int], kinds: List[str]) -> D
         train = [sum(h.get("seconds", 0.0) for h in info["history"]) for info in infos]
         dense[kind] = {"n": len(infos), "epochs": [info["epochs"] for info in infos],
                        "plateaued": [info["plateaued"] for info in infos],
-                       "train_seconds": train, "test_accuracy": _stats([i["test_accuracy"] for i in infos]),
-                       "val_accuracy": _stats([i["val_accuracy"] for i in infos])}
+                       "train_seconds": train, "test_accuracy": seed_stats([i["test_accuracy"] for i in infos]),
+                       "val_accuracy": seed_stats([i["val_accuracy"] for i in infos])}
     methods: Dict[str, Dict[str, List[float]]] = {}
     for run in runs:
         key = f"{run['comparison']}/{run['method']}@{run['target_sparsity']:g}"
