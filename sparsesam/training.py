@@ -6,15 +6,17 @@ a SAM optimizer takes its two passes, and the loss is cross-entropy or any
 :func:`fit_dense` trains a dense model for ``epochs`` epochs with a
 checkpoint after each (``sparsesam train``, ``prune``'s pre-training and
 the study's dense models). The algorithms' own phases
-(``sparsesam.algorithms._steps``) keep their loop: it steps masks, scores
-and per-phase optimizers that this loop does not know about.
+(``sparsesam.algorithms._steps``) keep their epoch loops (they step masks,
+scores and per-phase optimizers this loop does not know about) but take
+the same step, :func:`take_step`, on the same clean loss,
+:func:`cross_entropy_loss`.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -77,8 +79,43 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int):
+    """The clean loss in the ``loss_fn(model, x, y, step) -> (loss, logits)`` form (``step`` unused)."""
     logits = model(x)
     return F.cross_entropy(logits, y), logits
+
+
+def take_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+              loss_fn: Callable, step: int, *, sam: bool,
+              extra_loss: Optional[Callable[[], torch.Tensor]] = None
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Dict[str, float]]:
+    """One optimizer step on ``loss_fn(model, x, y, step)``: returns (the loss, its logits or None, extras).
+
+    sam: SAM's two passes (gradient at w, ascent to w + e, gradient there,
+    descent from w; ``optimizer`` has first_step / second_step); otherwise one
+    step of ``optimizer`` on the loss plus ``extra_loss()`` (a regulariser,
+    whose value is returned in extras). The step every training loop takes:
+    train_epoch's and the algorithms' (sparsesam.algorithms._steps).
+    """
+    loss, logits = loss_fn(model, x, y, step)
+    extras: Dict[str, float] = {}
+    if sam:
+        if extra_loss is not None:
+            raise ValueError("extra_loss is not supported with sam=True")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.first_step(zero_grad=True)
+        loss_fn(model, x, y, step)[0].backward()
+        optimizer.second_step(zero_grad=True)
+        return loss, logits, extras
+    total = loss
+    if extra_loss is not None:
+        regulariser = extra_loss()
+        total = total + regulariser
+        extras["regulariser"] = regulariser.item()
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return loss, logits, extras
 
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, desc: str,
@@ -102,15 +139,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
     device = model_device(model)
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, logits = loss_fn(model, x, y, first_step + i)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if sam:
-            optimizer.first_step(zero_grad=True)
-            loss_fn(model, x, y, first_step + i)[0].backward()
-            optimizer.second_step(zero_grad=True)
-        else:
-            optimizer.step()
+        loss, logits, _ = take_step(model, x, y, optimizer, loss_fn, first_step + i, sam=sam)
         value = loss.item()  # the step's one sync
         check.step(loss=value)
         total_loss += value * len(y)
