@@ -386,10 +386,10 @@ def test_formats_by_preference_by_name_and_timed(monkeypatch):
 
 def test_block_structured_masks_run_block_sparse():
     """BSR is registered before CSR: "sparse" takes it for a block-structured mask, CSR for the others."""
-    from sparsesam.pruning import block_magnitude_mask
+    from sparsesam.pruning import bsr_magnitude_mask
     torch.manual_seed(3)
     model = sparsesam.sparsify(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))).double()
-    model[0].set_mask(block_magnitude_mask(model[0].weight, 0.75, block=(8, 8)))
+    model[0].set_mask(bsr_magnitude_mask(model[0].weight, 0.75, blocksize=(8, 8)))
     model[2].set_mask(torch.rand_like(model[2].weight) < 0.3)
     x = torch.randn(5, 32, dtype=torch.float64)
     y = model(x)
@@ -508,11 +508,11 @@ def test_a_single_layer_model_returns_its_new_form():
 def test_mapping_restores_exact_forms():
     """{name: form} as execution_summary(formats=True) reports it: a resume loads the checkpoint into
     the dense model (any form loads) and then restores the saved forms."""
-    from sparsesam.pruning import block_magnitude_mask, nm_mask
+    from sparsesam.pruning import bsr_magnitude_mask, nm_mask
     torch.manual_seed(8)
     model = sparsesam.sparsify(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
                                              nn.Linear(32, 8))).double()
-    model[0].set_mask(block_magnitude_mask(model[0].weight, 0.75, block=(8, 8)))
+    model[0].set_mask(bsr_magnitude_mask(model[0].weight, 0.75, blocksize=(8, 8)))
     model[2].set_mask(nm_mask(model[2].weight.abs(), 2, 4))
     model[4].set_mask(torch.rand_like(model[4].weight) < 0.3)
     set_execution(model, {"0": "bsr", "2": "csr"})  # layers not named keep their form
