@@ -27,7 +27,7 @@ load on first use: ``import sparsesam`` stays light.
 import importlib
 
 from . import ops, optim, reference, sparse
-from .nn import (MaskedConv2d, MaskedLinear, SparseLinear, execution_summary, export, masked_layers,
+from .nn import (CSRLinear, MaskedConv2d, MaskedLinear, SparseLinear, execution_summary, export, masked_layers,
                  resolve_execution, set_execution, sparsify)
 from .optim import SAM
 
@@ -35,8 +35,8 @@ __version__ = "0.1.0"
 
 _LAZY = ("algorithms", "pruning", "robust", "data", "models")
 
-__all__ = ["ops", "optim", "reference", "sparse", *_LAZY, "MaskedLinear", "MaskedConv2d", "SparseLinear", "SAM",
-           "sparsify", "export", "masked_layers", "set_execution", "resolve_execution", "execution_summary",
+__all__ = ["ops", "optim", "reference", "sparse", *_LAZY, "MaskedLinear", "MaskedConv2d", "CSRLinear", "SparseLinear",
+           "SAM", "sparsify", "export", "masked_layers", "set_execution", "resolve_execution", "execution_summary",
            "__version__"]
 
 

@@ -1,7 +1,9 @@
 """``sparsesam eval``: clean accuracy, size, CPU latency and robustness of an exported model.
 
 The measuring is the library's (sparsesam.evaluation.evaluate_model); this
-module holds the flags, their checks and the run. The model runs in the form ``--execution`` asks for (default "auto": each
+module holds the flags, their checks and the run.
+
+The model runs in the form ``--execution`` asks for (default "auto": each
 masked layer is timed dense and in the sparse formats its mask allows, on a
 test batch, and keeps the fastest); a structured model runs as its
 compacted model (physically smaller, dense). Latency is measured in that

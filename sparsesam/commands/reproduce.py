@@ -94,7 +94,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                          help=f"PGD steps of adversarial training, harp comparison (default {full['attack_steps']})")
     add_number(budgets, "--adv-eps", Range(0.0, 1.0, low_open=True), default=None,
                help=f"L-inf eps of adversarial training (default {full['adv_eps']})")
-    budgets.add_argument("--pgd-eps", type=finite_float_list, default=None, help=f"evaluation eps (default {full['pgd_eps']})")
+    budgets.add_argument("--pgd-eps", type=finite_float_list, default=None,
+                         help=f"evaluation eps (default {full['pgd_eps']})")
     budgets.add_argument("--pgd-steps", type=positive_int, default=None)
     budgets.add_argument("--corruptions", type=name_list, default=None)
     budgets.add_argument("--severities", type=int_list, default=None)

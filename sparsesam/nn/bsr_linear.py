@@ -1,6 +1,6 @@
 """BlockSparseLinear: a linear layer that stores and computes only the kept blocks of a block-structured mask.
 
-The block counterpart of :class:`~sparsesam.nn.SparseLinear`, with the same
+The block counterpart of :class:`~sparsesam.nn.CSRLinear`, with the same
 interface: it keeps ``values`` (the kept ``bh x bw`` blocks, a Parameter of
 shape ``(nblocks, bh, bw)``) and the int32
 :class:`~sparsesam.sparse.BSRPattern` of the mask, and runs
