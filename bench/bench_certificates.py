@@ -7,7 +7,7 @@ inputs, 90% of the weights pruned by magnitude, batch 1000 (the study's
 smoothing batch), eval mode, ``torch.no_grad()``. Forms:
 
 * ``masked``: the model as loaded (masked layers, the fused masked ops);
-* ``certificate``: ``commands.evaluate.certificate_form`` of the plain
+* ``certificate``: ``sparsesam.evaluation.certificate_form`` of the plain
   model (masks baked into nn.Conv2d / nn.Linear, channels_last).
 
 In the report: ``.venv/bin/python bench/report.py --suite certificates``
