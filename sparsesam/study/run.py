@@ -36,8 +36,7 @@ from ..pruning_run import prune_model, with_execution
 from ..run_setup import check_execution, load_data, prepare_out, seed_everything
 from ..training import check_optimizer_arguments
 from .dense import dense_folder, train_dense, training_loader
-from .plan import (BUDGETS, COMPARISONS, Comparison, check_budgets, dense_starts, method_config,
-                             resolve_budgets)
+from .plan import COMPARISONS, Comparison, check_budgets, dense_starts, method_config, resolve_budgets
 from .report import RUN_FILE, git_commit, run_folder, write_study_report
 
 STUDY_FILE = "study.json"
