@@ -38,7 +38,8 @@ import algorithm_baselines as base
 from timing import interleaved
 from sparsesam.algorithms import (AdaSAP, AdaSAPConfig, CSAM, CSAMConfig, HARP, HARPConfig, Magnitude,
                                   MagnitudeConfig)
-from sparsesam.algorithms._steps import clean_loss, sam_step
+from sparsesam.algorithms._steps import sam_step
+from sparsesam.training import cross_entropy_loss
 from sparsesam.models import build_model
 from sparsesam.nn import execution_summary, masked_layers, set_execution
 
@@ -108,7 +109,7 @@ def adasap_sides(build=resnet18, batches=None, loader=None, sparsity: float = 0.
     step = iter(range(10**9))
 
     def ours():
-        sam_step(model, x, y, optimizer, clean_loss, next(step))
+        sam_step(model, x, y, optimizer, cross_entropy_loss, next(step))
 
     reference = base.ChannelRhoASAM(plain.parameters(), torch.optim.SGD, rho=config.rho_min, adaptive=True,
                                     eps=optimizer.eps, lr=config.lr, momentum=config.momentum,

@@ -2,7 +2,7 @@
 ``sparse_linear`` on the same mask and vs the dense masked baseline ``F.linear(x, w*m, b)``, all with
 autograd, forward + backward, measured in the same run.
 
-B=256, 4096x4096 linear; block masks from ``block_magnitude_mask`` (whole
+B=256, 4096x4096 linear; block masks from ``bsr_magnitude_mask`` (whole
 blocks kept) at block sparsity 0.5 to 0.99, with 16x16 blocks (and 4x4, a
 finer grain that still reuses each activation load 4 times). The CSR op runs
 the very same mask entry by entry, so the CSR/BSR ratio is what the block
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsesam.ops import bsr_linear, sparse_linear
-from sparsesam.pruning import block_magnitude_mask
+from sparsesam.pruning import bsr_magnitude_mask
 from sparsesam.sparse import BSRPattern, CSRPattern
 
 from memory import saved_bytes
@@ -46,7 +46,7 @@ def _case(impl, sparsity, block):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, FEATURES, generator=gen, requires_grad=True)
     w = torch.randn(FEATURES, FEATURES, generator=gen)
-    m = block_magnitude_mask(w, sparsity, block=block)
+    m = bsr_magnitude_mask(w, sparsity, blocksize=block)
     b = torch.randn(FEATURES, generator=gen, requires_grad=True)
     if impl == "bsr":
         pattern = BSRPattern.from_mask(m, block)

@@ -7,7 +7,7 @@ inputs, 90% of the weights pruned by magnitude, batch 1000 (the study's
 smoothing batch), eval mode, ``torch.no_grad()``. Forms:
 
 * ``masked``: the model as loaded (masked layers, the fused masked ops);
-* ``certificate``: ``commands.evaluate.certificate_form`` of the plain
+* ``certificate``: ``sparsesam.evaluation.certificate_form`` of the plain
   model (masks baked into nn.Conv2d / nn.Linear, channels_last).
 
 In the report: ``.venv/bin/python bench/report.py --suite certificates``
@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import sparsesam
-from sparsesam.commands.evaluate import certificate_form
 from sparsesam.models.small_cnn import SmallCNN
 from sparsesam.nn import export
 from sparsesam.pruning import magnitude_prune
+from sparsesam.evaluation import certificate_form
 
 WIDTHS = [8, 16]  # channels of the first layer: study widths 0.25 and 0.5
 BATCH = 1000

@@ -1,6 +1,6 @@
 """A whole training step (forward, cross-entropy, backward, SGD with momentum) of a
 99%-sparse MLP: fixed-mask layers run dense masked (``sparsify()``'s MaskedLinear) vs
-sparse (``set_execution(model, "sparse")``: SparseLinear), and what ``"auto"`` picks.
+sparse (``set_execution(model, "sparse")``: CSRLinear), and what ``"auto"`` picks.
 
 MLP 1024 -> 4096 -> 4096 -> 4096 -> 10, ReLU, B=256; the three hidden layers are pruned to
 the sparsity by random fixed masks, the 10-way head stays dense. Both models hold the

@@ -239,7 +239,7 @@ def memory_section() -> str:
 A 4096x4096 linear layer with a random fixed mask, measured from the tensors: every
 parameter and buffer each form holds in memory, and its `state_dict` serialised by
 `torch.save`. MaskedLinear: fp32 weight + bool mask + bias, whatever the sparsity.
-SparseLinear: fp32 values + int32 CSR index, plus in memory the transposed index and
+CSRLinear: fp32 values + int32 CSR index, plus in memory the transposed index and
 value permutation its backward uses (rebuilt on load, not saved): 16 bytes per kept
 weight in memory, 8 in the state_dict, so it is smaller from about 31% density
 (memory) / 62% density (state_dict) down.

@@ -1,7 +1,7 @@
 """Weight storage of a fixed-mask linear layer, dense masked vs sparse, measured from the tensors.
 
 MaskedLinear keeps the full fp32 weight and a bool mask whatever the sparsity;
-SparseLinear keeps the nnz values and an int32 index (CSR, plus the transposed
+CSRLinear keeps the nnz values and an int32 index (CSR, plus the transposed
 index its backward uses, rebuilt on load and so not saved). Measured: the bytes
 of every parameter and buffer each layer holds in memory, and the size of its
 ``state_dict`` serialised by ``torch.save`` (what a checkpoint costs).
@@ -16,7 +16,7 @@ from typing import List
 import torch
 from torch import nn
 
-from sparsesam.nn import MaskedLinear, SparseLinear
+from sparsesam.nn import MaskedLinear, CSRLinear
 
 FEATURES = 4096
 SPARSITIES = [0.0, 0.5, 0.75, 0.9, 0.95, 0.99]
@@ -42,7 +42,7 @@ def measure(sparsities=SPARSITIES, features: int = FEATURES) -> List[dict]:
     gen = torch.Generator().manual_seed(0)
     for sparsity in sparsities:
         masked = MaskedLinear(features, features, mask=torch.rand(features, features, generator=gen) >= sparsity)
-        sparse = SparseLinear.from_masked(masked)
+        sparse = CSRLinear.from_masked(masked)
         rows.append({"sparsity": sparsity, "nnz": sparse.nnz, "masked_bytes": tensor_bytes(masked),
                      "sparse_bytes": tensor_bytes(sparse), "masked_state_dict": state_dict_bytes(masked),
                      "sparse_state_dict": state_dict_bytes(sparse)})

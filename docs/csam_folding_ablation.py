@@ -8,10 +8,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from sparsesam.algorithms import CSAM, CSAMConfig
-from sparsesam.commands.common import load_data
-from sparsesam.commands.export import load_model_folder
+from sparsesam.model_files import load_model_folder
 from sparsesam.nn import masked_layers
 from sparsesam.training import evaluate
+from sparsesam.run_setup import load_data
 
 
 class FoldingCSAM(CSAM):

@@ -15,15 +15,19 @@ The layers, lowest first (each may import only the ones above it):
 * ``sparsesam.robust``: corruptions, attacks, randomized smoothing, CC-Cert.
 * ``sparsesam.data``, ``sparsesam.models``: datasets and architectures.
 
-The ``sparsesam`` command (``sparsesam.cli`` over ``sparsesam.commands``)
-trains, prunes, evaluates and reproduces the papers' comparisons. The
+Above them, the runs: ``sparsesam.training`` (the training and evaluation
+loops), ``sparsesam.pruning_run`` (one algorithm's run), ``sparsesam.evaluation``
+(accuracy, latency, robustness) and ``sparsesam.model_files`` (model folders
+and run files), which the study (``sparsesam.study``, the papers'
+comparisons) and the ``sparsesam`` command (``sparsesam.cli`` and its
+subcommands) use; the library never imports the command's modules. The
 subpackages not imported here (algorithms, pruning, robust, data, models)
 load on first use: ``import sparsesam`` stays light.
 """
 import importlib
 
 from . import ops, optim, reference, sparse
-from .nn import (MaskedConv2d, MaskedLinear, SparseLinear, execution_summary, export, masked_layers,
+from .nn import (CSRLinear, MaskedConv2d, MaskedLinear, SparseLinear, execution_summary, export, masked_layers,
                  resolve_execution, set_execution, sparsify)
 from .optim import SAM
 
@@ -31,8 +35,8 @@ __version__ = "0.1.0"
 
 _LAZY = ("algorithms", "pruning", "robust", "data", "models")
 
-__all__ = ["ops", "optim", "reference", "sparse", *_LAZY, "MaskedLinear", "MaskedConv2d", "SparseLinear", "SAM",
-           "sparsify", "export", "masked_layers", "set_execution", "resolve_execution", "execution_summary",
+__all__ = ["ops", "optim", "reference", "sparse", *_LAZY, "MaskedLinear", "MaskedConv2d", "CSRLinear", "SparseLinear",
+           "SAM", "sparsify", "export", "masked_layers", "set_execution", "resolve_execution", "execution_summary",
            "__version__"]
 
 

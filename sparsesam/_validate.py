@@ -20,7 +20,11 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
+
+
+class ConfigError(ValueError):
+    """A bad setting given by the user: the CLI prints it on one line and exits with status 2."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,30 @@ FRACTION = Range(0.0, 1.0, high_open=True)           # a sparsity: 1 would remov
 PROBABILITY = Range(0.0, 1.0)
 OPEN_PROBABILITY = Range(0.0, 1.0, low_open=True, high_open=True)  # a significance level
 MOMENTUM = Range(0.0, 1.0, high_open=True)
+
+
+def number_problem(value: Any, allowed: Range) -> Optional[str]:
+    """None when ``value`` (a number, or a list of them: non-empty, every entry) is in ``allowed``, else
+    "must be ..., got ..." (without the flag's name)."""
+    if not isinstance(value, (list, tuple)):
+        return allowed.problem(value)
+    if not value:
+        return f"must list one or more numbers, each {allowed.describe()}"
+    for i, entry in enumerate(value):
+        problem = allowed.problem(entry)
+        if problem is not None:
+            return f"{problem} (entry {i + 1} of {len(value)})"
+    return None
+
+
+def check_numbers(args: Any, flags: Mapping[str, Range]) -> None:
+    """The same ranges on a namespace built in code (not parsed): a ConfigError naming the first flag out of
+    its range. ``flags``: ``{"--flag-name": Range}``; a value of None (a default left to the command) passes."""
+    for flag, allowed in flags.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        problem = None if value is None else number_problem(value, allowed)
+        if problem is not None:
+            raise ConfigError(f"{flag} {problem}")
 
 
 def is_real(value) -> bool:

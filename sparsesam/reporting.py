@@ -116,7 +116,7 @@ def _fmt(value: Any, kind: str = "float") -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _table(header: List[str], rows: List[List[str]]) -> str:
+def markdown_table(header: List[str], rows: List[List[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -146,7 +146,7 @@ def markdown(rows: List[dict], not_run: Mapping[str, str], title: str = "sparses
                      _fmt(r["mean_corruption_accuracy"], "pct")])
     for name, reason in not_run.items():
         body.append([name] + ["not run"] + ["–"] * (len(header) - 2))
-    parts += ["## Summary", "", _table(header, body), ""]
+    parts += ["## Summary", "", markdown_table(header, body), ""]
     if not_run:
         parts += ["Not run: " + "; ".join(f"{k} ({v})" for k, v in not_run.items()), ""]
     for key, heading, col in (("pgd_accuracy", "PGD (L-inf) accuracy % by eps", "eps"),
@@ -163,13 +163,13 @@ def markdown(rows: List[dict], not_run: Mapping[str, str], title: str = "sparses
             note = f" (sigma = {present[0][1].get('smoothing_sigma')})"
         if key == "cc_cert_accuracy":
             note = f" (failure probability <= {present[0][1].get('cc_cert_eps')})"
-        parts += [f"## {heading}{note}", "", _table(header, body), ""]
+        parts += [f"## {heading}{note}", "", markdown_table(header, body), ""]
     return "\n".join(parts)
 
 
 def plot_accuracy_vs_sparsity(rows: List[dict], path: str) -> str:
     """Clean (and mean corruption) accuracy against sparsity, one line per method."""
-    figure, axes = plots._figure(5.5, 4)
+    figure, axes = plots.new_figure(5.5, 4)
     methods = OrderedDict()
     for r in rows:
         if r["sparsity"] is not None and r["clean_accuracy"] is not None:
@@ -187,7 +187,7 @@ def plot_accuracy_vs_sparsity(rows: List[dict], path: str) -> str:
     axes.set_ylim(0, 1)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)
 
 
 def write_report(runs: List[dict], out: str, *, not_run: Optional[Mapping[str, str]] = None,
@@ -220,7 +220,7 @@ def write_report(runs: List[dict], out: str, *, not_run: Optional[Mapping[str, s
     if figures:
         text += "\n## Figures\n\n" + "\n".join(f"![{k}]({os.path.basename(v)})" for k, v in figures.items()) + "\n"
     atomic_write(os.path.join(out, "report.md"), text)
-    from .commands.common import write_json  # shared atomic JSON writer (NaN-free)
+    from .model_files import write_json  # shared atomic JSON writer (NaN-free)
     write_json(os.path.join(out, "report.json"), report)
     return report
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from sparsesam.data import load_digits
 from sparsesam.models import SmallCNN
-from sparsesam.training import evaluate, train_one_epoch
+from sparsesam.training import evaluate, train_epoch
 
 NUM_CLASSES = 10
 CHANCE = 1.0 / NUM_CLASSES
@@ -55,7 +55,7 @@ def _pretrained_state():
     loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(3):
-        train_one_epoch(model, loader, optimizer, progress=False)
+        train_epoch(model, loader, optimizer, desc="train", progress=False)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -194,8 +194,8 @@ def test_asam_prune_resume_is_bitwise_identical():
 
 
 def test_asam_prune_is_the_studys_adasap_control():
-    from sparsesam.commands.registry import KNOWN
-    from sparsesam.commands.reproduce_plan import BUDGETS, COMPARISONS, method_config
+    from sparsesam.algorithms.registry import KNOWN
+    from sparsesam.study.plan import BUDGETS, COMPARISONS, method_config
     from sparsesam.algorithms import ALGORITHMS
     assert ALGORITHMS["asam_prune"] is AsamPrune and "asam_prune" in KNOWN
     comparison = COMPARISONS["adasap"]

@@ -10,7 +10,7 @@ from torch import nn
 
 import sparsesam
 from sparsesam.nn import MaskedLinear, execution_summary, set_execution
-from sparsesam.pruning import block_magnitude_mask, nm_mask
+from sparsesam.pruning import bsr_magnitude_mask, nm_mask
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
 
@@ -38,7 +38,7 @@ def _top_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
 def _linear_mask(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     # 90% sparse, with the structure the format needs (N:M: 1:8, the supported M nearest 90%, 87.5%).
     if fmt == "bsr":
-        return block_magnitude_mask(weight.detach(), 0.9, block=(8, 8))
+        return bsr_magnitude_mask(weight.detach(), 0.9, blocksize=(8, 8))
     if fmt == "nm":
         return nm_mask(weight.detach().abs(), 1, 8)
     return _top_mask(weight, 0.9)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sparsesam.commands import registry as registry_module
+from sparsesam.algorithms import registry as registry_module
 
 from cli_helpers import DATA, MODEL, ROBUST, FakeLayerwise, fake_registry, run, train_argv
 

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from sparsesam.commands.common import model_spec
-from sparsesam.commands.export import (canonical_copy, load_compacted, load_model_folder, plain_model,
+from sparsesam.model_files import model_spec
+from sparsesam.model_files import (canonical_copy, load_compacted, load_model_folder, plain_model,
                                        save_model_folder)
 from sparsesam.data import load_digits
 from sparsesam.models import build_model

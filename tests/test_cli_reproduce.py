@@ -113,7 +113,7 @@ def test_interrupted_study_resumes_to_the_same_results(csam_study, tmp_path, mon
 
 def test_structured_baselines_and_adversarial_setting_reach_the_configs(tmp_path):
     from sparsesam.algorithms import ALGORITHMS
-    from sparsesam.commands.reproduce_plan import BUDGETS, COMPARISONS, harp_gamma, method_config
+    from sparsesam.study.plan import BUDGETS, COMPARISONS, harp_gamma, method_config
     budgets = {name: values[0] for name, values in BUDGETS.items()}
     adasap, harp, csam = COMPARISONS["adasap"], COMPARISONS["harp"], COMPARISONS["csam"]
 
@@ -141,13 +141,13 @@ def test_structured_baselines_and_adversarial_setting_reach_the_configs(tmp_path
 
 def test_report_pairs_seeds_and_calls_with_holm_adjusted_paired_tests():
     from scipy import stats
-    from sparsesam.commands.reproduce_plan import COMPARISONS
-    from sparsesam.commands.reproduce_report import _stats, holm, verdicts
+    from sparsesam.study.plan import COMPARISONS
+    from sparsesam.study.report import holm, seed_stats, verdicts
     comparison = COMPARISONS["csam"]
 
     def row(method, values, seeds=(0, 1, 2, 3, 4)):
         return {"method": method, "target_sparsity": 0.9, "seeds": len(values),
-                "metrics": {"clean_accuracy": _stats(list(values), list(seeds))}}
+                "metrics": {"clean_accuracy": seed_stats(list(values), list(seeds))}}
     ours = [0.80, 0.82, 0.81, 0.79, 0.83]
     # magnitude: always 3-5 points lower (paired: called, although the ranges overlap with ours)
     magnitude = [0.77, 0.78, 0.77, 0.75, 0.80]
@@ -218,7 +218,7 @@ def test_reproduce_full_study(tmp_path):
 
 
 def test_plateau_rule_stops_after_patience_epochs_without_a_gain():
-    from sparsesam.commands.reproduce_dense import plateaued
+    from sparsesam.study.dense import plateaued
     assert not plateaued([0.5, 0.6], patience=2, min_delta=0.01)  # too few epochs to judge
     assert not plateaued([0.5, 0.6, 0.7, 0.71], patience=2, min_delta=0.005)  # 0.71 gains 0.11 on 0.60
     assert plateaued([0.5, 0.7, 0.705, 0.69], patience=2, min_delta=0.01)  # best before 0.70, since +0.005 at most

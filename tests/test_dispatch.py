@@ -12,7 +12,7 @@ from torch import nn
 
 import sparsesam
 from sparsesam.nn import (BlockSparseLinear, DispatchCache, MaskedConv2d, MaskedLinear, NMSparseLinear, SparseConv2d,
-                          SparseLinear, dispatch_cache, execution_summary, resolve_execution, set_dispatch_cache,
+                          CSRLinear, dispatch_cache, execution_summary, resolve_execution, set_dispatch_cache,
                           set_execution)
 from sparsesam.nn.dispatch import dispatch_key, time_forms
 from sparsesam.nn.execution import _PENDING_AUTO
@@ -26,7 +26,7 @@ class FakeTimer:
 
     def __call__(self, forms, x, backward):
         assert list(forms)[0] == "dense" and type(forms["dense"]) in (MaskedLinear, MaskedConv2d)
-        assert all(type(m) in (SparseLinear, SparseConv2d) for f, m in forms.items() if f != "dense")
+        assert all(type(m) in (CSRLinear, SparseConv2d) for f, m in forms.items() if f != "dense")
         self.calls.append((type(forms["dense"]).__name__, tuple(x.shape), backward, x.requires_grad))
         return {f: self.times[0] if f == "dense" else self.times[1] for f in forms}
 
@@ -76,7 +76,7 @@ def test_auto_picks_sparse_where_timed_faster(timer):
     assert set_execution(model, "auto", example=x) is model
     assert execution_summary(model) == {"0": "sparse", "2": "sparse"}  # "4" was left an nn.Linear
     y = model(x)
-    assert isinstance(model[0], SparseLinear) and type(model[4]) is nn.Linear
+    assert isinstance(model[0], CSRLinear) and type(model[4]) is nn.Linear
     torch.testing.assert_close(y, reference)
     # fixed-mask layers 0 and 2 (other shapes: two keys) were timed, forward+backward as grad is on
     assert [c[2] for c in timer.calls] == [True, True]
@@ -154,7 +154,7 @@ def test_some_layers_by_module_or_name(timer):
     y = model(x)
     assert execution_summary(model)["0"] == "sparse"
     set_execution(model, "dense", layers=["0"])
-    assert type(model[0]) is MaskedLinear and isinstance(model[2], SparseLinear)
+    assert type(model[0]) is MaskedLinear and isinstance(model[2], CSRLinear)
     torch.testing.assert_close(model(x), y)
     set_execution(model, "sparse", layers=[model[0]])
     torch.testing.assert_close(model(x), y)
@@ -176,7 +176,7 @@ def test_dense_sparse_dense_round_trip_is_exact():
     rng = torch.get_rng_state()
     assert set_execution(model, "sparse") is model
     assert torch.equal(torch.get_rng_state(), rng)  # the new forms' initialisers left no trace
-    assert isinstance(model[0], SparseLinear) and isinstance(model[2], SparseLinear)
+    assert isinstance(model[0], CSRLinear) and isinstance(model[2], CSRLinear)
     assert "0.values" in model.state_dict() and "0.weight" not in model.state_dict()
     torch.testing.assert_close(model(x), y)
     set_execution(model, "dense")
@@ -202,7 +202,7 @@ def test_conversion_keeps_hooks_bias_and_training_mode():
     model.eval()
     set_execution(model, "sparse")
     model(_x(2).requires_grad_()).sum().backward()
-    assert seen == [("pre", "SparseLinear"), ("post", "SparseLinear"), ("backward", "SparseLinear")]
+    assert seen == [("pre", "CSRLinear"), ("post", "CSRLinear"), ("backward", "CSRLinear")]
     assert model[0].bias is bias and not model[0].training and model.training is False
     handle.remove()  # the handle still reaches the hook on the new module
     seen.clear()
@@ -257,14 +257,14 @@ def test_sparsify_execution_keyword(timer):
     plain = sparsesam.sparsify(nn.Sequential(nn.Linear(4, 3)))
     assert type(plain[0]) is MaskedLinear  # the default keeps today's layers
     model = sparsesam.sparsify(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), exclude="1", execution="sparse")
-    assert isinstance(model[0], SparseLinear) and type(model[1]) is nn.Linear
+    assert isinstance(model[0], CSRLinear) and type(model[1]) is nn.Linear
     auto = sparsesam.sparsify(nn.Sequential(nn.Linear(4, 3)), execution="auto")  # no example: waits, dense
     assert type(auto[0]) is MaskedLinear and getattr(auto[0], _PENDING_AUTO)
     auto[0].set_mask(torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]]))
     resolve_execution(auto, torch.randn(2, 4))
-    assert isinstance(auto[0], SparseLinear) and not hasattr(auto[0], _PENDING_AUTO)
+    assert isinstance(auto[0], CSRLinear) and not hasattr(auto[0], _PENDING_AUTO)
     layer = sparsesam.sparsify(nn.Linear(4, 3), execution="sparse")  # the root itself converts: the new one returns
-    assert type(layer) is SparseLinear
+    assert type(layer) is CSRLinear
     with pytest.raises(ValueError, match="execution"):
         sparsesam.sparsify(nn.Sequential(nn.Linear(4, 3)), execution="fast")
 
@@ -323,7 +323,7 @@ def test_auto_example_run_leaves_no_trace(timer):
 def test_real_timer_measures_both_forms():
     layer = _mlp()[0]
     x = torch.randn(16, 20, dtype=torch.float64)
-    seconds = time_forms({"dense": layer, "csr": SparseLinear.from_masked(layer)}, x, backward=True, repeats=1)
+    seconds = time_forms({"dense": layer, "csr": CSRLinear.from_masked(layer)}, x, backward=True, repeats=1)
     assert list(seconds) == ["dense", "csr"] and all(0 < s < 60 for s in seconds.values())
     assert layer.weight.grad is None
 
@@ -346,7 +346,7 @@ def test_formats_by_preference_by_name_and_timed(monkeypatch):
     a format's name forces it, and "auto" times every candidate form."""
     from sparsesam.nn import dispatch
 
-    class EvenSparseLinear(SparseLinear):  # stands in for a structured format (BSR, N:M)
+    class EvenSparseLinear(CSRLinear):  # stands in for a structured format (BSR, N:M)
         pass
 
     even = dispatch.SparseFormat("even", MaskedLinear, EvenSparseLinear,
@@ -386,10 +386,10 @@ def test_formats_by_preference_by_name_and_timed(monkeypatch):
 
 def test_block_structured_masks_run_block_sparse():
     """BSR is registered before CSR: "sparse" takes it for a block-structured mask, CSR for the others."""
-    from sparsesam.pruning import block_magnitude_mask
+    from sparsesam.pruning import bsr_magnitude_mask
     torch.manual_seed(3)
     model = sparsesam.sparsify(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))).double()
-    model[0].set_mask(block_magnitude_mask(model[0].weight, 0.75, block=(8, 8)))
+    model[0].set_mask(bsr_magnitude_mask(model[0].weight, 0.75, blocksize=(8, 8)))
     model[2].set_mask(torch.rand_like(model[2].weight) < 0.3)
     x = torch.randn(5, 32, dtype=torch.float64)
     y = model(x)
@@ -469,8 +469,8 @@ def test_swap_by_path_keeps_outputs_and_gradients():
     dense = _nested()
     model = set_execution(copy.deepcopy(dense), "sparse")
     assert execution_summary(model) == {name: "sparse" for name in NESTED}
-    assert isinstance(model.stem[0], SparseConv2d) and isinstance(model.blocks[0][0], SparseLinear)
-    assert isinstance(model.blocks[1], SparseLinear) and isinstance(model.heads["logits"], SparseLinear)
+    assert isinstance(model.stem[0], SparseConv2d) and isinstance(model.blocks[0][0], CSRLinear)
+    assert isinstance(model.blocks[1], CSRLinear) and isinstance(model.heads["logits"], CSRLinear)
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     y_dense, y = dense(x), model(x)
     torch.testing.assert_close(y, y_dense)
@@ -493,7 +493,7 @@ def test_a_shared_layer_is_swapped_at_every_path():
     x = torch.randn(3, 10, dtype=torch.float64)
     y = model(x)
     set_execution(model, "sparse")
-    assert isinstance(model[0], SparseLinear) and model[0] is model[2]
+    assert isinstance(model[0], CSRLinear) and model[0] is model[2]
     torch.testing.assert_close(model(x), y)
     assert execution_summary(model) == {"0": "sparse"}  # named once, as named_modules() does
 
@@ -501,18 +501,18 @@ def test_a_shared_layer_is_swapped_at_every_path():
 def test_a_single_layer_model_returns_its_new_form():
     layer = _mlp()[0]
     sparse = set_execution(layer, "sparse")
-    assert type(sparse) is SparseLinear and type(layer) is MaskedLinear  # the old module is untouched
+    assert type(sparse) is CSRLinear and type(layer) is MaskedLinear  # the old module is untouched
     assert type(set_execution(sparse, "dense")) is MaskedLinear
 
 
 def test_mapping_restores_exact_forms():
     """{name: form} as execution_summary(formats=True) reports it: a resume loads the checkpoint into
     the dense model (any form loads) and then restores the saved forms."""
-    from sparsesam.pruning import block_magnitude_mask, nm_mask
+    from sparsesam.pruning import bsr_magnitude_mask, nm_mask
     torch.manual_seed(8)
     model = sparsesam.sparsify(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
                                              nn.Linear(32, 8))).double()
-    model[0].set_mask(block_magnitude_mask(model[0].weight, 0.75, block=(8, 8)))
+    model[0].set_mask(bsr_magnitude_mask(model[0].weight, 0.75, blocksize=(8, 8)))
     model[2].set_mask(nm_mask(model[2].weight.abs(), 2, 4))
     model[4].set_mask(torch.rand_like(model[4].weight) < 0.3)
     set_execution(model, {"0": "bsr", "2": "csr"})  # layers not named keep their form
@@ -558,3 +558,10 @@ def test_auto_times_only_the_layers_the_example_reaches(timer):
     assert execution_summary(model) == {"main": "sparse", "extra": "sparse"} and len(timer.calls) == 2
     resolve_execution(model, (_x(4), True))  # nothing waits: a no-op
     assert len(timer.calls) == 2
+
+
+def test_sparse_linear_is_the_old_name_of_csr_linear():
+    """CSR pieces are named csr_*; the class's former name stays an alias (the same class, not a copy)."""
+    import sparsesam
+    from sparsesam.nn import SparseLinear
+    assert SparseLinear is CSRLinear and sparsesam.SparseLinear is sparsesam.CSRLinear is CSRLinear

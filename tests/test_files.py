@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from sparsesam._files import atomic_file, atomic_write
-from sparsesam.commands.common import write_json
+from sparsesam.model_files import write_json
 
 
 class Boom(Exception):

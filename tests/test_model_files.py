@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsesam.commands.common import build_from_spec, model_spec
-from sparsesam.commands.export import load_compacted, load_model_folder, save_model_folder
-from sparsesam.commands.weights_file import canonical_safetensors, read_safetensors, write_safetensors
+from sparsesam.model_files import build_from_spec, model_spec
+from sparsesam.model_files import load_compacted, load_model_folder, save_model_folder
+from sparsesam.model_files import canonical_safetensors, read_safetensors, write_safetensors
 from sparsesam.data import load_digits
 from sparsesam.file_errors import BadFileError
 from sparsesam.nn import masked_layers, sparsify

@@ -7,7 +7,7 @@ import torch
 import sparsesam
 from sparsesam.models import SmallCNN
 from sparsesam.nn import masked_layers
-from sparsesam.pruning import (TaylorAccumulator, block_magnitude_mask, channel_prune, channel_scores,
+from sparsesam.pruning import (TaylorAccumulator, bsr_magnitude_mask, channel_prune, channel_scores,
                                magnitude_prune, nm_mask, nm_prune, prune_channels)
 
 NAN, INF = float("nan"), float("inf")
@@ -107,7 +107,7 @@ def test_block_pruning_refuses_non_finite_weights(value):
     weight = torch.randn(8, 8)
     weight[5, 1] = value
     with pytest.raises(ValueError, match="weight contains NaN or inf"):
-        block_magnitude_mask(weight, 0.5, (2, 2))
+        bsr_magnitude_mask(weight, 0.5, (2, 2))
 
 
 @pytest.mark.parametrize("argument", ["include", "exclude"])

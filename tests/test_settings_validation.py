@@ -14,10 +14,10 @@ from sparsesam import _validate
 from sparsesam._validate import FRACTION, NON_NEGATIVE, POSITIVE, Range
 from sparsesam.algorithms import ALGORITHMS
 from sparsesam.cli import build_parser
-from sparsesam.commands.common import ConfigError, NumberFlag, float_list
-from sparsesam.commands.evaluate import _floats, check_eval_arguments
-from sparsesam.commands.registry import build_config, config_class
-from sparsesam.commands.train import check_optimizer_arguments
+from sparsesam.commands.common import ConfigError, NumberFlag, finite_float_list, float_list
+from sparsesam.commands.evaluate import check_eval_arguments
+from sparsesam.algorithms.registry import build_config, config_class
+from sparsesam.training import check_optimizer_arguments
 from sparsesam.optim import SAM
 from sparsesam.optim.fused_sgd import FusedMaskedSGD
 
@@ -77,7 +77,7 @@ def _subparsers():
 def _float_flags(command: str):
     """(flag, is a list) for every option of ``command`` whose value is a float or a list of floats."""
     for action in _subparsers()[command]._actions:
-        if action.option_strings and action.type in (float, float_list, _floats):
+        if action.option_strings and action.type in (float, float_list, finite_float_list):
             yield action.option_strings[0], action.type is not float, action
 
 
@@ -129,12 +129,12 @@ def test_a_refused_flag_creates_no_output_folder(tmp_path, capsys):
 
 def test_reproduce_shares_the_checked_flags(capsys):
     """reproduce's optimizer flags are train's (NumberFlag: one line, exit 2); its lists use the finite-only
-    _floats type (argparse's own error, exit 2)."""
+    finite_float_list type (argparse's own error, exit 2)."""
     shared = [(flag, action) for flag, _, action in _float_flags("reproduce")
-              if isinstance(action, NumberFlag) or action.type is _floats]
+              if isinstance(action, NumberFlag) or action.type is finite_float_list]
     assert {"--lr", "--sam-rho", "--radii", "--pgd-eps", "--cc-eps"} <= {flag for flag, _ in shared}
     for flag, action in shared:
-        if action.type is _floats:
+        if action.type is finite_float_list:
             with pytest.raises(SystemExit) as stop:
                 run(["reproduce", flag, "nan"])
             assert stop.value.code == 2
@@ -144,10 +144,10 @@ def test_reproduce_shares_the_checked_flags(capsys):
 
 
 def test_floats_type_refuses_non_finite_entries():
-    assert _floats("0,0.5") == [0.0, 0.5]
+    assert finite_float_list("0,0.5") == [0.0, 0.5]
     for text in ("nan", "0.1,inf", "-inf"):
         with pytest.raises(argparse.ArgumentTypeError, match="must be a finite number"):
-            _floats(text)
+            finite_float_list(text)
 
 
 # --- namespaces built in code (demo, reproduce) are checked with the same ranges ------------------------

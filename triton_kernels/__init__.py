@@ -13,6 +13,7 @@ from .sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
 from .mask_scoring import mask_ascent_, mask_grad_sq_norm, mask_score_grad
 from .sparse_linear import sparse_linear, sparse_linear_backward
 from .nm_linear import nm_linear, nm_linear_backward
+from .bsr_linear import bsr_linear, bsr_linear_backward
 
 __all__ = [
     "apply_mask",
@@ -31,7 +32,6 @@ __all__ = [
     "sparse_linear_backward",
     "nm_linear",
     "nm_linear_backward",
+    "bsr_linear",
+    "bsr_linear_backward",
 ]
-from .bsr_linear import bsr_linear, bsr_linear_backward  # noqa: E402
-
-__all__ += ["bsr_linear", "bsr_linear_backward"]

@@ -35,7 +35,7 @@
 #include <vector>
 
 #include "../common/masked_layers.h"
-#include "sparse_linear_common.h"
+#include "sparse_matmul_common.h"
 #include "bsr_linear_simd.h"
 #include "sparse_linear_simd.h"
 

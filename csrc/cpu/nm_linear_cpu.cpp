@@ -33,7 +33,7 @@
 #include <vector>
 
 #include "../common/masked_layers.h"
-#include "sparse_linear_common.h"
+#include "sparse_matmul_common.h"
 #include "nm_linear_simd.h"
 
 namespace sparsesam::cpu {

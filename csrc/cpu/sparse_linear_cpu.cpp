@@ -63,7 +63,7 @@
 #include <vector>
 
 #include "../common/masked_layers.h"
-#include "sparse_linear_common.h"
+#include "sparse_matmul_common.h"
 #include "sparse_linear_simd.h"
 
 namespace sparsesam::cpu {

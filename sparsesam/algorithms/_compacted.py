@@ -40,8 +40,8 @@ from torch import nn
 
 from ..nn import export, masked_layers, sparsify
 from ..pruning import compact_channels, gate_pruned_channels
-from ..pruning.channel_graph import _remove_gates, channel_gates
-from ..pruning.compaction import _bake_gates
+from ..pruning.channel_graph import channel_gates, remove_gates
+from ..pruning.compaction import bake_gates
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -109,7 +109,7 @@ def _check_module(name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _slice(model: nn.Module, kept: Dict[str, Dict[str, List[int]]]) -> None:
+def slice_channels(model: nn.Module, kept: Dict[str, Dict[str, List[int]]]) -> None:
     modules = dict(model.named_modules())
     for name, dims in kept.items():
         module = modules[name]
@@ -165,8 +165,8 @@ def rebuild_compact(model: nn.Module, record: Dict[str, Any], example: torch.Ten
     """The structure compact_in_place gave, on a model of the original structure (masked, gated);
     the values are whatever ``model`` held: load the saved state afterwards."""
     plain = export(model)
-    _bake_gates(model, plain)
-    _slice(plain, record["kept"])
+    bake_gates(model, plain)
+    slice_channels(plain, record["kept"])
     if record["still_masked"]:
         sparsify(plain, include=record["still_masked"])
         gate_pruned_channels(plain, example, include=record["still_masked"], keep_output_layer=False)
@@ -195,7 +195,7 @@ def expand_in_place(model: nn.Module, record: Dict[str, Any], example: torch.Ten
     """Put the compacted ``model`` back into its original architecture, masked and gated (module docstring)."""
     modules = dict(model.named_modules())
     for module in model.modules():
-        _remove_gates(module)
+        remove_gates(module)
     masks = {}  # the full-size masks of the layers that are plain in the compacted model
     for name, dims in record["kept"].items():
         module = modules[name]

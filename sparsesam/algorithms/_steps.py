@@ -16,9 +16,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from ..divergence import StepCheck
+from ..training import cross_entropy_loss, take_step
 from ..robust import mart_loss, pgd_at_loss, trades_loss
 from ..robust.model_state import eval_mode
 
@@ -27,15 +27,10 @@ ADVERSARIAL_LOSSES = {"pgd_at": pgd_at_loss, "trades": trades_loss, "mart": mart
 LOSSES = ("clean", *ADVERSARIAL_LOSSES)
 
 
-def clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int):
-    logits = model(x)
-    return F.cross_entropy(logits, y), logits
-
-
 def make_loss(name: str, *, eps: float, attack_steps: int, beta: float, seed: int) -> LossFn:
     """"clean" (cross-entropy) or an adversarial training loss of sparsesam.robust, L-inf, eps in [0, 1] pixels."""
     if name == "clean":
-        return clean_loss
+        return cross_entropy_loss
     adversarial = ADVERSARIAL_LOSSES[name]
     extra = {} if name == "pgd_at" else {"beta": beta}
 
@@ -84,29 +79,15 @@ def clean_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def plain_step(model: nn.Module, x, y, optimizer: torch.optim.Optimizer, loss_fn: LossFn, step: int,
                extra_loss: Optional[Callable[[], torch.Tensor]] = None) -> Tuple[float, torch.Tensor, Dict[str, float]]:
     """One step of ``optimizer`` on ``loss_fn (+ extra_loss())``; returns (task loss, clean logits, extras)."""
-    loss, logits = loss_fn(model, x, y, step)
-    total = loss
-    extras = {}
-    if extra_loss is not None:
-        regulariser = extra_loss()
-        total = total + regulariser
-        extras["regulariser"] = regulariser.item()
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    optimizer.step()
+    loss, logits, extras = take_step(model, x, y, optimizer, loss_fn, step, sam=False, extra_loss=extra_loss)
     if logits is None:
         logits = clean_logits(model, x)
     return loss.item(), logits.detach(), extras
 
 
 def sam_step(model: nn.Module, x, y, optimizer, loss_fn: LossFn, step: int) -> Tuple[float, torch.Tensor]:
-    """SAM's two passes: gradient at w, ascent to w + e, gradient there, descent from w."""
-    loss, logits = loss_fn(model, x, y, step)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.first_step(zero_grad=True)
-    loss_fn(model, x, y, step)[0].backward()
-    optimizer.second_step(zero_grad=True)
+    """SAM's two passes (training.take_step); returns (task loss, clean logits)."""
+    loss, logits, _ = take_step(model, x, y, optimizer, loss_fn, step, sam=True)
     if logits is None:
         logits = clean_logits(model, x)
     return loss.item(), logits.detach()

@@ -58,7 +58,8 @@ from ..pruning import (CHANNEL_CRITERIA, accumulate_taylor, channel_prune, chann
 from ..pruning._common import prunable_layers
 from ..pruning.channel import coupled_unit_scores
 from . import _config
-from ._steps import EpochMeter, clean_loss, sam_step
+from ..training import cross_entropy_loss
+from ._steps import EpochMeter, sam_step
 from .base import Algorithm, example_input, model_device, on_device
 
 
@@ -210,7 +211,7 @@ class AdaSAP(Algorithm):
         extras = self._refresh_radii(model, loader, optimizer) if phase == "adaptive" else {}
         model.train()
         for x, y in bar:
-            loss, logits = sam_step(model, x, y, optimizer, clean_loss, self.step)
+            loss, logits = sam_step(model, x, y, optimizer, cross_entropy_loss, self.step)
             self.step += 1
             meter.add(len(y), logits, y, loss=loss)
         return {**meter.means(), **extras}

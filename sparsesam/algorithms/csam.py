@@ -69,7 +69,8 @@ from ..pruning import global_sparsity
 from ..robust import DEFAULT_RANGES, TRANSFORMS, random_transform
 from ..robust.cc_cert import prediction_discrepancy, top2_margin
 from . import _config
-from ._steps import EpochMeter, clean_loss, plain_step
+from ..training import cross_entropy_loss
+from ._steps import EpochMeter, plain_step
 from .base import Algorithm
 
 
@@ -293,7 +294,7 @@ class CSAM(Algorithm):
                 values = self._mask_step(model, x, y, optimizer)
                 logits = values.pop("logits")
             else:
-                loss, logits, _ = plain_step(model, x, y, optimizer, clean_loss, self.step)
+                loss, logits, _ = plain_step(model, x, y, optimizer, cross_entropy_loss, self.step)
                 values = {"loss": loss}
             self.step += 1
             meter.add(len(y), logits, y, **values)

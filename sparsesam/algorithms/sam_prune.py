@@ -16,7 +16,8 @@ from ..optim import SAM
 from ..pruning import channel_sparsity, global_sparsity, magnitude_prune
 from . import _config
 from ._channels import GRANULARITIES, compact_summary, gate, prune_channels_l2
-from ._steps import EpochMeter, clean_loss, sam_step
+from ..training import cross_entropy_loss
+from ._steps import EpochMeter, sam_step
 from .base import Algorithm
 
 
@@ -85,7 +86,7 @@ class SamPrune(Algorithm):
     def _train_epoch(self, phase, epoch, model, loader, optimizer, bar):
         meter = EpochMeter(bar)
         for x, y in bar:
-            loss, logits = sam_step(model, x, y, optimizer, clean_loss, self.step)
+            loss, logits = sam_step(model, x, y, optimizer, cross_entropy_loss, self.step)
             self.step += 1
             meter.add(len(y), logits, y, loss=loss)
         return meter.means()

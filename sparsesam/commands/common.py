@@ -1,86 +1,26 @@
-"""What every subcommand shares: config errors, the echoed config, data, models and loaders."""
+"""What the subcommands' parsers share: the numeric flags and their argparse types, the echoed config,
+--device and --execution. What a run does with its settings (data, loaders, seeds, checks) is the
+library's: sparsesam.run_setup."""
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
 from .. import _validate
-from .._files import atomic_write
-from .._validate import Range
-from ..data import DATASETS, build_dataset, canonical_name, load_dataset
-from ..models import MODELS, build_model, is_external
+from .._validate import ConfigError, Range, number_problem
+from ..model_files import jsonable, read_json, write_json
+from ..run_setup import execution_choices
 
 CONFIG_FILE = "config.json"
-# Datasets whose image size is a loader option (the file-backed ones have a fixed size).
-SIZED_DATASETS = ("digits", "synthetic")
-
-
-class ConfigError(ValueError):
-    """A bad setting given by the user: the CLI prints it on one line and exits with status 2."""
-
-
-def dataset_key(name: str) -> str:
-    """The dataset's registry name (``imagefolder:PATH`` with PATH made absolute, so a model folder names it)."""
-    try:
-        return canonical_name(name)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-
-
-def is_sized(dataset: str) -> bool:
-    """Whether ``--image-size`` applies to ``dataset`` (a dataset key)."""
-    return dataset in SIZED_DATASETS or dataset.startswith("imagefolder:")
-
-
-def check_model_name(name: str) -> str:
-    """``name`` if it is a model of the package or an existing ``torchvision:NAME`` / ``timm:NAME``."""
-    if is_external(name):
-        from ..models.external import check_external
-        try:
-            return check_external(name)
-        except (ValueError, ImportError) as error:  # unknown architecture, or its library not installed
-            raise ConfigError(str(error)) from error
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or torchvision:NAME / timm:NAME")
-    return name
-
-
-def resolve_device(name: str) -> torch.device:
-    """``--device``: "cpu", "cuda" or "cuda:N", checked against what this machine has (ConfigError if not)."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as error:
-        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from error
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
-
-
-def check_fraction(name: str, value: float) -> float:
-    problem = _validate.FRACTION.problem(value)
-    if problem is not None:
-        raise ConfigError(f"{name} {problem}")
-    return float(value)
 
 
 # --- Numeric flags: every float finite and in its range (sparsesam._validate), refused with one line -------
@@ -103,18 +43,43 @@ def float_list(text: str) -> List[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def number_problem(value: Any, allowed: Range) -> Optional[str]:
-    """None when ``value`` (a number, or a list of them: non-empty, every entry) is in ``allowed``, else
-    "must be ..., got ..." (without the flag's name)."""
-    if not isinstance(value, (list, tuple)):
-        return allowed.problem(value)
-    if not value:
-        return f"must list one or more numbers, each {allowed.describe()}"
-    for i, entry in enumerate(value):
-        problem = allowed.problem(entry)
-        if problem is not None:
-            return f"{problem} (entry {i + 1} of {len(value)})"
-    return None
+def finite_float_list(text: str) -> List[float]:
+    """An argparse type: comma-separated finite numbers (for flags declared without a range; flags with a
+    range are add_number flags, which also check it)."""
+    values = float_list(text)
+    problem = number_problem(values, _validate.FINITE)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return values
+
+
+def int_list(text: str) -> List[int]:
+    """An argparse type: comma-separated integers."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def name_list(text: str) -> List[str]:
+    """An argparse type: comma-separated names (blanks dropped)."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
 
 
 class NumberFlag(argparse.Action):
@@ -141,58 +106,6 @@ def add_number(container, flag: str, allowed: Range, *, many: bool = False, help
                                   help=f"{help}; {text}" if help else text, **kwargs)
 
 
-def check_numbers(args: argparse.Namespace, flags: Mapping[str, Range]) -> None:
-    """The same ranges on a namespace built in code (not parsed): a ConfigError naming the first flag out of
-    its range. ``flags``: ``{"--flag-name": Range}``; a value of None (a default left to the command) passes."""
-    for flag, allowed in flags.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        problem = None if value is None else number_problem(value, allowed)
-        if problem is not None:
-            raise ConfigError(f"{flag} {problem}")
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with tensors / numpy values turned into JSON numbers and lists; anything else
-    (modules, callables) becomes its repr. Non-finite floats become None (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return jsonable(value.detach().cpu().tolist()) if value.numel() <= 4096 else f"<tensor {tuple(value.shape)}>"
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return jsonable(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return repr(value)
-
-
-def write_json(path: str, data: Any, *, sort_keys: bool = False) -> str:
-    """Write ``data`` as indented JSON, atomically (sparsesam._files.atomic_write).
-
-    sort_keys: sort every object's keys (the model files, read by programs); the reports keep the
-    order the code builds them in, which is fixed, so identical runs still give identical bytes."""
-    atomic_write(path, json.dumps(jsonable(data), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n")
-    return path
-
-
-def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def prepare_out(out: str) -> str:
-    """Create the output folder (an existing file of that name is a ConfigError)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    os.makedirs(out, exist_ok=True)
-    return out
-
-
 def echo_config(args: argparse.Namespace, out: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Write the run's settings to ``out/config.json`` (and return them)."""
     config = {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")}
@@ -215,74 +128,10 @@ def echo_config(args: argparse.Namespace, out: str, extra: Optional[Dict[str, An
     return config
 
 
-def data_options(dataset: str, image_size: Optional[int]) -> Dict[str, Any]:
-    if image_size is None:
-        return {}
-    if not is_sized(dataset):
-        raise ConfigError(f"--image-size applies only to {list(SIZED_DATASETS)} and imagefolder:PATH, "
-                          f"not {dataset!r}")
-    return {"image_size": image_size}
-
-
-def load_data(dataset: str, data_dir: Optional[str], limit: Optional[int], image_size: Optional[int] = None,
-              split: Optional[str] = None):
-    """``(train, test)`` of ``dataset`` (or only ``split``); a missing folder or a bad option is a ConfigError."""
-    key = dataset_key(dataset)
-    if data_dir is not None and key.startswith("imagefolder:"):
-        raise ConfigError(f"--data-dir does not apply to {key}: the folder is part of the name")
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise ConfigError(f"--data-dir {data_dir} does not exist or is not a folder")
-    try:
-        if split is not None:
-            return build_dataset(key, split, data_dir, limit=limit, **data_options(key, image_size))
-        return load_dataset(key, data_dir, limit=limit, **data_options(key, image_size))
-    except (FileNotFoundError, ImportError) as error:  # a missing folder, or torchvision for an image folder
-        raise ConfigError(str(error)) from error
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"dataset {key!r}: {error}") from error
-
-
-def model_spec(model: str, width: float, info) -> Dict[str, Any]:
-    """Everything needed to rebuild the architecture (written next to exported weights)."""
-    return {"model": model, "width": width, "dataset": info.name, "in_channels": info.in_channels,
-            "num_classes": info.num_classes, "image_size": info.image_size,
-            "mean": list(info.mean), "std": list(info.std)}
-
-
-def build_from_spec(spec: Dict[str, Any]) -> nn.Module:
-    check_model_name(spec["model"])
-    try:
-        return build_model(spec["model"], spec["in_channels"], spec["num_classes"], spec["width"],
-                           image_size=spec["image_size"], normalization=(spec["mean"], spec["std"]))
-    except ValueError as error:
-        raise ConfigError(f"model {spec['model']!r}: {error}") from error
-
-
-def make_loaders(train, test, batch_size: int, seed: int, eval_batch_size: int = 512
-                 ) -> Tuple[DataLoader, DataLoader, torch.Generator]:
-    """A shuffled training loader driven by its own generator (part of the checkpointed state) and a test loader."""
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator)
-    test_loader = DataLoader(test, batch_size=eval_batch_size, shuffle=False)
-    return train_loader, test_loader, generator
-
-
-def seed_everything(seed: int) -> None:
-    import random
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # --- Execution: the form a fixed-mask model runs in (sparsesam.nn.set_execution) ---------------------------
 
 EXECUTION_HELP = ("how masked layers run: 'auto' (each layer times dense and the sparse formats its mask "
                   "allows and keeps the fastest), 'dense', 'sparse', or a format's name ({formats})")
-
-
-def execution_choices() -> Tuple[str, ...]:
-    from ..nn import executions
-    return executions()
 
 
 def add_execution_argument(parser: argparse.ArgumentParser, default: Optional[str], what: str) -> None:
@@ -291,24 +140,3 @@ def add_execution_argument(parser: argparse.ArgumentParser, default: Optional[st
     parser.add_argument("--execution", default=default, metavar="FORM",
                         help=f"{what}: {EXECUTION_HELP.format(formats=formats)}"
                              + (f" (default {default})" if default else ""))
-
-
-def check_execution(value: Optional[str]) -> Optional[str]:
-    if value is not None and value not in execution_choices():
-        raise ConfigError(f"--execution must be one of {list(execution_choices())}, got {value!r}")
-    return value
-
-
-def example_batch(dataset, batch_size: int) -> torch.Tensor:
-    """The first ``batch_size`` inputs of ``dataset``: what "auto" times the layers' forms on."""
-    from ..algorithms._execution import first_inputs
-    return first_inputs(dataset, batch_size)
-
-
-def in_execution(model: nn.Module, execution: str, example: torch.Tensor) -> Dict[str, str]:
-    """Convert ``model`` (in place) for evaluation in ``execution`` form ("auto": timed on ``example``,
-    forward only, in eval mode); returns ``{layer: form}``. Layers whose channel gates read their mask
-    at every forward stay dense (evaluate a structured model through its compacted form instead)."""
-    from ..algorithms._execution import layer_forms, settle_execution
-    settle_execution(model, execution, example, train=False)
-    return layer_forms(model)

@@ -24,16 +24,17 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import Checkpointer
-from ..training import evaluate
+from ..training import DENSE_CHECKPOINT, check_optimizer_arguments, evaluate, fit_dense
 from .. import reporting
 from .._validate import FRACTION, POSITIVE
-from .common import (ConfigError, add_execution_argument, add_number, build_from_spec, check_fraction, dataset_key,
-                     echo_config, load_data, make_loaders, model_spec, prepare_out, seed_everything, write_json)
-from .evaluate import add_robustness_arguments, check_eval_arguments, evaluate_model, normalize_robustness_arguments
-from .export import load_model_folder, save_model_folder
-from .prune import PRUNE_CHECKPOINT, parse_settings, prune_model
-from .registry import algorithm_registry, build_config, epoch_fields
-from .train import CHECKPOINT, check_optimizer_arguments, fit_dense
+from ..model_files import build_from_spec, load_model_folder, model_spec, save_model_folder, write_json
+from ..run_setup import check_fraction, dataset_key, load_data, make_loaders, prepare_out, seed_everything
+from ..evaluation import evaluate_model
+from ..pruning_run import PRUNE_CHECKPOINT, prune_model
+from .common import ConfigError, add_execution_argument, add_number, echo_config
+from .evaluate import add_robustness_arguments, check_eval_arguments, normalize_robustness_arguments
+from .prune import parse_settings
+from ..algorithms.registry import algorithm_registry, build_config, epoch_fields
 
 DEFAULT_METHODS = ("magnitude", "adasap", "harp", "csam")
 STRUCTURED_METHODS = ("adasap",)
@@ -60,7 +61,7 @@ def _methods(text: str):
 
 def _eval_into(folder: str, args: argparse.Namespace, name: str, test) -> dict:
     model, info = load_model_folder(folder)
-    from .export import load_compacted
+    from ..model_files import load_compacted
     compacted = load_compacted(folder, info)
     eval_args = argparse.Namespace(**vars(args))
     eval_args.name = name
@@ -90,8 +91,8 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
         leftover = os.path.join(out, method, PRUNE_CHECKPOINT)
         if os.path.exists(leftover) and not args.resume:
             raise ConfigError(f"{leftover} holds an unfinished run: pass --resume or choose another --out")
-    if os.path.exists(os.path.join(dense_dir, CHECKPOINT)) and not args.resume:
-        raise ConfigError(f"{os.path.join(dense_dir, CHECKPOINT)} holds an unfinished run: pass --resume "
+    if os.path.exists(os.path.join(dense_dir, DENSE_CHECKPOINT)) and not args.resume:
+        raise ConfigError(f"{os.path.join(dense_dir, DENSE_CHECKPOINT)} holds an unfinished run: pass --resume "
                           f"or choose another --out")
     echo_config(args, out)
     seed_everything(args.seed)
@@ -110,7 +111,7 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
         print("[demo] dense model already trained (--resume): reusing it", file=sys.stderr)
     else:
         dense = build_from_spec(spec)
-        checkpointer = Checkpointer(os.path.join(dense_dir, CHECKPOINT))
+        checkpointer = Checkpointer(os.path.join(dense_dir, DENSE_CHECKPOINT))
         history = fit_dense(dense, train_loader, test_loader, generator, args, checkpointer, label="dense")
         save_model_folder(dense, spec, dense_dir, extra={"stage": "train", "algorithm": None})
         dense_test = evaluate(dense, test_loader, desc="test", progress=args.progress)
@@ -179,32 +180,33 @@ def run_demo(args: argparse.Namespace, registry=None) -> dict:
 
 def _typed(algorithm, values):
     """Demo defaults are ints / floats already; --set strings are parsed like prune's --set."""
-    from .registry import _parse_value, config_class
+    from ..algorithms.registry import config_class, parse_value
     import dataclasses
     cls = config_class(algorithm)
     base = {f.name: f.default for f in dataclasses.fields(cls)}
-    return {k: (_parse_value(v, base.get(k)) if isinstance(v, str) else v) for k, v in values.items()}
+    return {k: (parse_value(v, base.get(k)) if isinstance(v, str) else v) for k, v in values.items()}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .train import add_optimizer_arguments, _positive_int
+    from .common import positive_int
+    from .train import add_optimizer_arguments
     parser = sub.add_parser("demo", help="train, prune with magnitude / AdaSAP / HARP / C-SAM, evaluate, report "
                                          "(about 10 minutes on 2 CPU cores)")
     parser.add_argument("--out", default="./demo-out")
     parser.add_argument("--dataset", default="fashion_mnist")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's package)")
-    parser.add_argument("--image-size", type=_positive_int, default=None, help="digits / synthetic only")
+    parser.add_argument("--image-size", type=positive_int, default=None, help="digits / synthetic only")
     parser.add_argument("--model", default="smallcnn")
     add_number(parser, "--width", POSITIVE, default=0.5, help="multiplier of the paper's channel counts")
-    parser.add_argument("--limit", type=_positive_int, default=10000, help="training images used")
-    parser.add_argument("--test-limit", type=_positive_int, default=1000, help="test images used")
-    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--limit", type=positive_int, default=10000, help="training images used")
+    parser.add_argument("--test-limit", type=positive_int, default=1000, help="test images used")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     add_number(parser, "--sparsity", FRACTION, default=0.9, help="weight sparsity of the unstructured methods")
     add_number(parser, "--channel-sparsity", FRACTION, default=0.5,
                help="fraction of channels the structured method (adasap) removes")
     parser.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS))
-    parser.add_argument("--algo-limit", type=_positive_int, default=2000,
+    parser.add_argument("--algo-limit", type=positive_int, default=2000,
                         help="training images the pruning algorithms use (their epochs cost several passes)")
     parser.add_argument("--algo-epochs", type=int, default=1, help="every '*epochs' field of the algorithms' configs")
     parser.add_argument("--algo-attack-steps", type=int, default=2,

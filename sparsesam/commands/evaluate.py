@@ -1,5 +1,8 @@
 """``sparsesam eval``: clean accuracy, size, CPU latency and robustness of an exported model.
 
+The measuring is the library's (sparsesam.evaluation.evaluate_model); this
+module holds the flags, their checks and the run.
+
 The model runs in the form ``--execution`` asks for (default "auto": each
 masked layer is timed dense and in the sparse formats its mask allows, on a
 test batch, and keeps the fastest); a structured model runs as its
@@ -17,131 +20,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from typing import Any, Dict, List, Optional
-
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from .. import robust
 from .._extras import require
-from .._validate import FINITE, NON_NEGATIVE, OPEN_PROBABILITY, POSITIVE, Range
+from .._validate import NON_NEGATIVE, OPEN_PROBABILITY, POSITIVE, Range, check_numbers
 from ..data.cifar10c import CORRUPTIONS as CIFAR10C_CORRUPTIONS, find_cifar10c
-from ..robust.attacks_torchattacks import ITERATIONS, TORCHATTACKS
-from ..training import evaluate
-from .common import (ConfigError, add_execution_argument, add_number, check_execution, check_numbers, dataset_key,
-                     echo_config, example_batch, float_list, in_execution, is_sized, load_data, number_problem,
-                     prepare_out, seed_everything, write_json)
-from .export import example_input, load_compacted, load_model_folder, plain_model
+from ..evaluation import evaluate_model
+from ..model_files import load_compacted, load_model_folder, write_json
+from ..robust.attacks_torchattacks import TORCHATTACKS
+from ..run_setup import check_execution, dataset_key, is_sized, load_data, prepare_out, seed_everything
+from .common import ConfigError, add_execution_argument, add_number, echo_config, int_list, name_list, positive_int
 
 RESULT = "eval.json"
 # The robustness flags' ranges: checked when parsed, and again on namespaces built in code (demo, reproduce).
 ROBUSTNESS_FLAGS = {"--pgd-eps": NON_NEGATIVE, "--sigma": POSITIVE, "--alpha": OPEN_PROBABILITY,
                     "--radii": NON_NEGATIVE, "--cc-eps": Range(0.0, 1.0, low_open=True)}
-
-
-def _floats(text: str) -> List[float]:
-    """An argparse type: comma-separated finite numbers (for flags declared without a range; eval's own
-    lists are add_number flags, which also check the range)."""
-    values = float_list(text)
-    problem = number_problem(values, FINITE)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(problem)
-    return values
-
-
-def _ints(text: str) -> List[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _names(text: str) -> List[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def size_and_ops(model: nn.Module, spec: Dict[str, Any], compacted: Optional[nn.Module]) -> Dict[str, Any]:
-    """Parameters and MACs per example (torch_pruning.utils.count_ops_and_params) of the plain model,
-    the non-zero weights, and, for a structured model, the compacted model's figures."""
-    from ..pruning.channel_graph import import_torch_pruning
-    tp = import_torch_pruning()
-    x = example_input(spec)
-    plain = plain_model(model).eval()  # count_ops_and_params knows nn.Conv2d / nn.Linear, not their subclasses
-    macs, params = tp.utils.count_ops_and_params(plain, x)
-    zeros = sum(int((layer.weight_mask == 0).sum()) for layer in model.modules() if hasattr(layer, "weight_mask"))
-    result = {"parameters": int(params), "macs": float(macs), "nonzero_parameters": int(params) - zeros}
-    if compacted is not None:
-        c_macs, c_params = tp.utils.count_ops_and_params(compacted, x)
-        # The compacted model's own non-zeros, so that "params" and "non-zero params" describe one model.
-        c_nonzero = sum(int(torch.count_nonzero(p)) for p in compacted.parameters())
-        result.update(compacted_parameters=int(c_params), compacted_macs=float(c_macs),
-                      compacted_nonzero_parameters=c_nonzero)
-    return result
-
-
-@torch.no_grad()
-def cpu_latencies(models: Dict[str, nn.Module], spec: Dict[str, Any], batch_size: int, repeats: int,
-                  warmup: int = 2) -> Dict[str, Dict[str, Any]]:
-    """Median (and spread) wall time of a forward pass of each model on one batch of ``batch_size`` random
-    images, on the CPU; the models take turns (A B A B ...) so that load on a shared machine hits all alike."""
-    for model in models.values():
-        model.eval()
-    x = torch.rand(batch_size, spec["in_channels"], spec["image_size"], spec["image_size"])
-    for _ in range(warmup):
-        for model in models.values():
-            model(x)
-    times: Dict[str, List[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            began = time.perf_counter()
-            model(x)
-            times[name].append(time.perf_counter() - began)
-    return {name: {"batch_size": batch_size, "repeats": repeats, "threads": torch.get_num_threads(),
-                   "median_ms": 1000 * statistics.median(t), "min_ms": 1000 * min(t), "max_ms": 1000 * max(t)}
-            for name, t in times.items()}
-
-
-def cpu_latency(model: nn.Module, spec: Dict[str, Any], batch_size: int, repeats: int, warmup: int = 2) -> Dict[str, Any]:
-    """Median (and spread) wall time of a forward pass on a batch of ``batch_size`` random images, on the CPU."""
-    return cpu_latencies({"model": model}, spec, batch_size, repeats, warmup)["model"]
-
-
-def latency_as_run_and_dense(model: nn.Module, dense: nn.Module, spec: Dict[str, Any], batch_size: int,
-                             repeats: int) -> Dict[str, Any]:
-    """``{"latency": the model as it runs, "latency_dense": the dense form}``, measured in turns (one
-    measurement where the model runs dense anyway)."""
-    if model is dense:
-        latency = cpu_latency(model, spec, batch_size, repeats)
-        return {"latency": latency, "latency_dense": latency}
-    both = cpu_latencies({"as_run": model, "dense": dense}, spec, batch_size, repeats)
-    return {"latency": both["as_run"], "latency_dense": both["dense"]}
-
-
-def _subset_loader(dataset, count: Optional[int], batch_size: int) -> DataLoader:
-    if count is not None and count < len(dataset):
-        dataset = Subset(dataset, range(count))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
-
-def runnable(model: nn.Module, compacted: Optional[nn.Module], execution: str,
-             example: torch.Tensor) -> "tuple[nn.Module, Dict[str, str]]":
-    """The model to evaluate and its layers' forms: a structured model's compacted model (all "compacted"),
-    or ``model`` converted in place to ``execution`` form."""
-    if compacted is not None:
-        return compacted.eval(), {"*": "compacted"}
-    model.eval()
-    forms = in_execution(model, execution, example)
-    return model.eval(), forms
 
 
 def check_eval_arguments(args: argparse.Namespace) -> None:
@@ -170,82 +63,6 @@ def check_eval_arguments(args: argparse.Namespace) -> None:
             raise ConfigError(f"unknown CC-Cert transform {name!r}; choose from {list(robust.TRANSFORMS)}")
 
 
-def certificate_form(plain: nn.Module) -> nn.Module:
-    """The form the certificates run: the plain model (masks baked in), channels_last when it has convolutions.
-
-    Randomized smoothing and CC-Cert run the fixed model on thousands of
-    noisy or transformed copies of each image without gradients. The plain
-    layers compute the same function as the masked ones (W*M), and oneDNN's
-    convolutions are faster on channels_last input for these small images,
-    which the fused masked op (contiguous input) does not use. The ratio is
-    in bench/RESULTS.md ("Certificates").
-    """
-    if any(isinstance(m, nn.Conv2d) for m in plain.modules()):
-        return plain.to(memory_format=torch.channels_last)
-    return plain
-
-
-def evaluate_model(model: nn.Module, info: Dict[str, Any], test, args: argparse.Namespace,
-                   compacted: Optional[nn.Module] = None) -> Dict[str, Any]:
-    """Every enabled measurement of ``model`` on ``test`` (a dataset of images in [0, 1])."""
-    spec = info["spec"]
-    progress = args.progress
-    execution = getattr(args, "execution", None) or "auto"
-    result: Dict[str, Any] = {"name": args.name or info.get("algorithm") or "dense",
-                              "algorithm": info.get("algorithm"), "model": spec["model"], "dataset": spec["dataset"],
-                              "sparsity": info.get("sparsity", 0.0), "target_sparsity": info.get("target_sparsity"),
-                              "test_examples": len(test)}
-    result.update(size_and_ops(model, spec, compacted))  # on the dense masked form
-    dense = plain_model(model)  # the masks baked into plain layers: the dense form one would deploy
-    model, forms = runnable(model, compacted, execution, example_batch(test, args.batch_size))
-    result.update(execution=execution, layer_forms=forms)
-    clean = evaluate(model, _subset_loader(test, None, args.batch_size), desc="clean", progress=progress)
-    result.update(clean_accuracy=clean["accuracy"], clean_loss=clean["loss"])
-    differs = compacted is not None or any(form != "dense" for form in forms.values())
-    result.update(latency_as_run_and_dense(model, dense if differs else model, spec, args.latency_batch,
-                                           args.latency_repeats))
-    if args.corruptions and args.severities:
-        loader = _subset_loader(test, args.corruption_examples, args.batch_size)
-        if getattr(args, "cifar10c", None):
-            if spec["dataset"] != "cifar10":
-                raise ConfigError(f"--cifar10c needs a CIFAR-10 model, this one is a {spec['dataset']} model")
-            out = robust.evaluate_cifar10c(model, loader, args.cifar10c, corruptions=args.corruptions,
-                                           severities=args.severities, batch_size=args.batch_size,
-                                           model_name=result["name"], progress=progress)
-        else:
-            out = robust.evaluate_corruptions(model, loader, corruptions=args.corruptions,
-                                              severities=args.severities, seed=args.seed, model_name=result["name"],
-                                              progress=progress)
-        result["corruption"] = out
-        result["mean_corruption_accuracy"] = out["mean_corruption_accuracy"]
-    if args.pgd:
-        loader = _subset_loader(test, args.pgd_examples, args.batch_size)
-        attack = getattr(args, "attack", "pgd")
-        # AutoAttack runs at its official settings (100 iterations); the others take --pgd-steps.
-        steps = ITERATIONS if attack == "autoattack" else args.pgd_steps
-        result["pgd"] = robust.adversarial_accuracy(model, loader, epsilons=args.pgd_eps, attack=attack, norm="linf",
-                                                    steps=steps, seed=args.seed, model_name=result["name"],
-                                                    progress=progress)
-    if args.smoothing or args.cc_cert:
-        certified_model = certificate_form(dense)
-    if args.smoothing:
-        loader = _subset_loader(test, args.smoothing_examples, args.batch_size)
-        certified = robust.certify_dataset(certified_model, loader, sigma=args.sigma, n0=args.smoothing_n0, n=args.smoothing_n,
-                                           alpha=args.alpha, batch_size=args.smoothing_batch, seed=args.seed,
-                                           model_name=result["name"], progress=progress)
-        curve = robust.certified_accuracy(certified, args.radii)
-        result["smoothing"] = {**{k: v for k, v in certified.items() if k != "records"}, "curve": curve,
-                               "records": certified["records"]}
-    if args.cc_cert:
-        loader = _subset_loader(test, args.cc_examples, args.batch_size)
-        ranges = {name: robust.DEFAULT_RANGES[name] for name in args.cc_transforms}
-        result["cc_cert"] = robust.cc_cert_dataset(certified_model, loader, transforms=ranges, epsilons=args.cc_eps,
-                                                   n_samples=args.cc_samples, seed=args.seed,
-                                                   batch_size=args.smoothing_batch, model_name=result["name"],
-                                                   progress=progress)
-    return result
-
-
 def run_eval(args: argparse.Namespace) -> dict:
     check_eval_arguments(args)
     model, info = load_model_folder(args.model_dir)
@@ -270,41 +87,41 @@ def run_eval(args: argparse.Namespace) -> dict:
 def add_robustness_arguments(parser: argparse.ArgumentParser, *, examples: int = 200) -> None:
     group = parser.add_argument_group("robustness (each on the first N test images)")
     group.add_argument("--no-corruptions", dest="corruptions_on", action="store_false")
-    group.add_argument("--corruptions", type=_names,
+    group.add_argument("--corruptions", type=name_list,
                        default=["gaussian_noise", "defocus_blur", "fog", "contrast", "pixelate"],
                        help="comma-separated names of sparsesam.robust.CORRUPTIONS")
-    group.add_argument("--severities", type=_ints, default=[1, 3, 5])
-    group.add_argument("--corruption-examples", type=_positive_int, default=examples)
+    group.add_argument("--severities", type=int_list, default=[1, 3, 5])
+    group.add_argument("--corruption-examples", type=positive_int, default=examples)
     group.add_argument("--cifar10c", default=None, metavar="DIR",
                        help="score the corruptions on the released CIFAR-10-C files in DIR (<corruption>.npy, "
                             "labels.npy) instead of corrupting the test images here (CIFAR-10 models)")
     group.add_argument("--no-pgd", dest="pgd", action="store_false")
     add_number(group, "--pgd-eps", ROBUSTNESS_FLAGS["--pgd-eps"], many=True, default=[0.0, 0.01, 0.03, 0.1],
                help="L-inf budgets")
-    group.add_argument("--pgd-steps", type=_positive_int, default=10, help="iterations of pgd and apgd-*")
+    group.add_argument("--pgd-steps", type=positive_int, default=10, help="iterations of pgd and apgd-*")
     group.add_argument("--attack", default="pgd", choices=robust.ATTACKS,
                        help="the attack of the adversarial measurement: our pgd / fgsm, or torchattacks' "
                             "(pip install 'sparsesam[attacks]'): autoattack (the standard ensemble at its official "
                             "settings, as papers report it), apgd-ce, apgd-dlr, apgd-t, fab-t, square")
-    group.add_argument("--pgd-examples", type=_positive_int, default=examples)
+    group.add_argument("--pgd-examples", type=positive_int, default=examples)
     group.add_argument("--no-smoothing", dest="smoothing", action="store_false")
     add_number(group, "--sigma", ROBUSTNESS_FLAGS["--sigma"], default=0.25, help="randomized-smoothing noise level")
-    group.add_argument("--smoothing-n0", type=_positive_int, default=32)
-    group.add_argument("--smoothing-n", type=_positive_int, default=256, help="Monte-Carlo samples per image")
+    group.add_argument("--smoothing-n0", type=positive_int, default=32)
+    group.add_argument("--smoothing-n", type=positive_int, default=256, help="Monte-Carlo samples per image")
     add_number(group, "--alpha", ROBUSTNESS_FLAGS["--alpha"], default=0.001,
                help="failure probability of a smoothing certificate")
     add_number(group, "--radii", ROBUSTNESS_FLAGS["--radii"], many=True, default=[0.0, 0.1, 0.25, 0.5, 0.75],
                help="L2 radii of the certified-accuracy curve")
-    group.add_argument("--smoothing-examples", type=_positive_int, default=min(examples, 50))
-    group.add_argument("--smoothing-batch", type=_positive_int, default=256)
+    group.add_argument("--smoothing-examples", type=positive_int, default=min(examples, 50))
+    group.add_argument("--smoothing-batch", type=positive_int, default=256)
     group.add_argument("--no-cc-cert", dest="cc_cert", action="store_false")
-    group.add_argument("--cc-transforms", type=_names, default=["rotation", "brightness", "contrast"])
+    group.add_argument("--cc-transforms", type=name_list, default=["rotation", "brightness", "contrast"])
     add_number(group, "--cc-eps", ROBUSTNESS_FLAGS["--cc-eps"], many=True, default=[0.01, 0.05, 0.1],
                help="failure probabilities")
-    group.add_argument("--cc-samples", type=_positive_int, default=100)
-    group.add_argument("--cc-examples", type=_positive_int, default=min(examples, 50))
-    group.add_argument("--latency-batch", type=_positive_int, default=64)
-    group.add_argument("--latency-repeats", type=_positive_int, default=10)
+    group.add_argument("--cc-samples", type=positive_int, default=100)
+    group.add_argument("--cc-examples", type=positive_int, default=min(examples, 50))
+    group.add_argument("--latency-batch", type=positive_int, default=64)
+    group.add_argument("--latency-repeats", type=positive_int, default=10)
 
 
 def normalize_robustness_arguments(args: argparse.Namespace) -> None:
@@ -320,8 +137,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="label in reports (default: the algorithm, or 'dense')")
     parser.add_argument("--dataset", default=None, help="default: the dataset the model was trained on")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--limit", type=_positive_int, default=None, help="use only the first N test images")
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N test images")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     add_execution_argument(parser, "auto", "the form every evaluation runs the model in (a structured model runs "

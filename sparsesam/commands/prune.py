@@ -2,26 +2,21 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import os
 import textwrap
-import time
-from typing import Any, Dict, Optional
-
-from torch import nn
+from typing import Dict
 
 from .._validate import FRACTION
+from ..algorithms.registry import algorithm_registry, build_config, get_algorithm
 from ..checkpoint import Checkpointer
-from ..training import evaluate
-from .common import (ConfigError, add_execution_argument, add_number, build_from_spec, check_execution,
-                     check_fraction, check_model_name, dataset_key, echo_config, example_batch, jsonable, load_data,
-                     make_loaders, model_spec, prepare_out, resolve_device, seed_everything, write_json)
-from .evaluate import runnable
-from .export import load_model_folder, save_model_folder
-from .registry import algorithm_registry, build_config, get_algorithm
-from .train import (add_data_arguments, add_model_arguments, add_optimizer_arguments, check_optimizer_arguments,
-                    fit_dense)
+from ..model_files import build_from_spec, check_model_name, jsonable, load_model_folder, model_spec
+from ..pruning_run import PRUNE_CHECKPOINT, prune_model, with_execution
+from ..run_setup import (check_execution, check_fraction, dataset_key, load_data, make_loaders, prepare_out,
+                         resolve_device, seed_everything)
+from ..training import check_optimizer_arguments, fit_dense
+from .common import ConfigError, add_execution_argument, add_number, echo_config
+from .train import add_data_arguments, add_model_arguments, add_optimizer_arguments
 
 # One line per algorithm for --help: what it does and what runs where.
 ALGORITHM_HELP = {
@@ -49,8 +44,6 @@ def algorithm_lines() -> Dict[str, str]:
         lines[name] = ALGORITHM_HELP.get(name) or (doc[0] if doc else "")
     return lines
 PRETRAIN_CHECKPOINT = "pretrain_checkpoint.pt"
-PRUNE_CHECKPOINT = "prune_checkpoint.pt"
-RESULT = "prune.json"
 
 
 def parse_settings(pairs) -> Dict[str, str]:
@@ -61,67 +54,6 @@ def parse_settings(pairs) -> Dict[str, str]:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         settings[key.strip()] = value.strip()
     return settings
-
-
-def compacted_model(algorithm: Any, result: Any) -> Optional[nn.Module]:
-    """The physically smaller model a structured algorithm reports (in its summary, or by a method)."""
-    if isinstance(getattr(result, "compact_model", None), nn.Module):
-        return result.compact_model
-    summary = getattr(result, "summary", None) or {}
-    for key in ("compacted_model", "compact_model", "compacted"):
-        if isinstance(summary.get(key), nn.Module):
-            return summary[key]
-    for name in ("compacted_model", "compact"):
-        method = getattr(algorithm, name, None)
-        if callable(method):
-            module = method()
-            if isinstance(module, nn.Module):
-                return module
-    return None
-
-
-def with_execution(config: Any, execution: Optional[str]) -> Any:
-    """``config`` with its ``execution`` field set (an algorithm config without one is left as it is)."""
-    if execution is None or not any(f.name == "execution" for f in dataclasses.fields(config)):
-        return config
-    try:
-        return dataclasses.replace(config, execution=execution)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{type(config).__name__}: {error}") from error
-
-
-def prune_model(model: nn.Module, spec: Dict[str, Any], algorithm_name: str, config: Any, train_loader, test_loader,
-                out: str, *, progress: bool, registry=None, extra: Optional[Dict[str, Any]] = None) -> dict:
-    """Run ``algorithm.fit`` (resumable through ``out/prune_checkpoint.pt``), export the model, write prune.json.
-
-    The test accuracy is measured with the model in the config's ``execution`` form ("auto" if it has none)
-    or, for a structured algorithm, on its compacted model."""
-    algorithm = get_algorithm(algorithm_name, registry)(config)
-    checkpointer = Checkpointer(os.path.join(out, PRUNE_CHECKPOINT))
-    began = time.perf_counter()
-    result = algorithm.fit(model, train_loader, val_loader=test_loader, progress=progress, checkpoint=checkpointer)
-    seconds = time.perf_counter() - began
-    pruned = result.model.cpu()  # model folders hold CPU tensors, and the final evaluation runs there
-    compacted = compacted_model(algorithm, result)
-    if compacted is not None:
-        compacted = compacted.cpu()
-    info = save_model_folder(pruned, spec, out, compacted=compacted,
-                             extra={"stage": "prune", "algorithm": algorithm_name,
-                                    "target_sparsity": getattr(config, "target_sparsity", None)})
-    execution = getattr(config, "execution", "auto")
-    runnable_model, forms = runnable(copy.deepcopy(pruned), compacted, execution,
-                                     example_batch(test_loader.dataset, test_loader.batch_size or 1))
-    test = evaluate(runnable_model, test_loader, desc="test", progress=progress)
-    summary = {k: v for k, v in dict(getattr(result, "summary", {}) or {}).items() if not isinstance(v, nn.Module)}
-    report = {"command": "prune", "algorithm": algorithm_name, "config": dataclasses.asdict(config),
-              "target_sparsity": getattr(config, "target_sparsity", None), "sparsity": info["sparsity"],
-              "test_accuracy": test["accuracy"], "test_loss": test["loss"], "fit_seconds": seconds,
-              "history": list(getattr(result, "history", []) or []), "summary": summary,
-              "compacted_parameters": (info["compacted"] or {}).get("parameters"), "execution": execution,
-              "layer_forms": forms, **(extra or {})}
-    write_json(os.path.join(out, RESULT), report)
-    checkpointer.remove()
-    return report
 
 
 def run_prune(args: argparse.Namespace, registry=None) -> dict:

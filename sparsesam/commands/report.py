@@ -15,11 +15,12 @@ from typing import Any, Dict, List
 import torch
 
 from .. import reporting
-from .common import ConfigError, add_execution_argument, check_execution
+from ..run_setup import check_execution
+from .common import ConfigError, add_execution_argument
 
 
 def _model_folder(run: Dict[str, Any]):
-    from .export import is_model_folder
+    from ..model_files import is_model_folder
     for folder in ((run.get("eval") or {}).get("model_dir"), run["folder"]):
         if folder and is_model_folder(folder):
             return folder
@@ -28,8 +29,8 @@ def _model_folder(run: Dict[str, Any]):
 
 def retime(runs: List[Dict[str, Any]], execution: str, batch: int, repeats: int) -> None:
     """Measure each run's model in ``execution`` form and in dense form; the results replace the eval's."""
-    from .evaluate import latency_as_run_and_dense, runnable
-    from .export import load_compacted, load_model_folder, plain_model
+    from ..evaluation import latency_as_run_and_dense, runnable
+    from ..model_files import load_compacted, load_model_folder, plain_model
     for run in runs:
         folder = _model_folder(run)
         if folder is None:
@@ -64,14 +65,14 @@ def run_report(args: argparse.Namespace) -> dict:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .evaluate import _positive_int
+    from .common import positive_int
     parser = sub.add_parser("report", help="compare eval / prune runs: report.json, report.md, PNG plots")
     parser.add_argument("folders", nargs="+", help="output folders of 'sparsesam eval' or 'sparsesam prune'")
     parser.add_argument("--out", required=True, help="folder for report.json, report.md and the plots")
     parser.add_argument("--title", default="sparsesam report")
     add_execution_argument(parser, None, "measure every run's latency again, in this form and dense (default: "
                                          "the figures of its eval.json, measured with eval's --execution, auto)")
-    parser.add_argument("--latency-batch", type=_positive_int, default=64)
-    parser.add_argument("--latency-repeats", type=_positive_int, default=10)
+    parser.add_argument("--latency-batch", type=positive_int, default=64)
+    parser.add_argument("--latency-repeats", type=positive_int, default=10)
     parser.set_defaults(func=run_report)
     return parser

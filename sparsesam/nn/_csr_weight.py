@@ -1,4 +1,4 @@
-"""CSRWeight: what SparseLinear and SparseConv2d share, a weight kept as ``values`` at a fixed CSRPattern.
+"""CSRWeight: what CSRLinear and SparseConv2d share, a weight kept as ``values`` at a fixed CSRPattern.
 
 The layer holds ``values`` (a Parameter of nnz entries) and the pattern's five
 int32 tensors as buffers. Only the CSR half (``crow_indices``,

@@ -1,12 +1,12 @@
 """BlockSparseLinear: a linear layer that stores and computes only the kept blocks of a block-structured mask.
 
-The block counterpart of :class:`~sparsesam.nn.SparseLinear`, with the same
+The block counterpart of :class:`~sparsesam.nn.CSRLinear`, with the same
 interface: it keeps ``values`` (the kept ``bh x bw`` blocks, a Parameter of
 shape ``(nblocks, bh, bw)``) and the int32
 :class:`~sparsesam.sparse.BSRPattern` of the mask, and runs
 :func:`sparsesam.ops.bsr_linear`, where each kept block is a small dense
 product. It applies only to masks that keep or prune whole blocks (e.g. from
-:func:`sparsesam.pruning.block_magnitude_mask`); :meth:`applicable` says
+:func:`sparsesam.pruning.bsr_magnitude_mask`); :meth:`applicable` says
 whether a mask is one, and why not. Conversions to and from
 :class:`~sparsesam.nn.MaskedLinear` are exact (kept weights, mask and bias
 come back bit for bit).

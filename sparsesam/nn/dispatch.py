@@ -2,7 +2,7 @@
 
 A fixed-mask layer can run dense (``MaskedLinear`` / ``MaskedConv2d``: the
 full weight and a mask, cuBLAS/oneDNN speed whatever the sparsity) or in a
-sparse format (:data:`SPARSE_FORMATS`: CSR for any mask, ``SparseLinear`` /
+sparse format (:data:`SPARSE_FORMATS`: CSR for any mask, ``CSRLinear`` /
 ``SparseConv2d``, plus structured formats for masks that have their
 structure: only the kept weights, time in proportion to nnz). Which is
 fastest depends on the shape, the batch, the sparsity, the mask's structure,
@@ -48,7 +48,7 @@ from .bsr_linear import BlockSparseLinear
 from .masked import MaskedConv2d, MaskedLinear
 from .nm_linear import NMSparseLinear
 from .sparse_conv2d import SparseConv2d, convertible
-from .sparse_linear import SparseLinear
+from .sparse_linear import CSRLinear
 
 # ({form: module}, x, backward) -> {form: seconds}
 Timer = Callable[[Mapping[str, nn.Module], torch.Tensor, bool], Dict[str, float]]
@@ -278,7 +278,7 @@ _MASKED = (MaskedLinear, MaskedConv2d)
 # Linear: block-sparse, then N:M, then CSR (each measured at least as fast as CSR on the masks it accepts).
 register_sparse_format(SparseFormat("bsr", MaskedLinear, BlockSparseLinear, _bsr_refuses))
 register_sparse_format(SparseFormat("nm", MaskedLinear, NMSparseLinear, _nm_refuses))
-register_sparse_format(SparseFormat("csr", MaskedLinear, SparseLinear, _csr_linear_refuses))
+register_sparse_format(SparseFormat("csr", MaskedLinear, CSRLinear, _csr_linear_refuses))
 register_sparse_format(SparseFormat("csr", MaskedConv2d, SparseConv2d, convertible))
 
 
@@ -332,7 +332,7 @@ def sparse_forms(layer: nn.Module) -> List[str]:
     return [fmt.name for fmt in SPARSE_FORMATS if fmt.masked is base and fmt.refuses(masked) is None]
 
 
-def _copy_in(layer: nn.Module, form: str) -> nn.Module:
+def copy_in_form(layer: nn.Module, form: str) -> nn.Module:
     """A plain copy of ``layer`` in ``form`` (shares nothing): what "auto" times."""
     masked = layer.to_masked() if form_of(layer) != "dense" else _plain_masked_copy(layer)
     return masked if form == "dense" else _find_format(form, _masked_base(layer)).layer.from_masked(masked)

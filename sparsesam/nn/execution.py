@@ -56,7 +56,7 @@ Execution = Union[str, Mapping]
 _PENDING_AUTO = "_sparsesam_pending_auto"
 
 
-def _check_execution(execution) -> str:
+def check_execution(execution) -> str:
     if not isinstance(execution, str) or execution not in dispatch.executions():
         raise ValueError(f"execution must be one of {dispatch.executions()} or a Mapping "
                          f"{{layer name: form}}, got {execution!r}")
@@ -142,7 +142,7 @@ def _layer_inputs(model: nn.Module, layers: List[nn.Module], example) -> Dict[in
 
 def _fastest_form(layer: nn.Module, x: torch.Tensor, backward: bool) -> str:
     candidates = ["dense", *sparse_forms(layer)]
-    builders = {form: (lambda form=form: dispatch._copy_in(layer, form)) for form in candidates}
+    builders = {form: (lambda form=form: dispatch.copy_in_form(layer, form)) for form in candidates}
     return dispatch_cache().decide(dispatch_key(layer, x, backward, candidates), builders, x, backward)
 
 
@@ -209,7 +209,7 @@ def set_execution(model: nn.Module, execution: Execution, example=None,
         wanted = _forms_by_name(model, execution, layers)
         selected = [m for m in model.modules() if id(m) in wanted]
     else:
-        _check_execution(execution)
+        check_execution(execution)
         selected = _selected(model, layers)
         wanted = {}
         for layer in selected:

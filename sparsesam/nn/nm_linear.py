@@ -1,6 +1,6 @@
 """NMSparseLinear: a linear layer that stores and computes only a fixed N:M mask's kept weights.
 
-The N:M counterpart of :class:`~sparsesam.nn.SparseLinear` (same interface):
+The N:M counterpart of :class:`~sparsesam.nn.CSRLinear` (same interface):
 it keeps ``values`` (a Parameter of shape (out_features, in_features * n / m))
 and the uint8 :class:`~sparsesam.sparse.NMPattern` of the mask, and runs
 :func:`sparsesam.ops.nm_linear`. Index storage is one byte per kept entry

@@ -1,6 +1,6 @@
 """SparseConv2d: a Conv2d layer that stores and computes only a fixed mask's kept weights.
 
-The conv counterpart of :class:`~sparsesam.nn.SparseLinear`: ``values`` (a
+The conv counterpart of :class:`~sparsesam.nn.CSRLinear`: ``values`` (a
 Parameter of nnz entries) and the int32 :class:`~sparsesam.sparse.CSRPattern`
 of the mask viewed as ``(out_channels, in_channels * kh * kw)``, run by
 :func:`sparsesam.ops.sparse_conv2d` (a direct sparse convolution: time and

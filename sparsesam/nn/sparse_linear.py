@@ -1,12 +1,12 @@
-"""SparseLinear: a linear layer that stores and computes only a fixed mask's kept weights.
+"""CSRLinear: a linear layer that stores and computes only a fixed mask's kept weights.
 
 Where a :class:`~sparsesam.nn.MaskedLinear` keeps the dense weight and a mask
 and computes ``x (W*M)^T`` densely (pruning saves nothing), a
-``SparseLinear`` keeps ``values`` (the kept weights, a Parameter of nnz
+``CSRLinear`` keeps ``values`` (the kept weights, a Parameter of nnz
 entries) and the int32 :class:`~sparsesam.sparse.CSRPattern` of the mask,
 and runs :func:`sparsesam.ops.sparse_linear`: memory and time grow with
 nnz. The pattern is fixed: to change the mask, go back to a MaskedLinear
-(:meth:`SparseLinear.to_masked`), prune, and convert again; both directions
+(:meth:`CSRLinear.to_masked`), prune, and convert again; both directions
 are exact (kept weights, mask and bias come back bit for bit).
 
 state_dict: ``values``, ``bias``, and the CSR half of the pattern
@@ -28,7 +28,7 @@ from ._csr_weight import CSRWeight, check_pattern
 from ._linear_forms import LinearForms
 
 
-class SparseLinear(LinearForms, CSRWeight):
+class CSRLinear(LinearForms, CSRWeight):
     """``y = x W^T + b`` with W kept only at the entries of a fixed ``pattern``.
 
     Build one from a layer with :meth:`from_masked` / :meth:`from_dense`, or
@@ -71,3 +71,8 @@ class SparseLinear(LinearForms, CSRWeight):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"nnz={self.nnz}, sparsity={self.sparsity:.4f}")
+
+
+# The class's name before the CSR pieces were named csr_* ("sparse" now names the family of formats); kept so that
+# code written against it keeps working.
+SparseLinear = CSRLinear

@@ -17,7 +17,7 @@ import torch
 from torch.nn.utils import parametrize
 from torch import nn
 
-from .execution import _check_execution, set_execution
+from .execution import check_execution, set_execution
 from .masked import (DENSE_OF, MASK_MODES, MASKED_OF, MaskedConv2d, MaskedLinear, _MaskedWeight, has_own_forward,
                      masked_subclass, non_finite_mask_error)
 
@@ -41,7 +41,7 @@ def check_selector(argument: str, selector: Selector) -> Selector:
     return patterns
 
 
-def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
+def matches_selector(selector: Selector, name: str, module: nn.Module) -> bool:
     if callable(selector):
         return bool(selector(name, module))
     patterns = (selector,) if isinstance(selector, str) else selector   # as check_selector leaves it
@@ -82,16 +82,16 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_execution(execution)
+    check_execution(execution)
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     include = check_selector("include", include)
     exclude = check_selector("exclude", exclude)
     chosen, unsupported = [], []
     for name, module in list(model.named_modules()):
-        if include is not None and not _matches(include, name, module):
+        if include is not None and not matches_selector(include, name, module):
             continue
-        if exclude is not None and _matches(exclude, name, module):
+        if exclude is not None and matches_selector(exclude, name, module):
             continue
         masked_cls = _masked_class(type(module))
         if masked_cls is None:

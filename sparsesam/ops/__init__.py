@@ -15,6 +15,7 @@ from .mask_scoring import mask_ascent_, mask_grad_sq_norm, mask_score_grad
 from .sparse_linear import sparse_linear
 from .sparse_conv2d import sparse_conv2d
 from .nm_linear import nm_linear
+from .bsr_linear import bsr_linear
 
 __all__ = [
     "BACKENDS",
@@ -37,7 +38,5 @@ __all__ = [
     "sparse_linear",
     "sparse_conv2d",
     "nm_linear",
+    "bsr_linear",
 ]
-from .bsr_linear import bsr_linear  # noqa: E402
-
-__all__ += ["bsr_linear"]

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..sparse.bsr import BSRPattern
-from . import _sparse_linear_common as common
+from . import _sparse_matmul_common as common
 from ._library import none_if_empty
 
 Tensor = torch.Tensor

@@ -9,7 +9,7 @@ from .scores import (GRANULARITIES, ScoreMask, attach_scores, freeze_scores, hyd
                      score_parameters, score_shape)
 from .score_to_mask import ScoreToMask, kept_count, top_k_by_threshold
 from .schedules import GradualCubic, Iterative, OneShot, SparsitySchedule
-from .block import BLOCK_NORMS, block_magnitude_mask, block_scores
+from .bsr import BSR_NORMS, block_magnitude_mask, block_scores, bsr_magnitude_mask, bsr_scores
 
 __all__ = [
     "SCOPES", "magnitude_prune", "global_sparsity",
@@ -21,5 +21,5 @@ __all__ = [
     "top_k_by_threshold",
     "attach_scores", "score_parameters", "freeze_scores",
     "SparsitySchedule", "OneShot", "Iterative", "GradualCubic",
-    "BLOCK_NORMS", "block_scores", "block_magnitude_mask",
+    "BSR_NORMS", "bsr_scores", "bsr_magnitude_mask", "block_scores", "block_magnitude_mask",
 ]

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..nn import masked_layers
 from ..nn.masked import _MaskedWeight
-from ..nn.sparsify import Selector, _matches, check_selector
+from ..nn.sparsify import Selector, check_selector, matches_selector
 
 
 def check_fraction(name: str, value) -> float:
@@ -75,8 +75,8 @@ def prunable_layers(model: nn.Module, include: Selector = None, exclude: Selecto
     skip = output_layer_name(model) if keep_output_layer else None
     layers = [(name, layer) for name, layer in masked_layers(model)
               if name != skip
-              and (include is None or _matches(include, name, layer))
-              and (exclude is None or not _matches(exclude, name, layer))]
+              and (include is None or matches_selector(include, name, layer))
+              and (exclude is None or not matches_selector(exclude, name, layer))]
     if not layers:
         raise ValueError("no masked layer is left to prune: check include / exclude / keep_output_layer")
     return layers

@@ -51,7 +51,7 @@ def dependency_graph(model: nn.Module, example_inputs) -> Tuple[nn.Module, "obje
 
     plain = export(model)
     for module in plain.modules():
-        _remove_gates(module)
+        remove_gates(module)
     plain.eval()
     with torch.enable_grad():
         graph = tp.DependencyGraph().build_dependency(plain, example_inputs=example_inputs, verbose=False)
@@ -149,7 +149,7 @@ class _ChannelGate:
         return output * keep
 
 
-def _remove_gates(module: nn.Module) -> List[_ChannelGate]:
+def remove_gates(module: nn.Module) -> List[_ChannelGate]:
     removed = []
     for key, hook in list(module._forward_hooks.items()):
         if isinstance(hook, _ChannelGate):

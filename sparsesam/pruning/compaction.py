@@ -34,7 +34,7 @@ from torch import nn
 
 from ..nn import masked_layers
 from ._common import output_layer_name
-from .channel_graph import _remove_gates, channel_chunks, channel_gates, dependency_graph, import_torch_pruning
+from .channel_graph import channel_chunks, channel_gates, dependency_graph, import_torch_pruning, remove_gates
 
 # Autograd nodes (as torch-pruning records them) that map an all-zero channel to an all-zero channel.
 _ZERO_PRESERVING = {
@@ -112,12 +112,12 @@ def _output_producers(model: nn.Module, example_inputs) -> List[nn.Module]:
 
 
 @torch.no_grad()
-def _bake_gates(model: nn.Module, plain: nn.Module) -> None:
+def bake_gates(model: nn.Module, plain: nn.Module) -> None:
     """Give ``plain`` (an export of ``model``) the gates' effect in its parameters, then drop the gates."""
     keeps = {name: gate.keep() for name, gate in channel_gates(model).items()}
     modules = dict(plain.named_modules())
     for module in plain.modules():
-        _remove_gates(module)
+        remove_gates(module)
     for name, keep in keeps.items():
         module = modules[name]
         drop = ~keep.to(module.weight.device)
@@ -255,7 +255,7 @@ def compact_channels(model: nn.Module, example_inputs, protect: Iterable[str] = 
         raise ValueError("model has no masked layers: call sparsesam.sparsify(model) first")
     protect = list(protect)
     plain, graph = dependency_graph(model, example_inputs)
-    _bake_gates(model, plain)
+    bake_gates(model, plain)
     modules = dict(plain.named_modules())
     unknown = [name for name in protect if name not in modules]
     if unknown:

@@ -16,7 +16,7 @@ from .._files import atomic_file
 from .corruptions import CORRUPTIONS
 
 
-def _figure(width: float, height: float, ncols: int = 1):
+def new_figure(width: float, height: float, ncols: int = 1):
     FigureCanvasAgg = require("matplotlib.backends.backend_agg", extra="robust", purpose="plots").FigureCanvasAgg
     Figure = require("matplotlib.figure", extra="robust", purpose="plots").Figure
 
@@ -26,7 +26,7 @@ def _figure(width: float, height: float, ncols: int = 1):
     return figure, axes
 
 
-def _save(figure, path: str) -> str:
+def save_figure(figure, path: str) -> str:
     figure.tight_layout()
     with atomic_file(path, "wb") as f:  # a reader never sees half a PNG
         figure.savefig(f, dpi=150, format="png")
@@ -42,7 +42,7 @@ def _finish_line_plot(figure, axes, xlabel: str, ylabel: str, title: Optional[st
     axes.legend(fontsize="small")
     if title:
         axes.set_title(title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _named(results: Mapping, marker_key: str) -> dict:
@@ -64,7 +64,7 @@ def plot_corruption_accuracy(results: Mapping, path: str, *, title: Optional[str
     """Left: accuracy per corruption (mean over severities), one bar per model.
     Right: mean accuracy over corruptions vs severity (0 = clean)."""
     named = _named(results, "accuracy")
-    figure, (left, right) = _figure(13, 4.2, ncols=2)
+    figure, (left, right) = new_figure(13, 4.2, ncols=2)
     corruptions = [c for c in CORRUPTIONS if any(c in r["accuracy"] for r in named.values())]
     corruptions += [c for r in named.values() for c in r["accuracy"] if c not in corruptions]
     width = 0.8 / len(named)
@@ -87,7 +87,7 @@ def plot_corruption_accuracy(results: Mapping, path: str, *, title: Optional[str
 def plot_certified_accuracy(curves: Mapping, path: str, *, title: Optional[str] = None) -> str:
     """Certified accuracy vs L2 radius (the ``certified_accuracy`` curves of randomized smoothing)."""
     named = _named(curves, "certified_accuracy")
-    figure, axes = _figure(5.5, 4)
+    figure, axes = new_figure(5.5, 4)
     for label, curve in named.items():
         sigma = curve.get("sigma")
         name = label if sigma is None or "sigma" in label else f"{label} (sigma={sigma:g})"
@@ -98,7 +98,7 @@ def plot_certified_accuracy(curves: Mapping, path: str, *, title: Optional[str] 
 def plot_accuracy_vs_epsilon(results: Mapping, path: str, *, title: Optional[str] = None) -> str:
     """Robust accuracy vs attack budget eps, one line per model / attack."""
     named = _named(results, "epsilons")
-    figure, axes = _figure(5.5, 4)
+    figure, axes = new_figure(5.5, 4)
     norms = set()
     for label, result in named.items():
         norms.add(result.get("norm", ""))
@@ -111,7 +111,7 @@ def plot_accuracy_vs_epsilon(results: Mapping, path: str, *, title: Optional[str
 def plot_cc_cert(results: Mapping, path: str, *, epsilon: Optional[float] = None, title: Optional[str] = None) -> str:
     """CC-Cert certified accuracy per transform at one eps (default: the largest evaluated), one bar per model."""
     named = _named(results, "transforms")
-    figure, axes = _figure(7, 4)
+    figure, axes = new_figure(7, 4)
     transforms = list(dict.fromkeys(t for r in named.values() for t in r["transforms"]))
     width = 0.8 / len(named)
     shown = None
@@ -132,4 +132,4 @@ def plot_cc_cert(results: Mapping, path: str, *, epsilon: Optional[float] = None
     axes.legend(fontsize="small")
     if title:
         axes.set_title(title)
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -2,7 +2,7 @@
 
 :class:`CSRPattern` is the index of a fixed unstructured mask (CSR plus the
 transposed index its backward reads); ``sparsesam.ops.sparse_linear`` runs a
-linear layer on it and ``sparsesam.nn.SparseLinear`` is the module.
+linear layer on it and ``sparsesam.nn.CSRLinear`` is the module.
 :class:`BSRPattern` is the block index of a mask that keeps whole blocks
 (``sparsesam.ops.bsr_linear``, ``sparsesam.nn.BlockSparseLinear``).
 :class:`NMPattern` is the index of a fixed N:M mask (one byte per kept entry);

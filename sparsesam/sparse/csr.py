@@ -3,7 +3,7 @@
 A weight ``W`` (out_features x in_features) pruned by a fixed mask is kept as
 
 * ``values``: ``W`` at the kept entries in row-major (CSR) order, the only
-  floating state (the trainable Parameter of ``SparseLinear``), and
+  floating state (the trainable Parameter of ``CSRLinear``), and
 * a ``CSRPattern``, five int32 tensors built once from the mask:
 
   - ``crow_indices`` (out_features + 1): where each row's entries start in ``values``;

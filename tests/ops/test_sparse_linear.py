@@ -5,7 +5,7 @@ the interpreter, CUDA C++), each skipped with the reason where this machine lack
 after it are the backend-specific tests.
 
 Reference and CPU C++ kernels: sparse_linear (CSR weights, C++ CPU kernels through the registered op) vs sparsesam.reference,
-the CSRPattern format, and the SparseLinear module.
+the CSRPattern format, and the CSRLinear module.
 
 Sizes are chosen for the kernels' paths: batches of 1, 3, 9, 17, 64 and 129
 give 1, 2, 4 and 8 vectors per batch tile and partial and several tiles;
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsesam import reference
-from sparsesam.nn import MaskedLinear, SparseLinear
+from sparsesam.nn import MaskedLinear, CSRLinear
 from sparsesam.ops import sparse_linear, use_backend
 from sparsesam.sparse import CSRPattern
 
@@ -395,7 +395,7 @@ def test_pattern_storage_grows_with_nnz():
         assert p.nbytes() == 12 * p.nnz + 4 * (256 + 512 + 2)
 
 
-# --- SparseLinear ----------------------------------------------------------------
+# --- CSRLinear ----------------------------------------------------------------
 
 
 def _masked_layer(n_in=23, n_out=17, density=0.3, bias=True, dtype=torch.float32):
@@ -407,28 +407,28 @@ def _masked_layer(n_in=23, n_out=17, density=0.3, bias=True, dtype=torch.float32
 @pytest.mark.parametrize("bias", [True, False])
 def test_masked_to_sparse_to_masked_is_exact(bias):
     masked = _masked_layer(bias=bias)
-    sparse = SparseLinear.from_masked(masked)
+    sparse = CSRLinear.from_masked(masked)
     back = sparse.to_masked()
     assert torch.equal(back.weight_mask, masked.weight_mask)
     assert torch.equal(back.weight, masked.effective_weight().detach())
     assert (back.bias is None) == (not bias) and (not bias or torch.equal(back.bias, masked.bias))
-    again = SparseLinear.from_masked(back)
+    again = CSRLinear.from_masked(back)
     assert torch.equal(again.values, sparse.values)
     assert all(torch.equal(a, b) for a, b in zip(again.pattern, sparse.pattern))
 
 
 def test_sparse_layer_computes_the_masked_layer():
     masked = _masked_layer(dtype=torch.float64)
-    sparse = SparseLinear.from_masked(masked)
+    sparse = CSRLinear.from_masked(masked)
     x = torch.randn(11, 23, dtype=torch.float64)
     torch.testing.assert_close(sparse(x), masked(x))
     torch.testing.assert_close(sparse.to_dense()(x), masked(x))
-    dense = SparseLinear.from_linear(sparse.to_dense())  # zero weights are the pruned ones
+    dense = CSRLinear.from_linear(sparse.to_dense())  # zero weights are the pruned ones
     assert torch.equal(dense.pattern.mask(), masked.weight_mask)
 
 
 def test_storage_is_o_nnz():
-    layer = SparseLinear.from_dense(torch.randn(300, 400), torch.rand(300, 400) < 0.05, torch.randn(300))
+    layer = CSRLinear.from_dense(torch.randn(300, 400), torch.rand(300, 400) < 0.05, torch.randn(300))
     tensors = list(layer.parameters()) + list(layer.buffers())
     stored = sum(t.numel() * t.element_size() for t in tensors)
     assert stored == 16 * layer.nnz + 4 * (300 + 400 + 2) + 4 * 300
@@ -437,7 +437,7 @@ def test_storage_is_o_nnz():
 
 def test_training_step_moves_kept_values_only():
     masked = _masked_layer()
-    sparse = SparseLinear.from_masked(masked)
+    sparse = CSRLinear.from_masked(masked)
     opt = torch.optim.SGD(sparse.parameters(), lr=0.1)
     before = sparse.values.detach().clone()
     sparse(torch.randn(8, 23)).square().sum().backward()
@@ -449,14 +449,14 @@ def test_training_step_moves_kept_values_only():
 def test_trainable_mask_is_refused():
     layer = MaskedLinear(4, 3, mask_mode="trainable")
     with pytest.raises(ValueError, match="trainable"):
-        SparseLinear.from_masked(layer)
+        CSRLinear.from_masked(layer)
     with pytest.raises(TypeError, match="must be a MaskedLinear"):
-        SparseLinear.from_masked(torch.nn.Linear(4, 3))
+        CSRLinear.from_masked(torch.nn.Linear(4, 3))
 
 
 def test_state_dict_round_trip_with_another_pattern():
-    source = SparseLinear.from_masked(_masked_layer(density=0.2))
-    target = SparseLinear.from_masked(_masked_layer(density=0.7))
+    source = CSRLinear.from_masked(_masked_layer(density=0.2))
+    target = CSRLinear.from_masked(_masked_layer(density=0.7))
     assert target.nnz != source.nnz
     state = source.state_dict()
     assert set(state) == {"values", "bias", "crow_indices", "col_indices"}  # no derived index
@@ -468,14 +468,14 @@ def test_state_dict_round_trip_with_another_pattern():
 
 
 def test_state_dict_of_the_wrong_shape_is_refused():
-    target = SparseLinear.from_masked(_masked_layer())
-    other = SparseLinear.from_masked(_masked_layer(n_in=23, n_out=9))
+    target = CSRLinear.from_masked(_masked_layer())
+    other = CSRLinear.from_masked(_masked_layer(n_in=23, n_out=9))
     with pytest.raises(RuntimeError, match="the pattern has 9 rows"):
         target.load_state_dict(other.state_dict())
 
 
 def test_dtype_and_device_moves_keep_int32_index():
-    layer = SparseLinear.from_masked(_masked_layer()).double()
+    layer = CSRLinear.from_masked(_masked_layer()).double()
     assert layer.values.dtype == torch.float64
     assert all(t.dtype == torch.int32 for t in layer.pattern)
     x = torch.randn(4, 23, dtype=torch.float64)
@@ -485,10 +485,10 @@ def test_dtype_and_device_moves_keep_int32_index():
 def test_constructor_checks():
     pattern = CSRPattern.from_mask(torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="pattern has shape"):
-        SparseLinear(3, 4, pattern)
+        CSRLinear(3, 4, pattern)
     with pytest.raises(TypeError, match="pattern must be"):
-        SparseLinear(4, 3, torch.ones(3, 4))
-    layer = SparseLinear(4, 3, pattern)
+        CSRLinear(4, 3, torch.ones(3, 4))
+    layer = CSRLinear(4, 3, pattern)
     assert layer.values.abs().max() <= 0.5 and layer.bias.abs().max() <= 0.5
 
 
@@ -502,10 +502,10 @@ def test_whole_model_to_sparse_and_back():
     sparse_enough = [m for m in model if getattr(m, "mask_mode", None) == "fixed" and m.sparsity >= 0.5]
     set_execution(model, "csr", layers=sparse_enough)
     # Only the fixed mask at >= 50% sparsity became sparse.
-    assert [type(m).__name__ for m in model] == ["SparseLinear", "ReLU", "MaskedLinear", "MaskedLinear"]
+    assert [type(m).__name__ for m in model] == ["CSRLinear", "ReLU", "MaskedLinear", "MaskedLinear"]
     torch.testing.assert_close(model(x), before)
     set_execution(model, "dense")
-    assert all(not isinstance(m, SparseLinear) for m in model)
+    assert all(not isinstance(m, CSRLinear) for m in model)
     torch.testing.assert_close(model(x), before)
 
 

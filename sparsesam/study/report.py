@@ -23,10 +23,10 @@ import numpy as np
 
 from .. import _extras
 from .._files import atomic_write
-from ..reporting import _table
+from ..model_files import read_json, write_json
+from ..reporting import markdown_table
 from ..robust import plots
-from .common import read_json, write_json
-from .reproduce_plan import COMPARISONS, Comparison
+from .plan import COMPARISONS, Comparison
 
 RUN_FILE = "run.json"
 MIN_SEEDS = 3  # the project's rule: no difference is called on fewer seeds
@@ -82,7 +82,7 @@ def metrics(comparison: Comparison, record: Dict[str, Any]) -> Dict[str, float]:
     return values
 
 
-def _stats(values: List[float], seeds: Optional[List[int]] = None) -> Dict[str, Any]:
+def seed_stats(values: List[float], seeds: Optional[List[int]] = None) -> Dict[str, Any]:
     stats = {"n": len(values), "mean": statistics.fmean(values),
              "std": statistics.stdev(values) if len(values) > 1 else 0.0,
              "min": min(values), "max": max(values), "values": values}
@@ -105,7 +105,7 @@ def aggregate(out: str, comparison: Comparison, seeds: List[int]) -> Tuple[List[
                     per_seed[seed] = metrics(comparison, record)
             names = list(dict.fromkeys(k for m in per_seed.values() for k in m))
             rows.append({"method": method, "target_sparsity": sparsity, "seeds": len(per_seed),
-                         "metrics": {k: _stats([m[k] for m in per_seed.values() if k in m],
+                         "metrics": {k: seed_stats([m[k] for m in per_seed.values() if k in m],
                                                [s for s, m in per_seed.items() if k in m]) for k in names}})
     return rows, runs
 
@@ -201,7 +201,7 @@ def _mean_dicts(items: List[Any]) -> Any:
 
 def plot_metrics_vs_sparsity(comparison: Comparison, rows: List[Dict[str, Any]], names: List[str], path: str) -> str:
     """One panel per metric: mean over seeds against target sparsity, one line per method, min–max error bars."""
-    figure, axes = plots._figure(4.2 * len(names), 3.8, ncols=len(names))
+    figure, axes = plots.new_figure(4.2 * len(names), 3.8, ncols=len(names))
     axes = np.atleast_1d(axes)
     for axis, name in zip(axes, names):
         for method in comparison.labels:
@@ -219,7 +219,7 @@ def plot_metrics_vs_sparsity(comparison: Comparison, rows: List[Dict[str, Any]],
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
     figure.suptitle(f"{comparison.key}: mean over seeds, bars = min–max")
-    return plots._save(figure, path)
+    return plots.save_figure(figure, path)
 
 
 def _figures(comparison: Comparison, rows, runs, figures: str) -> List[str]:
@@ -255,7 +255,7 @@ def _figures(comparison: Comparison, rows, runs, figures: str) -> List[str]:
 
 
 def _dense_infos(out: str, seeds: List[int], kinds: List[str]) -> Dict[str, List[dict]]:
-    """Each kind's finished dense models (train.json of reproduce_dense), in seed order."""
+    """Each kind's finished dense models (train.json of sparsesam.study.dense), in seed order."""
     infos: Dict[str, List[dict]] = {}
     for kind in kinds:
         for seed in seeds:
@@ -273,8 +273,8 @@ def _timing(runs: List[dict], out: str, seeds: List[int], kinds: List[str]) -> D
         train = [sum(h.get("seconds", 0.0) for h in info["history"]) for info in infos]
         dense[kind] = {"n": len(infos), "epochs": [info["epochs"] for info in infos],
                        "plateaued": [info["plateaued"] for info in infos],
-                       "train_seconds": train, "test_accuracy": _stats([i["test_accuracy"] for i in infos]),
-                       "val_accuracy": _stats([i["val_accuracy"] for i in infos])}
+                       "train_seconds": train, "test_accuracy": seed_stats([i["test_accuracy"] for i in infos]),
+                       "val_accuracy": seed_stats([i["val_accuracy"] for i in infos])}
     methods: Dict[str, Dict[str, List[float]]] = {}
     for run in runs:
         key = f"{run['comparison']}/{run['method']}@{run['target_sparsity']:g}"
@@ -350,7 +350,7 @@ def _p(value: Optional[float]) -> str:
 
 
 def _verdict_table(verdicts: List[Dict[str, Any]]) -> str:
-    return _table(["target", "metric", "vs", "difference: mean ± std [95% CI]", "wins/losses", "p", "p (Holm)",
+    return markdown_table(["target", "metric", "vs", "difference: mean ± std [95% CI]", "wins/losses", "p", "p (Holm)",
                    "call"],
                   [[f"{100 * v['sparsity']:g}%", v["metric"], v["baseline"], _difference(v),
                     f"{v['wins']}/{v['losses']} of {v['n']}", _p(v["p"]), _p(v.get("p_holm")), v["call"]]
@@ -389,7 +389,7 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
         f"training", ""]
     if t["dense"]:
         lines += ["## Dense starting models", "",
-                  _table(["kind", "seeds", "epochs to plateau", "validation accuracy", "test accuracy",
+                  markdown_table(["kind", "seeds", "epochs to plateau", "validation accuracy", "test accuracy",
                           "training s (mean)"],
                          [[kind, str(d["n"]), ", ".join(map(str, d["epochs"])) +
                            ("" if all(d["plateaued"]) else " (some hit the cap)"),
@@ -407,7 +407,7 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
                   ""]
         table = [[r["method"], f"{100 * r['target_sparsity']:g}% {comparison.unit}", str(r["seeds"]),
                   *[_cell(r["metrics"].get(n)) for n in names]] for r in rows]
-        lines += [_table(["method", "target", "seeds", *names], table), ""]
+        lines += [markdown_table(["method", "target", "seeds", *names], table), ""]
         baseline = [v for v in data["verdicts"] if v["role"] == "baseline"]
         ablation = [v for v in data["verdicts"] if v["role"] == "ablation"]
         if baseline:
@@ -420,7 +420,7 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
                           _verdict_table(mine), ""]
     if t["methods"]:
         lines += ["## Cost per phase (mean seconds of one run, one process)", "",
-                  _table(["run", "phases and evaluation"],
+                  markdown_table(["run", "phases and evaluation"],
                          [[key, ", ".join(f"{p} {s:.0f}" for p, s in parts.items())]
                           for key, parts in t["methods"].items()]), ""]
     figures = report["figures"]

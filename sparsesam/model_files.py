@@ -30,22 +30,166 @@ Every file is written atomically, JSON with sorted keys and safetensors
 with sorted metadata, so identical runs write identical bytes. Reading a
 folder whose files are missing, truncated, corrupt or of another model is a
 one-line :class:`~sparsesam.file_errors.BadFileError` naming the file.
+
+Also the run files' JSON (:func:`write_json`: atomic, NaN-free; :func:`read_json`)
+and the model's ``spec`` (:func:`model_spec`, :func:`build_from_spec`): the one
+library module for what the package writes and reads back, which the CLI's
+commands, the study (:mod:`sparsesam.study`) and the reports share.
+
+safetensors files are written byte for byte the same by identical runs, and read with one-line errors:
+``safetensors.torch.save`` lays the tensors out deterministically (by dtype
+alignment, then name), but serialises the ``__metadata__`` map from a Rust
+HashMap, whose order changes from one process to the next: two identical
+runs wrote files that differed in the metadata's key order.
+:func:`write_safetensors` therefore takes the library's bytes and rewrites
+only the header, with the metadata keys sorted (compact JSON, padded with
+spaces to a multiple of 8 bytes as the library pads it; the tensor offsets
+are relative to the end of the header, so they stay valid), and writes the
+file atomically (sparsesam._files).
+
+Reading goes through the library too; whatever it raises on a truncated,
+empty or foreign file becomes a one-line :class:`BadFileError` naming it.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..file_errors import BadFileError, describe
-from ..nn import masked_layers, sparsify
-from ..pruning import global_sparsity
-from ..pruning.channel_graph import channel_gates, gate_pruned_channels
-from .common import ConfigError, build_from_spec, write_json
-from .weights_file import read_safetensors, write_safetensors
+from ._files import atomic_write
+from ._validate import ConfigError
+from .file_errors import BadFileError, describe
+from .models import MODELS, build_model, is_external
+from .nn import masked_layers, sparsify
+from .pruning import global_sparsity
+from .pruning.channel_graph import channel_gates, gate_pruned_channels
+
+
+# --- JSON run files ------------------------------------------------------------------------------
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with tensors / numpy values turned into JSON numbers and lists; anything else
+    (modules, callables) becomes its repr. Non-finite floats become None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.detach().cpu().tolist()) if value.numel() <= 4096 else f"<tensor {tuple(value.shape)}>"
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return repr(value)
+
+
+def write_json(path: str, data: Any, *, sort_keys: bool = False) -> str:
+    """Write ``data`` as indented JSON, atomically (sparsesam._files.atomic_write).
+
+    sort_keys: sort every object's keys (the model files, read by programs); the reports keep the
+    order the code builds them in, which is fixed, so identical runs still give identical bytes."""
+    atomic_write(path, json.dumps(jsonable(data), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n")
+    return path
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+# --- The model's spec: what rebuilds its architecture -----------------------------------------------
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it is a model of the package or an existing ``torchvision:NAME`` / ``timm:NAME``."""
+    if is_external(name):
+        from .models.external import check_external
+        try:
+            return check_external(name)
+        except (ValueError, ImportError) as error:  # unknown architecture, or its library not installed
+            raise ConfigError(str(error)) from error
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or torchvision:NAME / timm:NAME")
+    return name
+
+
+def model_spec(model: str, width: float, info) -> Dict[str, Any]:
+    """Everything needed to rebuild the architecture (written next to exported weights)."""
+    return {"model": model, "width": width, "dataset": info.name, "in_channels": info.in_channels,
+            "num_classes": info.num_classes, "image_size": info.image_size,
+            "mean": list(info.mean), "std": list(info.std)}
+
+
+def build_from_spec(spec: Dict[str, Any]) -> nn.Module:
+    check_model_name(spec["model"])
+    try:
+        return build_model(spec["model"], spec["in_channels"], spec["num_classes"], spec["width"],
+                           image_size=spec["image_size"], normalization=(spec["mean"], spec["std"]))
+    except ValueError as error:
+        raise ConfigError(f"model {spec['model']!r}: {error}") from error
+
+
+# --- safetensors: the same bytes for the same tensors ------------------------------------------------
+
+# The 8-byte little-endian header length that starts a safetensors file, and the alignment of its data.
+_LENGTH_BYTES = 8
+_ALIGNMENT = 8
+
+
+def _safetensors_torch():
+    try:
+        import safetensors.torch
+    except ImportError as error:  # a declared dependency; only a broken install gets here
+        raise ImportError("model folders are written and read with safetensors: pip install safetensors") from error
+    return safetensors.torch
+
+
+def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> bytes:
+    """The safetensors bytes of ``tensors``, with the header's metadata keys in sorted order."""
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError(f"metadata must map str to str, got {dict(metadata)!r}")
+    data = _safetensors_torch().save(dict(tensors), metadata=None if metadata is None else dict(metadata))
+    length = int.from_bytes(data[:_LENGTH_BYTES], "little")
+    header = json.loads(data[_LENGTH_BYTES:_LENGTH_BYTES + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % _ALIGNMENT)
+    return len(text).to_bytes(_LENGTH_BYTES, "little") + text + data[_LENGTH_BYTES + length:]
+
+
+def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor],
+                      metadata: Optional[Mapping[str, str]] = None) -> str:
+    """Write ``tensors`` to ``path`` atomically, in the same bytes for the same tensors and metadata."""
+    return atomic_write(path, canonical_safetensors(tensors, metadata))
+
+
+def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (on the CPU); BadFileError if it is missing, truncated or foreign."""
+    if not os.path.isfile(path):
+        raise BadFileError(path, "the weights file is missing")
+    if os.path.getsize(path) == 0:
+        raise BadFileError(path, "the weights file is empty (0 bytes)")
+    safetensors_torch = _safetensors_torch()
+    from safetensors import SafetensorError
+    try:
+        return safetensors_torch.load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise BadFileError(path, f"not a readable safetensors file (truncated, corrupt or another format): "
+                                 f"{describe(error)}") from error
+
+
+# --- Model folders -----------------------------------------------------------------------------------
 
 WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
@@ -77,7 +221,7 @@ def canonical_copy(model: nn.Module, spec: Dict[str, Any]) -> nn.Module:
     """A freshly built model of ``spec`` computing ``model``'s function, masked and gated like it, whose
     values are those the folder stores: the plain model's (``W*M``, gates baked in) plus the bool masks
     (a model with layers in sparse form is read through its dense form)."""
-    from ..algorithms._execution import dense_view
+    from .algorithms._execution import dense_view
     model = dense_view(model)
     layers = dict(masked_layers(model))
     fresh = build_from_spec(spec)
@@ -109,7 +253,7 @@ def _state(module: nn.Module) -> Dict[str, torch.Tensor]:
 def _compaction_record(canonical: nn.Module, spec: Dict[str, Any], compacted: nn.Module) -> Dict[str, Any]:
     """What rebuilds ``compacted`` from the plain architecture: the channels each sliced layer keeps
     (compact_channels of the exported model, checked to give ``compacted`` exactly)."""
-    from ..pruning import compact_channels
+    from .pruning import compact_channels
     rebuilt, report = compact_channels(canonical, example_input(spec), check=False)
     expected, given = _state(rebuilt), _state(compacted)
     if sorted(expected) != sorted(given) or any(expected[k].shape != given[k].shape or not torch.equal(
@@ -141,10 +285,10 @@ def save_model_folder(model: nn.Module, spec: Dict[str, Any], out: str, *,
 def plain_model(model: nn.Module) -> nn.Module:
     """``model`` as plain nn.Conv2d / nn.Linear layers computing the same function: masks baked into the
     weights, channel gates into the BatchNorm / bias that follows (what one would deploy)."""
-    from ..nn import export
-    from ..pruning.compaction import _bake_gates
+    from .nn import export
+    from .pruning.compaction import bake_gates
     plain = export(model)
-    _bake_gates(model, plain)  # also takes the copied gate hooks off (they point at the masked layers)
+    bake_gates(model, plain)  # also takes the copied gate hooks off (they point at the masked layers)
     return plain
 
 
@@ -213,12 +357,19 @@ def load_compacted(path: str, info: Dict[str, Any]) -> Optional[nn.Module]:
     if not isinstance(record, dict) or not isinstance(record.get("kept"), dict) or "weights" not in record:
         raise BadFileError(json_path, "its 'compacted' entry lacks the kept channels ('kept') or the weights file: "
                                       "a folder of an older version (re-export it with this version)")
-    from ..algorithms._compacted import _slice
+    from .algorithms._compacted import slice_channels
     module = build_from_spec(info["spec"])
     try:
-        _slice(module, record["kept"])
+        slice_channels(module, record["kept"])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
         raise BadFileError(json_path, f"its compacted architecture ('kept') does not fit the model: "
                                       f"{describe(error)}") from error
     _load_weights(module, os.path.join(path, record["weights"]))
     return module.eval()
+
+
+__all__ = ["jsonable", "write_json", "read_json", "check_model_name", "model_spec", "build_from_spec",
+           "canonical_safetensors", "write_safetensors", "read_safetensors",
+           "WEIGHTS", "MODEL_JSON", "SPARSITY_JSON", "COMPACT_WEIGHTS", "sparsity_report", "example_input",
+           "canonical_copy", "save_model_folder", "plain_model", "is_model_folder", "read_model_json",
+           "load_model_folder", "load_compacted"]

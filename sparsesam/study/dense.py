@@ -1,6 +1,6 @@
 """The study's dense starting models: one per (seed, kind), trained until validation accuracy plateaus.
 
-Kinds (``reproduce_plan.DENSE_KINDS``):
+Kinds (``sparsesam.study.plan.DENSE_KINDS``):
 
 * ``clean``: cross-entropy;
 * ``pgd_at``: PGD adversarial training (Madry et al.), L-inf ``adv_eps``,
@@ -29,10 +29,9 @@ from torch.utils.data import DataLoader
 from ..algorithms._steps import make_loss
 from ..checkpoint import Checkpointer
 from ..data.noise import GaussianNoiseCollate
-from ..training import evaluate
-from .common import build_from_spec, read_json, seed_everything, write_json
-from .export import load_model_folder, save_model_folder
-from .train import CHECKPOINT, fit_dense
+from ..model_files import build_from_spec, load_model_folder, read_json, save_model_folder, write_json
+from ..run_setup import seed_everything
+from ..training import DENSE_CHECKPOINT, evaluate, fit_dense
 
 DENSE_FILE = "train.json"
 
@@ -70,7 +69,7 @@ def train_dense(kind: str, seed: int, spec: Dict[str, Any], train, val, test, b:
     val_loader = DataLoader(val, batch_size=512, shuffle=False)
     loss_fn = (make_loss("pgd_at", eps=b["adv_eps"], attack_steps=b["attack_steps"], beta=0.0, seed=seed)
                if kind == "pgd_at" else None)
-    checkpointer = Checkpointer(os.path.join(folder, CHECKPOINT))
+    checkpointer = Checkpointer(os.path.join(folder, DENSE_CHECKPOINT))
     began, cpu_began = time.perf_counter(), time.process_time()
     history: List[dict] = []
     for epochs in range(1, b["dense_max_epochs"] + 1):

@@ -1,10 +1,11 @@
-"""Which pruning algorithms the CLI can run, and how it builds their configs.
+"""Which pruning algorithms a run can use, and how their configs are built from settings.
 
-The algorithms live in ``sparsesam.algorithms`` (``ALGORITHMS``: name ->
-class taking a ``<Name>Config`` dataclass). That package is imported only
-when an algorithm is asked for; the other subcommands (train, eval,
-report) run without it, and the demo reports a method missing from the
-registry as not run.
+The algorithms are ``sparsesam.algorithms.ALGORITHMS`` (name -> class taking
+a ``<Name>Config`` dataclass). The CLI (``prune``, ``demo``, ``reproduce``)
+and the study look them up here by name, and build their configs from the
+``--set key=value`` strings; a registry may also be given explicitly (the
+tests' fake algorithms), and the demo reports a method missing from it as
+not run.
 """
 from __future__ import annotations
 
@@ -13,24 +14,19 @@ import json
 import typing
 from typing import Any, Dict, List, Mapping, Optional
 
-from .common import ConfigError
+from .._validate import ConfigError
 
 KNOWN = ("adasap", "harp", "csam", "magnitude", "hydra", "sam_prune", "asam_prune")
 
 
 def package_algorithms() -> Mapping[str, type]:
-    """``sparsesam.algorithms.ALGORITHMS``, or {} while that package does not exist."""
-    try:
-        from ..algorithms import ALGORITHMS
-    except ModuleNotFoundError as error:
-        if error.name not in ("sparsesam.algorithms",):
-            raise  # the package exists but one of its own imports is missing: say so
-        return {}
+    """``sparsesam.algorithms.ALGORITHMS`` (a function, so that a test can stand in another registry)."""
+    from . import ALGORITHMS  # at call time, so that a test can also patch the package attribute
     return ALGORITHMS
 
 
 def algorithm_registry() -> Dict[str, type]:
-    """Every algorithm the CLI can run now (a copy of the package's registry)."""
+    """Every algorithm a run can use now (a copy of the package's registry)."""
     return dict(package_algorithms())
 
 
@@ -59,7 +55,7 @@ def config_class(algorithm: type) -> type:
                     f"or annotate __init__(self, config: <Name>Config)")
 
 
-def _parse_value(text: str, current: Any, wants_float: bool = False) -> Any:
+def parse_value(text: str, current: Any, wants_float: bool = False) -> Any:
     """A --set value, read as JSON when it parses (numbers, true/false, lists), else as a string; for a
     float field (``current`` a float, or ``wants_float``: an Optional[float] field), also as Python reads a
     float ("nan", "inf": the config's check then refuses it, naming the field)."""
@@ -109,7 +105,7 @@ def build_config(algorithm: type, target_sparsity: float, overrides: Mapping[str
         if key not in fields:
             raise ConfigError(f"{cls.__name__} has no setting {key!r}; it has {sorted(fields)}")
         try:
-            values[key] = _parse_value(text, getattr(base, key, None), float in _field_types(cls, key))
+            values[key] = parse_value(text, getattr(base, key, None), float in _field_types(cls, key))
         except ValueError as error:
             raise ConfigError(f"--set {key}: {error}") from error
     try:

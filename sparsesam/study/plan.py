@@ -7,7 +7,7 @@ method starts from, and the ablations that isolate the paper's mechanism.
 Protocol, as the papers run it:
 
 * **Starting models.** Each seed has up to three dense models, trained
-  until their validation accuracy plateaus (``reproduce_dense``):
+  until their validation accuracy plateaus (:mod:`sparsesam.study.dense`):
   ``clean`` (cross-entropy; AdaSAP's comparison), ``pgd_at`` (PGD
   adversarial training; HARP fine-tunes adversarially pre-trained models)
   and ``noise`` (Gaussian noise augmentation at the certificate's sigma, as
@@ -34,8 +34,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Tuple
 
-from .common import ConfigError
-from .registry import build_config, config_class, epoch_fields
+from .._validate import ConfigError
+from ..algorithms.registry import build_config, config_class, epoch_fields
 
 DENSE_KINDS = ("clean", "pgd_at", "noise")
 
