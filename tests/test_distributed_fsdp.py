@@ -1,0 +1,56 @@
+"""FSDP2 (``fully_shard``) with masked layers and the fused SAM, in 2 gloo processes on CPU.
+
+FSDP2 runs on CPU with gloo in torch 2.14. Each masked layer and the root are
+sharded (the 5-row head splits 3 + 2: an uneven cut); SAM works on the local
+shards with the masks cut like their weights and the squared norm summed over
+the ranks. The gathered weights equal one process training on both halves of
+each batch (tests/distributed_models.py), and pruned weights never move."""
+import pytest
+import torch
+
+from sparsesam.nn import masked_layers
+from distributed_helpers import needs_gloo, run_ranks
+from distributed_models import make_sam, masked_cnn, train
+
+STEPS = 3
+
+
+def _full_state(model):
+    """The whole state_dict, each sharded parameter gathered (every rank takes part)."""
+    return {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
+            for name, value in model.state_dict().items()}
+
+
+def _train_fsdp(rank, world_size, base, adaptive, out_path):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = masked_cnn()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for _, layer in masked_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    head = model[7]
+    assert isinstance(head.weight, DTensor) and head.weight.to_local().shape[0] == (3 if rank == 0 else 2)
+    optimizer = make_sam(model.parameters(), model, base, adaptive)
+    train(model, optimizer, STEPS, rank=rank, world_size=world_size)
+    state = _full_state(model)
+    for name, layer in masked_layers(model):
+        weight, pruned = state[f"{name}.weight"], ~layer.weight_mask
+        assert torch.equal(weight[pruned], before[f"{name}.weight"][pruned]), f"{name}: a pruned weight moved"
+        assert not torch.equal(weight, before[f"{name}.weight"]), f"{name}: no weight moved at all"
+    if rank == 0:
+        torch.save(state, out_path)
+
+
+@needs_gloo
+@pytest.mark.parametrize("base, adaptive", [("sgd", False), ("adam", True)], ids=["sam-fused-sgd", "asam-adam"])
+def test_fsdp2_sam_with_masks_matches_one_process(tmp_path, base, adaptive):
+    out = tmp_path / "rank0.pt"
+    run_ranks(_train_fsdp, base, adaptive, str(out))
+    reference = masked_cnn()
+    train(reference, make_sam(reference.parameters(), reference, base, adaptive), STEPS, parts=2)
+    got = torch.load(out)
+    assert set(got) == set(reference.state_dict())
+    for name, expected in reference.state_dict().items():
+        torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
