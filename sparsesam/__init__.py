@@ -14,10 +14,13 @@ The layers, lowest first (each may import only the ones above it):
 * ``sparsesam.algorithms``: AdaSAP, HARP, C-SAM and the baselines.
 * ``sparsesam.robust``: corruptions, attacks, randomized smoothing, CC-Cert.
 * ``sparsesam.data``, ``sparsesam.models``: datasets and architectures.
+* ``sparsesam.distributed``: DDP without the per-forward mask broadcast, and
+  rank helpers for torchrun (FSDP2 needs nothing from it: SAM handles shards).
 
 The ``sparsesam`` command (``sparsesam.cli`` over ``sparsesam.commands``)
 trains, prunes, evaluates and reproduces the papers' comparisons. The
-subpackages not imported here (algorithms, pruning, robust, data, models)
+subpackages not imported here (algorithms, pruning, robust, data, models,
+distributed)
 load on first use: ``import sparsesam`` stays light.
 """
 import importlib
@@ -29,7 +32,7 @@ from .optim import SAM
 
 __version__ = "0.1.0"
 
-_LAZY = ("algorithms", "pruning", "robust", "data", "models")
+_LAZY = ("algorithms", "pruning", "robust", "data", "models", "distributed")
 
 __all__ = ["ops", "optim", "reference", "sparse", *_LAZY, "MaskedLinear", "MaskedConv2d", "SparseLinear", "SAM",
            "sparsify", "export", "masked_layers", "set_execution", "resolve_execution", "execution_summary",
