@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from sparsesam.nn import masked_layers
+from sparsesam.optim import FusedMaskedSGD, param_masks
 from distributed_helpers import needs_gloo, run_ranks
-from distributed_models import make_sam, masked_cnn, train
+from distributed_models import batch, make_sam, masked_cnn, part_of, train
 
 STEPS = 3
 
@@ -52,5 +53,48 @@ def test_fsdp2_sam_with_masks_matches_one_process(tmp_path, base, adaptive):
     train(reference, make_sam(reference.parameters(), reference, base, adaptive), STEPS, parts=2)
     got = torch.load(out)
     assert set(got) == set(reference.state_dict())
+    for name, expected in reference.state_dict().items():
+        torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _sgd_steps(model, optimizer, steps, *, rank=0, world_size=1):
+    """Plain (not SAM) steps; one process takes the whole batch (BatchNorm in eval mode: no per-part statistics)."""
+    for step in range(steps):
+        x, y = batch(step)
+        if world_size > 1:
+            x, y = part_of(x, rank, world_size), part_of(y, rank, world_size)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _fused_sgd_alone(rank, world_size, out_path):
+    from torch.distributed.fsdp import fully_shard
+
+    model = masked_cnn().eval()
+    whole = param_masks(model)  # whole masks, keyed by the parameters fully_shard is about to replace
+    masks = {name: whole[p] for name, p in model.named_parameters() if p in whole}
+    for _, layer in masked_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    by_id = {id(p): masks[name] for name, p in model.named_parameters() if name in masks}
+    optimizer = FusedMaskedSGD(model.parameters(), masks_of=lambda ps: [by_id.get(id(p)) for p in ps], lr=0.1,
+                               momentum=0.9)
+    _sgd_steps(model, optimizer, STEPS, rank=rank, world_size=world_size)
+    state = _full_state(model)
+    if rank == 0:
+        torch.save(state, out_path)
+
+
+@needs_gloo
+def test_fsdp2_fused_sgd_alone_cuts_whole_masks(tmp_path):
+    out = tmp_path / "rank0.pt"
+    run_ranks(_fused_sgd_alone, str(out))
+    reference = masked_cnn().eval()
+    masks = param_masks(reference)
+    optimizer = FusedMaskedSGD(reference.parameters(), masks_of=lambda ps: [masks.get(p) for p in ps], lr=0.1,
+                               momentum=0.9)
+    _sgd_steps(reference, optimizer, STEPS)
+    got = torch.load(out)
     for name, expected in reference.state_dict().items():
         torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

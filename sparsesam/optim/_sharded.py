@@ -41,7 +41,8 @@ def local(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def local_mask(param: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
-    """``mask`` cut like ``param``: its local shard when ``param`` is a DTensor and ``mask`` is whole.
+    """``mask`` cut like ``param``: its local shard when ``param`` is a DTensor and ``mask`` is whole
+    (a mask already shaped like the local shard is taken as that shard).
 
     The cut is DTensor's own (``distribute_tensor`` with ``src_data_rank=None``:
     every rank slices its own whole copy, no communication), so its rows are the
@@ -54,7 +55,10 @@ def local_mask(param: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
             raise ValueError(f"a sharded mask has placements {mask.placements} but its weight has {param.placements}")
         return mask.to_local()
     if mask.shape != param.shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but its sharded weight has {tuple(param.shape)}")
+        if mask.shape == param.to_local().shape:
+            return mask  # already this rank's rows (SAM hands its base optimizer the masks cut)
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but its sharded weight has {tuple(param.shape)} "
+                         f"(local shard {tuple(param.to_local().shape)})")
     return distribute_tensor(mask.detach(), param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
