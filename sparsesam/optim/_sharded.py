@@ -17,6 +17,7 @@ fused ops take plain tensors, so the optimizers work on local shards:
 """
 from __future__ import annotations
 
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -24,15 +25,15 @@ import torch.distributed as dist
 
 Tensor = torch.Tensor
 
-try:  # torch.distributed.tensor exists only where torch.distributed does
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-except ImportError:  # pragma: no cover - builds without distributed support
-    DTensor = None
-
 
 def is_sharded(t: Optional[Tensor]) -> bool:
-    """Whether ``t`` is a DTensor (a parameter, gradient or state of FSDP2)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    """Whether ``t`` is a DTensor (a parameter, gradient or state of FSDP2).
+
+    torch.distributed.tensor is not imported here (it adds most of a second to
+    ``import sparsesam``): while nobody has imported it, nothing is a DTensor.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -59,6 +60,7 @@ def local_mask(param: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
             return mask  # already this rank's rows (SAM hands its base optimizer the masks cut)
         raise ValueError(f"mask has shape {tuple(mask.shape)} but its sharded weight has {tuple(param.shape)} "
                          f"(local shard {tuple(param.to_local().shape)})")
+    from torch.distributed.tensor import distribute_tensor
     return distribute_tensor(mask.detach(), param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
@@ -80,6 +82,7 @@ class LocalMasks:
 
 
 def _sharded_dims(param: Tensor) -> Tuple[int, ...]:
+    from torch.distributed.tensor import Shard
     return tuple(i for i, placement in enumerate(param.placements) if isinstance(placement, Shard))
 
 
@@ -149,6 +152,7 @@ def local_channel_values(param: Tensor, values: Tensor) -> Tensor:
     """
     if not is_sharded(param):
         return values
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     placements = [placement if isinstance(placement, Shard) and placement.dim == 0 else Replicate()
                   for placement in param.placements]
     return distribute_tensor(values, param.device_mesh, placements, src_data_rank=None).to_local()

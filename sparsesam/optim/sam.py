@@ -74,7 +74,8 @@ from ..nn import masked_layers
 from ..ops import sam_grad_sq_norm, sam_perturb_
 from .batchnorm import restore_bn_stats, snapshot_bn_stats
 from .fused_sgd import FusedMaskedSGD, keep_pruned_entries
-from ._sharded import InPlacePoint, LocalMasks, is_sharded, local, local_channel_values, sharded_sq_norm_sum, sharding_key
+from ._sharded import (InPlacePoint, LocalMasks, is_sharded, local, local_channel_values, sharded_sq_norm_sum,
+                       sharding_key)
 from .perturbation import PerturbedPoint
 
 Tensor = torch.Tensor
