@@ -90,6 +90,38 @@ def _broadcasts(rank, world_size):
     assert torch.equal(plain_model[0].weight_mask, masked_cnn()[0].weight_mask)
 
 
+def _ascent_without_sync(rank, world_size):
+    # The SAM paper's m-sharpness: each rank perturbs by its own gradient (the ascent backward inside
+    # no_sync), the descent gradient is averaged. Ranks must still end identical, pruned weights unmoved.
+    model = masked_cnn()
+    before = [layer.weight.detach().clone() for _, layer in masked_layers(model)]
+    ddp = wrap_ddp(model)
+    optimizer = make_sam(ddp.parameters(), ddp)
+    for step in range(STEPS):
+        x, y = batch(step)
+        x, y = part_of(x, rank, world_size), part_of(y, rank, world_size)
+        with ddp.no_sync():
+            F.cross_entropy(ddp(x), y).backward()
+        local_grad = model[0].weight.grad.clone()
+        optimizer.first_step(zero_grad=True)
+        F.cross_entropy(ddp(x), y).backward()
+        optimizer.second_step(zero_grad=True)
+    gathered = [torch.empty_like(local_grad) for _ in range(world_size)]
+    dist.all_gather(gathered, local_grad)
+    assert not torch.equal(gathered[0], gathered[1]), "the ascent gradients were averaged after all"
+    flat = _flat_params(model)
+    gathered = [torch.empty_like(flat) for _ in range(world_size)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1]), "ranks hold different parameters"
+    for (_, layer), start in zip(masked_layers(model), before):
+        assert torch.equal(layer.weight[~layer.weight_mask], start[~layer.weight_mask])
+
+
+@needs_gloo
+def test_ascent_pass_under_no_sync_keeps_ranks_identical():
+    run_ranks(_ascent_without_sync)
+
+
 @needs_gloo
 def test_wrap_ddp_keeps_masks_out_of_the_buffer_broadcast():
     run_ranks(_broadcasts)

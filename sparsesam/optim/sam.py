@@ -52,7 +52,9 @@ multi-process data parallelism (DDP averages the gradients after the hooks).
 Under DDP, wrap the model with :func:`sparsesam.distributed.wrap_ddp` (the
 masks are then not broadcast at every forward) and pass ``model=ddp``: DDP
 averages the gradients of both passes, so every rank takes the same norm and
-the same steps. Under FSDP2 (``fully_shard``) the parameters and gradients are
+the same steps. (Running the ascent backward inside ``ddp.no_sync()`` gives
+the SAM paper's per-device perturbation, m-sharpness: each rank perturbs by
+its own gradient, and the ranks still take the same step.) Under FSDP2 (``fully_shard``) the parameters and gradients are
 DTensors: SAM and its fused SGD work on the local shards, with each whole
 mask cut to the local shard's rows, and the squared gradient norm is summed
 over the ranks (one all-reduce per ``first_step``). There the ascent point is
