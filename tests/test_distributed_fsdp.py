@@ -22,6 +22,14 @@ def _full_state(model):
             for name, value in model.state_dict().items()}
 
 
+def _sam(model, base, adaptive):
+    """make_sam, plus (SGD case) per-channel radii on the head: 5 radii that the shards must split 3 + 2."""
+    optimizer = make_sam(model.parameters(), model, base, adaptive)
+    if base == "sgd":
+        optimizer.set_channel_rho(model[7].weight, torch.tensor([0.02, 0.05, 0.1, 0.2, 0.4]))
+    return optimizer
+
+
 def _train_fsdp(rank, world_size, base, adaptive, out_path):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -33,7 +41,7 @@ def _train_fsdp(rank, world_size, base, adaptive, out_path):
     fully_shard(model)
     head = model[7]
     assert isinstance(head.weight, DTensor) and head.weight.to_local().shape[0] == (3 if rank == 0 else 2)
-    optimizer = make_sam(model.parameters(), model, base, adaptive)
+    optimizer = _sam(model, base, adaptive)
     train(model, optimizer, STEPS, rank=rank, world_size=world_size)
     state = _full_state(model)
     for name, layer in masked_layers(model):
@@ -45,12 +53,13 @@ def _train_fsdp(rank, world_size, base, adaptive, out_path):
 
 
 @needs_gloo
-@pytest.mark.parametrize("base, adaptive", [("sgd", False), ("adam", True)], ids=["sam-fused-sgd", "asam-adam"])
+@pytest.mark.parametrize("base, adaptive", [("sgd", False), ("adam", True)],
+                         ids=["sam-fused-sgd-channel-rho", "asam-adam"])
 def test_fsdp2_sam_with_masks_matches_one_process(tmp_path, base, adaptive):
     out = tmp_path / "rank0.pt"
     run_ranks(_train_fsdp, base, adaptive, str(out))
     reference = masked_cnn()
-    train(reference, make_sam(reference.parameters(), reference, base, adaptive), STEPS, parts=2)
+    train(reference, _sam(reference, base, adaptive), STEPS, parts=2)
     got = torch.load(out)
     assert set(got) == set(reference.state_dict())
     for name, expected in reference.state_dict().items():
