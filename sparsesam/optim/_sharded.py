@@ -158,5 +158,5 @@ def local_channel_values(param: Tensor, values: Tensor) -> Tensor:
     return distribute_tensor(values, param.device_mesh, placements, src_data_rank=None).to_local()
 
 
-__all__ = ["InPlacePoint", "LocalMasks", "is_sharded", "local", "local_channel_values", "local_mask", "sharded_sq_norm_sum",
-           "sharding_key"]
+__all__ = ["InPlacePoint", "LocalMasks", "is_sharded", "local", "local_channel_values", "local_mask",
+           "sharded_sq_norm_sum", "sharding_key"]

@@ -54,12 +54,13 @@ masks are then not broadcast at every forward) and pass ``model=ddp``: DDP
 averages the gradients of both passes, so every rank takes the same norm and
 the same steps. (Running the ascent backward inside ``ddp.no_sync()`` gives
 the SAM paper's per-device perturbation, m-sharpness: each rank perturbs by
-its own gradient, and the ranks still take the same step.) Under FSDP2 (``fully_shard``) the parameters and gradients are
-DTensors: SAM and its fused SGD work on the local shards, with each whole
-mask cut to the local shard's rows, and the squared gradient norm is summed
-over the ranks (one all-reduce per ``first_step``). There the ascent point is
-written into the shards in place and ``w`` restored from a copy, not swapped:
-FSDP2 all-gathers from its own storage and would not see a swap.
+its own gradient, and the ranks still take the same step.) Under FSDP2
+(``fully_shard``) the parameters and gradients are DTensors: SAM and its
+fused SGD work on the local shards, with each whole mask (and per-channel
+radius) cut to the local shard's rows, and the squared gradient norm is
+summed over the ranks (one all-reduce per ``first_step``). There the ascent
+point is written into the shards in place and ``w`` restored from a copy,
+not swapped: FSDP2 all-gathers from its own storage and would not see a swap.
 """
 from __future__ import annotations
 
