@@ -16,9 +16,9 @@ its part of the data. This module holds what sparsesam adds to that:
   :mod:`sparsesam.optim.sam`).
 * Rank helpers for the training loop: :func:`world`,
   :func:`is_main_process`, :func:`distributed_sampler`,
-  :func:`all_reduce_mean`. Without an initialised process group they
-  describe a world of one process, so the same code runs with and without
-  torchrun.
+  :func:`all_reduce_mean`, :func:`any_rank`. Without an initialised process
+  group they describe a world of one process, so the same code runs with and
+  without torchrun.
 """
 from __future__ import annotations
 
@@ -190,5 +190,21 @@ def all_reduce_mean(metrics: Mapping[str, float], weight: float = 1.0) -> Dict[s
     return {name: float(s) / total for name, s in zip(names, packed[:-1].tolist())}
 
 
-__all__ = ["World", "all_reduce_mean", "distributed_sampler", "fixed_mask_buffer_names", "ignore_masks_in_ddp",
-           "is_main_process", "sync_masks", "world", "wrap_ddp"]
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (one all-reduce); ``flag`` itself in a world of one process.
+
+    For decisions every rank must take together: a rank that stops alone
+    (a diverged loss it saw first, a signal) leaves the others waiting forever
+    in their next collective.
+    """
+    if not isinstance(flag, (bool, torch.Tensor)) or (isinstance(flag, torch.Tensor) and flag.numel() != 1):
+        raise TypeError(f"flag must be a bool, got {flag!r}")
+    if not _initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    packed = torch.tensor([1 if bool(flag) else 0], dtype=torch.int32, device=_reduce_device())
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return bool(packed.item())
+
+
+__all__ = ["World", "all_reduce_mean", "any_rank", "distributed_sampler", "fixed_mask_buffer_names",
+           "ignore_masks_in_ddp", "is_main_process", "sync_masks", "world", "wrap_ddp"]

@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
-from sparsesam.distributed import World, all_reduce_mean, distributed_sampler, is_main_process, sync_masks, world
+from sparsesam.distributed import World, all_reduce_mean, any_rank, distributed_sampler, is_main_process, sync_masks, world
 from distributed_helpers import needs_gloo, run_ranks
 from distributed_models import masked_cnn
 
@@ -15,6 +15,9 @@ def test_a_world_of_one_without_a_process_group():
     assert distributed_sampler(TensorDataset(torch.arange(10))) is None
     assert all_reduce_mean({"loss": torch.tensor(0.5), "accuracy": 1}) == {"accuracy": 1.0, "loss": 0.5}
     assert sync_masks(masked_cnn()) == 0
+    assert any_rank(True) and not any_rank(False) and any_rank(torch.tensor(True))
+    with pytest.raises(TypeError, match="flag"):
+        any_rank("yes")
 
 
 @pytest.mark.parametrize("metrics, weight, error, match", [
@@ -67,6 +70,9 @@ def _ranks(rank, world_size):
     assert all_reduce_mean(metrics, weight=3 if rank == 0 else 1) == pytest.approx({"loss": 1.25, "accuracy": 0.125})
     with pytest.raises(ValueError, match="weight must be > 0"):
         all_reduce_mean(metrics, weight=0)
+
+    # any_rank: one rank's flag decides for all.
+    assert any_rank(rank == 1) and any_rank(rank == 0) and not any_rank(False) and any_rank(True)
 
     # sync_masks gives every rank the chosen rank's masks.
     model = masked_cnn()
