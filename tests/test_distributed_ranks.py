@@ -4,7 +4,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
-from sparsesam.distributed import World, all_reduce_mean, any_rank, distributed_sampler, is_main_process, sync_masks, world
+from sparsesam.distributed import (World, all_reduce_mean, any_rank, distributed_sampler, is_main_process, sync_masks,
+                                   world)
 from distributed_helpers import needs_gloo, run_ranks
 from distributed_models import masked_cnn
 
