@@ -14,14 +14,18 @@ The layers, lowest first (each may import only the ones above it):
 * ``sparsesam.algorithms``: AdaSAP, HARP, C-SAM and the baselines.
 * ``sparsesam.robust``: corruptions, attacks, randomized smoothing, CC-Cert.
 * ``sparsesam.data``, ``sparsesam.models``: datasets and architectures.
+* ``sparsesam.distributed``: DDP without the per-forward mask broadcast, and
+  rank helpers for torchrun (FSDP2 needs nothing from it: SAM handles shards).
 
 Above them, the runs: ``sparsesam.training`` (the training and evaluation
 loops), ``sparsesam.pruning_run`` (one algorithm's run), ``sparsesam.evaluation``
 (accuracy, latency, robustness) and ``sparsesam.model_files`` (model folders
 and run files), which the study (``sparsesam.study``, the papers'
 comparisons) and the ``sparsesam`` command (``sparsesam.cli`` and its
-subcommands) use; the library never imports the command's modules. The
-subpackages not imported here (algorithms, pruning, robust, data, models)
+subcommands) use; the library never imports the command's modules.
+``sparsesam.distributed`` wraps DDP / FSDP2 for masked models. The
+subpackages not imported here (algorithms, pruning, robust, data, models,
+distributed)
 load on first use: ``import sparsesam`` stays light.
 """
 import importlib
@@ -33,7 +37,7 @@ from .optim import SAM
 
 __version__ = "0.1.0"
 
-_LAZY = ("algorithms", "pruning", "robust", "data", "models")
+_LAZY = ("algorithms", "pruning", "robust", "data", "models", "distributed")
 
 __all__ = ["ops", "optim", "reference", "sparse", *_LAZY, "MaskedLinear", "MaskedConv2d", "CSRLinear", "SparseLinear",
            "SAM", "sparsify", "export", "masked_layers", "set_execution", "resolve_execution", "execution_summary",

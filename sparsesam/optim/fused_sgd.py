@@ -17,6 +17,7 @@ import torch
 
 from .. import _validate
 from ..ops import sgd_step_
+from ._sharded import LocalMasks, local, local_mask
 
 Tensor = torch.Tensor
 MasksOf = Callable[[List[Tensor]], List[Optional[Tensor]]]
@@ -28,7 +29,8 @@ def pruned_entries_kept(pairs: Sequence[Tuple[Tensor, Tensor]]) -> Iterator[None
 
     For an update that knows nothing of masks (any torch.optim step).
     """
-    saved = [(p, mask, p.detach().clone()) for p, mask in pairs]
+    # local(): an FSDP2 parameter is kept through its local shard (its mask is cut to match).
+    saved = [(local(p), local_mask(p, mask), local(p).detach().clone()) for p, mask in pairs]
     yield
     with torch.no_grad():
         for p, mask, before in saved:
@@ -48,7 +50,8 @@ def keep_pruned_entries(optimizer: torch.optim.Optimizer, masks_of: MasksOf) -> 
 
     def snapshot(opt, args, kwargs) -> None:
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        saved[:] = [(p, mask, p.detach().clone()) for p, mask in zip(params, masks_of(params)) if mask is not None]
+        saved[:] = [(local(p), local_mask(p, mask), local(p).detach().clone())
+                    for p, mask in zip(params, masks_of(params)) if mask is not None]
 
     @torch.no_grad()
     def restore(opt, args, kwargs) -> None:
@@ -92,7 +95,9 @@ class FusedMaskedSGD(torch.optim.SGD):
     Args:
         params, **kwargs: as torch.optim.SGD.
         masks_of: ``params -> [mask or None per param]``, asked at every step
-            (masks may be replaced between steps); None: no masks.
+            (masks may be replaced between steps); None: no masks. Under
+            FSDP2 the parameters are DTensors, updated through their local
+            shards: a whole mask is cut to the shard's rows.
     """
 
     def __init__(self, params, *, masks_of: Optional[MasksOf] = None, **kwargs) -> None:
@@ -104,11 +109,13 @@ class FusedMaskedSGD(torch.optim.SGD):
         for group in self.param_groups:  # a group may set its own
             check_sgd_settings(**{k: group[k] for k in settings})
         self._masks_of = masks_of
+        self._local_masks = LocalMasks()
 
     def _masks(self, params: List[Tensor]) -> List[Optional[Tensor]]:
         if self._masks_of is None:
             return [None] * len(params)
-        masks = self._masks_of(params)
+        # An FSDP2 parameter is updated through its local shard: a whole mask is cut to match.
+        masks = [self._local_masks(p, m) for p, m in zip(params, self._masks_of(params))]
         return [m if m is None or m.is_contiguous() else m.contiguous() for m in masks]
 
     @staticmethod
@@ -155,17 +162,19 @@ class FusedMaskedSGD(torch.optim.SGD):
         for first, batch in batches.items():
             if not batch:
                 continue
-            # The op reads flat memory: non-contiguous tensors (rare) go through contiguous copies.
-            work = [p if p.is_contiguous() else p.contiguous() for p in batch]
-            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in batch]
+            # The op reads flat memory: non-contiguous tensors (rare) go through contiguous copies. An FSDP2
+            # parameter (a DTensor) is updated through its local shard, with its gradient's and momentum's.
+            shards = [local(p) for p in batch]
+            work = [s if s.is_contiguous() else s.contiguous() for s in shards]
+            grads = [g if g.is_contiguous() else g.contiguous() for g in (local(p.grad) for p in batch)]
             # check_args=False: the settings were checked above and the lists are built here.
-            sgd_step_(work, grads, [self.state[p]["momentum_buffer"] for p in batch] if momentum else [],
+            sgd_step_(work, grads, [local(self.state[p]["momentum_buffer"]) for p in batch] if momentum else [],
                       self._masks(batch), lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                       nesterov=nesterov, maximize=bool(group.get("maximize", False)), first_step=first,
                       check_args=False)
-            for p, w in zip(batch, work):
-                if w is not p:
-                    p.copy_(w)
+            for s, w in zip(shards, work):
+                if w is not s:
+                    s.copy_(w)
 
     def _torch_step(self, groups: List[dict]) -> None:
         params = [p for g in groups for p in g["params"] if p.grad is not None]

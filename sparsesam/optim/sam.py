@@ -48,6 +48,19 @@ A value is used only if that gradient tensor is unchanged since (same
 tensor, same version counter: ``clip_grad_norm_``, ``GradScaler.unscale_``
 or any in-place change makes ``first_step`` recompute it), and never under
 multi-process data parallelism (DDP averages the gradients after the hooks).
+
+Under DDP, wrap the model with :func:`sparsesam.distributed.wrap_ddp` (the
+masks are then not broadcast at every forward) and pass ``model=ddp``: DDP
+averages the gradients of both passes, so every rank takes the same norm and
+the same steps. (Running the ascent backward inside ``ddp.no_sync()`` gives
+the SAM paper's per-device perturbation, m-sharpness: each rank perturbs by
+its own gradient, and the ranks still take the same step.) Under FSDP2
+(``fully_shard``) the parameters and gradients are DTensors: SAM and its
+fused SGD work on the local shards, with each whole mask (and per-channel
+radius) cut to the local shard's rows, and the squared gradient norm is
+summed over the ranks (one all-reduce per ``first_step``). There the ascent
+point is written into the shards in place and ``w`` restored from a copy,
+not swapped: FSDP2 all-gathers from its own storage and would not see a swap.
 """
 from __future__ import annotations
 
@@ -64,6 +77,8 @@ from ..nn import masked_layers
 from ..ops import sam_grad_sq_norm, sam_perturb_
 from .batchnorm import restore_bn_stats, snapshot_bn_stats
 from .fused_sgd import FusedMaskedSGD, keep_pruned_entries
+from ._sharded import (InPlacePoint, LocalMasks, is_sharded, local, local_channel_values, sharded_sq_norm_sum,
+                       sharding_key)
 from .perturbation import PerturbedPoint
 
 Tensor = torch.Tensor
@@ -134,6 +149,8 @@ class SAM(torch.optim.Optimizer):
         self._rho_tensors: Dict[Tuple[float, torch.device], Tensor] = {}
         # The ascent point w + e lives in persistent buffers swapped with the weights' storage (not in state_dict).
         self._point = PerturbedPoint()
+        self._sharded_point = InPlacePoint()   # the same, for FSDP2's DTensor parameters (see _sharded)
+        self._local_masks = LocalMasks()
         self._bn_snapshot = None
         self._in_ascent = False
         self._hook_norms: Dict[int, Tuple["weakref.ref[Tensor]", int, Optional[Tensor], int, bool, float]] = {}
@@ -164,7 +181,7 @@ class SAM(torch.optim.Optimizer):
         state = self.state.get(param)
         channel = state.get("channel_rho") if state else None
         if channel is not None:
-            return channel
+            return local_channel_values(param, channel)
         # One 0-d tensor per distinct radius, not one per parameter per step.
         key = (float(group["rho"]), param.device)
         rho = self._rho_tensors.get(key)
@@ -181,7 +198,8 @@ class SAM(torch.optim.Optimizer):
 
     def _masks_of(self, params: List[Tensor]) -> List[Optional[Tensor]]:
         table = self._mask_table()
-        masks = [table.get(id(p)) for p in params]
+        # An FSDP2 parameter is worked on through its local shard: its mask is cut to match.
+        masks = [self._local_masks(p, table.get(id(p))) for p in params]
         return [m if m is None or m.is_contiguous() else m.contiguous() for m in masks]
 
     # ------------------------------------------------- norm during backward
@@ -281,17 +299,26 @@ class SAM(torch.optim.Optimizer):
         params = [p for _, p in entries]
         # The ops read flat memory: non-contiguous tensors (rare) go through
         # contiguous copies.
-        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        grads = [g if g.is_contiguous() else g.contiguous() for g in (local(p.grad) for p in params)]
         return dict(params=params, grads=grads, masks=self._masks_of(params),
                     rhos=[self._rho_of(p, g) for g, p in entries])
 
     def _global_sq_norm(self, batches: Dict[bool, dict]) -> Optional[Tensor]:
         """The squared norm over every gradient: hook values where they still hold, one fused call for the rest."""
         total = None
+        sharded: Dict[tuple, dict] = {}   # FSDP2 parameters, by how they are sharded: summed over the ranks below
         for adaptive, batch in batches.items():
             from_hooks = 0.0
             rest = {"grads": [], "params": [], "masks": []}
             for p, g, m in zip(batch["params"], batch["grads"], batch["masks"]):
+                if is_sharded(p):
+                    part = sharded.setdefault((adaptive, sharding_key(p)), {"grads": [], "params": [], "masks": []})
+                    part.setdefault("param", p)
+                    shard = local(p)
+                    part["grads"].append(g)
+                    part["params"].append(shard if shard.is_contiguous() else shard.contiguous())
+                    part["masks"].append(m)
+                    continue
                 value = self._hook_norm(p, adaptive, m) if self._hook_handles else None
                 if value is None:
                     rest["grads"].append(g)
@@ -306,9 +333,22 @@ class SAM(torch.optim.Optimizer):
             if part is not None:
                 total = part if total is None else total + part
         self._hook_norms.clear()
+        if sharded:
+            local_parts = [(part["param"], sam_grad_sq_norm(part["grads"], part["params"] if adaptive else [],
+                                                            part["masks"], adaptive, check_args=False))
+                           for (adaptive, _), part in sharded.items()]
+            summed = sharded_sq_norm_sum(local_parts)
+            total = summed if total is None else total + summed.to(total.device)
         return total
 
     def _perturb(self, batch: dict, sq_norm: Tensor, adaptive: bool) -> None:
+        chosen = [i for i, p in enumerate(batch["params"]) if is_sharded(p)]
+        if chosen:
+            self._perturb_sharded({key: [value[i] for i in chosen] for key, value in batch.items()}, sq_norm, adaptive)
+            plain = [i for i, p in enumerate(batch["params"]) if not is_sharded(p)]
+            if not plain:
+                return
+            batch = {key: [value[i] for i in plain] for key, value in batch.items()}
         params = batch["params"]
         buffers = self._point.buffers(params)
         flat_params = [p if p.is_contiguous() else p.contiguous() for p in params]
@@ -323,6 +363,18 @@ class SAM(torch.optim.Optimizer):
                 buf.copy_(out)
         self._point.swap_in(params)
 
+    def _perturb_sharded(self, batch: dict, sq_norm: Tensor, adaptive: bool) -> None:
+        # In place (InPlacePoint): w is copied aside, and the ascent point computed from the copy into the shard.
+        params = batch["params"]
+        saved = self._sharded_point.save(params)
+        shards = [local(p) for p in params]
+        out = [s if s.is_contiguous() else torch.empty_like(s, memory_format=torch.contiguous_format) for s in shards]
+        sam_perturb_(out, saved, batch["grads"], batch["masks"], batch["rhos"], sq_norm.to(saved[0].device),
+                     bool(adaptive), float(self.eps), check_args=False)
+        for shard, o in zip(shards, out):
+            if o is not shard:
+                shard.copy_(o)
+
     @property
     def _ascent_buffers(self) -> Dict[int, Tensor]:
         """The persistent ascent-point buffers (read by bench/bench_sam.py to count the optimizer's memory)."""
@@ -331,6 +383,7 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def _restore(self) -> None:
         self._point.restore()
+        self._sharded_point.restore()
         if self._bn_snapshot is not None:
             restore_bn_stats(self._bn_snapshot)
             self._bn_snapshot = None

@@ -1,0 +1,210 @@
+"""Data parallelism with masked layers on PyTorch's own engine (torchrun, DDP, FSDP2).
+
+Under ``torchrun --nproc_per_node=N`` every process runs the same script on
+its part of the data. This module holds what sparsesam adds to that:
+
+* :func:`wrap_ddp`: ``DistributedDataParallel`` that leaves the fixed masks
+  out of its buffer broadcast. With DDP's default ``broadcast_buffers=True``
+  rank 0 sends every buffer before every forward: the BatchNorm statistics,
+  which must follow rank 0, but also the bool masks (11 MB for ResNet-18),
+  which only change when a pruner changes them. The masks are made equal
+  once, at wrapping, and again by :func:`sync_masks` whenever a pruner may
+  have chosen differently on different ranks. Trainable masks are
+  parameters: DDP averages their gradients like any other.
+* FSDP2 (``fully_shard``) needs nothing from here: SAM and its fused SGD
+  work on the local shards and cut each mask to match (see
+  :mod:`sparsesam.optim.sam`).
+* Rank helpers for the training loop: :func:`world`,
+  :func:`is_main_process`, :func:`distributed_sampler`,
+  :func:`all_reduce_mean`, :func:`any_rank`. Without an initialised process
+  group they describe a world of one process, so the same code runs with and
+  without torchrun.
+"""
+from __future__ import annotations
+
+import math
+import os
+import numbers
+from typing import Dict, List, Mapping, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, DistributedSampler
+
+from .nn import masked_layers
+
+
+class World(NamedTuple):
+    """Where this process stands: its ``rank`` among ``size`` processes, and its ``local_rank`` on this machine."""
+
+    rank: int
+    size: int
+    local_rank: int
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> World:
+    """This process's rank, the number of processes and the local rank (``World(0, 1, 0)`` without a process group).
+
+    The local rank is torchrun's ``LOCAL_RANK`` (0 when it is not set).
+    """
+    if not _initialized():
+        return World(0, 1, 0)
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (the one that writes files and prints); True without a process group."""
+    return world().rank == 0
+
+
+def fixed_mask_buffer_names(model: nn.Module) -> List[str]:
+    """The qualified buffer names (as ``model.named_buffers()`` gives them) of every fixed mask in ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    masks = {id(layer._buffers["weight_mask"]) for _, layer in masked_layers(model)
+             if layer._buffers.get("weight_mask") is not None}
+    return [name for name, buffer in model.named_buffers() if id(buffer) in masks]
+
+
+def ignore_masks_in_ddp(model: nn.Module) -> List[str]:
+    """Tell a DDP built on ``model`` afterwards to leave its fixed masks alone; returns their names.
+
+    Sets ``model._ddp_params_and_buffers_to_ignore`` (through DDP's own
+    setter, kept with any names already there), the list DDP reads at
+    construction: ignored buffers are neither broadcast at construction nor
+    before each forward. Masks must therefore be equal on every rank by other
+    means (:func:`sync_masks`; :func:`wrap_ddp` does both).
+    """
+    if isinstance(model, DistributedDataParallel):
+        raise TypeError("model must be the module to wrap, not a DistributedDataParallel (DDP reads the list only "
+                        "when it is built)")
+    names = fixed_mask_buffer_names(model)
+    already = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, already + [name for name in names if name not in already])
+    return names
+
+
+@torch.no_grad()
+def sync_masks(model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] = None) -> int:
+    """Give every rank rank ``src``'s fixed masks (one broadcast per mask); returns how many were sent.
+
+    Call it after anything that may choose masks differently on different
+    ranks (a pruner scoring rank-local data, a random mask): DDP built by
+    :func:`wrap_ddp` no longer broadcasts them. A no-op without a process group.
+    """
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    if not isinstance(src, numbers.Integral) or isinstance(src, bool) or src < 0:
+        raise ValueError(f"src must be a rank (an integer >= 0), got {src!r}")
+    masks = [layer._buffers["weight_mask"] for _, layer in masked_layers(model)
+             if layer._buffers.get("weight_mask") is not None]
+    if not _initialized():
+        return 0
+    if src >= dist.get_world_size(group):
+        raise ValueError(f"src must be below the world size {dist.get_world_size(group)}, got {src}")
+    for mask in masks:
+        # As bytes: bool is not a dtype every backend reduces or broadcasts (gloo, NCCL take uint8).
+        data = mask if mask.dtype != torch.bool else mask.view(torch.uint8)
+        dist.broadcast(data, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    return len(masks)
+
+
+def wrap_ddp(model: nn.Module, **ddp_kwargs) -> DistributedDataParallel:
+    """``DistributedDataParallel(model, **ddp_kwargs)`` that does not broadcast the fixed masks at every forward.
+
+    The masks are made rank 0's once here (:func:`sync_masks`), then left out
+    of DDP's buffer broadcast (:func:`ignore_masks_in_ddp`); every other
+    buffer (BatchNorm statistics) is still broadcast as ``broadcast_buffers``
+    says. Pass the result to ``SAM(..., model=ddp)``.
+    """
+    if isinstance(model, DistributedDataParallel):
+        raise TypeError("model is already a DistributedDataParallel: pass the module it wraps")
+    if not _initialized():
+        raise RuntimeError("wrap_ddp needs an initialised process group (torch.distributed.init_process_group, "
+                           "or run the script under torchrun)")
+    ignore_masks_in_ddp(model)
+    sync_masks(model)
+    return DistributedDataParallel(model, **ddp_kwargs)
+
+
+def distributed_sampler(dataset: Dataset, *, shuffle: bool = True, seed: int = 0,
+                        drop_last: bool = False) -> Optional[DistributedSampler]:
+    """A ``DistributedSampler`` giving this rank its part of ``dataset``, or None in a world of one process.
+
+    Pass it as ``DataLoader(dataset, sampler=sampler, shuffle=shuffle and sampler is None)`` and call
+    ``sampler.set_epoch(epoch)`` at the start of every epoch (or every epoch shuffles alike). Without
+    ``drop_last`` the last ranks repeat a few samples so that every rank has as many.
+    """
+    if not hasattr(dataset, "__len__"):
+        raise TypeError(f"dataset must be a map-style dataset with a length, got {type(dataset).__name__}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    rank, size, _ = world()
+    if size == 1:
+        return None
+    return DistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=bool(shuffle), seed=int(seed),
+                              drop_last=bool(drop_last))
+
+
+def _reduce_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo (and the rest) CPU ones.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean(metrics: Mapping[str, float], weight: float = 1.0) -> Dict[str, float]:
+    """The mean of each metric over the ranks, each rank counting ``weight`` (e.g. its number of samples).
+
+    One all-reduce for all the metrics. Every rank must pass the same names
+    (in any order). In a world of one process, the metrics as floats.
+    """
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of names to numbers, got {type(metrics).__name__}")
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(f"metrics names must be strings, got {name!r}")
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)) or (
+                isinstance(value, torch.Tensor) and value.numel() != 1):
+            raise TypeError(f"metrics[{name!r}] must be a number, got {value!r}")
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+    names = sorted(metrics)
+    values = [float(metrics[name]) for name in names]
+    if not _initialized() or dist.get_world_size() == 1:
+        if weight == 0:
+            raise ValueError("weight must be > 0 on at least one rank")
+        return dict(zip(names, values))
+    packed = torch.tensor([weight * v for v in values] + [float(weight)], dtype=torch.float64, device=_reduce_device())
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    total = float(packed[-1])
+    if total == 0:
+        raise ValueError("weight must be > 0 on at least one rank")
+    return {name: float(s) / total for name, s in zip(names, packed[:-1].tolist())}
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (one all-reduce); ``flag`` itself in a world of one process.
+
+    For decisions every rank must take together: a rank that stops alone
+    (a diverged loss it saw first, a signal) leaves the others waiting forever
+    in their next collective.
+    """
+    if not isinstance(flag, (bool, torch.Tensor)) or (isinstance(flag, torch.Tensor) and flag.numel() != 1):
+        raise TypeError(f"flag must be a bool, got {flag!r}")
+    if not _initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    packed = torch.tensor([1 if bool(flag) else 0], dtype=torch.int32, device=_reduce_device())
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return bool(packed.item())
+
+
+__all__ = ["World", "all_reduce_mean", "any_rank", "distributed_sampler", "fixed_mask_buffer_names",
+           "ignore_masks_in_ddp", "is_main_process", "sync_masks", "world", "wrap_ddp"]
