@@ -109,16 +109,38 @@ def runnable(model: nn.Module, compacted: Optional[nn.Module], execution: str,
     return model.eval(), forms
 
 
+def fold_batchnorm(plain: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d in an nn.Sequential into that conv.
+
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval`` does the folding (the same
+    function up to float rounding); the BatchNorm becomes an Identity. Pairs
+    that are not neighbours in a Sequential (ResNet blocks' conv1 / bn1) are
+    left as they are. In place; returns ``plain``.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    for sequential in [m for m in plain.modules() if isinstance(m, nn.Sequential)]:
+        names = list(sequential._modules)
+        for first, second in zip(names, names[1:]):
+            conv, norm = sequential._modules[first], sequential._modules[second]
+            if (type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and not norm.training
+                    and norm.track_running_stats and norm.running_mean is not None):
+                sequential._modules[first] = fuse_conv_bn_eval(conv, norm)
+                sequential._modules[second] = nn.Identity()
+    return plain
+
+
 def certificate_form(plain: nn.Module) -> nn.Module:
-    """The form the certificates run: the plain model (masks baked in), channels_last when it has convolutions.
+    """The form the certificates run: the plain model (masks baked in), BatchNorm folded, channels_last.
 
     Randomized smoothing and CC-Cert run the fixed model on thousands of
     noisy or transformed copies of each image without gradients. The plain
-    layers compute the same function as the masked ones (W*M), and oneDNN's
+    layers compute the same function as the masked ones (W*M); eval-mode
+    BatchNorm after a conv folds into it (``fold_batchnorm``); and oneDNN's
     convolutions are faster on channels_last input for these small images,
     which the fused masked op (contiguous input) does not use. The ratio is
-    in bench/RESULTS.md ("Certificates").
+    in bench/RESULTS.md ("Certificates"). ``plain`` is changed in place.
     """
+    plain = fold_batchnorm(plain.eval())
     if any(isinstance(m, nn.Conv2d) for m in plain.modules()):
         return plain.to(memory_format=torch.channels_last)
     return plain

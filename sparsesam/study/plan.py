@@ -115,9 +115,9 @@ BUDGETS: Dict[str, Tuple[Any, Any]] = {
     "model": ("smallcnn", "smallcnn"),
     "width": (0.5, 0.25),
     "certified_width": (0.25, 0.25),  # the csam comparison's models (certified with N samples per image)
-    "limit": (20000, 200),          # training images of the dense models
+    "limit": (12000, 200),          # training images of the dense models
     "val_limit": (5000, 64),        # held-out training images (the last ones) for the plateau rule
-    "algo_limit": (20000, 128),     # training images of the algorithms (the first ones)
+    "algo_limit": (8000, 128),      # training images of the algorithms (the first ones)
     "test_limit": (1000, 48),
     "batch_size": (128, 64),
     "dense_max_epochs": (40, 2),
@@ -137,7 +137,7 @@ BUDGETS: Dict[str, Tuple[Any, Any]] = {
     "smoothing_n": (10000, 32),
     "alpha": (0.001, 0.001),
     "radii": ([0.0, 0.25, 0.5, 0.75, 1.0], [0.0, 0.25]),
-    "cc_examples": (200, 4),
+    "cc_examples": (100, 4),
     "cc_samples": (1000, 20),
     "cc_transforms": (["rotation", "brightness", "contrast"], ["rotation"]),
     "cc_eps": ([0.05], [0.05]),
