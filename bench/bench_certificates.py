@@ -63,3 +63,40 @@ def test_certificates(benchmark, models, impl, width):
         with torch.no_grad():
             model(x)
     benchmark.pedantic(forward, rounds=15, warmup_rounds=2)
+
+
+def rates(seconds: float = 3.0) -> dict:
+    """{width: {form: images per CPU-second}}: forms in turns (A B A B), process CPU time, one thread.
+
+    CPU time rather than wall time: the rate a certificate gets from one core,
+    close to the quiet-machine rate even while other jobs share the machine.
+    """
+    import time
+    torch.set_num_threads(1)
+    x = torch.rand(BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    found = {}
+    for width in WIDTHS:
+        masked = masked_model(width)
+        forms = {"masked": masked, "certificate": certificate_form(export(masked))}
+        counted = {name: [0, 0.0] for name in forms}
+        with torch.no_grad():
+            for model in forms.values():
+                model(x)
+            for _ in range(2):
+                for name, model in forms.items():
+                    start, n = time.process_time(), 0
+                    while time.process_time() - start < seconds / 2:
+                        model(x)
+                        n += BATCH
+                    counted[name][0] += n
+                    counted[name][1] += time.process_time() - start
+        found[width] = {name: n / s for name, (n, s) in counted.items()}
+    return found
+
+
+if __name__ == "__main__":
+    import os
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    for width, forms in rates().items():
+        print(f"SmallCNN width {width}: masked {forms['masked']:.0f}, certificate form {forms['certificate']:.0f} "
+              f"images per CPU-second ({forms['certificate'] / forms['masked']:.1f}x)")
