@@ -187,6 +187,32 @@ batch 1 and the demo's evaluation batch 512."""),
 }
 
 
+def certificates_section() -> str:
+    """The certificate form's rate against the masked model's (bench_certificates.rates: CPU time, one thread)."""
+    import os
+    import bench_certificates as c
+    rows = "\n".join(f"| SmallCNN width {w / 32:g} ({w} channels) | {r['masked']:,.0f} img/CPU-s | "
+                     f"{r['certificate']:,.0f} img/CPU-s | {r['certificate'] / r['masked']:.1f}x |"
+                     for w, r in c.rates().items())
+    return f"""## Certificates: the form they run (`bench/bench_certificates.py`)
+
+Randomized smoothing and CC-Cert run a fixed model millions of times (the study: N = 10,000
+noisy copies of each of 500 images). `evaluation.certificate_form` runs the plain model
+(masks baked in, `nn.Linear` / `nn.Conv2d`), with eval-mode BatchNorm folded into the conv
+before it (`torch.nn.utils.fusion.fuse_conv_bn_eval`) and channels_last. SmallCNN 1x28x28,
+90% magnitude-pruned, batch {c.BATCH}, no grad, one thread, forms in turns, process CPU time
+(the rate one core gives; load average {os.getloadavg()[0]:.1f} when measured):
+
+| model | masked layers | certificate form | ratio |
+|---|---|---|---|
+{rows}
+
+The forms compute the same function up to float rounding (logits within 1e-5,
+`tests/test_certificate_form.py`). `pytest bench/bench_certificates.py` times the same two
+forms in wall time.
+"""
+
+
 def algorithms_section(kernels) -> str:
     import bench_algorithms as b
     return f"""### The algorithms' phases, end to end (`bench/bench_algorithms.py`)
@@ -307,6 +333,7 @@ trust ratios, not absolute times). "Saved for backward" counts the distinct
 storages autograd keeps between forward and backward beyond the inputs
 themselves (which are alive anyway): the memory each implementation adds.
 
+{certificates_section()}
 ## Masked layers, forward + backward (`bench/bench_masked.py`)
 
 Baseline: `F.linear(x, w*m, b)` / `F.conv2d(x, w*m)` with autograd. sparsesam:
