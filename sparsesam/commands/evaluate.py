@@ -1,20 +1,8 @@
 """``sparsesam eval``: clean accuracy, size, CPU latency and robustness of an exported model.
 
-The measuring is the library's (sparsesam.evaluation.evaluate_model); this
-module holds the flags, their checks and the run.
-
-The model runs in the form ``--execution`` asks for (default "auto": each
-masked layer is timed dense and in the sparse formats its mask allows, on a
-test batch, and keeps the fastest); a structured model runs as its
-compacted model (physically smaller, dense). Latency is measured in that
-form and in the dense form (masks baked into plain layers, full size), so
-the table shows what sparsity buys.
-
-Robustness (each switchable, each on a configurable subset of the test set
-so the whole evaluation fits a small budget): mean accuracy under common
-corruptions, PGD accuracy against eps, randomized-smoothing certified
-accuracy against the L2 radius, and CC-Cert certified accuracy under
-semantic transforms.
+The measuring (forms, latency, the robustness measures) is the library's:
+see ``sparsesam.evaluation``. This module holds the flags, their checks and
+the run.
 """
 from __future__ import annotations
 

@@ -237,20 +237,15 @@ def _figures(comparison: Comparison, rows, runs, figures: str) -> List[str]:
                 if all(key in r for r in group)}
     n = max((len(g) for g in groups.values()), default=0)
     suffix = f" (mean of {n} seeds)"
-    if averaged("corruption"):
-        made.append(plots.plot_corruption_accuracy(averaged("corruption"),
-                                                   os.path.join(figures, f"{comparison.key}_corruptions.png"),
-                                                   title=f"{comparison.key}: corruption accuracy{suffix}"))
-    if averaged("pgd"):
-        made.append(plots.plot_accuracy_vs_epsilon(averaged("pgd"), os.path.join(figures, f"{comparison.key}_pgd.png"),
-                                                   title=f"{comparison.key}: PGD accuracy{suffix}"))
-    if averaged("smoothing"):
-        made.append(plots.plot_certified_accuracy(averaged("smoothing"),
-                                                  os.path.join(figures, f"{comparison.key}_certified_l2.png"),
-                                                  title=f"{comparison.key}: smoothing certified accuracy{suffix}"))
-    if averaged("cc_cert"):
-        made.append(plots.plot_cc_cert(averaged("cc_cert"), os.path.join(figures, f"{comparison.key}_cc_cert.png"),
-                                       title=f"{comparison.key}: CC-Cert certified accuracy{suffix}"))
+    kinds = (("corruption", plots.plot_corruption_accuracy, "corruptions", "corruption accuracy"),
+             ("pgd", plots.plot_accuracy_vs_epsilon, "pgd", "PGD accuracy"),
+             ("smoothing", plots.plot_certified_accuracy, "certified_l2", "smoothing certified accuracy"),
+             ("cc_cert", plots.plot_cc_cert, "cc_cert", "CC-Cert certified accuracy"))
+    for key, plot, stem, what in kinds:
+        data = averaged(key)
+        if data:
+            made.append(plot(data, os.path.join(figures, f"{comparison.key}_{stem}.png"),
+                             title=f"{comparison.key}: {what}{suffix}"))
     return made
 
 
