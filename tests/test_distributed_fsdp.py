@@ -58,6 +58,7 @@ def _train_fsdp(rank, world_size, base, adaptive, out_path):
 def test_fsdp2_sam_with_masks_matches_one_process(tmp_path, base, adaptive):
     out = tmp_path / "rank0.pt"
     run_ranks(_train_fsdp, base, adaptive, str(out))
+    torch.set_num_threads(1)  # as each rank (distributed_helpers._entry): the same float32 sum orders
     reference = masked_cnn()
     train(reference, _sam(reference, base, adaptive), STEPS, parts=2)
     got = torch.load(out)
@@ -99,6 +100,7 @@ def _fused_sgd_alone(rank, world_size, out_path):
 def test_fsdp2_fused_sgd_alone_cuts_whole_masks(tmp_path):
     out = tmp_path / "rank0.pt"
     run_ranks(_fused_sgd_alone, str(out))
+    torch.set_num_threads(1)  # as each rank (distributed_helpers._entry): the same float32 sum orders
     reference = masked_cnn().eval()
     masks = param_masks(reference)
     optimizer = FusedMaskedSGD(reference.parameters(), masks_of=lambda ps: [masks.get(p) for p in ps], lr=0.1,

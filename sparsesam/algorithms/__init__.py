@@ -13,6 +13,7 @@ from typing import Dict
 
 from .adasap import AdaSAP, AdaSAPConfig, channel_radii
 from .asam_prune import AsamPrune, AsamPruneConfig
+from ._steps import LOSSES, make_loss
 from .base import Algorithm, FitResult
 from .csam import CSAM, CSAMConfig, binarize_top_k, magnitude_soft_mask
 from .harp import HARP, HARPConfig, LearnableRate, rate_init
@@ -31,7 +32,7 @@ ALGORITHMS: Dict[str, type] = {
 }
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "FitResult",
+    "ALGORITHMS", "Algorithm", "FitResult", "LOSSES", "make_loss",
     "AdaSAP", "AdaSAPConfig", "channel_radii",
     "HARP", "HARPConfig", "LearnableRate", "rate_init",
     "CSAM", "CSAMConfig", "magnitude_soft_mask", "binarize_top_k",

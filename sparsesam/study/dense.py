@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch.utils.data import DataLoader
 
-from ..algorithms._steps import make_loss
+from ..algorithms import make_loss
 from ..checkpoint import Checkpointer
 from ..data.noise import GaussianNoiseCollate
 from ..model_files import build_from_spec, load_model_folder, read_json, save_model_folder, write_json

@@ -34,7 +34,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Tuple
 
-from .._validate import ConfigError
+from .._validate import (NON_NEGATIVE, OPEN_PROBABILITY, POSITIVE, PROBABILITY, ConfigError, Range,
+                         check_numbers)
 from ..algorithms.registry import build_config, config_class, epoch_fields
 
 DENSE_KINDS = ("clean", "pgd_at", "noise")
@@ -155,11 +156,12 @@ def resolve_budgets(args: argparse.Namespace) -> Dict[str, Any]:
     return budgets
 
 
-def _finite(name: str, value: float, low: float, high: float = math.inf, *, open_low: bool = False) -> None:
-    ok = math.isfinite(value) and (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        bound = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
-        raise ConfigError(f"--{name.replace('_', '-')} must be a finite number {bound}, got {value}")
+# The budgets' number ranges, checked by the project's one validation layer (sparsesam._validate).
+BUDGET_RANGES = {
+    "--pgd-eps": PROBABILITY, "--adv-eps": Range(0.0, 1.0, low_open=True), "--sigma": POSITIVE,
+    "--alpha": OPEN_PROBABILITY, "--radii": NON_NEGATIVE, "--cc-eps": Range(0.0, 1.0, low_open=True),
+    "--width": POSITIVE, "--certified-width": POSITIVE, "--dense-min-delta": PROBABILITY,
+}
 
 
 def check_budgets(b: Dict[str, Any]) -> None:
@@ -172,26 +174,7 @@ def check_budgets(b: Dict[str, Any]) -> None:
             raise ConfigError(f"unknown CC-Cert transform {transform!r}; choose from {list(robust.TRANSFORMS)}")
     if not b["severities"] or any(not 1 <= s <= 5 for s in b["severities"]):
         raise ConfigError(f"--severities must be non-empty, in 1..5, got {b['severities']}")
-    if not b["pgd_eps"]:
-        raise ConfigError("--pgd-eps must be non-empty")
-    for eps in b["pgd_eps"]:
-        _finite("pgd_eps", eps, 0.0, 1.0)
-    _finite("adv_eps", b["adv_eps"], 0.0, 1.0, open_low=True)
-    _finite("sigma", b["sigma"], 0.0, open_low=True)
-    _finite("alpha", b["alpha"], 0.0, 1.0, open_low=True)
-    if b["alpha"] >= 1:
-        raise ConfigError(f"--alpha must be in (0, 1), got {b['alpha']}")
-    if not b["radii"]:
-        raise ConfigError("--radii must be non-empty")
-    for radius in b["radii"]:
-        _finite("radii", radius, 0.0)
-    if not b["cc_eps"]:
-        raise ConfigError("--cc-eps must be non-empty")
-    for eps in b["cc_eps"]:
-        _finite("cc_eps", eps, 0.0, 1.0, open_low=True)
-    _finite("width", b["width"], 0.0, open_low=True)
-    _finite("certified_width", b["certified_width"], 0.0, open_low=True)
-    _finite("dense_min_delta", b["dense_min_delta"], 0.0, 1.0)
+    check_numbers(argparse.Namespace(**b), BUDGET_RANGES)  # lists: non-empty, every entry in range
     if b["smoothing_n0"] > b["smoothing_n"]:
         raise ConfigError(f"--smoothing-n0 ({b['smoothing_n0']}) must not exceed --smoothing-n ({b['smoothing_n']})")
     for name in ("algo_limit", "test_limit", "limit", "val_limit", "dense_max_epochs", "dense_patience"):
