@@ -29,6 +29,11 @@ class BadFileError(ValueError):
         self.problem = one_line(problem)
         super().__init__(f"{self.path}: {self.problem}")
 
+    def __reduce__(self):
+        # The default rebuilds from self.args (the one message) and would miss ``problem``: an error raised in a
+        # worker process (``sparsesam reproduce --workers N``) could not be sent back to the parent.
+        return type(self), (self.path, self.problem)
+
 
 class BadCheckpointError(BadFileError):
     """A checkpoint that cannot be resumed from (unreadable, or written by another run)."""

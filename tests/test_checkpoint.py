@@ -224,3 +224,13 @@ def test_fit_refuses_a_state_of_another_config_phase_or_width_naming_the_file(tm
     with pytest.raises(BadCheckpointError, match=r"lacks \['rng'\]") as error:
         Magnitude(config).fit(pretrained_model(), train_loader(), progress=False, checkpoint=ckpt)
     _assert_one_line(error, ckpt.path)
+
+
+@pytest.mark.parametrize("kind", [BadFileError, BadCheckpointError])
+def test_file_errors_survive_pickling_as_a_worker_process_sends_them(kind):
+    """``sparsesam reproduce --workers N`` gets a worker's error back through pickle: it must rebuild whole."""
+    import pickle
+    error = pickle.loads(pickle.dumps(kind("/runs/a/checkpoint.pt", "the checkpoint is at epoch 7")))
+    assert type(error) is kind
+    assert (error.path, error.problem) == ("/runs/a/checkpoint.pt", "the checkpoint is at epoch 7")
+    assert str(error) == "/runs/a/checkpoint.pt: the checkpoint is at epoch 7"

@@ -111,6 +111,22 @@ def test_interrupted_study_resumes_to_the_same_results(csam_study, tmp_path, mon
     assert not os.path.exists(os.path.join(out, "seed0", "csam", "magnitude-90", "prune_checkpoint.pt"))
 
 
+def test_dense_training_interrupted_after_its_second_epoch_resumes(csam_study, tmp_path, monkeypatch):
+    """The dense model's checkpoint is at epoch 2 when the study stops; the rerun continues from it (it once
+    restarted the plateau loop at epoch 1 and refused its own checkpoint as "at epoch 2; this run has 1")."""
+    out = tmp_path / "dense-interrupted"
+    interrupt_after_saves(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        run([*QUICK, "--comparisons", "csam", "--out", out])
+    monkeypatch.undo()
+    assert os.path.isfile(os.path.join(out, "seed0", "dense-noise", "checkpoint.pt"))
+    assert run([*QUICK, "--comparisons", "csam", "--out", out]) == 0
+    assert_same_weights(read_weights(os.path.join(out, "seed0", "dense-noise")),
+                        read_weights(os.path.join(csam_study, "seed0", "dense-noise")))
+    for name in CSAM_RUNS:
+        assert _headline(_run_json(out, "csam", name)) == _headline(_run_json(csam_study, "csam", name)), name
+
+
 def test_structured_baselines_and_adversarial_setting_reach_the_configs(tmp_path):
     from sparsesam.algorithms import ALGORITHMS
     from sparsesam.study.plan import BUDGETS, COMPARISONS, harp_gamma, method_config

@@ -72,7 +72,10 @@ def train_dense(kind: str, seed: int, spec: Dict[str, Any], train, val, test, b:
     checkpointer = Checkpointer(os.path.join(folder, DENSE_CHECKPOINT))
     began, cpu_began = time.perf_counter(), time.process_time()
     history: List[dict] = []
-    for epochs in range(1, b["dense_max_epochs"] + 1):
+    # An interrupted training resumes at its checkpoint's epoch (fit_dense refuses a checkpoint past its count).
+    saved = checkpointer.load(required=("epoch",))
+    first = saved["epoch"] if saved and isinstance(saved["epoch"], int) and saved["epoch"] > 1 else 1
+    for epochs in range(first, b["dense_max_epochs"] + 1):
         # fit_dense continues from the checkpoint of the epoch before (or of an interrupted call).
         args = argparse.Namespace(**{**vars(optimizer_args), "epochs": epochs, "progress": progress})
         history = fit_dense(model, loader, val_loader, generator, args, checkpointer,
