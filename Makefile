@@ -42,7 +42,7 @@ bench: setup
 
 ci: test test-triton build-cuda ctest check-wheel
 
-# The reproduction study (AdaSAP / HARP / C-SAM comparisons and ablations, 5 seeds; about 6 CPU-hours, 3 hours
+# The reproduction study (AdaSAP / HARP / C-SAM comparisons and ablations, 5 seeds; about 9 CPU-hours, 4.5 hours
 # with 2 workers on 2 quiet cores; resumable: run it again to continue). Results go to docs/reproduce/.
 .PHONY: reproduce
 reproduce: setup

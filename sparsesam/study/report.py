@@ -277,6 +277,9 @@ def _timing(runs: List[dict], out: str, seeds: List[int], kinds: List[str]) -> D
         for phase, seconds in (run.get("phase_seconds") or {"fit": run["fit_seconds"]}).items():
             parts.setdefault(phase, []).append(seconds)
         parts.setdefault("evaluation", []).append(run["eval_seconds"])
+        if run.get("cpu_seconds_this_call") is not None:
+            # CPU time is what the plan (docs/reproduce/PLAN.md) counts: wall time grows with the machine's load.
+            parts.setdefault("CPU", []).append(run["cpu_seconds_this_call"])
     per_run = [r["fit_seconds"] + r["eval_seconds"] for r in runs]
     finished = [os.path.getmtime(_run_path(out, r["seed"], r["comparison"], r["method"], r["target_sparsity"]))
                 for r in runs]
@@ -415,7 +418,9 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
                           _verdict_table(mine), ""]
     if t["methods"]:
         lines += ["## Cost per phase (mean seconds of one run, one process)", "",
-                  markdown_table(["run", "phases and evaluation"],
+                  "Wall seconds per phase and for the evaluation; CPU: the run's process CPU seconds (of its last "
+                  "call, if it was resumed), the cost on a quiet core.", "",
+                  markdown_table(["run", "phases, evaluation and CPU"],
                          [[key, ", ".join(f"{p} {s:.0f}" for p, s in parts.items())]
                           for key, parts in t["methods"].items()]), ""]
     figures = report["figures"]
