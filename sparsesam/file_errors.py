@@ -29,6 +29,11 @@ class BadFileError(ValueError):
         self.problem = one_line(problem)
         super().__init__(f"{self.path}: {self.problem}")
 
+    def __reduce__(self):
+        # Pickled with its two fields (the default would call cls(message) and fail): rank 0 sends a bad
+        # file's error to the other ranks of a torchrun job (sparsesam.distributed.on_main_process).
+        return type(self), (self.path, self.problem)
+
 
 class BadCheckpointError(BadFileError):
     """A checkpoint that cannot be resumed from (unreadable, or written by another run)."""
