@@ -63,10 +63,10 @@ def check_data_parallel(algorithm_name: str, registry=None) -> None:
     """Under torchrun (a world of more than one process), refuse an algorithm that cannot train data-parallel,
     naming it and the ones that can (a ConfigError, before anything is written)."""
     size = world().size
-    if size == 1 or get_algorithm(algorithm_name, registry).data_parallel:
+    if size == 1 or getattr(get_algorithm(algorithm_name, registry), "data_parallel", False):
         return
     from .algorithms.registry import algorithm_registry
-    able = sorted(name for name, cls in (registry or algorithm_registry()).items() if cls.data_parallel)
+    able = sorted(name for name, cls in (registry or algorithm_registry()).items() if getattr(cls, "data_parallel", False))
     raise ConfigError(f"--algorithm {algorithm_name} cannot run under torchrun (world size {size}) yet: its "
                       f"search keeps state computed from each rank's own data (scores, rates, radii) that the "
                       f"ranks would not agree on. Run it in one process, or use one of {able}")
@@ -87,8 +87,10 @@ def prune_model(model: nn.Module, spec: Dict[str, Any], algorithm_name: str, con
     algorithm = get_algorithm(algorithm_name, registry)(config)
     checkpointer = Checkpointer(os.path.join(out, PRUNE_CHECKPOINT))
     began = time.perf_counter()
+    # parallel= only under torchrun: a registry's duck-typed algorithm need not know the keyword.
+    parallel = {"parallel": _data_parallel} if world().size > 1 else {}
     result = algorithm.fit(model, train_loader, val_loader=test_loader, progress=progress, checkpoint=checkpointer,
-                           parallel=_data_parallel if world().size > 1 else None)
+                           **parallel)
     seconds = time.perf_counter() - began
     pruned = result.model.cpu()  # model folders hold CPU tensors, and the final evaluation runs there
     compacted = compacted_model(algorithm, result)
