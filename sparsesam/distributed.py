@@ -277,6 +277,15 @@ def rank_device(device: torch.device) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def data_parallel(model: nn.Module) -> nn.Module:
+    """Under torchrun, :func:`wrap_ddp` of ``model`` on its device (``device_ids`` for a CUDA model); in a world
+    of one process, ``model`` itself. What the commands train through."""
+    if world().size == 1:
+        return model
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    return wrap_ddp(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module a DistributedDataParallel wraps (``model`` itself otherwise): what is saved and evaluated."""
     return model.module if isinstance(model, DistributedDataParallel) else model
@@ -366,6 +375,6 @@ def reseed_for_epoch(seed: int, epoch: int) -> None:
     torch.manual_seed(mixed)
 
 
-__all__ = ["World", "all_reduce_mean", "any_rank", "distributed_sampler", "fixed_mask_buffer_names",
-           "ignore_masks_in_ddp", "is_main_process", "launched_world_size", "on_main_process", "process_group", "rank_device",
-           "reseed_for_epoch", "set_sampler_epoch", "sync_masks", "unwrap", "world", "wrap_ddp"]
+__all__ = ["World", "all_reduce_mean", "any_rank", "data_parallel", "distributed_sampler", "fixed_mask_buffer_names",
+           "ignore_masks_in_ddp", "is_main_process", "launched_world_size", "on_main_process", "process_group",
+           "rank_device", "reseed_for_epoch", "set_sampler_epoch", "sync_masks", "unwrap", "world", "wrap_ddp"]

@@ -22,7 +22,7 @@ from torch import nn
 from ._validate import ConfigError
 from .algorithms.registry import get_algorithm
 from .checkpoint import Checkpointer
-from .distributed import on_main_process, world, wrap_ddp
+from .distributed import data_parallel, on_main_process, world
 from .evaluation import runnable
 from .model_files import save_model_folder, write_json
 from .run_setup import example_batch
@@ -66,15 +66,11 @@ def check_data_parallel(algorithm_name: str, registry=None) -> None:
     if size == 1 or getattr(get_algorithm(algorithm_name, registry), "data_parallel", False):
         return
     from .algorithms.registry import algorithm_registry
-    able = sorted(name for name, cls in (registry or algorithm_registry()).items() if getattr(cls, "data_parallel", False))
+    able = sorted(name for name, cls in (registry or algorithm_registry()).items()
+                  if getattr(cls, "data_parallel", False))
     raise ConfigError(f"--algorithm {algorithm_name} cannot run under torchrun (world size {size}) yet: its "
                       f"search keeps state computed from each rank's own data (scores, rates, radii) that the "
                       f"ranks would not agree on. Run it in one process, or use one of {able}")
-
-
-def _data_parallel(model: nn.Module) -> nn.Module:
-    device = next(model.parameters()).device
-    return wrap_ddp(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def prune_model(model: nn.Module, spec: Dict[str, Any], algorithm_name: str, config: Any, train_loader, test_loader,
@@ -88,7 +84,7 @@ def prune_model(model: nn.Module, spec: Dict[str, Any], algorithm_name: str, con
     checkpointer = Checkpointer(os.path.join(out, PRUNE_CHECKPOINT))
     began = time.perf_counter()
     # parallel= only under torchrun: a registry's duck-typed algorithm need not know the keyword.
-    parallel = {"parallel": _data_parallel} if world().size > 1 else {}
+    parallel = {"parallel": data_parallel} if world().size > 1 else {}
     result = algorithm.fit(model, train_loader, val_loader=test_loader, progress=progress, checkpoint=checkpointer,
                            **parallel)
     seconds = time.perf_counter() - began

@@ -7,9 +7,9 @@ What is claimed and checked:
 * a torchrun job killed with SIGKILL (the agent and both workers) in the middle of a checkpoint write, then
   resumed under torchrun, ends with the same model file, bit for bit, and the same history as a job that was
   never interrupted;
-* prune --algorithm magnitude runs under torchrun (DDP through the fixed-mask fine-tuning) and writes one
-  model folder at the target sparsity; an algorithm that cannot run data-parallel is refused by name before
-  anything is written.
+* prune --algorithm magnitude runs under torchrun (DDP through the fixed-mask fine-tuning), writes one
+  model folder at the target sparsity, and resumes after a SIGKILL to the same model, bit for bit; an
+  algorithm that cannot run data-parallel is refused by name before anything is written.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from sparsesam.model_files import load_model_folder
 from sparsesam.run_setup import load_data
 from sparsesam.training import evaluate
 
-from cli_helpers import assert_same_weights, read_weights
+from cli_helpers import assert_same_weights, read_weights, run
 from distributed_helpers import needs_gloo
 
 pytestmark = needs_gloo
@@ -134,7 +134,7 @@ def _state(pid: int) -> str:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
-def test_a_torchrun_job_killed_mid_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
+def test_a_torchrun_job_killed_mid_checkpoint_resumes_to_the_uninterrupted_result(tmp_path, capsys):
     full, split = tmp_path / "full", tmp_path / "split"
     epochs = 2
     victim = subprocess.Popen(_torchrun_argv(*train_argv(split, epochs)), env=_env(delay=DELAY_SECONDS),
@@ -154,6 +154,11 @@ def test_a_torchrun_job_killed_mid_checkpoint_resumes_to_the_uninterrupted_resul
     assert not (split / "model.safetensors").exists()
     assert read_checkpoint(str(checkpoint))["epoch"] == 1
 
+    # Resuming in one process would split the data otherwise: refused, naming the world size, nothing touched.
+    assert run(train_argv(split, epochs, "--resume")) == 2
+    assert "world_size (2 -> None)" in capsys.readouterr().err
+    assert read_checkpoint(str(checkpoint))["epoch"] == 1
+
     resumed = torchrun(*train_argv(split, epochs, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = torchrun(*train_argv(full, epochs))
@@ -164,19 +169,43 @@ def test_a_torchrun_job_killed_mid_checkpoint_resumes_to_the_uninterrupted_resul
     assert {p.name for p in split.iterdir()} == FINISHED_TRAIN  # the stranded temporary went with the next save
 
 
-def test_prune_magnitude_under_torchrun(tmp_path):
-    out = tmp_path / "pruned"
-    done = torchrun("prune", "--algorithm", "magnitude", "--sparsity", "0.8", "--set", "finetune_epochs=2",
-                    *MODEL, *DATA, "--epochs", "1", "--out", out)
+PRUNE = ["prune", "--algorithm", "magnitude", "--sparsity", "0.8", "--set", "finetune_epochs=2", *MODEL, *DATA,
+         "--epochs", "1", "--execution", "dense"]  # dense: "auto" times layers, and two runs may choose otherwise
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+def test_prune_magnitude_under_torchrun_writes_once_and_resumes_after_sigkill(tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    done = torchrun(*PRUNE, "--out", full)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.json", "model.safetensors", "sparsity.json",
-                                               "prune.json"}
+    assert {p.name for p in full.iterdir()} == {"config.json", "model.json", "model.safetensors", "sparsity.json",
+                                                "prune.json"}
     assert done.stdout.count("prune magnitude:") == 1
-    report = json.loads((out / "prune.json").read_text())
+    report = json.loads((full / "prune.json").read_text())
     assert report["sparsity"] == pytest.approx(0.8, abs=1e-3)
     assert [(entry["phase"], entry["epoch"]) for entry in report["history"]] == [("finetune", 0), ("finetune", 1)]
     assert report["pretrain"]["epochs"] == 1 and len(report["pretrain"]["history"]) == 1
-    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert json.loads((full / "config.json").read_text())["world_size"] == 2
+
+    # Killed while rank 0 writes the second fine-tuning checkpoint, then resumed: the same model and history.
+    victim = subprocess.Popen(_torchrun_argv(*PRUNE, "--out", split), env=_env(delay=DELAY_SECONDS),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = split / "prune_checkpoint.pt"
+    try:
+        deadline = time.monotonic() + 180
+        while not (checkpoint.exists() and list(split.glob(".prune_checkpoint.pt.*.tmp"))):
+            assert victim.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "no second fine-tuning checkpoint write began within 180 s"
+            time.sleep(0.005)
+        time.sleep(DELAY_SECONDS / 2)
+    finally:
+        _kill_job(victim)
+    assert read_checkpoint(str(checkpoint))["epoch"] == 0 and not (split / "prune.json").exists()
+    resumed = torchrun(*PRUNE, "--out", split, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (split / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+    assert json.loads((split / "prune.json").read_text())["history"] == report["history"]
+    assert {p.name for p in split.iterdir()} == {p.name for p in full.iterdir()}
 
 
 def test_an_algorithm_that_cannot_run_data_parallel_is_refused_by_name(tmp_path):

@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 from sparsesam._validate import ConfigError
 from sparsesam.checkpoint import Checkpointer
 from sparsesam.distributed import (World, launched_world_size, on_main_process, process_group, rank_device,
-                                   reseed_for_epoch, unwrap, world, wrap_ddp)
+                                   reseed_for_epoch, unwrap, wrap_ddp)
 from sparsesam.divergence import StepCheck, TrainingDiverged, check_state
 from sparsesam.file_errors import BadCheckpointError
 from sparsesam.run_setup import make_loaders
@@ -207,3 +207,13 @@ def _one_epoch_then_resume_equals_straight(folder, data):
 @needs_gloo
 def test_fit_dense_in_ddp_keeps_ranks_identical_and_resumes_exactly(tmp_path):
     run_ranks(_fit_dense_ranks, str(tmp_path))
+
+
+@pytest.mark.parametrize("argv", [["demo", "--out", "never"], ["eval", "somewhere"]])
+def test_commands_other_than_train_and_prune_refuse_torchrun(monkeypatch, tmp_path, capsys, argv):
+    from sparsesam.cli import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(argv) == 2
+    assert f"sparsesam {argv[0]} runs in one process: start it without torchrun" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was written

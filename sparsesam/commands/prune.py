@@ -18,14 +18,14 @@ from typing import Dict
 from .._validate import FRACTION
 from ..algorithms.registry import algorithm_registry, build_config, get_algorithm
 from ..checkpoint import Checkpointer
-from ..distributed import is_main_process, on_main_process, process_group
+from ..distributed import data_parallel, is_main_process, on_main_process, process_group
 from ..model_files import build_from_spec, check_model_name, jsonable, load_model_folder, model_spec
 from ..pruning_run import PRUNE_CHECKPOINT, check_data_parallel, prune_model, with_execution
 from ..run_setup import (check_execution, check_fraction, dataset_key, load_data, make_loaders, prepare_out,
                          resolve_device, seed_everything)
 from ..training import check_optimizer_arguments, fit_dense
 from .common import ConfigError, add_execution_argument, add_number, echo_config
-from .train import add_data_arguments, add_model_arguments, add_optimizer_arguments, data_parallel, world_config
+from .train import add_data_arguments, add_model_arguments, add_optimizer_arguments, world_config
 
 # One line per algorithm for --help: what it does and what runs where.
 ALGORITHM_HELP = {
@@ -113,7 +113,7 @@ def _run_prune(args: argparse.Namespace, registry=None) -> dict:
         spec = model_spec(args.model, args.width, train.info)
         model = build_from_spec(spec).to(device)
         pre_checkpoint = Checkpointer(os.path.join(out, PRETRAIN_CHECKPOINT))
-        history = fit_dense(data_parallel(model, device), train_loader, test_loader, generator, args, pre_checkpoint,
+        history = fit_dense(data_parallel(model), train_loader, test_loader, generator, args, pre_checkpoint,
                             label="pretrain")
         pretrain = {"epochs": args.epochs, "history": history}
     report = prune_model(model, spec, args.algorithm, config, train_loader, test_loader, out, progress=args.progress,

@@ -14,7 +14,7 @@ from typing import Optional
 
 from .._validate import POSITIVE
 from ..checkpoint import Checkpointer
-from ..distributed import is_main_process, on_main_process, process_group, world, wrap_ddp
+from ..distributed import data_parallel, is_main_process, on_main_process, process_group, world
 from ..model_files import build_from_spec, check_model_name, model_spec, save_model_folder, write_json
 from ..run_setup import dataset_key, load_data, make_loaders, prepare_out, resolve_device, seed_everything
 from ..training import DENSE_CHECKPOINT, OPTIMIZER_FLAGS, check_optimizer_arguments, evaluate_on_main, fit_dense
@@ -60,13 +60,6 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, epochs: Optional[in
     group.add_argument("--adaptive", action="store_true", help="ASAM (scale-invariant radius); needs --sam-rho > 0")
 
 
-def data_parallel(model, device):
-    """``model`` in DistributedDataParallel (masks left out of its broadcast) under torchrun, else ``model``."""
-    if world().size == 1:
-        return model
-    return wrap_ddp(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def world_config() -> dict:
     """What config.json adds under torchrun: the world size (a resume with another one is refused, as it would
     split the data differently). Nothing in one process, whose config stays as it was."""
@@ -96,7 +89,7 @@ def _run_train(args: argparse.Namespace) -> dict:
     spec = model_spec(args.model, args.width, train.info)
     model = build_from_spec(spec).to(device)
     train_loader, test_loader, generator = make_loaders(train, test, args.batch_size, args.seed)
-    history = fit_dense(data_parallel(model, device), train_loader, test_loader, generator, args, checkpointer)
+    history = fit_dense(data_parallel(model), train_loader, test_loader, generator, args, checkpointer)
     final = evaluate_on_main(model, test_loader, desc="test", progress=args.progress)
     model.cpu()  # model folders hold CPU tensors, whatever --device trained them
     on_main_process(save_model_folder, model, spec, out,
