@@ -41,7 +41,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
 from ._validate import ConfigError
-from .divergence import TrainingDiverged
 from .nn import masked_layers
 
 
@@ -292,16 +291,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _sendable(error: BaseException) -> BaseException:
-    """``error`` if it survives pickling unchanged in kind and message, else the nearest error the CLI reports
-    the same way (a ConfigError / TrainingDiverged with the same text, or a RuntimeError naming it)."""
+    """``error`` if it survives pickling unchanged in kind and message (ConfigError, the bad-file errors and
+    TrainingDiverged do), else a ConfigError with its text for a ValueError (the CLI reports both with exit
+    status 2), or a RuntimeError naming it."""
     try:
         copy = pickle.loads(pickle.dumps(error))
         if type(copy) is type(error) and str(copy) == str(error):
             return copy
     except Exception:  # noqa: BLE001 - any object that does not pickle is replaced below
         pass
-    if isinstance(error, FloatingPointError):
-        return TrainingDiverged(str(error))
     if isinstance(error, ValueError):
         return ConfigError(str(error))
     return RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")

@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .distributed import any_rank
+
 
 class TrainingDiverged(FloatingPointError):
     """A loss, a parameter or a BatchNorm statistic became NaN or inf during training.
@@ -74,7 +76,6 @@ class StepCheck:
     def step(self, **values: float) -> None:
         """Count one step; raise TrainingDiverged naming the first of ``values`` (``loss=...``) that is NaN
         or inf (on every rank, if any rank's is)."""
-        from .distributed import any_rank
         self.steps += 1
         bad = next(((key, number) for key, number in values.items() if not math.isfinite(number)), None)
         if any_rank(bad is not None):
@@ -86,7 +87,6 @@ class StepCheck:
 def check_state(model: nn.Module) -> None:
     """Raise TrainingDiverged naming the first parameter or buffer of ``model`` that holds NaN or inf (on
     every rank, if any rank's does: under DDP the BatchNorm statistics of the last step are each rank's own)."""
-    from .distributed import any_rank
     problem = _non_finite(model)
     if any_rank(problem is not None):
         raise TrainingDiverged(problem if problem is not None else "a parameter or buffer holds NaN or inf on "
