@@ -217,3 +217,51 @@ def test_commands_other_than_train_and_prune_refuse_torchrun(monkeypatch, tmp_pa
     assert main(argv) == 2
     assert f"sparsesam {argv[0]} runs in one process: start it without torchrun" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+# --- Algorithm.fit(parallel=) --------------------------------------------------------------------------
+
+
+def _small_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5))
+
+
+def test_an_algorithm_that_is_not_data_parallel_refuses_parallel():
+    from sparsesam.algorithms import Hydra, HydraConfig
+    from sparsesam.distributed import data_parallel
+    data = TensorDataset(torch.randn(8, 1, 6, 6), torch.randint(0, 5, (8,)))
+    with pytest.raises(ValueError, match="'hydra' cannot train data-parallel"):
+        Hydra(HydraConfig()).fit(_small_cnn(), torch.utils.data.DataLoader(data, batch_size=4),
+                                 parallel=data_parallel)
+    with pytest.raises(TypeError, match="parallel must be callable"):
+        Hydra(HydraConfig()).fit(_small_cnn(), torch.utils.data.DataLoader(data, batch_size=4), parallel=1)
+
+
+def _magnitude_ranks(rank, world_size, folder):
+    from sparsesam.algorithms import Magnitude, MagnitudeConfig
+    from sparsesam.distributed import data_parallel
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(20, 1, 6, 6), torch.randint(0, 5, (20,)))
+    train_loader, test_loader, _ = make_loaders(data, data, 4, seed=2)
+    model = _small_cnn()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = MagnitudeConfig(target_sparsity=0.5, finetune_epochs=2, execution="auto")
+    result = Magnitude(config).fit(model, train_loader, val_loader=test_loader, parallel=data_parallel,
+                                   progress=False, checkpoint=Checkpointer(os.path.join(folder, "prune.pt")))
+    assert [entry["epoch"] for entry in result.history] == [0, 1]
+    # Trained (the weights moved), with the same weights, masks and all-reduced history on both ranks.
+    assert not torch.equal(dict(model.named_parameters())["1.weight"], before["1.weight"])
+    mine = {k: v for k, v in model.state_dict().items() if "running" not in k}
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, (mine, result.history))
+    for key, value in gathered[0][0].items():
+        assert torch.equal(value, gathered[1][0][key]), key
+    assert gathered[0][1] == gathered[1][1]
+    assert result.summary["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@needs_gloo
+def test_magnitude_fits_data_parallel_with_identical_ranks(tmp_path):
+    run_ranks(_magnitude_ranks, str(tmp_path))

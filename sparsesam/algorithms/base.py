@@ -38,8 +38,8 @@ every phase transition (masks, scores, compaction change the module
 tree), once the fixed-mask layers' forms are rank 0's (an "auto" timing
 may choose otherwise on another rank). Each epoch reshuffles the
 DistributedSampler (``set_epoch``) and reseeds the global generators from
-(seed, rank, epoch); rank 0 alone evaluates ``val_loader`` and shows
-progress. Only algorithms whose ``data_parallel`` is True accept
+(seed, rank, epoch); the epoch's metrics are the means over all ranks;
+rank 0 alone evaluates ``val_loader`` and shows progress. Only algorithms whose ``data_parallel`` is True accept
 ``parallel``: their phases train with a step DDP can average (magnitude,
 sam_prune); the others keep rank-local state in their search (scores,
 rates, radii from rank-local data) that would need its own agreement.
@@ -66,7 +66,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import READ_ERRORS, checkpoint_source, restore_state
 from ..file_errors import BadCheckpointError, describe
-from ..distributed import is_main_process, on_main_process, reseed_for_epoch, set_sampler_epoch, world
+from ..distributed import (all_reduce_mean, is_main_process, on_main_process, reseed_for_epoch, set_sampler_epoch,
+                           world)
 from ..divergence import TrainingDiverged, check_state
 from ..nn import set_execution
 from ..training import evaluate
@@ -303,6 +304,9 @@ class Algorithm(ABC):
                     raise error.locate(epoch=epoch + 1, where=where, hint=hint)
                 finally:
                     bar.close()
+                if world().size > 1:
+                    # The means over every rank's samples; the DistributedSampler gives each rank as many.
+                    stats = all_reduce_mean(stats)
                 sparsity = self._phase_sparsity if self._phase_sparsity is not None else self._sparsity(model)
                 record = {"phase": phase, "epoch": epoch, **{k: float(v) for k, v in stats.items()},
                           "lr": float(optimizer.param_groups[0]["lr"]), "sparsity": float(sparsity)}
