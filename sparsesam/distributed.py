@@ -28,6 +28,7 @@ its part of the data. This module holds what sparsesam adds to that:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import numbers
@@ -295,9 +296,11 @@ def _sendable(error: BaseException) -> BaseException:
     TrainingDiverged do), else a ConfigError with its text for a ValueError (the CLI reports both with exit
     status 2), or a RuntimeError naming it."""
     try:
-        copy = pickle.loads(pickle.dumps(error))
-        if type(copy) is type(error) and str(copy) == str(error):
-            return copy
+        pickle.dumps(error)
+        # deepcopy rebuilds it through the same __reduce__ the receiving ranks' unpickling will call.
+        rebuilt = copy.deepcopy(error)
+        if type(rebuilt) is type(error) and str(rebuilt) == str(error):
+            return error
     except Exception:  # noqa: BLE001 - any object that does not pickle is replaced below
         pass
     if isinstance(error, ValueError):
@@ -306,7 +309,9 @@ def _sendable(error: BaseException) -> BaseException:
 
 
 def on_main_process(fn: Callable[..., Any], *args, **kwargs) -> Any:
-    """Run ``fn(*args, **kwargs)`` on rank 0 only; every rank returns its result (which must pickle).
+    """Run ``fn(*args, **kwargs)`` on rank 0 only; every rank returns its result (which must pickle: it
+    travels by ``dist.broadcast_object_list``, which the other ranks unpickle -- data from rank 0 of the
+    same job, never from a file).
 
     For what must happen once (write a file, make a folder, evaluate the
     test set, read a checkpoint) and whose outcome every rank needs: the
