@@ -12,6 +12,13 @@ is fsync'ed so the rename survives a crash. A run killed at any instant
 or the new one. torch.save's bytes depend only on the state, so identical
 runs write identical checkpoints.
 
+Under torchrun (an initialised process group) every rank calls the same
+methods and rank 0 alone touches the file: ``save`` and ``remove`` run on
+rank 0 and the others wait for it; ``exists`` and ``load`` are rank 0's
+answer, sent to every rank (sparsesam.distributed.on_main_process), so all
+ranks resume from the same state, or all fail with the same error, even
+when the output folder is not shared between machines.
+
 Exact resumption also needs every random stream where it was:
 ``capture_rng_state`` / ``restore_rng_state`` cover torch's CPU (and CUDA)
 generators, Python's ``random``, NumPy's global generator and, optionally, a
@@ -42,6 +49,7 @@ import numpy as np
 import torch
 
 from ._files import atomic_file
+from .distributed import on_main_process
 from .file_errors import BadCheckpointError, describe
 
 # Test hook: seconds Checkpointer.save waits between writing the temporary file and putting it in place
@@ -71,7 +79,7 @@ class Checkpointer:
         self.saves = 0  # how many times save() succeeded in this process
 
     def exists(self) -> bool:
-        return os.path.isfile(self.path)
+        return on_main_process(os.path.isfile, self.path)
 
     def load(self, required: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
         """The last saved state, or None when no checkpoint was written yet.
@@ -82,7 +90,10 @@ class Checkpointer:
         """
         if isinstance(required, str) or not all(isinstance(key, str) for key in required):
             raise TypeError(f"required must be a sequence of str keys, got {required!r}")
-        if not self.exists():
+        return on_main_process(self._load, tuple(required))
+
+    def _load(self, required: Sequence[str]) -> Optional[Dict[str, Any]]:
+        if not os.path.isfile(self.path):
             return None
         state = read_checkpoint(self.path)
         missing = [key for key in required if key not in state]
@@ -107,6 +118,10 @@ class Checkpointer:
         """Write ``state`` atomically: the previous checkpoint stays intact until the new one is complete."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        on_main_process(self._write, state)
+        self.saves += 1
+
+    def _write(self, state: Dict[str, Any]) -> None:
         delay = _test_write_delay()
         with atomic_file(self.path, "wb") as f:
             torch.save(state, f)
@@ -115,15 +130,18 @@ class Checkpointer:
                 # checkpoint, so a test can kill the process in the middle of a checkpoint write.
                 f.flush()
                 time.sleep(delay)
-        self.saves += 1
 
     def remove(self) -> None:
         """Delete the checkpoint (e.g. once a run has finished and exported its results)."""
-        if self.exists():
-            os.unlink(self.path)
+        on_main_process(_unlink_if_present, self.path)
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.path!r})"
+
+
+def _unlink_if_present(path: str) -> None:
+    if os.path.isfile(path):
+        os.unlink(path)
 
 
 def checkpoint_source(checkpoint: Any) -> str:

@@ -11,6 +11,10 @@ runs. So does a file the run reads that is empty, truncated or foreign
 diverges (a NaN or inf loss, weight or BatchNorm statistic:
 sparsesam.divergence.TrainingDiverged) ends with one line naming the epoch
 and the step, exit status 3, and no exported model.
+
+``train`` and ``prune`` also run under ``torchrun`` (``python -m sparsesam``
+on every rank; see sparsesam.distributed and the README); the other
+commands refuse to.
 """
 from __future__ import annotations
 
@@ -20,9 +24,12 @@ from typing import List, Optional
 
 from .commands import demo, evaluate, prune, report, reproduce, train
 from .commands.common import ConfigError, FlagError
+from .distributed import launched_world_size
 from .divergence import TrainingDiverged
 from .file_errors import BadFileError
 
+# The commands that run under torchrun (one process per rank, rank 0 writing): sparsesam.distributed.
+DATA_PARALLEL_COMMANDS = ("train", "prune")
 BAD_INPUT = 2  # a bad setting or file: nothing was run (or nothing was exported)
 DIVERGED = 3   # the settings were valid but training turned NaN / inf: nothing was exported
 
@@ -44,6 +51,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return BAD_INPUT
     args._argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, for reports (not a setting)
     try:
+        if args.command not in DATA_PARALLEL_COMMANDS and launched_world_size() > 1:
+            # Each rank would run the whole command and write the same files at the same time.
+            raise ConfigError(f"sparsesam {args.command} runs in one process: start it without torchrun "
+                              f"(only {' and '.join(DATA_PARALLEL_COMMANDS)} run under torchrun)")
         args.func(args)
     except (ConfigError, BadFileError) as error:  # a bad setting, or a file that is truncated or foreign
         print(f"sparsesam {args.command}: error: {error}", file=sys.stderr)

@@ -16,16 +16,24 @@ its part of the data. This module holds what sparsesam adds to that:
   :mod:`sparsesam.optim.sam`).
 * Rank helpers for the training loop: :func:`world`,
   :func:`is_main_process`, :func:`distributed_sampler`,
-  :func:`all_reduce_mean`, :func:`any_rank`. Without an initialised process
-  group they describe a world of one process, so the same code runs with and
-  without torchrun.
+  :func:`set_sampler_epoch`, :func:`all_reduce_mean`, :func:`any_rank`,
+  :func:`reseed_for_epoch`. Without an initialised process group they
+  describe a world of one process, so the same code runs with and without
+  torchrun.
+* What a command needs around them: :func:`process_group` (the group
+  torchrun's environment asks for, torn down at the end) and
+  :func:`on_main_process` (rank 0 does something -- writes a file,
+  evaluates -- and every rank gets its result or its exception).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import os
 import numbers
-from typing import Dict, List, Mapping, NamedTuple, Optional
+import pickle
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,6 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
+from ._validate import ConfigError
 from .nn import masked_layers
 
 
@@ -206,5 +215,169 @@ def any_rank(flag: bool) -> bool:
     return bool(packed.item())
 
 
-__all__ = ["World", "all_reduce_mean", "any_rank", "distributed_sampler", "fixed_mask_buffer_names",
-           "ignore_masks_in_ddp", "is_main_process", "sync_masks", "world", "wrap_ddp"]
+# --- What a command run under torchrun needs -------------------------------------------------------------
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (its ``WORLD_SIZE``; 1 when not run by torchrun)."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        size = int(text)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE must be an integer (torchrun sets it), got {text!r}") from None
+    if size < 1:
+        raise ConfigError(f"WORLD_SIZE must be >= 1, got {size}")
+    return size
+
+
+@contextlib.contextmanager
+def process_group(device: str = "cpu") -> Iterator[World]:
+    """The process group torchrun's environment asks for, for the ``with`` block; yields :func:`world`.
+
+    With ``WORLD_SIZE`` > 1 (torchrun sets it, with ``RANK``, ``LOCAL_RANK``,
+    ``MASTER_ADDR`` and ``MASTER_PORT``): gloo for ``device`` "cpu", NCCL for
+    "cuda" (this process then works on ``cuda:LOCAL_RANK``, see
+    :func:`rank_device`); the group is destroyed when the block ends, however
+    it ends. Without torchrun (or with one process) nothing is set up, and the
+    block runs exactly as it would without this wrapper. An already
+    initialised group (a script that made its own) is used and left alone.
+    """
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str such as 'cpu' or 'cuda', got {type(device).__name__}")
+    if launched_world_size() == 1 or _initialized():
+        yield world()
+        return
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 (torchrun) but this torch has no torch.distributed")
+    cuda = device.startswith("cuda")
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield world()
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The device this rank computes on: ``cuda:LOCAL_RANK`` for "cuda" under torchrun, else ``device``.
+
+    Under torchrun an explicit ``cuda:N`` is refused (every rank would take
+    the same GPU): give "cuda" and let each rank take its local one.
+    """
+    if not isinstance(device, torch.device):
+        raise TypeError(f"device must be a torch.device, got {type(device).__name__}")
+    rank, size, local_rank = world()
+    if size == 1 or device.type != "cuda":
+        return device
+    if device.index is not None and device.index != local_rank:
+        raise ConfigError(f"--device {device} under torchrun: give --device cuda (rank {rank} takes "
+                          f"cuda:LOCAL_RANK, here cuda:{local_rank})")
+    return torch.device("cuda", local_rank)
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """Under torchrun, :func:`wrap_ddp` of ``model`` on its device (``device_ids`` for a CUDA model); in a world
+    of one process, ``model`` itself. What the commands train through."""
+    if world().size == 1:
+        return model
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    return wrap_ddp(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a DistributedDataParallel wraps (``model`` itself otherwise): what is saved and evaluated."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _sendable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling unchanged in kind and message (ConfigError, the bad-file errors and
+    TrainingDiverged do), else a ConfigError with its text for a ValueError (the CLI reports both with exit
+    status 2), or a RuntimeError naming it."""
+    try:
+        pickle.dumps(error)
+        # deepcopy rebuilds it through the same __reduce__ the receiving ranks' unpickling will call.
+        rebuilt = copy.deepcopy(error)
+        if type(rebuilt) is type(error) and str(rebuilt) == str(error):
+            return error
+    except Exception:  # noqa: BLE001 - any object that does not pickle is replaced below
+        pass
+    if isinstance(error, ValueError):
+        return ConfigError(str(error))
+    return RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
+
+
+def on_main_process(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """Run ``fn(*args, **kwargs)`` on rank 0 only; every rank returns its result (which must pickle: it
+    travels by ``dist.broadcast_object_list``, which the other ranks unpickle -- data from rank 0 of the
+    same job, never from a file).
+
+    For what must happen once (write a file, make a folder, evaluate the
+    test set, read a checkpoint) and whose outcome every rank needs: the
+    others wait in the broadcast of the result, so it is also a barrier
+    after the write. An exception on rank 0 is raised on every rank (the
+    same kind and message where it pickles, see ``_sendable``), so all the
+    ranks stop together instead of waiting forever. Every rank must call it
+    (a collective). In a world of one process: ``fn(*args, **kwargs)``.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if not _initialized() or dist.get_world_size() == 1:
+        return fn(*args, **kwargs)
+    failure: Optional[BaseException] = None
+    payload: List[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload = [(True, fn(*args, **kwargs))]
+        except Exception as error:  # noqa: BLE001 - sent to every rank, then raised here as it was
+            failure = error
+            payload = [(False, _sendable(error))]
+    dist.broadcast_object_list(payload, src=0)
+    ok, value = payload[0]
+    if failure is not None:
+        raise failure
+    if not ok:
+        raise value
+    return value
+
+
+def set_sampler_epoch(loader: Any, epoch: int) -> None:
+    """``loader.sampler.set_epoch(epoch)`` when the loader draws through a DistributedSampler (else nothing):
+    without it every epoch would visit the data in the same order."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+
+
+def reseed_for_epoch(seed: int, epoch: int) -> None:
+    """Under torchrun: seed torch's, Python's and NumPy's global generators from (seed, rank, epoch).
+
+    The random-number policy of a multi-process run: every epoch starts
+    from streams that depend only on the run's seed, this rank and the
+    epoch, so a run resumed at any epoch boundary draws what the
+    uninterrupted run drew (nothing per rank has to be checkpointed), and
+    ranks draw different numbers (dropout, random augmentation) for their
+    different samples. In a world of one process it does nothing: a
+    single-process run keeps its checkpointed streams.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+        raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+    rank, size, _ = world()
+    if size == 1:
+        return
+    import random
+
+    import numpy as np
+    state = np.random.SeedSequence([int(seed) % 2**63, rank, int(epoch)]).generate_state(2, dtype=np.uint32)
+    mixed = int(state[0]) << 32 | int(state[1])
+    random.seed(mixed)
+    np.random.seed(int(state[0]))
+    torch.manual_seed(mixed)
+
+
+__all__ = ["World", "all_reduce_mean", "any_rank", "data_parallel", "distributed_sampler", "fixed_mask_buffer_names",
+           "ignore_masks_in_ddp", "is_main_process", "launched_world_size", "on_main_process", "process_group",
+           "rank_device", "reseed_for_epoch", "set_sampler_epoch", "sync_masks", "unwrap", "world", "wrap_ddp"]

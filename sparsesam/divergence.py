@@ -17,6 +17,11 @@ such a run before anything is exported:
 Both raise :class:`TrainingDiverged` (a FloatingPointError), which names
 the epoch and the step; the CLI prints it on one line and exits with
 status 3.
+
+Under torchrun both checks are agreed by all ranks (one small all-reduce,
+sparsesam.distributed.any_rank): when one rank sees a NaN, every rank
+raises at the same step, so none is left waiting in a collective the
+others never reach. Without a process group they cost nothing more.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from .distributed import any_rank
 
 
 class TrainingDiverged(FloatingPointError):
@@ -68,24 +75,33 @@ class StepCheck:
 
     def step(self, **values: float) -> None:
         """Count one step; raise TrainingDiverged naming the first of ``values`` (``loss=...``) that is NaN
-        or inf."""
+        or inf (on every rank, if any rank's is)."""
         self.steps += 1
-        for key, number in values.items():
-            if not math.isfinite(number):
-                raise TrainingDiverged(f"the {key} is {number}", step=self.steps)
+        bad = next(((key, number) for key, number in values.items() if not math.isfinite(number)), None)
+        if any_rank(bad is not None):
+            what = f"the {bad[0]} is {bad[1]}" if bad is not None else "a value is NaN or inf on another rank"
+            raise TrainingDiverged(what, step=self.steps)
 
 
 @torch.no_grad()
 def check_state(model: nn.Module) -> None:
-    """Raise TrainingDiverged naming the first parameter or buffer of ``model`` that holds NaN or inf."""
+    """Raise TrainingDiverged naming the first parameter or buffer of ``model`` that holds NaN or inf (on
+    every rank, if any rank's does: under DDP the BatchNorm statistics of the last step are each rank's own)."""
+    problem = _non_finite(model)
+    if any_rank(problem is not None):
+        raise TrainingDiverged(problem if problem is not None else "a parameter or buffer holds NaN or inf on "
+                                                                   "another rank")
+
+
+def _non_finite(model: nn.Module) -> Optional[str]:
     tensors = [(name, t) for named in (model.named_parameters(), model.named_buffers())
                for name, t in named if t.is_floating_point() and t.numel()]
     if not tensors:
-        return
+        return None
     device = tensors[0][1].device
     finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in tensors])
     if bool(finite.all()):  # the one sync
-        return
+        return None
     bad = [name for (name, _), ok in zip(tensors, finite.tolist()) if not ok]
     more = f" (and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
-    raise TrainingDiverged(f"{bad[0]} holds NaN or inf{more}")
+    return f"{bad[0]} holds NaN or inf{more}"

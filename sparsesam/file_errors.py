@@ -30,8 +30,9 @@ class BadFileError(ValueError):
         super().__init__(f"{self.path}: {self.problem}")
 
     def __reduce__(self):
-        # The default rebuilds from self.args (the one message) and would miss ``problem``: an error raised in a
-        # worker process (``sparsesam reproduce --workers N``) could not be sent back to the parent.
+        # Pickled with its two fields (the default rebuilds from self.args, the one message, and fails): a
+        # study worker (``sparsesam reproduce --workers N``) sends its error back to the parent, and rank 0 sends
+        # a bad file's error to the other ranks of a torchrun job (sparsesam.distributed.on_main_process).
         return type(self), (self.path, self.problem)
 
 

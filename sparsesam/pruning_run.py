@@ -4,6 +4,10 @@
 for each algorithm: ``algorithm.fit`` (resumable through
 ``prune_checkpoint.pt`` in the run's folder), the model folder
 (sparsesam.model_files), and ``prune.json``.
+
+Under torchrun every rank fits (in DDP, for the algorithms that can:
+``Algorithm.data_parallel``), and rank 0 alone writes the model folder
+and prune.json and measures the test accuracy, which every rank gets.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from torch import nn
 from ._validate import ConfigError
 from .algorithms.registry import get_algorithm
 from .checkpoint import Checkpointer
+from .distributed import data_parallel, on_main_process, world
 from .evaluation import runnable
 from .model_files import save_model_folder, write_json
 from .run_setup import example_batch
@@ -54,28 +59,44 @@ def with_execution(config: Any, execution: Optional[str]) -> Any:
         raise ConfigError(f"{type(config).__name__}: {error}") from error
 
 
+def check_data_parallel(algorithm_name: str, registry=None) -> None:
+    """Under torchrun (a world of more than one process), refuse an algorithm that cannot train data-parallel,
+    naming it and the ones that can (a ConfigError, before anything is written)."""
+    size = world().size
+    if size == 1 or getattr(get_algorithm(algorithm_name, registry), "data_parallel", False):
+        return
+    from .algorithms.registry import algorithm_registry
+    able = sorted(name for name, cls in (registry or algorithm_registry()).items()
+                  if getattr(cls, "data_parallel", False))
+    raise ConfigError(f"--algorithm {algorithm_name} cannot run under torchrun (world size {size}) yet: its "
+                      f"search keeps state computed from each rank's own data (scores, rates, radii) that the "
+                      f"ranks would not agree on. Run it in one process, or use one of {able}")
+
+
 def prune_model(model: nn.Module, spec: Dict[str, Any], algorithm_name: str, config: Any, train_loader, test_loader,
                 out: str, *, progress: bool, registry=None, extra: Optional[Dict[str, Any]] = None) -> dict:
     """Run ``algorithm.fit`` (resumable through ``out/prune_checkpoint.pt``), export the model, write prune.json.
 
     The test accuracy is measured with the model in the config's ``execution`` form ("auto" if it has none)
     or, for a structured algorithm, on its compacted model."""
+    check_data_parallel(algorithm_name, registry)
     algorithm = get_algorithm(algorithm_name, registry)(config)
     checkpointer = Checkpointer(os.path.join(out, PRUNE_CHECKPOINT))
     began = time.perf_counter()
-    result = algorithm.fit(model, train_loader, val_loader=test_loader, progress=progress, checkpoint=checkpointer)
+    # parallel= only under torchrun: a registry's duck-typed algorithm need not know the keyword.
+    parallel = {"parallel": data_parallel} if world().size > 1 else {}
+    result = algorithm.fit(model, train_loader, val_loader=test_loader, progress=progress, checkpoint=checkpointer,
+                           **parallel)
     seconds = time.perf_counter() - began
     pruned = result.model.cpu()  # model folders hold CPU tensors, and the final evaluation runs there
     compacted = compacted_model(algorithm, result)
     if compacted is not None:
         compacted = compacted.cpu()
-    info = save_model_folder(pruned, spec, out, compacted=compacted,
-                             extra={"stage": "prune", "algorithm": algorithm_name,
-                                    "target_sparsity": getattr(config, "target_sparsity", None)})
+    info = on_main_process(save_model_folder, pruned, spec, out, compacted=compacted,
+                           extra={"stage": "prune", "algorithm": algorithm_name,
+                                  "target_sparsity": getattr(config, "target_sparsity", None)})
     execution = getattr(config, "execution", "auto")
-    runnable_model, forms = runnable(copy.deepcopy(pruned), compacted, execution,
-                                     example_batch(test_loader.dataset, test_loader.batch_size or 1))
-    test = evaluate(runnable_model, test_loader, desc="test", progress=progress)
+    forms, test = on_main_process(_test_in_form, pruned, compacted, execution, test_loader, progress)
     summary = {k: v for k, v in dict(getattr(result, "summary", {}) or {}).items() if not isinstance(v, nn.Module)}
     report = {"command": "prune", "algorithm": algorithm_name, "config": dataclasses.asdict(config),
               "target_sparsity": getattr(config, "target_sparsity", None), "sparsity": info["sparsity"],
@@ -83,6 +104,14 @@ def prune_model(model: nn.Module, spec: Dict[str, Any], algorithm_name: str, con
               "history": list(getattr(result, "history", []) or []), "summary": summary,
               "compacted_parameters": (info["compacted"] or {}).get("parameters"), "execution": execution,
               "layer_forms": forms, **(extra or {})}
-    write_json(os.path.join(out, PRUNE_RESULT), report)
+    on_main_process(write_json, os.path.join(out, PRUNE_RESULT), report)
     checkpointer.remove()
     return report
+
+
+def _test_in_form(pruned: nn.Module, compacted: Optional[nn.Module], execution: str, test_loader,
+                  progress: bool):
+    """(the layers' forms, the test metrics) of ``pruned`` run as it will be deployed (rank 0's timing)."""
+    runnable_model, forms = runnable(copy.deepcopy(pruned), compacted, execution,
+                                     example_batch(test_loader.dataset, test_loader.batch_size or 1))
+    return forms, evaluate(runnable_model, test_loader, desc="test", progress=progress)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from . import _validate
 from ._validate import ConfigError
 from .data import build_dataset, canonical_name, load_dataset
+from .distributed import distributed_sampler, on_main_process, rank_device
 
 
 # Datasets whose image size is a loader option (the file-backed ones have a fixed size).
@@ -52,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    return rank_device(device)  # under torchrun, "cuda" is each rank's cuda:LOCAL_RANK
 
 
 def check_fraction(name: str, value: float) -> float:
@@ -63,7 +64,12 @@ def check_fraction(name: str, value: float) -> float:
 
 
 def prepare_out(out: str) -> str:
-    """Create the output folder (an existing file of that name is a ConfigError)."""
+    """Create the output folder (an existing file of that name is a ConfigError); under torchrun rank 0
+    creates it and every rank gets its answer."""
+    return on_main_process(_make_out, out)
+
+
+def _make_out(out: str) -> str:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} exists and is not a folder")
     os.makedirs(out, exist_ok=True)
@@ -99,9 +105,19 @@ def load_data(dataset: str, data_dir: Optional[str], limit: Optional[int], image
 
 def make_loaders(train, test, batch_size: int, seed: int, eval_batch_size: int = 512
                  ) -> Tuple[DataLoader, DataLoader, torch.Generator]:
-    """A shuffled training loader driven by its own generator (part of the checkpointed state) and a test loader."""
+    """A shuffled training loader driven by its own generator (part of the checkpointed state) and a test loader.
+
+    Under torchrun the training loader draws this rank's share of every epoch
+    through a DistributedSampler (seeded with ``seed``; call
+    ``sparsesam.distributed.set_sampler_epoch`` each epoch), and
+    ``batch_size`` is per rank, as in torch's own convention: one step sees
+    ``batch_size x world size`` samples. The test loader is the whole test
+    set (rank 0 evaluates it alone).
+    """
     generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator)
+    sampler = distributed_sampler(train, shuffle=True, seed=seed)
+    train_loader = DataLoader(train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                              generator=generator)
     test_loader = DataLoader(test, batch_size=eval_batch_size, shuffle=False)
     return train_loader, test_loader, generator
 

@@ -10,6 +10,13 @@ the study's dense models). The algorithms' own phases
 scores and per-phase optimizers this loop does not know about) but take
 the same step, :func:`take_step`, on the same clean loss,
 :func:`cross_entropy_loss`.
+
+Under torchrun (see sparsesam.distributed) the loops take a model wrapped
+in DistributedDataParallel and a loader with a DistributedSampler: each
+rank trains on its share, the epoch's metrics are the all-reduced means
+(weighted by the samples each rank saw), the test set is evaluated by
+rank 0 alone, in full, and sent to every rank (:func:`evaluate_on_main`),
+and checkpoints hold the wrapped module's state, written by rank 0.
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ from tqdm.auto import tqdm
 
 from ._validate import ConfigError, MOMENTUM, NON_NEGATIVE, POSITIVE, check_numbers
 from .checkpoint import READ_ERRORS, Checkpointer, capture_rng_state, restore_rng_state
+from .distributed import (all_reduce_mean, is_main_process, on_main_process, reseed_for_epoch, set_sampler_epoch,
+                          unwrap, world)
 from .divergence import StepCheck, TrainingDiverged, check_state
 from .file_errors import BadCheckpointError, describe
 from .optim import SAM
@@ -53,6 +62,14 @@ def evaluate(model: nn.Module, loader: DataLoader, *, desc: str = "eval", progre
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
+
+
+def evaluate_on_main(model: nn.Module, loader: DataLoader, *, desc: str = "eval",
+                     progress: bool = True) -> Dict[str, float]:
+    """:func:`evaluate` of the (unwrapped) model, run by rank 0 alone on the whole of ``loader``; every rank
+    gets its result. Exact: the numbers one process would get with rank 0's weights and statistics. In a world
+    of one process it is :func:`evaluate`."""
+    return on_main_process(evaluate, unwrap(model), loader, desc=desc, progress=progress and is_main_process())
 
 
 # The dense optimizer's settings and their ranges (named as the CLI's flags): checked when parsed, and again
@@ -149,7 +166,13 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
             correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}" if measured else "-")
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1) if measured else None}
+    stats = {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1) if measured else None}
+    if world().size == 1:
+        return stats
+    # Under torchrun: the means over every rank's samples (each rank counts its own; DistributedSampler gives
+    # them all the same number, repeating a few samples when the data does not split evenly).
+    means = all_reduce_mean({k: v for k, v in stats.items() if v is not None}, weight=seen)
+    return {k: means.get(k) for k in stats}
 
 
 # What a dense-training checkpoint holds; "kind" tells it from an algorithm's (prune_checkpoint.pt).
@@ -179,14 +202,25 @@ def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Gene
     is a one-line BadCheckpointError naming the file. A NaN or inf loss,
     parameter, BatchNorm statistic or test loss raises TrainingDiverged naming
     the epoch (and the step); the epoch is not checkpointed.
+
+    Under torchrun pass the model wrapped by sparsesam.distributed.wrap_ddp
+    and make_loaders' loaders: SAM gets ``model=ddp``; the checkpoint holds
+    the module's state (rank 0's BatchNorm statistics, which DDP gives every
+    rank at the next forward) and every rank loads it; each epoch reshuffles
+    through ``set_epoch(epoch)`` and reseeds the global generators from
+    (seed, rank, epoch) (sparsesam.distributed.reseed_for_epoch), so a
+    resumed run draws what the uninterrupted one drew; progress bars show on
+    rank 0 only.
     """
+    module = unwrap(model)
+    progress = args.progress and is_main_process()
     optimizer = build_optimizer(model, args)
     history: List[dict] = []
     start = 0
     state = checkpointer.load(required=DENSE_STATE_KEYS)
     if state is not None:
         checkpointer.expect(state, kind=DENSE_KIND, label=label)
-        checkpointer.restore(model, state, "model")
+        checkpointer.restore(module, state, "model")
         checkpointer.restore(optimizer, state, "optimizer")
         start = _resumed_epoch(checkpointer, state, args.epochs)
         history = list(state["history"])
@@ -197,20 +231,22 @@ def fit_dense(model: nn.Module, train_loader, test_loader, generator: torch.Gene
                                                         f"{describe(error)}") from error
     for epoch in range(start, args.epochs):
         began = time.perf_counter()
+        set_sampler_epoch(train_loader, epoch)
+        reseed_for_epoch(args.seed, epoch)
         try:
             stats = train_epoch(model, train_loader, optimizer, desc=f"{label} {epoch + 1}/{args.epochs}",
-                                progress=args.progress, loss_fn=loss_fn, first_step=epoch * len(train_loader))
-            check_state(model)  # BatchNorm statistics can overflow while every loss stays finite
+                                progress=progress, loss_fn=loss_fn, first_step=epoch * len(train_loader))
+            check_state(module)  # BatchNorm statistics can overflow while every loss stays finite
         except TrainingDiverged as error:
             raise error.locate(epoch=epoch + 1, where=_where(label), hint=divergence_hint(args))
-        test = evaluate(model, test_loader, desc="test", progress=args.progress)
+        test = evaluate_on_main(module, test_loader, desc="test", progress=progress)
         if not math.isfinite(test["loss"]):  # finite weights whose logits overflow
             raise TrainingDiverged(f"the test loss is {test['loss']}", epoch=epoch + 1, where=_where(label),
                                    hint=divergence_hint(args))
         history.append({"phase": label, "epoch": epoch + 1, "loss": stats["loss"], "accuracy": stats["accuracy"],
                         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                         "seconds": time.perf_counter() - began})
-        checkpointer.save({"kind": DENSE_KIND, "label": label, "model": model.state_dict(),
+        checkpointer.save({"kind": DENSE_KIND, "label": label, "model": module.state_dict(),
                            "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "history": history,
                            "rng": capture_rng_state(generator)})
     return history

@@ -32,6 +32,18 @@ to the form it was saved in, and only then builds the optimizer; so a run
 interrupted after epoch k and resumed ends with the same bits as one that
 never stopped.
 
+Under torchrun (see sparsesam.distributed) fit(..., parallel=wrap_ddp)
+trains each phase's epochs through ``parallel(model)``, built anew after
+every phase transition (masks, scores, compaction change the module
+tree), once the fixed-mask layers' forms are rank 0's (an "auto" timing
+may choose otherwise on another rank). Each epoch reshuffles the
+DistributedSampler (``set_epoch``) and reseeds the global generators from
+(seed, rank, epoch); the epoch's metrics are the means over all ranks;
+rank 0 alone evaluates ``val_loader`` and shows progress. Only algorithms whose ``data_parallel`` is True accept
+``parallel``: their phases train with a step DDP can average (magnitude,
+sam_prune); the others keep rank-local state in their search (scores,
+rates, radii from rank-local data) that would need its own agreement.
+
 A checkpoint is duck-typed: ``load() -> Optional[dict]`` and
 ``save(state: dict)``; sparsesam.checkpoint.Checkpointer writes it to disk
 atomically. A saved state of another algorithm, state version, config,
@@ -54,6 +66,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import READ_ERRORS, checkpoint_source, restore_state
 from ..file_errors import BadCheckpointError, describe
+from ..distributed import (all_reduce_mean, is_main_process, on_main_process, reseed_for_epoch, set_sampler_epoch,
+                           world)
 from ..divergence import TrainingDiverged, check_state
 from ..nn import set_execution
 from ..training import evaluate
@@ -174,6 +188,10 @@ class Algorithm(ABC):
     config_type: type = object
     name: str = "algorithm"
     fixed_mask_phases: Tuple[str, ...] = ("finetune",)
+    # Whether fit() may train it data-parallel (``parallel=``): every phase's step is one DDP can average, and
+    # nothing a phase transition or an epoch computes depends on the rank's share of the data beyond what
+    # sync_masks and DDP's broadcast at wrapping make equal.
+    data_parallel: bool = False
 
     def _compacts(self, phase: str) -> bool:
         """Whether ``phase`` trains the physically compacted model (channel pruning); default: no."""
@@ -225,15 +243,24 @@ class Algorithm(ABC):
 
     # ------------------------------------------------------------------- fit
     def fit(self, model: nn.Module, train_loader: DataLoader, *, val_loader: Optional[DataLoader] = None,
-            progress: bool = True, checkpoint=None) -> FitResult:
+            progress: bool = True, checkpoint=None, parallel=None) -> FitResult:
         """Sparsify ``model`` (in place) by this algorithm; see the class docstring for what it does.
 
         checkpoint: an object with ``load() -> Optional[dict]`` and
         ``save(state)``; if load() returns a state, the run continues from it
         (``model`` must then be the same fresh model the run started from).
+        parallel: under torchrun, ``sparsesam.distributed.wrap_ddp`` (or any
+        callable giving the module the epochs train through); only for
+        algorithms with ``data_parallel`` (see the module docstring).
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if parallel is not None and not callable(parallel):
+            raise TypeError(f"parallel must be callable (e.g. sparsesam.distributed.wrap_ddp), got {parallel!r}")
+        if parallel is not None and not self.data_parallel:
+            raise ValueError(f"parallel: {self.name!r} cannot train data-parallel (its search keeps rank-local "
+                             f"state); run it in one process")
+        progress = progress and is_main_process()
         if checkpoint is not None and not (callable(getattr(checkpoint, "load", None))
                                            and callable(getattr(checkpoint, "save", None))):
             raise TypeError("checkpoint must have load() and save(state) methods")
@@ -258,7 +285,11 @@ class Algorithm(ABC):
                 first = 0
             else:
                 first = start_epoch
+            # What the epochs train through: DDP over the phase's module tree (built after its transition).
+            trainer = parallel(model) if parallel is not None and first < epochs else model
             for epoch in range(first, epochs):
+                set_sampler_epoch(train_loader, len(history))  # the run's epoch count, across phases
+                reseed_for_epoch(self.config.seed, len(history))
                 set_lr(optimizer, [cosine_lr(lr, epoch, epochs) if self.config.cosine else lr for lr in base_lrs])
                 bar = tqdm(train_loader, desc=f"{self.name} {phase} {epoch + 1}/{epochs}", disable=not progress,
                            leave=False)
@@ -266,20 +297,24 @@ class Algorithm(ABC):
                 epoch_began = time.perf_counter()
                 where, hint = f"{self.name} {phase}", f"lr {optimizer.param_groups[0]['lr']:g}"
                 try:
-                    stats = self._train_epoch(phase, epoch, model, train_loader, optimizer,
+                    stats = self._train_epoch(phase, epoch, trainer, train_loader, optimizer,
                                               _Batches(bar, model_device(model)))
                     check_state(model)  # BatchNorm statistics can overflow while every loss stays finite
                 except TrainingDiverged as error:
                     raise error.locate(epoch=epoch + 1, where=where, hint=hint)
                 finally:
                     bar.close()
+                if world().size > 1:
+                    # The means over every rank's samples; the DistributedSampler gives each rank as many.
+                    stats = all_reduce_mean(stats)
                 sparsity = self._phase_sparsity if self._phase_sparsity is not None else self._sparsity(model)
                 record = {"phase": phase, "epoch": epoch, **{k: float(v) for k, v in stats.items()},
                           "lr": float(optimizer.param_groups[0]["lr"]), "sparsity": float(sparsity)}
                 # Timing is kept out of the history (which a resumed run reproduces bit for bit).
                 phase_seconds[phase] = phase_seconds.get(phase, 0.0) + time.perf_counter() - epoch_began
                 if val_loader is not None:
-                    val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
+                    val = on_main_process(evaluate, model, on_device(val_loader, model_device(model)),
+                                          progress=False)
                     record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
                 _finite(record, where, hint)
                 history.append(record)
@@ -307,7 +342,7 @@ class Algorithm(ABC):
             summary["trained_compacted"] = {k: trained_compacted[k] for k in
                                             ("params_before", "params_after", "macs_before", "macs_after")}
         if val_loader is not None:
-            val = evaluate(model, on_device(val_loader, model_device(model)), progress=False)
+            val = on_main_process(evaluate, model, on_device(val_loader, model_device(model)), progress=False)
             summary.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         return FitResult(model, history, summary, compact)
 
@@ -422,4 +457,12 @@ class Algorithm(ABC):
         self._phase_sparsity = self._fixed_sparsity(phase, model)
         if phase in self.fixed_mask_phases:
             example = _execution.example_batch(loader).to(model_device(model))
-            self._forms[phase] = _execution.settle_execution(model, self.config.execution, example)
+            forms = _execution.settle_execution(model, self.config.execution, example)
+            if world().size > 1:
+                # Every rank trains in rank 0's forms: DDP needs the same parameters everywhere, and
+                # "auto" times each rank's own machine.
+                agreed = on_main_process(dict, forms)
+                if agreed != forms:
+                    _execution.restore_forms(model, agreed)
+                forms = agreed
+            self._forms[phase] = forms

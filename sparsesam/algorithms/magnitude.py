@@ -62,6 +62,7 @@ class Magnitude(Algorithm):
 
     config_type = MagnitudeConfig
     name = "magnitude"
+    data_parallel = True  # pruning reads the weights (equal on every rank); every epoch is a plain / SAM step
 
     def __init__(self, config=None) -> None:
         super().__init__(config)

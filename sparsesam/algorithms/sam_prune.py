@@ -52,6 +52,7 @@ class SamPrune(Algorithm):
 
     config_type = SamPruneConfig
     name = "sam_prune"
+    data_parallel = True  # pruning reads the weights (equal on every rank); every epoch is a plain / SAM step
 
     def phases(self):
         return [("sam", self.config.sam_epochs), ("finetune", self.config.finetune_epochs)]

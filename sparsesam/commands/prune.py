@@ -1,4 +1,12 @@
-"""``sparsesam prune``: sparsify a trained (or briefly trained) model with one of the registry's algorithms."""
+"""``sparsesam prune``: sparsify a trained (or briefly trained) model with one of the registry's algorithms.
+
+Under ``torchrun --nproc_per_node=N -m sparsesam prune ...`` the
+pre-training and the algorithm's epochs run data-parallel as in
+``sparsesam train`` (``--batch-size`` per rank; rank 0 alone writes,
+evaluates and prints), for the algorithms that can
+(``Algorithm.data_parallel``: magnitude, sam_prune); the others are refused
+with a message naming them.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,13 +18,14 @@ from typing import Dict
 from .._validate import FRACTION
 from ..algorithms.registry import algorithm_registry, build_config, get_algorithm
 from ..checkpoint import Checkpointer
+from ..distributed import data_parallel, is_main_process, on_main_process, process_group
 from ..model_files import build_from_spec, check_model_name, jsonable, load_model_folder, model_spec
-from ..pruning_run import PRUNE_CHECKPOINT, prune_model, with_execution
+from ..pruning_run import PRUNE_CHECKPOINT, check_data_parallel, prune_model, with_execution
 from ..run_setup import (check_execution, check_fraction, dataset_key, load_data, make_loaders, prepare_out,
                          resolve_device, seed_everything)
 from ..training import check_optimizer_arguments, fit_dense
 from .common import ConfigError, add_execution_argument, add_number, echo_config
-from .train import add_data_arguments, add_model_arguments, add_optimizer_arguments
+from .train import add_data_arguments, add_model_arguments, add_optimizer_arguments, world_config
 
 # One line per algorithm for --help: what it does and what runs where.
 ALGORITHM_HELP = {
@@ -57,9 +66,21 @@ def parse_settings(pairs) -> Dict[str, str]:
 
 
 def run_prune(args: argparse.Namespace, registry=None) -> dict:
+    with process_group(args.device):
+        return _run_prune(args, registry)
+
+
+def _unfinished(out: str):
+    """The checkpoint files of an interrupted run in ``out`` (rank 0 looks)."""
+    return [os.path.join(out, name) for name in (PRETRAIN_CHECKPOINT, PRUNE_CHECKPOINT)
+            if os.path.exists(os.path.join(out, name))]
+
+
+def _run_prune(args: argparse.Namespace, registry=None) -> dict:
     check_fraction("--sparsity", args.sparsity)
     registry = algorithm_registry() if registry is None else registry
     algorithm = get_algorithm(args.algorithm, registry)
+    check_data_parallel(args.algorithm, registry)  # under torchrun: refused before any file is written
     check_execution(args.execution)
     config = with_execution(build_config(algorithm, args.sparsity, parse_settings(args.set),
                                          defaults={"seed": args.seed}), args.execution)
@@ -72,11 +93,12 @@ def run_prune(args: argparse.Namespace, registry=None) -> dict:
         raise ConfigError(f"--from {args.source} is not a folder (give the --out of 'sparsesam train')")
     train, test = load_data(args.dataset, args.data_dir, args.limit, args.image_size)  # bad data: no folder made
     out = prepare_out(args.out)
-    for name in (PRETRAIN_CHECKPOINT, PRUNE_CHECKPOINT):
-        if os.path.exists(os.path.join(out, name)) and not args.resume:
-            raise ConfigError(f"{os.path.join(out, name)} holds an unfinished run: pass --resume to continue it "
-                              f"or choose another --out")
-    echo_config(args, out, extra={"algorithm_config": dataclasses.asdict(config)})
+    unfinished = on_main_process(_unfinished, out)  # rank 0's answer on every rank
+    if unfinished and not args.resume:
+        raise ConfigError(f"{unfinished[0]} holds an unfinished run: pass --resume to continue it "
+                          f"or choose another --out")
+    on_main_process(echo_config, args, out,
+                    extra={"algorithm_config": dataclasses.asdict(config), **world_config()})
     seed_everything(args.seed)
     train_loader, test_loader, generator = make_loaders(train, test, args.batch_size, args.seed)
     pretrain = None
@@ -91,15 +113,17 @@ def run_prune(args: argparse.Namespace, registry=None) -> dict:
         spec = model_spec(args.model, args.width, train.info)
         model = build_from_spec(spec).to(device)
         pre_checkpoint = Checkpointer(os.path.join(out, PRETRAIN_CHECKPOINT))
-        history = fit_dense(model, train_loader, test_loader, generator, args, pre_checkpoint, label="pretrain")
+        history = fit_dense(data_parallel(model), train_loader, test_loader, generator, args, pre_checkpoint,
+                            label="pretrain")
         pretrain = {"epochs": args.epochs, "history": history}
     report = prune_model(model, spec, args.algorithm, config, train_loader, test_loader, out, progress=args.progress,
                          registry=registry, extra={"source": args.source, "pretrain": pretrain,
                                                    "dataset": args.dataset, "model": spec["model"]})
     if args.source is None:
         Checkpointer(os.path.join(out, PRETRAIN_CHECKPOINT)).remove()
-    print(f"prune {args.algorithm}: sparsity {report['sparsity']:.4f}, test accuracy {report['test_accuracy']:.4f}; "
-          f"model in {out}")
+    if is_main_process():
+        print(f"prune {args.algorithm}: sparsity {report['sparsity']:.4f}, test accuracy "
+              f"{report['test_accuracy']:.4f}; model in {out}")
     return jsonable(report)
 
 

@@ -1,4 +1,11 @@
-"""``sparsesam train``: dense training (SGD, or SAM / ASAM) with a resumable checkpoint after every epoch."""
+"""``sparsesam train``: dense training (SGD, or SAM / ASAM) with a resumable checkpoint after every epoch.
+
+Under ``torchrun --nproc_per_node=N -m sparsesam train ...`` every rank
+trains its share of each epoch (``--batch-size`` is per rank) in
+DistributedDataParallel; rank 0 alone makes the folder, writes the files
+(config, checkpoints, model folder, JSON), evaluates and prints, and the
+others wait for it (sparsesam.distributed).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +14,10 @@ from typing import Optional
 
 from .._validate import POSITIVE
 from ..checkpoint import Checkpointer
+from ..distributed import data_parallel, is_main_process, on_main_process, process_group, world
 from ..model_files import build_from_spec, check_model_name, model_spec, save_model_folder, write_json
 from ..run_setup import dataset_key, load_data, make_loaders, prepare_out, resolve_device, seed_everything
-from ..training import DENSE_CHECKPOINT, OPTIMIZER_FLAGS, check_optimizer_arguments, evaluate, fit_dense
+from ..training import DENSE_CHECKPOINT, OPTIMIZER_FLAGS, check_optimizer_arguments, evaluate_on_main, fit_dense
 from .common import ConfigError, add_device_argument, add_number, echo_config, non_negative_int, positive_int
 
 CHECKPOINT = DENSE_CHECKPOINT
@@ -52,7 +60,19 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, epochs: Optional[in
     group.add_argument("--adaptive", action="store_true", help="ASAM (scale-invariant radius); needs --sam-rho > 0")
 
 
+def world_config() -> dict:
+    """What config.json adds under torchrun: the world size (a resume with another one is refused, as it would
+    split the data differently). Nothing in one process, whose config stays as it was."""
+    size = world().size
+    return {} if size == 1 else {"world_size": size}
+
+
 def run_train(args: argparse.Namespace) -> dict:
+    with process_group(args.device):
+        return _run_train(args)
+
+
+def _run_train(args: argparse.Namespace) -> dict:
     check_model_name(args.model)
     args.dataset = dataset_key(args.dataset)
     check_optimizer_arguments(args)
@@ -60,24 +80,27 @@ def run_train(args: argparse.Namespace) -> dict:
     train, test = load_data(args.dataset, args.data_dir, args.limit, args.image_size)  # bad data: no folder made
     out = prepare_out(args.out)
     checkpointer = Checkpointer(os.path.join(out, CHECKPOINT))
-    if checkpointer.exists() and not args.resume:
+    if checkpointer.exists() and not args.resume:  # rank 0's answer on every rank
         raise ConfigError(f"{checkpointer.path} holds an unfinished run: pass --resume to continue it "
                           f"or choose another --out")
-    echo_config(args, out)  # after the check: the interrupted run's config.json stays until it is resumed
+    # After the check: the interrupted run's config.json stays until it is resumed.
+    on_main_process(echo_config, args, out, extra=world_config())
     seed_everything(args.seed)
     spec = model_spec(args.model, args.width, train.info)
     model = build_from_spec(spec).to(device)
     train_loader, test_loader, generator = make_loaders(train, test, args.batch_size, args.seed)
-    history = fit_dense(model, train_loader, test_loader, generator, args, checkpointer)
-    final = evaluate(model, test_loader, desc="test", progress=args.progress)
+    history = fit_dense(data_parallel(model), train_loader, test_loader, generator, args, checkpointer)
+    final = evaluate_on_main(model, test_loader, desc="test", progress=args.progress)
     model.cpu()  # model folders hold CPU tensors, whatever --device trained them
-    save_model_folder(model, spec, out, extra={"stage": "train", "optimizer": "sam" if args.sam_rho > 0 else "sgd"})
+    on_main_process(save_model_folder, model, spec, out,
+                    extra={"stage": "train", "optimizer": "sam" if args.sam_rho > 0 else "sgd"})
     result = {"command": "train", "model": args.model, "dataset": args.dataset, "epochs": args.epochs,
               "history": history, "test_accuracy": final["accuracy"], "test_loss": final["loss"],
               "train_examples": len(train), "test_examples": len(test)}
-    write_json(os.path.join(out, RESULT), result)
+    on_main_process(write_json, os.path.join(out, RESULT), result)
     checkpointer.remove()  # the run is complete and exported
-    print(f"train: test accuracy {final['accuracy']:.4f} after {args.epochs} epoch(s); model in {out}")
+    if is_main_process():
+        print(f"train: test accuracy {final['accuracy']:.4f} after {args.epochs} epoch(s); model in {out}")
     return result
 
 
