@@ -265,3 +265,45 @@ def test_without_huggingface_hub_the_error_names_the_extra(monkeypatch, call):
         monkeypatch.setitem(sys.modules, loaded, None)
     with pytest.raises(ImportError, match=r"pip install 'sparsesam\[hub\]'"):
         call()
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+
+def test_cli_push_then_pull_offline_prints_a_folder_eval_reads(tmp_path, monkeypatch, capsys):
+    from cli_helpers import run
+    model, folder = _run_folder(tmp_path)
+    api = RecordingApi()
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
+    assert run(["hub", "push", folder, REPO, "--private", "--message", "first", "--revision", "dev"]) == 0
+    assert api.calls[0][2]["private"] is True and api.calls[1][2]["commit_message"] == "first"
+    assert api.calls[1][2]["revision"] == "dev"
+    files = api.committed_files()
+    assert sorted(files) == ["model.json", "model.safetensors", "sparsity.json"]
+    capsys.readouterr()
+
+    cache = str(tmp_path / "hub-cache")
+    snapshot = _hub_cache(cache, REPO, files)
+    assert run(["hub", "pull", REPO, "--cache-dir", cache, "--offline"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert os.path.samefile(printed, snapshot)
+    loaded, _ = load_model_folder(printed)
+    with torch.no_grad():
+        assert torch.equal(loaded(_x()), model(_x()))
+
+
+def test_cli_hub_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from cli_helpers import run
+    assert run(["hub", "pull", REPO, "--cache-dir", tmp_path, "--offline"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sparsesam hub: error: {REPO}: ") and "\n" not in err, err
+    assert run(["hub", "push", tmp_path, REPO]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparsesam hub: error: folder ") and "not a model folder" in err and "\n" not in err, err
+    assert run(["hub", "pull", "a/b/c", "--offline"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparsesam hub: error: repo_id 'a/b/c' is not a Hub repository id") and "\n" not in err, err
+    for loaded in [m for m in sys.modules if m == "huggingface_hub" or m.startswith("huggingface_hub.")]:
+        monkeypatch.setitem(sys.modules, loaded, None)
+    assert run(["hub", "pull", REPO]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'sparsesam[hub]'" in err and "\n" not in err, err
