@@ -27,6 +27,8 @@ EXTRAS: Dict[str, Tuple[str, ...]] = {
     "timm": ("timm>=1.0",),
     # APGD / AutoAttack from the package index (sparsesam.robust.autoattack).
     "attacks": ("torchattacks>=3.5",),
+    # Pushing / pulling model folders to / from the Hugging Face Hub (sparsesam.hub).
+    "hub": ("huggingface_hub>=0.24",),
 }
 
 # Top-level import name -> distribution, where the two differ or the
@@ -40,6 +42,7 @@ _DISTRIBUTION = {
     "torchvision": "torchvision>=0.29,<0.30",
     "timm": "timm>=1.0",
     "torchattacks": "torchattacks>=3.5",
+    "huggingface_hub": "huggingface_hub>=0.24",
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``sparsesam`` command: train / prune / eval / report / demo / reproduce.
+"""The ``sparsesam`` command: train / prune / eval / report / demo / reproduce / hub.
 
 Every run writes its settings to ``config.json`` in its output folder and
 shows tqdm progress bars on stderr. A bad setting (unknown model, dataset or
@@ -22,7 +22,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .commands import demo, evaluate, prune, report, reproduce, train
+from .commands import demo, evaluate, hub, prune, report, reproduce, train
 from .commands.common import ConfigError, FlagError
 from .distributed import launched_world_size
 from .divergence import TrainingDiverged
@@ -37,7 +37,7 @@ DIVERGED = 3   # the settings were valid but training turned NaN / inf: nothing 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsesam", description="Robust sparse training for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train, prune, evaluate, report, demo, reproduce):
+    for module in (train, prune, evaluate, report, demo, reproduce, hub):
         module.add_parser(sub)
     return parser
 

@@ -56,6 +56,21 @@ def test_torchvision_auxiliary_heads_are_off():
     assert isinstance(out, torch.Tensor) and out.shape == (2, 5)  # not GoogLeNetOutputs
 
 
+def test_timm_architecture_without_weights(monkeypatch):
+    timm = pytest.importorskip("timm")
+    asked = []
+    create_model = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *args, **kwargs: asked.append(kwargs) or create_model(*args, **kwargs))
+    torch.manual_seed(0)
+    model = build_model("timm:resnet10t", 3, 4)
+    torch.manual_seed(1)
+    other = build_model("timm:resnet10t", 3, 4)
+    assert asked and all(kwargs.get("pretrained") is False for kwargs in asked), asked
+    # Freshly initialised: two builds under other seeds differ (no weights were loaded).
+    first = next(p for p in model.parameters() if p.dim() == 4)
+    assert not torch.equal(first, next(p for p in other.parameters() if p.dim() == 4))
+
+
 def test_timm_architecture_takes_any_channels():
     pytest.importorskip("timm")
     model = build_model("timm:resnet10t", 1, 4, normalization=((0.5,), (0.25,)))

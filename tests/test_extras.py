@@ -48,7 +48,8 @@ def _hide(monkeypatch, name):
 @pytest.mark.parametrize("module, extra", [("sklearn.datasets", "data"), ("scipy.stats", "robust"),
                                            ("matplotlib.figure", "robust"), ("PIL.Image", "robust"),
                                            ("torch_pruning", "structured"), ("torchvision.models", "vision"),
-                                           ("timm", "timm"), ("torchattacks", "attacks")])
+                                           ("timm", "timm"), ("torchattacks", "attacks"),
+                                           ("huggingface_hub", "hub")])
 def test_missing_package_names_its_extra(monkeypatch, module, extra):
     _hide(monkeypatch, module.split(".")[0])
     with pytest.raises(ImportError, match=rf"pip install 'sparsesam\[{extra}\]'") as caught:
