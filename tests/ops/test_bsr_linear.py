@@ -216,12 +216,12 @@ def test_dense_pattern_matches_f_linear():
 
 def test_same_weights_as_csr_give_the_same_function():
     """One weight, block-sparse and CSR: the two ops compute the same layer."""
-    from sparsesam.ops import sparse_linear
+    from sparsesam.ops import csr_linear
     from sparsesam.sparse import CSRPattern
     mask = _block_mask(32, 48, (8, 8), 0.4)
     w, x = torch.randn(32, 48, dtype=torch.float64), torch.randn(20, 48, dtype=torch.float64)
     bsr, csr = BSRPattern.from_mask(mask, 8), CSRPattern.from_mask(mask)
-    torch.testing.assert_close(bsr_linear(x, bsr.gather(w), bsr), sparse_linear(x, csr.gather(w), csr))
+    torch.testing.assert_close(bsr_linear(x, bsr.gather(w), bsr), csr_linear(x, csr.gather(w), csr))
 
 
 def test_result_does_not_depend_on_thread_count():
