@@ -208,7 +208,7 @@ before it (`torch.nn.utils.fusion.fuse_conv_bn_eval`) and channels_last. SmallCN
 {rows}
 
 The forms compute the same function up to float rounding (logits within 1e-5,
-`tests/test_certificate_form.py`). `pytest bench/bench_certificates.py` times the same two
+`tests/test_evaluation.py`). `pytest bench/bench_certificates.py` times the same two
 forms in wall time.
 """
 
