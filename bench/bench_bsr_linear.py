@@ -1,5 +1,5 @@
 """Block-sparse execution of a fixed block-structured mask: sparsesam's ``bsr_linear`` vs its CSR
-``sparse_linear`` on the same mask and vs the dense masked baseline ``F.linear(x, w*m, b)``, all with
+``csr_linear`` on the same mask and vs the dense masked baseline ``F.linear(x, w*m, b)``, all with
 autograd, forward + backward, measured in the same run.
 
 B=256, 4096x4096 linear; block masks from ``bsr_magnitude_mask`` (whole
@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsesam.ops import bsr_linear, sparse_linear
+from sparsesam.ops import bsr_linear, csr_linear
 from sparsesam.pruning import bsr_magnitude_mask
 from sparsesam.sparse import BSRPattern, CSRPattern
 
@@ -55,7 +55,7 @@ def _case(impl, sparsity, block):
     if impl == "csr":
         pattern = CSRPattern.from_mask(m)
         values = pattern.gather(w).requires_grad_()
-        return (x, values, b), lambda x, v, b: sparse_linear(x, v, pattern, b), _bytes(values, *pattern)
+        return (x, values, b), lambda x, v, b: csr_linear(x, v, pattern, b), _bytes(values, *pattern)
     w.requires_grad_()
     return (x, w, b), lambda x, w, b: F.linear(x, w * m, b), _bytes(w, m)
 

@@ -1,4 +1,4 @@
-"""N:M sparse execution: sparsesam's ``nm_linear`` vs its CSR ``sparse_linear`` on the
+"""N:M sparse execution: sparsesam's ``nm_linear`` vs its CSR ``csr_linear`` on the
 same mask and vs the dense masked baseline ``F.linear(x, w*m, b)``, all with
 autograd, forward + backward, measured in the same run.
 
@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsesam.ops import nm_linear, sparse_linear
+from sparsesam.ops import csr_linear, nm_linear
 from sparsesam.pruning.nm import nm_mask
 from sparsesam.sparse import CSRPattern, NMPattern
 
@@ -60,7 +60,7 @@ def _case(impl, sparsity):
     if impl == "csr":
         pattern = CSRPattern.from_mask(mask)
         values = pattern.gather(w).requires_grad_()
-        return (x, values, b), lambda x, v, b: sparse_linear(x, v, pattern, b), _bytes(values, *pattern)
+        return (x, values, b), lambda x, v, b: csr_linear(x, v, pattern, b), _bytes(values, *pattern)
     w.requires_grad_()
     return (x, w, b), lambda x, w, b: F.linear(x, w * mask, b), _bytes(w, mask)
 

@@ -6,7 +6,7 @@ the targets (met / missed), weight storage, and plots of speedup vs sparsity
 
     .venv/bin/python bench/report.py                      # everything (RESULTS.md + plots)
     .venv/bin/python bench/report.py -k "sparsity=0.99"   # a pytest -k selection
-    .venv/bin/python bench/report.py --suite sparse_linear --suite memory --output /tmp/r.md --plots /tmp/plots
+    .venv/bin/python bench/report.py --suite csr_linear --suite memory --output /tmp/r.md --plots /tmp/plots
 
 Suites: see SUITES; any other bench/bench_*.py (but NOT_IN_REPORT) is run too (its
 benchmarks are tabulated and plotted by bench/sparse_report.py, generically: those
@@ -44,7 +44,7 @@ import sparse_report  # noqa: E402
 SUITES = {
     "masked": "bench_masked.py",
     "sam": "bench_sam.py",
-    "sparse_linear": "bench_sparse_linear.py",
+    "csr_linear": "bench_csr_linear.py",
     "sparse_conv2d": "bench_sparse_conv2d.py",
     "mlp_step": "bench_sparse_mlp_step.py",
     "resnet_step": "bench_sparse_resnet_step.py",
@@ -158,9 +158,9 @@ def table(results: dict) -> str:
 
 # Kernels with their own section below (any other kernel gets a generic one).
 KERNEL_SECTIONS = {
-    "sparse_linear": ("Sparse linear, forward + backward (`bench/bench_sparse_linear.py`)", """\
+    "csr_linear": ("CSR linear, forward + backward (`bench/bench_csr_linear.py`)", """\
 B=256, 4096x4096, fp32, autograd. `dense_masked`: `F.linear(x, w*m, b)`; `sparsesam`:
-`sparsesam.ops.sparse_linear` on the CSR pattern of the fixed mask (time in proportion to
+`sparsesam.ops.csr_linear` on the CSR pattern of the fixed mask (time in proportion to
 nnz); `torch_sparse_csr`: `torch.sparse.mm` on a CSR weight; `auto`: a `MaskedLinear` under
 `set_execution(layer, "auto", example=x)` on this batch (the dispatcher times dense and every
 sparse format the mask allows, once, and keeps the fastest; column "computes" says which)."""),
@@ -208,7 +208,7 @@ before it (`torch.nn.utils.fusion.fuse_conv_bn_eval`) and channels_last. SmallCN
 {rows}
 
 The forms compute the same function up to float rounding (logits within 1e-5,
-`tests/test_certificate_form.py`). `pytest bench/bench_certificates.py` times the same two
+`tests/test_evaluation.py`). `pytest bench/bench_certificates.py` times the same two
 forms in wall time.
 """
 

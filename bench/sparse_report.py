@@ -41,15 +41,15 @@ _TORCH_SPARSE_WHY = (
     "torch.sparse's CSR product is strong at high sparsity, where both are a few ms and fixed costs weigh: at 99% "
     "ours spends ~13% packing x and grad_out into batch-contiguous rows and unpacking y and dx, and its three "
     "sparse passes are bound by loading one packed 1 KB row of x (or grad_out) per kept weight, not by "
-    "arithmetic (perf profile, csrc/cpu/sparse_linear_cpu.cpp); run-to-run noise on this shared VM moves "
+    "arithmetic (perf profile, csrc/cpu/csr_linear_cpu.cpp); run-to-run noise on this shared VM moves "
     "these ratios by +-30% (the same kernel under 'auto' and 'sparsesam' differs as much)")
 TARGETS: List[Target] = [
-    Target("sparse_linear", {"sparsity": 0.99}, "sparsesam", 30.0, "sparse linear fwd+bwd at 99%"),
-    Target("sparse_linear", {"sparsity": 0.95}, "sparsesam", 8.0, "sparse linear fwd+bwd at 95%"),
-    Target("sparse_linear", {"sparsity": 0.9}, "sparsesam", 4.5, "sparse linear fwd+bwd at 90%"),
-    *[Target("sparse_linear", {"sparsity": s}, "auto", 0.95, f"{_AUTO} ({s:.0%})", why_if_missed=_AUTO_WHY)
+    Target("csr_linear", {"sparsity": 0.99}, "sparsesam", 30.0, "CSR linear fwd+bwd at 99%"),
+    Target("csr_linear", {"sparsity": 0.95}, "sparsesam", 8.0, "CSR linear fwd+bwd at 95%"),
+    Target("csr_linear", {"sparsity": 0.9}, "sparsesam", 4.5, "CSR linear fwd+bwd at 90%"),
+    *[Target("csr_linear", {"sparsity": s}, "auto", 0.95, f"{_AUTO} ({s:.0%})", why_if_missed=_AUTO_WHY)
       for s in (0.0, 0.5, 0.9, 0.95, 0.99)],
-    *[Target("sparse_linear", {"sparsity": s}, "sparsesam", 3.0, f"sparse linear vs torch.sparse CSR at {s:.0%}",
+    *[Target("csr_linear", {"sparsity": s}, "sparsesam", 3.0, f"CSR linear vs torch.sparse CSR at {s:.0%}",
              baseline="torch_sparse_csr", why_if_missed=_TORCH_SPARSE_WHY) for s in (0.9, 0.95, 0.99)],
     Target("sparse_conv2d", {"sparsity": 0.95}, "sparsesam", 2.5, "sparse conv 3x3 fwd+bwd at 95% vs oneDNN"),
     Target("sparse_conv2d", {"sparsity": 0.99}, "sparsesam", 10.0, "sparse conv 3x3 fwd+bwd at 99% vs oneDNN"),

@@ -102,7 +102,7 @@ void test_registration() {
         "sparsesam::masked_linear_backward", "sparsesam::masked_conv2d", "sparsesam::masked_conv2d_backward",
         "sparsesam::sam_grad_sq_norm", "sparsesam::sam_perturb_", "sparsesam::sgd_step_",
         "sparsesam::mask_grad_sq_norm", "sparsesam::mask_ascent_", "sparsesam::mask_score_grad",
-        "sparsesam::sparse_linear", "sparsesam::sparse_linear_backward", "sparsesam::sparse_conv2d",
+        "sparsesam::csr_linear", "sparsesam::csr_linear_backward", "sparsesam::sparse_conv2d",
         "sparsesam::sparse_conv2d_backward", "sparsesam::bsr_linear", "sparsesam::bsr_linear_backward",
         "sparsesam::nm_linear", "sparsesam::nm_linear_backward"}) {
     const auto schema = c10::Dispatcher::singleton().findSchema({name, ""});

@@ -1,4 +1,4 @@
-// C++ test of the true-sparse CPU kernels (sparse_linear, sparse_conv2d,
+// C++ test of the true-sparse CPU kernels (csr_linear, sparse_conv2d,
 // bsr_linear, nm_linear and their backwards) through the dispatcher. Each
 // index is built here from a dense mask with plain ATen (the formats of
 // csrc/common/schemas.h), and each result is compared with the dense float64
@@ -22,18 +22,18 @@ using at::indexing::TensorIndex;
 
 using Index = const Tensor&;
 
-Tensor sparse_linear(const Tensor& x, const Tensor& v, Index crow, Index col, Index ccol, Index row, Index pos,
+Tensor csr_linear(const Tensor& x, const Tensor& v, Index crow, Index col, Index ccol, Index row, Index pos,
                      const OptTensor& b) {
   static const auto h = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                  const Tensor&, const Tensor&, const OptTensor&)>("sparsesam::sparse_linear");
+                                  const Tensor&, const Tensor&, const OptTensor&)>("sparsesam::csr_linear");
   return h.call(x, v, crow, col, ccol, row, pos, b);
 }
 
-Tensor2 sparse_linear_backward(const Tensor& g, const Tensor& x, const Tensor& v, Index crow, Index col, Index ccol,
+Tensor2 csr_linear_backward(const Tensor& g, const Tensor& x, const Tensor& v, Index crow, Index col, Index ccol,
                                Index row, Index pos, std::array<bool, 2> out) {
   static const auto h =
       op<Tensor2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                 const Tensor&, const Tensor&, std::array<bool, 2>)>("sparsesam::sparse_linear_backward");
+                 const Tensor&, const Tensor&, std::array<bool, 2>)>("sparsesam::csr_linear_backward");
   return h.call(g, x, v, crow, col, ccol, row, pos, out);
 }
 
@@ -141,7 +141,7 @@ const std::vector<LinearCase> kLinearCases{
     {{0}, 7, 5, 0.5, true},   {{5}, 9, 3, 0.0, true},    {{3, 1, 7}, 64, 1, 0.9, false},
 };
 
-void test_sparse_linear() {
+void test_csr_linear() {
   for (const auto dtype : {at::kFloat, at::kDouble}) {
     for (const auto& c : kLinearCases) {
       const auto opts = at::TensorOptions().dtype(dtype);
@@ -155,27 +155,27 @@ void test_sparse_linear() {
       const Tensor values = w.masked_select(keep).contiguous();
       const Tensor wm = at::where(keep, f64(w), 0.0);
       const OptTensor b = c.bias ? OptTensor(at::randn({c.out}, opts)) : std::nullopt;
-      const std::string what = c10::str("sparse_linear ", dtype, " x", at::IntArrayRef(x_shape), " W[", c.out, ",",
+      const std::string what = c10::str("csr_linear ", dtype, " x", at::IntArrayRef(x_shape), " W[", c.out, ",",
                                         c.in, "] nnz ", values.numel(), c.bias ? " bias" : "");
 
-      const Tensor y = sparse_linear(x, values, p.crow, p.col, p.ccol, p.row, p.pos, b);
+      const Tensor y = csr_linear(x, values, p.crow, p.col, p.ccol, p.row, p.pos, b);
       expect_close(y, at::linear(f64(x), wm, b ? OptTensor(f64(*b)) : std::nullopt), dtype, what + " y");
 
       const Tensor g = at::randn(y_shape, opts);
       const Tensor ref_dx = at::matmul(f64(g), wm);
       const Tensor ref_dv = at::mm(rows(f64(g)).t(), rows(f64(x))).masked_select(keep);
       for (const auto o : kOutMasks) {
-        check_backward(sparse_linear_backward(g, x, values, p.crow, p.col, p.ccol, p.row, p.pos, o), o, ref_dx,
+        check_backward(csr_linear_backward(g, x, values, p.crow, p.col, p.ccol, p.row, p.pos, o), o, ref_dx,
                        ref_dv, dtype, what + " backward " + out2(o));
       }
     }
   }
   const Compressed p = compress(at::ones({2, 3}, at::kBool));
-  expect_throws([&] { sparse_linear(at::ones({4, 5}), at::ones({6}), p.crow, p.col, p.ccol, p.row, p.pos, {}); },
-                "x", "sparse_linear with x of the wrong width");
+  expect_throws([&] { csr_linear(at::ones({4, 5}), at::ones({6}), p.crow, p.col, p.ccol, p.row, p.pos, {}); },
+                "x", "csr_linear with x of the wrong width");
   const Tensor bad_col = at::tensor({0, 1, 7, 0, 1, 2}, at::kInt);
-  expect_throws([&] { sparse_linear(at::ones({4, 3}), at::ones({6}), p.crow, bad_col, p.ccol, p.row, p.pos, {}); },
-                "col_indices", "sparse_linear with a column index out of range");
+  expect_throws([&] { csr_linear(at::ones({4, 3}), at::ones({6}), p.crow, bad_col, p.ccol, p.row, p.pos, {}); },
+                "col_indices", "csr_linear with a column index out of range");
 }
 
 struct ConvCase {
@@ -342,7 +342,7 @@ void test_nm_linear() {
 }  // namespace
 
 void run_sparse_op_tests() {
-  run_group("sparse_linear (+backward)", test_sparse_linear);
+  run_group("csr_linear (+backward)", test_csr_linear);
   run_group("sparse_conv2d (+backward)", test_sparse_conv2d);
   run_group("bsr_linear (+backward)", test_bsr_linear);
   run_group("nm_linear (+backward)", test_nm_linear);

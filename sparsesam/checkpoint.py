@@ -53,7 +53,7 @@ from .distributed import on_main_process
 from .file_errors import BadCheckpointError, describe
 
 # Test hook: seconds Checkpointer.save waits between writing the temporary file and putting it in place
-# (tests/test_cli_sigkill.py kills a run there). Unset in normal use.
+# (tests/commands/test_cli_sigkill.py kills a run there). Unset in normal use.
 WRITE_DELAY_ENV = "SPARSESAM_TEST_CHECKPOINT_WRITE_DELAY"
 # torch.save's format is a zip archive; its first local file header starts with these bytes.
 _ZIP_MAGIC = b"PK\x03\x04"

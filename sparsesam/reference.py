@@ -315,16 +315,16 @@ def _csr_dense(values: Tensor, crow_indices: Tensor, col_indices: Tensor, in_fea
     return dense
 
 
-def sparse_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, ccol_indices: Tensor,
+def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, ccol_indices: Tensor,
                   row_indices: Tensor, csr_positions: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """y = x W^T + b over the last dimension of x, W the dense form of the CSR weight."""
     return F.linear(x, _csr_dense(values, crow_indices, col_indices, ccol_indices.numel() - 1), bias)
 
 
-def sparse_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
+def csr_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
                            ccol_indices: Tensor, row_indices: Tensor, csr_positions: Tensor,
                            output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor]:
-    """(dx, dvalues) of :func:`sparse_linear`: dvalues is dL/dW at the kept entries, in CSR order."""
+    """(dx, dvalues) of :func:`csr_linear`: dvalues is dL/dW at the kept entries, in CSR order."""
     want_dx, want_dvalues = output_mask
     in_features = ccol_indices.numel() - 1
     dx = grad_out @ _csr_dense(values, crow_indices, col_indices, in_features) if want_dx else _empty_like_none(x)

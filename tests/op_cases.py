@@ -1,5 +1,7 @@
-"""Shared test inputs for the masked-layer ops: masks of every kind and a
-runner that returns the output and every input gradient of a function."""
+"""Shared test inputs for the ops' tests: masks of every kind (``make_mask`` on CPU, ``pruned_mask`` on a
+device), values drawn once in float64 and rounded to the dtype under test, float64 copies, the zero-stride
+placeholder autograd passes for an input it did not save, and a runner that returns the output and every
+input gradient of a function."""
 from __future__ import annotations
 
 from typing import Callable, Dict, Sequence
@@ -53,3 +55,27 @@ def to64(inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 DTYPES: Sequence[torch.dtype] = (torch.float32, torch.float64, torch.bfloat16)
 MASK_KINDS = ("bool", "float", "zeros", "ones")
+
+
+def rounded_randn(*shape, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal values drawn in float64 and rounded once to ``dtype``, so every dtype sees the same values."""
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
+def tensors_to64(*tensors):
+    """The same tensors in float64 (a bool mask, an integer index or None stays as it is)."""
+    return [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+def placeholder(like: torch.Tensor, shape) -> torch.Tensor:
+    """What the ops' autograd passes for an input it did not save: zero strides, no memory."""
+    return like.new_zeros(()).expand(shape)
+
+
+def pruned_mask(shape, kind: str, dtype: torch.dtype, device="cuda") -> torch.Tensor:
+    """A mask as pruning leaves it, on ``device``: ``bool`` keeps about 60%; ``float`` is soft, with exact zeros
+    where it prunes."""
+    keep = torch.rand(shape, device=device) > 0.4
+    if kind == "bool":
+        return keep
+    return torch.where(keep, torch.rand(shape, device=device), 0.0).to(dtype)

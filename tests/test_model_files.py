@@ -160,7 +160,7 @@ UNSAFE = [
     (re.compile(r"\bpickle\.Unpickler\b"), "an unpickler"),
 ]
 # The one unpickler the package has: CIFAR-10 batches are pickles, read by an Unpickler whose find_class
-# accepts only numpy's array globals (tests/test_datasets.py::test_cifar10_refuses_pickles_that_run_code).
+# accepts only numpy's array globals (tests/data/test_datasets.py::test_cifar10_refuses_pickles_that_run_code).
 ALLOWED = {("sparsesam/data/cifar10.py", "an unpickler")}
 
 

@@ -11,7 +11,7 @@ from .masked_linear import masked_linear, masked_linear_backward
 from .masked_weight import apply_mask, masked_weight_grad
 from .sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
 from .mask_scoring import mask_ascent_, mask_grad_sq_norm, mask_score_grad
-from .sparse_linear import sparse_linear, sparse_linear_backward
+from .csr_linear import csr_linear, csr_linear_backward
 from .nm_linear import nm_linear, nm_linear_backward
 from .bsr_linear import bsr_linear, bsr_linear_backward
 
@@ -28,8 +28,8 @@ __all__ = [
     "mask_grad_sq_norm",
     "mask_ascent_",
     "mask_score_grad",
-    "sparse_linear",
-    "sparse_linear_backward",
+    "csr_linear",
+    "csr_linear_backward",
     "nm_linear",
     "nm_linear_backward",
     "bsr_linear",

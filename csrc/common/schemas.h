@@ -93,13 +93,13 @@ inline constexpr const char* kSchemas[] = {
     // sparsesam/sparse/csr.py.
 
     // y = x W^T + b over the last dimension of x (W as above, never densified).
-    "sparse_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+    "csr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
         "Tensor ccol_indices, Tensor row_indices, Tensor csr_positions, Tensor? bias) -> Tensor",
 
     // (dx, dvalues) for output_mask = [dx, dvalues]: dx through the transposed
     // index (no atomics), dvalues only at kept entries (an SDDMM); empty [0] when
     // not asked for. The bias gradient is a plain sum and stays in Python.
-    "sparse_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "
+    "csr_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "
         "Tensor col_indices, Tensor ccol_indices, Tensor row_indices, Tensor csr_positions, bool[2] "
         "output_mask) -> (Tensor, Tensor)",
 
@@ -111,7 +111,7 @@ inline constexpr const char* kSchemas[] = {
         "Tensor ccol_indices, Tensor row_indices, Tensor csr_positions, Tensor? bias, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
 
-    // (dx, dvalues) for output_mask = [dx, dvalues], as sparse_linear_backward.
+    // (dx, dvalues) for output_mask = [dx, dvalues], as csr_linear_backward.
     "sparse_conv2d_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "
         "Tensor col_indices, Tensor ccol_indices, Tensor row_indices, Tensor csr_positions, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool[2] output_mask) "

@@ -3,9 +3,9 @@
 // precomputed transposed block index (no atomics, no scatter-add) and dW at
 // kept blocks only (a block SDDMM).
 //
-// The passes have sparse_linear's shape (sparse_linear_cpu.cpp): the dense
+// The passes have csr_linear's shape (csr_linear_cpu.cpp): the dense
 // operands are packed batch-contiguous in tiles of T batch rows (reusing
-// sparse_linear's pack / unpack kernels); the block lines (block rows for the
+// csr_linear's pack / unpack kernels); the block lines (block rows for the
 // forward and dW, block columns for dx) are cut into tasks of about equal
 // cost (kept blocks), and one parallel region runs first the packing tasks,
 // then the compute tasks, threads taking each next task from a shared
@@ -37,14 +37,14 @@
 #include "../common/masked_layers.h"
 #include "sparse_matmul_common.h"
 #include "bsr_linear_simd.h"
-#include "sparse_linear_simd.h"
+#include "csr_linear_simd.h"
 
 namespace sparsesam::cpu {
 
 // The baseline-ISA build of the kernels (SSE2 on x86-64, 16-byte vectors).
 namespace bsr_baseline {
 #define SPARSESAM_SPARSE_LINEAR_ISA "baseline"
-#include "sparse_linear_kernels.h"
+#include "csr_linear_kernels.h"
 #include "bsr_linear_kernels.h"
 #undef SPARSESAM_SPARSE_LINEAR_ISA
 }  // namespace bsr_baseline

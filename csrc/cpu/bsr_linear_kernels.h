@@ -1,8 +1,8 @@
 // The inner kernels of bsr_linear on CPU (contracts in bsr_linear_simd.h).
 //
-// Like sparse_linear_kernels.h, this header is included INSIDE a namespace by
-// each instruction-set translation unit, after sparse_linear_simd.h,
-// bsr_linear_simd.h and sparse_linear_kernels.h (whose Simd helpers and
+// Like csr_linear_kernels.h, this header is included INSIDE a namespace by
+// each instruction-set translation unit, after csr_linear_simd.h,
+// bsr_linear_simd.h and csr_linear_kernels.h (whose Simd helpers and
 // pack / unpack kernels it reuses, read-only), and includes nothing itself.
 //
 // Why blocks are faster than CSR here: a CSR entry costs one broadcast of its

@@ -1,18 +1,18 @@
 // The interface between the bsr_linear CPU op (bsr_linear_cpu.cpp) and its
-// inner kernels, compiled once per instruction set like sparse_linear's: for
+// inner kernels, compiled once per instruction set like csr_linear's: for
 // the baseline ISA in bsr_linear_cpu.cpp and, on x86-64, for AVX2+FMA in
 // sparse_formats_avx2.cpp; the op picks one at run time. Only plain structs and
 // function pointers cross that boundary.
 //
 // Layout: the dense operands (x, grad_out) are packed batch-contiguous in
-// tiles of T batch rows exactly as for sparse_linear (PackTask / UnpackTask
-// of sparse_linear_simd.h, whose pack and unpack kernels are reused), so a
+// tiles of T batch rows exactly as for csr_linear (PackTask / UnpackTask
+// of csr_linear_simd.h, whose pack and unpack kernels are reused), so a
 // block's bw (or bh) consecutive features are one contiguous [bw][T] run.
 #pragma once
 
 #include <cstdint>
 
-#include "sparse_linear_simd.h"
+#include "csr_linear_simd.h"
 
 namespace sparsesam::cpu {
 

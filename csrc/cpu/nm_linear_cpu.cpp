@@ -2,7 +2,7 @@
 // input dimension (values [out][K], K = in * n / m, and a uint8 position of
 // each entry in its group; sparsesam/sparse/nm.py), and its backward.
 //
-// The structure is sparse_linear's (sparse_linear_cpu.cpp): x and grad_out
+// The structure is csr_linear's (csr_linear_cpu.cpp): x and grad_out
 // are packed batch-contiguous in tiles of T batch rows (its pack/unpack
 // kernels), one parallel region runs the packing tasks, then the compute
 // tasks, threads taking the next task from a shared counter; a compute task
@@ -41,7 +41,7 @@ namespace sparsesam::cpu {
 // The baseline-ISA build of the kernels (SSE2 on x86-64).
 namespace nm_baseline {
 #define SPARSESAM_SPARSE_LINEAR_ISA "baseline"
-#include "sparse_linear_kernels.h"
+#include "csr_linear_kernels.h"
 #include "nm_linear_kernels.h"
 #undef SPARSESAM_SPARSE_LINEAR_ISA
 }  // namespace nm_baseline

@@ -2,7 +2,7 @@
 // with GCC/Clang vector extensions. Included INSIDE a namespace by each
 // instruction-set translation unit (nm_linear_cpu.cpp for the baseline ISA,
 // sparse_formats_avx2.cpp under a target("avx2,fma") pragma), AFTER
-// sparse_linear_kernels.h, whose Simd<> helpers and pack/unpack kernels it
+// csr_linear_kernels.h, whose Simd<> helpers and pack/unpack kernels it
 // uses; like that header it includes nothing and calls no library function.
 // Contracts: nm_linear_simd.h.
 //

@@ -1,6 +1,6 @@
 // The interface between the nm_linear CPU op (nm_linear_cpu.cpp) and its
 // inner kernels (nm_linear_kernels.h), compiled once per instruction set
-// like sparse_linear's (see sparse_linear_simd.h, whose packed layout, pack
+// like csr_linear's (see csr_linear_simd.h, whose packed layout, pack
 // and unpack kernels this reuses): the baseline ISA in nm_linear_cpu.cpp,
 // AVX2+FMA in sparse_formats_avx2.cpp. Only plain structs and function pointers
 // cross the boundary.
@@ -8,12 +8,12 @@
 // Weight layout (sparsesam/sparse/nm.py): row r holds K = groups * n entries,
 // group after group; entry e of row r is at input column (e / n) * m +
 // idx[r * K + e]. Dense operands are packed batch-contiguous in tiles of T
-// batch rows ([features][T] per tile; sparse_linear_simd.h).
+// batch rows ([features][T] per tile; csr_linear_simd.h).
 #pragma once
 
 #include <cstdint>
 
-#include "sparse_linear_simd.h"
+#include "csr_linear_simd.h"
 
 namespace sparsesam::cpu {
 

@@ -1,5 +1,5 @@
 // The sparse linear kernels of every format (CSR, BSR, N:M) compiled for
-// AVX2+FMA (x86-64 only). Each op (sparse_linear_cpu.cpp, bsr_linear_cpu.cpp,
+// AVX2+FMA (x86-64 only). Each op (csr_linear_cpu.cpp, bsr_linear_cpu.cpp,
 // nm_linear_cpu.cpp) runs these when the CPU has AVX2 and FMA and ATen's own
 // kernels may use AVX2 (ATEN_CPU_CAPABILITY=default turns both off);
 // otherwise it runs the same kernels compiled for the baseline ISA.
@@ -14,7 +14,7 @@
 
 #include "bsr_linear_simd.h"
 #include "nm_linear_simd.h"
-#include "sparse_linear_simd.h"
+#include "csr_linear_simd.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SPARSESAM_HAVE_AVX2_KERNELS 1
@@ -26,7 +26,7 @@
 #pragma GCC target("avx2,fma")
 #endif
 namespace sparsesam::cpu::avx2 {
-#include "sparse_linear_kernels.h"  // first: the BSR and N:M kernels use its packing and SIMD helpers
+#include "csr_linear_kernels.h"  // first: the BSR and N:M kernels use its packing and SIMD helpers
 #include "bsr_linear_kernels.h"
 #include "nm_linear_kernels.h"
 }  // namespace sparsesam::cpu::avx2
@@ -47,11 +47,11 @@ namespace sparsesam::cpu::avx2 {
 
 namespace sparsesam::cpu {
 
-const SparseLinearKernels<float>* sparse_linear_kernels_avx2_f32() {
-  return SPARSESAM_AVX2_TABLE(kSparseLinearKernels<float, 32>);
+const CSRLinearKernels<float>* csr_linear_kernels_avx2_f32() {
+  return SPARSESAM_AVX2_TABLE(kCSRLinearKernels<float, 32>);
 }
-const SparseLinearKernels<double>* sparse_linear_kernels_avx2_f64() {
-  return SPARSESAM_AVX2_TABLE(kSparseLinearKernels<double, 32>);
+const CSRLinearKernels<double>* csr_linear_kernels_avx2_f64() {
+  return SPARSESAM_AVX2_TABLE(kCSRLinearKernels<double, 32>);
 }
 const BsrLinearKernels<float>* bsr_linear_kernels_avx2_f32() {
   return SPARSESAM_AVX2_TABLE(kBsrLinearKernels<float, 32>);

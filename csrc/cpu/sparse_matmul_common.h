@@ -1,4 +1,4 @@
-// What the CPU sparse matmul ops of every format (sparse_linear_cpu.cpp: CSR,
+// What the CPU sparse matmul ops of every format (csr_linear_cpu.cpp: CSR,
 // bsr_linear_cpu.cpp, nm_linear_cpu.cpp) share around their kernels: which ISA
 // runs, the one-parallel-region task runner, and the views of the operands.
 #pragma once

@@ -3,7 +3,7 @@
 // pattern, dx through the precomputed transposed block index (no atomics),
 // dW at kept blocks only (a block SDDMM).
 //
-// Layout as in sparse_linear_cuda.cu: the dense operand is transposed once
+// Layout as in csr_linear_cuda.cu: the dense operand is transposed once
 // ([features][batch], an ATen copy), so the threads of a warp, one per batch
 // row, read one feature's values coalesced, while the weight they all need is
 // one broadcast load. Results come out transposed and are transposed back.

@@ -3,7 +3,7 @@
 // (values [out][K], K = in * n / m, uint8 position of each entry in its
 // group; sparsesam/sparse/nm.py), and its backward.
 //
-// Layout as in sparse_linear_cuda.cu: the dense operand is transposed once
+// Layout as in csr_linear_cuda.cu: the dense operand is transposed once
 // ([features][batch]), so the threads of a warp, one per batch row, read one
 // feature coalesced while the entry they all need is one broadcast load.
 //

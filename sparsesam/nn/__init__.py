@@ -1,6 +1,6 @@
 """Masked layers, drop-in replacement of a model's layers, sparse execution, and export."""
 from .masked import MASK_MODES, MaskedConv2d, MaskedLinear
-from .sparse_linear import CSRLinear, SparseLinear
+from .csr_linear import CSRLinear, SparseLinear
 from .sparsify import export, left_dense, masked_layers, sparsify
 from .sparse_conv2d import SparseConv2d
 from .bsr_linear import BlockSparseLinear

@@ -48,7 +48,7 @@ from .bsr_linear import BlockSparseLinear
 from .masked import MaskedConv2d, MaskedLinear
 from .nm_linear import NMSparseLinear
 from .sparse_conv2d import SparseConv2d, convertible
-from .sparse_linear import CSRLinear
+from .csr_linear import CSRLinear
 
 # ({form: module}, x, backward) -> {form: seconds}
 Timer = Callable[[Mapping[str, nn.Module], torch.Tensor, bool], Dict[str, float]]

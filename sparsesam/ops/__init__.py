@@ -12,7 +12,7 @@ from .masked_linear import masked_linear
 from .masked_weight import apply_mask, masked_weight_grad
 from .sam_step import sam_grad_sq_norm, sam_perturb_, sgd_step_
 from .mask_scoring import mask_ascent_, mask_grad_sq_norm, mask_score_grad
-from .sparse_linear import sparse_linear
+from .csr_linear import csr_linear, sparse_linear
 from .sparse_conv2d import sparse_conv2d
 from .nm_linear import nm_linear
 from .bsr_linear import bsr_linear
@@ -35,6 +35,7 @@ __all__ = [
     "mask_grad_sq_norm",
     "mask_ascent_",
     "mask_score_grad",
+    "csr_linear",
     "sparse_linear",
     "sparse_conv2d",
     "nm_linear",

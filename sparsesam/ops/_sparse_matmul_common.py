@@ -1,4 +1,4 @@
-"""What the sparse matmul ops of all three formats (CSR ``sparse_linear``, ``bsr_linear``, ``nm_linear``) share
+"""What the sparse matmul ops of all three formats (CSR ``csr_linear``, ``bsr_linear``, ``nm_linear``) share
 in their Python faces: argument checks, the backward's fake, and the pieces of autograd."""
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ averaged power spectrum of the grey crops (log power against log frequency,
 draws them, the crops have mean 0.636, standard deviation 0.193, within-crop
 standard deviation 0.113 (over pixels and channels), crop means spread by
 0.152, R : G : B = 0.81 : 0.93 : 1, and a spectrum slope of -1.18. The
-textures here reproduce all of these (test_robust_corruptions checks each
+textures here reproduce all of these (tests/robust/test_corruptions.py checks each
 within a tolerance).
 
 A texture is made the way the statistics are defined:

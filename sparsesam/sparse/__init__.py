@@ -1,7 +1,7 @@
 """Sparse weight formats for true sparse execution of fixed masks.
 
 :class:`CSRPattern` is the index of a fixed unstructured mask (CSR plus the
-transposed index its backward reads); ``sparsesam.ops.sparse_linear`` runs a
+transposed index its backward reads); ``sparsesam.ops.csr_linear`` runs a
 linear layer on it and ``sparsesam.nn.CSRLinear`` is the module.
 :class:`BSRPattern` is the block index of a mask that keeps whole blocks
 (``sparsesam.ops.bsr_linear``, ``sparsesam.nn.BlockSparseLinear``).

@@ -115,32 +115,3 @@ class _TritonKernels:
 
 tk = _TritonKernels()
 
-
-def assert_linear_format_matches_dense(forward, backward, device, pattern, index_args) -> None:
-    """A compressed-weight linear op (CSR, BSR, N:M) against ``F.linear`` on its dense weight.
-
-    ``forward(x, values, *index_args(pattern), bias)`` and ``backward(grad_out,
-    x, values, *index_args(pattern), [True, True])`` in float32 on ``device``,
-    against the float64 dense math (y = x W^T + b, dx = g W, dvalues = the
-    kept entries of g^T x), within twice PyTorch's own float32 error.
-    """
-    from tolerance import assert_within_torch_error
-
-    n_out, n_in = pattern.shape
-    values = pattern.gather(torch.randn(n_out, n_in, dtype=torch.float64))
-    x, bias, grad = torch.randn(7, 3, n_in, dtype=torch.float64), torch.randn(n_out, dtype=torch.float64), \
-        torch.randn(7, 3, n_out, dtype=torch.float64)
-
-    def dense(x, values, bias, grad):
-        weight = pattern.to(values.device).scatter(values)
-        weight_grad = grad.reshape(-1, n_out).t() @ x.reshape(-1, n_in)
-        return torch.nn.functional.linear(x, weight, bias), grad @ weight, pattern.gather(weight_grad)
-
-    truth = dense(x, values, bias, grad)
-    torch_own = dense(*(t.float() for t in (x, values, bias, grad)))
-    on = lambda t: t.float().to(device)  # noqa: E731
-    index = index_args(pattern.to(device))
-    y = forward(on(x), on(values), *index, on(bias))
-    dx, dvalues = backward(on(grad), on(x), on(values), *index, [True, True])
-    for name, ours, own, ref, sums in zip(("y", "dx", "dvalues"), (y, dx, dvalues), torch_own, truth, (n_in, n_out, 21)):
-        assert_within_torch_error(name, ours.cpu(), own, ref, reduction_size=sums)

@@ -36,9 +36,6 @@ without a GPU; the CUDA C++ cases also without a SPARSESAM_CUDA=1 build.
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -50,8 +47,11 @@ from sparsesam.nn import BlockSparseLinear, MaskedLinear
 from sparsesam.ops import bsr_linear, use_backend
 from sparsesam.sparse import block_structure_error, BSRPattern, largest_blocksize
 
-from backends import assert_linear_format_matches_dense, backend_op, GPU_BACKENDS, gpu_case, OP_BACKENDS, tk, triton_case
-from op_cases import noncontiguous, outputs_and_grads, to64
+from backends import backend_op, GPU_BACKENDS, gpu_case, OP_BACKENDS, tk, triton_case
+from linear_formats import (assert_backward_within_torch_error, assert_linear_format_matches_dense,
+                            assert_op_within_torch_error, assert_same_bits_at_every_thread_count,
+                            assert_script_passes_on_the_baseline_isa)
+from op_cases import noncontiguous, outputs_and_grads
 from tolerance import assert_within_torch_error
 
 
@@ -124,16 +124,7 @@ def _reference(pattern):
 
 
 def _check_against_reference(pattern, inputs):
-    ours, ours_grads = outputs_and_grads(_ours(pattern), inputs)
-    torch_own, torch_grads = outputs_and_grads(_reference(pattern), inputs)
-    ref, ref_grads = outputs_and_grads(_reference(pattern), to64(inputs))
-    n_in = pattern.in_features
-    batch = inputs["x"].numel() // max(n_in, 1)
-    assert_within_torch_error("y", ours, torch_own, ref, reduction_size=n_in)
-    assert set(ours_grads) == set(ref_grads)
-    for name in ref_grads:
-        sums = {"x": pattern.out_features, "values": batch, "bias": batch}[name]
-        assert_within_torch_error(f"d{name}", ours_grads[name], torch_grads[name], ref_grads[name], reduction_size=sums)
+    assert_op_within_torch_error(_ours(pattern), _reference(pattern), pattern, inputs)
 
 
 # --- the op vs the reference ---------------------------------------------------
@@ -216,31 +207,21 @@ def test_dense_pattern_matches_f_linear():
 
 def test_same_weights_as_csr_give_the_same_function():
     """One weight, block-sparse and CSR: the two ops compute the same layer."""
-    from sparsesam.ops import sparse_linear
+    from sparsesam.ops import csr_linear
     from sparsesam.sparse import CSRPattern
     mask = _block_mask(32, 48, (8, 8), 0.4)
     w, x = torch.randn(32, 48, dtype=torch.float64), torch.randn(20, 48, dtype=torch.float64)
     bsr, csr = BSRPattern.from_mask(mask, 8), CSRPattern.from_mask(mask)
-    torch.testing.assert_close(bsr_linear(x, bsr.gather(w), bsr), sparse_linear(x, csr.gather(w), csr))
+    torch.testing.assert_close(bsr_linear(x, bsr.gather(w), bsr), csr_linear(x, csr.gather(w), csr))
 
 
 def test_result_does_not_depend_on_thread_count():
     pattern, inputs = _inputs((129,), 320, 96, (8, 8), 0.3, torch.float32)
     grad = torch.randn(129, 96)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append((
-                ops.bsr_linear(inputs["x"], inputs["values"], *pattern.index, inputs["bias"]),
-                *ops.bsr_linear_backward(grad, inputs["x"], inputs["values"], *pattern.index, [True, True]),
-            ))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    assert_same_bits_at_every_thread_count(lambda: (
+        ops.bsr_linear(inputs["x"], inputs["values"], *pattern.index, inputs["bias"]),
+        *ops.bsr_linear_backward(grad, inputs["x"], inputs["values"], *pattern.index, [True, True]),
+    ))
 
 
 @pytest.mark.parametrize("block", [(2, 3), (4, 4), (1, 8)], ids=str)
@@ -310,10 +291,7 @@ def test_baseline_isa_kernels_match_reference():
                     assert (ours.double() - ref).abs().max().item() <= tol * scale, (dtype, batch, n_in)
         print("ok")
     """)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    assert_script_passes_on_the_baseline_isa(script)
 
 
 # --- bad input -----------------------------------------------------------------
@@ -661,13 +639,7 @@ def test_backward_matches_reference(shape, dtype, output_mask):
     ours = tk.bsr_linear_backward(grad, x_arg, v_arg, *pattern.index, output_mask)
     torch_own = reference.bsr_linear_backward(grad, x, values, *pattern.index, output_mask)
     ref = reference.bsr_linear_backward(grad.double(), x.double(), values.double(), *pattern.index, output_mask)
-    batch = grad.numel() // max(pattern.out_features, 1)
-    for name, o, t, r, wanted, sums in zip(("dx", "dvalues"), ours, torch_own, ref, output_mask,
-                                           (pattern.out_features, batch)):
-        if wanted:
-            assert_within_torch_error(name, o, t, r.to(torch.float64), reduction_size=sums)
-        else:
-            assert o.shape == (0,)
+    assert_backward_within_torch_error(ours, torch_own, ref, output_mask, pattern, grad)
 
 
 # ============================================================================
@@ -701,14 +673,7 @@ def test_forward_backward_vs_reference_gpu(backend, dtype, shape):
     with use_backend(backend):
         torch.manual_seed(0)
         pattern, inputs = _case_gpu(*shape, dtype)
-        ours, ours_grads = outputs_and_grads(lambda x, values, bias: bsr_linear(x, values, pattern, bias), inputs)
-        ref_fn = lambda x, values, bias: reference.bsr_linear(x, values, *pattern.index, bias)  # noqa: E731
-        torch_own, torch_grads = outputs_and_grads(ref_fn, inputs)
-        ref, ref_grads = outputs_and_grads(ref_fn, to64(inputs))
-        batch = inputs["x"].numel() // max(pattern.in_features, 1)
-        assert_within_torch_error("y", ours, torch_own, ref, reduction_size=pattern.in_features)
-        for name, sums in (("x", pattern.out_features), ("values", batch), ("bias", batch)):
-            assert_within_torch_error(f"d{name}", ours_grads[name], torch_grads[name], ref_grads[name], reduction_size=sums)
+        _check_against_reference(pattern, inputs)
 
 
 @gpu_case

@@ -54,6 +54,7 @@ from sparsesam import reference
 from sparsesam.ops import mask_ascent_, mask_grad_sq_norm, mask_score_grad, sam_grad_sq_norm
 
 from backends import backend_op, OP_BACKENDS, tk, triton_case
+from op_cases import rounded_randn
 from tolerance import assert_within_torch_error
 
 
@@ -449,14 +450,9 @@ def _assert_all_bits(name, ours, ref):
         assert torch.equal(_bits(o), _bits(r)), f"{name}[{i}]: {int((_bits(o) != _bits(r)).sum())} entries differ"
 
 
-def _randn(shape, dtype):
-    # Drawn in float64 and rounded once, so every dtype sees the same values.
-    return torch.randn(shape, dtype=torch.float64).to(dtype)
-
-
 def _case(dtype, weights="mixed", shapes=SHAPES_triton):
-    g = [_randn(s, dtype) for s in shapes]
-    w = [_randn(s, dtype) for s in shapes]
+    g = [rounded_randn(s, dtype=dtype) for s in shapes]
+    w = [rounded_randn(s, dtype=dtype) for s in shapes]
     if weights == "none":
         w = [None] * len(shapes)
     elif weights == "mixed":
@@ -505,7 +501,7 @@ def test_mask_ascent_bitwise(dtype, weights):
 
 @triton_case
 def test_mask_ascent_noncontiguous_out_and_nan():
-    g = [_randn((6, 9), torch.float32), torch.tensor([float("nan"), 1.0, -1.0])]
+    g = [rounded_randn((6, 9), dtype=torch.float32), torch.tensor([float("nan"), 1.0, -1.0])]
     masks = [torch.rand(6, 9), torch.tensor([0.5, 0.5, 0.5])]
     out = [torch.empty(9, 6).t(), torch.empty(3)]
     sq = torch.tensor(4.0, dtype=torch.float64)
@@ -523,7 +519,7 @@ def test_mask_ascent_noncontiguous_out_and_nan():
 @pytest.mark.parametrize("weights", ["all", "none", "mixed"])
 def test_mask_score_grad(dtype, weights):
     g, w = _case(dtype, weights)
-    scores = [_randn(s, dtype) for s in SHAPES_triton]
+    scores = [rounded_randn(s, dtype=dtype) for s in SHAPES_triton]
     scores[1] = torch.zeros_like(scores[1])
     score_grads, rates = tk.mask_score_grad(g, w, scores)
     ref_grads, ref_rates = reference.mask_score_grad(g, w, scores)

@@ -43,8 +43,10 @@ from sparsesam import reference
 from sparsesam.ops import masked_conv2d
 
 from backends import backend_op, cuda_cpp_case, OP_BACKENDS, tk, triton_case
-from op_cases import DTYPES, make_mask, MASK_KINDS, noncontiguous, outputs_and_grads, to64
-from tolerance import assert_within_torch_error
+from op_cases import (DTYPES, make_mask, MASK_KINDS, noncontiguous, outputs_and_grads, placeholder, pruned_mask,
+                      rounded_randn, tensors_to64, to64)
+from tolerance import (assert_as_accurate_as_pytorch, assert_outputs_as_accurate_as_pytorch, assert_within_torch_error,
+                       assert_within_torch_error_or_same_pattern)
 
 
 # ============================================================================
@@ -215,31 +217,6 @@ DTYPES_triton = [torch.float32, torch.float64, torch.float16]
 OUTPUT_MASKS_3 = list(itertools.product([True, False], repeat=3))
 
 
-def _randn(*shape, dtype):
-    # Drawn in float64 and rounded once, so every dtype sees the same values.
-    return torch.randn(*shape, dtype=torch.float64).to(dtype)
-
-
-def _to64(*tensors):
-    """The same inputs in float64 (a bool mask stays bool)."""
-    return [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
-
-
-def _placeholder(like, shape):
-    """What the ops' autograd passes for an input it did not save: zero strides, no memory."""
-    return like.new_zeros(()).expand(shape)
-
-
-def _assert_within_torch_error(name, ours, torch_own, ref64, reduce_len=1):
-    """The flash-attention rule of tests/tolerance.py; a blocked Triton sum adds
-    in another order than torch's GEMM, hence the reduction-length slack."""
-    if ours.dtype == torch.bool:
-        # dM of a bool mask is (G*W).to(bool): a pattern, not a number.
-        assert torch.equal(ours, torch_own), f"{name}: bool pattern differs from torch's"
-        return
-    assert_within_torch_error(name, ours, torch_own, ref64, reduction_size=reduce_len)
-
-
 # ---------------------------------------------------------------- masked_conv2d
 
 # (x shape, weight shape, stride, padding, dilation, groups)
@@ -253,11 +230,11 @@ CONV_CASES = [
 
 
 def _conv_inputs(x_shape, w_shape, conv_args, dtype, mask_kind, layout):
-    x = _randn(*x_shape, dtype=dtype)
-    weight = _randn(*w_shape, dtype=dtype)
+    x = rounded_randn(*x_shape, dtype=dtype)
+    weight = rounded_randn(*w_shape, dtype=dtype)
     mask = make_mask(w_shape, mask_kind, dtype)
-    bias = _randn(w_shape[0], dtype=dtype)
-    grad_out = _randn(*reference.masked_conv2d(x, weight, mask, None, *conv_args).shape, dtype=dtype)
+    bias = rounded_randn(w_shape[0], dtype=dtype)
+    grad_out = rounded_randn(*reference.masked_conv2d(x, weight, mask, None, *conv_args).shape, dtype=dtype)
     if layout == "noncontig":
         x, grad_out = x.contiguous(memory_format=torch.channels_last), grad_out.contiguous(memory_format=torch.channels_last)
         weight, mask = noncontiguous(weight), noncontiguous(mask)
@@ -281,17 +258,17 @@ def test_masked_conv2d_forward_backward(case, dtype, mask_kind, layout):
     groups = conv_args[-1]
     x, weight, mask, bias, grad_out = _conv_inputs(x_shape, w_shape, conv_args, dtype, mask_kind, layout)
     n_y, n_dx, n_g = _reduce_lens(x, weight, grad_out, groups)
-    _assert_within_torch_error(
+    assert_within_torch_error_or_same_pattern(
         "y", tk.masked_conv2d(x, weight, mask, bias, *conv_args),
         reference.masked_conv2d(x, weight, mask, bias, *conv_args),
-        reference.masked_conv2d(*_to64(x, weight, mask, bias), *conv_args), reduce_len=n_y,
+        reference.masked_conv2d(*tensors_to64(x, weight, mask, bias), *conv_args), reduce_len=n_y,
     )
     want = (True, True, True)
     ours = tk.masked_conv2d_backward(grad_out, x, weight, mask, *conv_args, want)
     torch_own = reference.masked_conv2d_backward(grad_out, x, weight, mask, *conv_args, want)
-    ref64 = reference.masked_conv2d_backward(*_to64(grad_out, x, weight, mask), *conv_args, want)
+    ref64 = reference.masked_conv2d_backward(*tensors_to64(grad_out, x, weight, mask), *conv_args, want)
     for name, o, t, r, n in zip(("dx", "dW", "dM"), ours, torch_own, ref64, (n_dx, n_g, n_g)):
-        _assert_within_torch_error(name, o, t, r, reduce_len=n)
+        assert_within_torch_error_or_same_pattern(name, o, t, r, reduce_len=n)
 
 
 @triton_case
@@ -301,15 +278,15 @@ def test_masked_conv2d_backward_output_mask(dtype, output_mask):
     want_dx, want_dw, want_dm = output_mask
     x_shape, w_shape, *conv_args = CONV_CASES[1]
     x, weight, mask, _, grad_out = _conv_inputs(x_shape, w_shape, conv_args, dtype, "float", "contig")
-    x_arg = x if (want_dw or want_dm) else _placeholder(grad_out, x.shape)
-    w_arg = weight if (want_dx or want_dm) else _placeholder(grad_out, weight.shape)
+    x_arg = x if (want_dw or want_dm) else placeholder(grad_out, x.shape)
+    w_arg = weight if (want_dx or want_dm) else placeholder(grad_out, weight.shape)
     ours = tk.masked_conv2d_backward(grad_out, x_arg, w_arg, mask, *conv_args, output_mask)
     torch_own = reference.masked_conv2d_backward(grad_out, x, weight, mask, *conv_args, output_mask)
-    ref64 = reference.masked_conv2d_backward(*_to64(grad_out, x, weight, mask), *conv_args, output_mask)
+    ref64 = reference.masked_conv2d_backward(*tensors_to64(grad_out, x, weight, mask), *conv_args, output_mask)
     n_y, n_dx, n_g = _reduce_lens(x, weight, grad_out, conv_args[-1])
     for name, wanted, o, t, r, n in zip(("dx", "dW", "dM"), output_mask, ours, torch_own, ref64, (n_dx, n_g, n_g)):
         if wanted:
-            _assert_within_torch_error(name, o, t, r, reduce_len=n)
+            assert_within_torch_error_or_same_pattern(name, o, t, r, reduce_len=n)
         else:
             assert o.shape == (0,) and o.dtype == t.dtype, f"{name} not asked for: got {o.dtype} {tuple(o.shape)}"
 
@@ -322,38 +299,6 @@ MASK_KINDS_cuda_cpp = ["bool", "float"]
 ops = torch.ops.sparsesam_cuda
 
 
-def make_mask_cuda_cpp(shape, kind, dtype, device="cuda"):
-    keep = torch.rand(shape, device=device) > 0.4
-    if kind == "bool":
-        return keep
-    # A soft mask with exact zeros, as pruning produces.
-    return torch.where(keep, torch.rand(shape, device=device), 0.0).to(dtype)
-
-
-def f64(*tensors):
-    return [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
-
-
-def assert_as_accurate_as_pytorch(out, ref_lowp, ref64):
-    """The kernel's error versus float64 is at most twice PyTorch's own."""
-    assert out.shape == ref_lowp.shape and out.dtype == ref_lowp.dtype
-    if out.numel() == 0:
-        return
-    if out.dtype == torch.float64:
-        torch.testing.assert_close(out, ref64)
-        return
-    err = (out.double() - ref64).abs().max().item()
-    ref_err = (ref_lowp.double() - ref64).abs().max().item()
-    ulp = torch.finfo(out.dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * ref_err + ulp, f"error {err:.3g} vs PyTorch's {ref_err:.3g} ({out.dtype})"
-
-
-def assert_outputs(outs, refs_lowp, refs64, wanted):
-    for out, ref_lowp, ref64, want in zip(outs, refs_lowp, refs64, wanted):
-        if want:
-            assert_as_accurate_as_pytorch(out, ref_lowp, ref64)
-        else:
-            assert out.shape == (0,), "an output not asked for comes back empty"
 BACKWARD_MASKS = list(itertools.product([False, True], repeat=3))
 
 
@@ -375,12 +320,12 @@ def test_masked_conv2d(dtype, kind, case, with_bias):
     x_shape, w_shape, stride, padding, dilation, groups = case
     x = torch.randn(x_shape, device="cuda", dtype=dtype)
     w = torch.randn(w_shape, device="cuda", dtype=dtype)
-    m = make_mask_cuda_cpp(w_shape, kind, dtype)
+    m = pruned_mask(w_shape, kind, dtype)
     b = torch.randn(w_shape[0], device="cuda", dtype=dtype) if with_bias else None
     conv = (list(stride), list(padding), list(dilation), groups)
     out = ops.masked_conv2d(x, w, m, b, *conv)
     assert_as_accurate_as_pytorch(
-        out, reference.masked_conv2d(x, w, m, b, *conv), reference.masked_conv2d(*f64(x, w, m, b), *conv)
+        out, reference.masked_conv2d(x, w, m, b, *conv), reference.masked_conv2d(*tensors_to64(x, w, m, b), *conv)
     )
 
 
@@ -393,7 +338,7 @@ def test_masked_conv2d_backward(dtype, kind, case, output_mask):
     x_shape, w_shape, stride, padding, dilation, groups = case
     x = torch.randn(x_shape, device="cuda", dtype=dtype)
     w = torch.randn(w_shape, device="cuda", dtype=dtype)
-    m = make_mask_cuda_cpp(w_shape, kind, dtype)
+    m = pruned_mask(w_shape, kind, dtype)
     conv = (list(stride), list(padding), list(dilation), groups)
     dy = torch.randn_like(reference.masked_conv2d(x, w, m, None, *conv))
     if output_mask[2] and kind == "bool":
@@ -402,5 +347,5 @@ def test_masked_conv2d_backward(dtype, kind, case, output_mask):
         return
     outs = ops.masked_conv2d_backward(dy, x, w, m, *conv, list(output_mask))
     refs = reference.masked_conv2d_backward(dy, x, w, m, *conv, output_mask)
-    refs64 = reference.masked_conv2d_backward(*f64(dy, x, w, m), *conv, output_mask)
-    assert_outputs(outs, refs, refs64, output_mask)
+    refs64 = reference.masked_conv2d_backward(*tensors_to64(dy, x, w, m), *conv, output_mask)
+    assert_outputs_as_accurate_as_pytorch(outs, refs, refs64, output_mask)

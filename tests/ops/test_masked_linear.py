@@ -43,8 +43,10 @@ from sparsesam import reference
 from sparsesam.ops import masked_linear
 
 from backends import backend_op, cuda_cpp_case, OP_BACKENDS, tk, triton_case
-from op_cases import DTYPES, make_mask, MASK_KINDS, noncontiguous, outputs_and_grads, to64
-from tolerance import assert_within_torch_error
+from op_cases import (DTYPES, make_mask, MASK_KINDS, noncontiguous, outputs_and_grads, placeholder, pruned_mask,
+                      rounded_randn, tensors_to64, to64)
+from tolerance import (assert_as_accurate_as_pytorch, assert_outputs_as_accurate_as_pytorch, assert_within_torch_error,
+                       assert_within_torch_error_or_same_pattern)
 
 
 # ============================================================================
@@ -208,34 +210,9 @@ DTYPES_triton = [torch.float32, torch.float64, torch.float16]
 OUTPUT_MASKS_3 = list(itertools.product([True, False], repeat=3))
 
 
-def _randn(*shape, dtype):
-    # Drawn in float64 and rounded once, so every dtype sees the same values.
-    return torch.randn(*shape, dtype=torch.float64).to(dtype)
-
-
-def _to64(*tensors):
-    """The same inputs in float64 (a bool mask stays bool)."""
-    return [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
-
-
-def _placeholder(like, shape):
-    """What the ops' autograd passes for an input it did not save: zero strides, no memory."""
-    return like.new_zeros(()).expand(shape)
-
-
-def _assert_within_torch_error(name, ours, torch_own, ref64, reduce_len=1):
-    """The flash-attention rule of tests/tolerance.py; a blocked Triton sum adds
-    in another order than torch's GEMM, hence the reduction-length slack."""
-    if ours.dtype == torch.bool:
-        # dM of a bool mask is (G*W).to(bool): a pattern, not a number.
-        assert torch.equal(ours, torch_own), f"{name}: bool pattern differs from torch's"
-        return
-    assert_within_torch_error(name, ours, torch_own, ref64, reduction_size=reduce_len)
-
-
 def _poisoned_weight(shape, dtype, mask):
     """Random weights with inf / -inf / nan wherever a bool mask prunes: the output must not see them."""
-    w = _randn(*shape, dtype=dtype)
+    w = rounded_randn(*shape, dtype=dtype)
     if mask.dtype == torch.bool and w.numel():
         poison = torch.tensor([float("inf"), float("-inf"), float("nan")], dtype=dtype)
         fill = poison[torch.arange(w.numel()) % 3].reshape(shape)
@@ -252,14 +229,14 @@ LINEAR_SHAPES = [((1,), 1, 1), ((7,), 7, 7), ((5,), 129, 7), ((2, 3), 7, 129), (
 
 
 def _linear_inputs(lead, n_in, n_out, dtype, mask_kind, layout):
-    x = _randn(*lead, n_in, dtype=dtype)
-    weight = _randn(n_out, n_in, dtype=dtype)
+    x = rounded_randn(*lead, n_in, dtype=dtype)
+    weight = rounded_randn(n_out, n_in, dtype=dtype)
     mask = make_mask((n_out, n_in), mask_kind, dtype)
-    grad_out = _randn(*lead, n_out, dtype=dtype)
-    bias = _randn(n_out, dtype=dtype)
+    grad_out = rounded_randn(*lead, n_out, dtype=dtype)
+    bias = rounded_randn(n_out, dtype=dtype)
     if layout == "noncontig":
         x, weight, mask, grad_out = (noncontiguous(t) for t in (x, weight, mask, grad_out))
-        bias = _randn(2 * n_out, dtype=dtype)[::2]  # a strided bias
+        bias = rounded_randn(2 * n_out, dtype=dtype)[::2]  # a strided bias
     return x, weight, mask, bias, grad_out
 
 
@@ -267,15 +244,15 @@ def _check_linear(x, weight, mask, bias, grad_out, output_mask=(True, True, True
     n_out, n_in = weight.shape
     batch = x.numel() // n_in if n_in else grad_out.numel() // max(n_out, 1)
     y = tk.masked_linear(x, weight, mask, bias)
-    _assert_within_torch_error(
+    assert_within_torch_error_or_same_pattern(
         "y", y, reference.masked_linear(x, weight, mask, bias),
-        reference.masked_linear(*_to64(x, weight, mask, bias)), reduce_len=n_in,
+        reference.masked_linear(*tensors_to64(x, weight, mask, bias)), reduce_len=n_in,
     )
     ours = tk.masked_linear_backward(grad_out, x, weight, mask, output_mask)
     torch_own = reference.masked_linear_backward(grad_out, x, weight, mask, output_mask)
-    ref64 = reference.masked_linear_backward(*_to64(grad_out, x, weight, mask), output_mask)
+    ref64 = reference.masked_linear_backward(*tensors_to64(grad_out, x, weight, mask), output_mask)
     for name, o, t, r, n in zip(("dx", "dW", "dM"), ours, torch_own, ref64, (n_out, batch, batch)):
-        _assert_within_torch_error(name, o, t, r, reduce_len=n)
+        assert_within_torch_error_or_same_pattern(name, o, t, r, reduce_len=n)
 
 
 @triton_case
@@ -328,14 +305,14 @@ def test_masked_linear_backward_output_mask(dtype, output_mask):
     x, weight, mask, _, grad_out = _linear_inputs((4, 3), 19, 37, dtype, "float", "noncontig")
     # As the op's autograd calls it: an input that no wanted output reads is
     # a zero-stride placeholder (x is read by dW/dM, the weight by dx/dM).
-    x_arg = x if (want_dw or want_dm) else _placeholder(grad_out, x.shape)
-    w_arg = weight if (want_dx or want_dm) else _placeholder(grad_out, weight.shape)
+    x_arg = x if (want_dw or want_dm) else placeholder(grad_out, x.shape)
+    w_arg = weight if (want_dx or want_dm) else placeholder(grad_out, weight.shape)
     ours = tk.masked_linear_backward(grad_out, x_arg, w_arg, mask, output_mask)
     torch_own = reference.masked_linear_backward(grad_out, x, weight, mask, output_mask)
-    ref64 = reference.masked_linear_backward(*_to64(grad_out, x, weight, mask), output_mask)
+    ref64 = reference.masked_linear_backward(*tensors_to64(grad_out, x, weight, mask), output_mask)
     for name, wanted, o, t, r in zip(("dx", "dW", "dM"), output_mask, ours, torch_own, ref64):
         if wanted:
-            _assert_within_torch_error(name, o, t, r, reduce_len=37)
+            assert_within_torch_error_or_same_pattern(name, o, t, r, reduce_len=37)
         else:
             assert o.shape == (0,) and o.dtype == t.dtype, f"{name} not asked for: got {o.dtype} {tuple(o.shape)}"
 
@@ -345,7 +322,7 @@ def test_masked_linear_backward_output_mask(dtype, output_mask):
 def test_masked_linear_bool_mask_hides_inf_and_nan_weights(dtype):
     mask = make_mask((70, 9), "bool", dtype)
     weight = _poisoned_weight((70, 9), dtype, mask)
-    x, grad_out = _randn(5, 9, dtype=dtype), _randn(5, 70, dtype=dtype)
+    x, grad_out = rounded_randn(5, 9, dtype=dtype), rounded_randn(5, 70, dtype=dtype)
     y = tk.masked_linear(x, weight, mask, None)
     dx, dw, _ = tk.masked_linear_backward(grad_out, x, weight, mask, (True, True, False))
     assert torch.isfinite(y).all() and torch.isfinite(dx).all() and torch.isfinite(dw).all()
@@ -368,40 +345,6 @@ MASK_KINDS_cuda_cpp = ["bool", "float"]
 ops = torch.ops.sparsesam_cuda
 
 
-def make_mask_cuda_cpp(shape, kind, dtype, device="cuda"):
-    keep = torch.rand(shape, device=device) > 0.4
-    if kind == "bool":
-        return keep
-    # A soft mask with exact zeros, as pruning produces.
-    return torch.where(keep, torch.rand(shape, device=device), 0.0).to(dtype)
-
-
-def f64(*tensors):
-    return [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
-
-
-def assert_as_accurate_as_pytorch(out, ref_lowp, ref64):
-    """The kernel's error versus float64 is at most twice PyTorch's own."""
-    assert out.shape == ref_lowp.shape and out.dtype == ref_lowp.dtype
-    if out.numel() == 0:
-        return
-    if out.dtype == torch.float64:
-        torch.testing.assert_close(out, ref64)
-        return
-    err = (out.double() - ref64).abs().max().item()
-    ref_err = (ref_lowp.double() - ref64).abs().max().item()
-    ulp = torch.finfo(out.dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * ref_err + ulp, f"error {err:.3g} vs PyTorch's {ref_err:.3g} ({out.dtype})"
-
-
-def assert_outputs(outs, refs_lowp, refs64, wanted):
-    for out, ref_lowp, ref64, want in zip(outs, refs_lowp, refs64, wanted):
-        if want:
-            assert_as_accurate_as_pytorch(out, ref_lowp, ref64)
-        else:
-            assert out.shape == (0,), "an output not asked for comes back empty"
-
-
 LINEAR_CASES = [
     # (x shape, out_features)
     ((5, 13), 7),
@@ -420,10 +363,11 @@ BACKWARD_MASKS = list(itertools.product([False, True], repeat=3))
 def test_masked_linear(dtype, kind, x_shape, out_features, with_bias):
     x = torch.randn(x_shape, device="cuda", dtype=dtype)
     w = torch.randn(out_features, x_shape[-1], device="cuda", dtype=dtype)
-    m = make_mask_cuda_cpp(w.shape, kind, dtype)
+    m = pruned_mask(w.shape, kind, dtype)
     b = torch.randn(out_features, device="cuda", dtype=dtype) if with_bias else None
     out = ops.masked_linear(x, w, m, b)
-    assert_as_accurate_as_pytorch(out, reference.masked_linear(x, w, m, b), reference.masked_linear(*f64(x, w, m, b)))
+    assert_as_accurate_as_pytorch(out, reference.masked_linear(x, w, m, b),
+                                  reference.masked_linear(*tensors_to64(x, w, m, b)))
 
 
 @cuda_cpp_case
@@ -434,7 +378,7 @@ def test_masked_linear(dtype, kind, x_shape, out_features, with_bias):
 def test_masked_linear_backward(dtype, kind, x_shape, out_features, output_mask):
     x = torch.randn(x_shape, device="cuda", dtype=dtype)
     w = torch.randn(out_features, x_shape[-1], device="cuda", dtype=dtype)
-    m = make_mask_cuda_cpp(w.shape, kind, dtype)
+    m = pruned_mask(w.shape, kind, dtype)
     dy = torch.randn(*x_shape[:-1], out_features, device="cuda", dtype=dtype)
     if output_mask[2] and kind == "bool":
         with pytest.raises(RuntimeError, match="bool mask has no gradient"):
@@ -442,5 +386,5 @@ def test_masked_linear_backward(dtype, kind, x_shape, out_features, output_mask)
         return
     outs = ops.masked_linear_backward(dy, x, w, m, list(output_mask))
     refs = reference.masked_linear_backward(dy, x, w, m, output_mask)
-    refs64 = reference.masked_linear_backward(*f64(dy, x, w, m), output_mask)
-    assert_outputs(outs, refs, refs64, output_mask)
+    refs64 = reference.masked_linear_backward(*tensors_to64(dy, x, w, m), output_mask)
+    assert_outputs_as_accurate_as_pytorch(outs, refs, refs64, output_mask)

@@ -42,7 +42,7 @@ from sparsesam import reference
 from sparsesam.ops import apply_mask, masked_weight_grad
 
 from backends import backend_op, cuda_cpp_case, OP_BACKENDS, tk, triton_case
-from op_cases import DTYPES, make_mask, MASK_KINDS, noncontiguous
+from op_cases import DTYPES, make_mask, MASK_KINDS, noncontiguous, placeholder, pruned_mask, rounded_randn
 
 
 # ============================================================================
@@ -139,16 +139,6 @@ LAYOUTS = ["contig", "noncontig"]
 OUTPUT_MASKS_2 = list(itertools.product([True, False], repeat=2))
 
 
-def _randn(*shape, dtype):
-    # Drawn in float64 and rounded once, so every dtype sees the same values.
-    return torch.randn(*shape, dtype=torch.float64).to(dtype)
-
-
-def _placeholder(like, shape):
-    """What the ops' autograd passes for an input it did not save: zero strides, no memory."""
-    return like.new_zeros(()).expand(shape)
-
-
 def _assert_identical(name, ours, theirs):
     assert ours.dtype == theirs.dtype, f"{name}: dtype {ours.dtype} != {theirs.dtype}"
     assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
@@ -157,7 +147,7 @@ def _assert_identical(name, ours, theirs):
 
 def _poisoned_weight(shape, dtype, mask):
     """Random weights with inf / -inf / nan wherever a bool mask prunes: the output must not see them."""
-    w = _randn(*shape, dtype=dtype)
+    w = rounded_randn(*shape, dtype=dtype)
     if mask.dtype == torch.bool and w.numel():
         poison = torch.tensor([float("inf"), float("-inf"), float("nan")], dtype=dtype)
         fill = poison[torch.arange(w.numel()) % 3].reshape(shape)
@@ -195,11 +185,11 @@ def test_apply_mask_matches_reference_exactly(shape, dtype, mask_kind, layout):
 def test_masked_weight_grad_matches_reference_exactly(shape, dtype, mask_kind, output_mask):
     mask = make_mask(shape, mask_kind, dtype)
     weight = _poisoned_weight(shape, dtype, mask)
-    grad = _randn(*shape, dtype=dtype)
+    grad = rounded_randn(*shape, dtype=dtype)
     # G arrives transposed-and-back (non-contiguous) as it may from autograd.
     grad, mask = noncontiguous(grad), noncontiguous(mask)
     # dW never reads the weight: pass a placeholder as tk.apply_mask's backward may.
-    weight_arg = weight if output_mask[1] else _placeholder(grad, shape)
+    weight_arg = weight if output_mask[1] else placeholder(grad, shape)
     ours = tk.masked_weight_grad(grad, weight_arg, mask, output_mask)
     theirs = reference.masked_weight_grad(grad, weight, mask, output_mask)
     for name, o, t in zip(("dW", "dM"), ours, theirs):
@@ -212,14 +202,6 @@ def test_masked_weight_grad_matches_reference_exactly(shape, dtype, mask_kind, o
 DTYPES_cuda_cpp = [torch.float32, torch.float64, torch.bfloat16]
 MASK_KINDS_cuda_cpp = ["bool", "float"]
 ops = torch.ops.sparsesam_cuda
-
-
-def make_mask_cuda_cpp(shape, kind, dtype, device="cuda"):
-    keep = torch.rand(shape, device=device) > 0.4
-    if kind == "bool":
-        return keep
-    # A soft mask with exact zeros, as pruning produces.
-    return torch.where(keep, torch.rand(shape, device=device), 0.0).to(dtype)
 
 
 def assert_exact(out, ref):
@@ -238,7 +220,7 @@ WEIGHT_SHAPES = [(1, 1), (7, 13), (64, 129), (3, 5, 3, 3), (2048, 1031), (0, 5)]
 @pytest.mark.parametrize("shape", WEIGHT_SHAPES)
 def test_apply_mask(dtype, kind, shape):
     w = torch.randn(shape, device="cuda", dtype=dtype)
-    m = make_mask_cuda_cpp(shape, kind, dtype)
+    m = pruned_mask(shape, kind, dtype)
     assert_exact(ops.apply_mask(w, m), reference.apply_mask(w, m))
 
 
@@ -250,7 +232,7 @@ def test_apply_mask(dtype, kind, shape):
 def test_masked_weight_grad(dtype, kind, shape, output_mask):
     g = torch.randn(shape, device="cuda", dtype=dtype)
     w = torch.randn(shape, device="cuda", dtype=dtype)
-    m = make_mask_cuda_cpp(shape, kind, dtype)
+    m = pruned_mask(shape, kind, dtype)
     if output_mask[1] and kind == "bool":
         with pytest.raises(RuntimeError, match="bool mask has no gradient"):
             ops.masked_weight_grad(g, w, m, list(output_mask))
@@ -270,7 +252,7 @@ def test_masked_weight_grad(dtype, kind, shape, output_mask):
 @pytest.mark.parametrize("dtype", DTYPES_cuda_cpp)
 def test_bool_mask_selects_through_inf_and_nan(dtype):
     w = torch.randn(33, 17, device="cuda", dtype=dtype)
-    m = make_mask_cuda_cpp(w.shape, "bool", dtype)
+    m = pruned_mask(w.shape, "bool", dtype)
     w[~m] = float("nan")
     w[~m & (torch.rand(w.shape, device="cuda") > 0.5)] = float("inf")
     out = ops.apply_mask(w, m)
@@ -289,7 +271,7 @@ def test_misaligned_and_strided_inputs(kind):
     n = shape[0] * shape[1]
     w = torch.randn(n + 1, device="cuda")[1:].view(shape)
     g = torch.randn(n + 1, device="cuda")[1:].view(shape)
-    m_full = make_mask_cuda_cpp((n + 1,), kind, torch.float32)
+    m_full = pruned_mask((n + 1,), kind, torch.float32)
     m = m_full[1:].view(shape)
     assert_exact(ops.apply_mask(w, m), reference.apply_mask(w, m))
     want = (True, kind == "float")
@@ -308,7 +290,7 @@ def test_weight_placeholder_is_never_read(kind):
     # Autograd passes a zero-stride placeholder for W when dM is not wanted.
     shape = (65, 31)
     g = torch.randn(shape, device="cuda")
-    m = make_mask_cuda_cpp(shape, kind, torch.float32)
+    m = pruned_mask(shape, kind, torch.float32)
     placeholder = g.new_zeros(()).expand(shape)
     dweight, dmask = ops.masked_weight_grad(g, placeholder, m, [True, False])
     assert_exact(dweight, reference.apply_mask(g, m))
@@ -325,7 +307,7 @@ def test_kernels_follow_the_tensors_device_not_the_current_one():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     w = torch.randn(9, 7, device="cuda:1")
-    m = make_mask_cuda_cpp(w.shape, "float", w.dtype, device="cuda:1")
+    m = pruned_mask(w.shape, "float", w.dtype, device="cuda:1")
     with torch.cuda.device(0):
         out = ops.apply_mask(w, m)
         dweight, dmask = ops.masked_weight_grad(w, w, m, [True, True])

@@ -36,9 +36,6 @@ without a GPU; the CUDA C++ cases also without a SPARSESAM_CUDA=1 build.
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -51,8 +48,11 @@ from sparsesam.pruning.nm import nm_mask
 from sparsesam.sparse import NMPattern
 from sparsesam.sparse.nm import detect
 
-from backends import assert_linear_format_matches_dense, backend_op, GPU_BACKENDS, gpu_case, OP_BACKENDS, tk, triton_case
-from op_cases import noncontiguous, outputs_and_grads, to64
+from backends import backend_op, GPU_BACKENDS, gpu_case, OP_BACKENDS, tk, triton_case
+from linear_formats import (assert_backward_within_torch_error, assert_linear_format_matches_dense,
+                            assert_op_within_torch_error, assert_same_bits_at_every_thread_count,
+                            assert_script_passes_on_the_baseline_isa)
+from op_cases import noncontiguous, outputs_and_grads
 from tolerance import assert_within_torch_error
 
 
@@ -110,16 +110,7 @@ def _reference(pattern):
 
 
 def _check_against_reference(pattern, inputs):
-    ours, ours_grads = outputs_and_grads(_ours(pattern), inputs)
-    torch_own, torch_grads = outputs_and_grads(_reference(pattern), inputs)
-    ref, ref_grads = outputs_and_grads(_reference(pattern), to64(inputs))
-    n_in = pattern.in_features
-    batch = inputs["x"].shape[:-1].numel()
-    assert_within_torch_error("y", ours, torch_own, ref, reduction_size=n_in)
-    assert set(ours_grads) == set(ref_grads)
-    for name in ref_grads:
-        sums = {"x": pattern.out_features, "values": batch, "bias": batch}[name]
-        assert_within_torch_error(f"d{name}", ours_grads[name], torch_grads[name], ref_grads[name], reduction_size=sums)
+    assert_op_within_torch_error(_ours(pattern), _reference(pattern), pattern, inputs)
 
 
 # --- the op vs the reference ---------------------------------------------------
@@ -186,18 +177,10 @@ def test_result_does_not_depend_on_thread_count():
     pattern, inputs = _inputs((129,), 77, 2, 4, 75, torch.float32)
     grad = torch.randn(129, 77)
     args = (inputs["values"], pattern.indices, pattern.n, pattern.m)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append((ops.nm_linear(inputs["x"], *args, inputs["bias"]),
-                            *ops.nm_linear_backward(grad, inputs["x"], *args, [True, True])))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    assert_same_bits_at_every_thread_count(lambda: (
+        ops.nm_linear(inputs["x"], *args, inputs["bias"]),
+        *ops.nm_linear_backward(grad, inputs["x"], *args, [True, True]),
+    ))
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 8), (3, 8)], ids=str)
@@ -259,10 +242,7 @@ def test_baseline_isa_kernels_match_reference():
                     assert (ours.double() - ref).abs().max().item() <= tol * scale, (dtype, batch, n, m)
         print("ok")
     """)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    assert_script_passes_on_the_baseline_isa(script)
 
 
 # --- bad input -----------------------------------------------------------------
@@ -465,13 +445,7 @@ def test_backward_matches_reference(shape, dtype, output_mask):
     ours = tk.nm_linear_backward(grad, x_arg, v_arg, *pattern, output_mask)
     torch_own = reference.nm_linear_backward(grad, x, values, *pattern, output_mask)
     ref = reference.nm_linear_backward(grad.double(), x.double(), values.double(), *pattern, output_mask)
-    batch = grad.shape[:-1].numel()
-    for name, o, t, r, wanted, sums in zip(("dx", "dvalues"), ours, torch_own, ref, output_mask,
-                                           (pattern.out_features, batch)):
-        if wanted:
-            assert_within_torch_error(name, o, t, r.to(torch.float64), reduction_size=sums)
-        else:
-            assert o.shape == (0,)
+    assert_backward_within_torch_error(ours, torch_own, ref, output_mask, pattern, grad)
 
 
 # ============================================================================
@@ -494,11 +468,4 @@ def test_forward_backward_vs_reference_gpu(backend, dtype, shape):
         pattern = NMPattern.from_mask(nm_mask(torch.rand(n_out, groups * m), n, m), n, m).to("cuda")
         rnd = lambda *s: torch.randn(*s, dtype=torch.float64, device="cuda").to(dtype)  # noqa: E731
         inputs = dict(x=rnd(*lead, groups * m), values=rnd(*pattern.values_shape), bias=rnd(n_out))
-        ours, ours_grads = outputs_and_grads(lambda x, values, bias: nm_linear(x, values, pattern, bias), inputs)
-        ref_fn = lambda x, values, bias: reference.nm_linear(x, values, *pattern, bias)  # noqa: E731
-        torch_own, torch_grads = outputs_and_grads(ref_fn, inputs)
-        ref, ref_grads = outputs_and_grads(ref_fn, to64(inputs))
-        batch = inputs["x"].shape[:-1].numel()
-        assert_within_torch_error("y", ours, torch_own, ref, reduction_size=pattern.in_features)
-        for name, sums in (("x", pattern.out_features), ("values", batch), ("bias", batch)):
-            assert_within_torch_error(f"d{name}", ours_grads[name], torch_grads[name], ref_grads[name], reduction_size=sums)
+        _check_against_reference(pattern, inputs)

@@ -65,7 +65,8 @@ import torch
 from sparsesam import ops, reference
 
 from backends import backend_op, cuda_cpp_case, OP_BACKENDS, tk, triton_case
-from tolerance import assert_within_torch_error
+from op_cases import pruned_mask, rounded_randn, tensors_to64
+from tolerance import assert_as_accurate_as_pytorch, assert_within_torch_error
 
 
 # ============================================================================
@@ -655,11 +656,6 @@ MASK_KINDS_triton = ["none", "bool", "float", "mixed"]
 _BITS = {torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64, torch.bool: torch.bool}
 
 
-def _randn(shape, dtype):
-    # Drawn in float64 and rounded once, so every dtype sees the same values.
-    return torch.randn(shape, dtype=torch.float64).to(dtype)
-
-
 def _mask(shape, kind, dtype):
     if kind == "none":
         return None
@@ -746,8 +742,8 @@ def _norm_rtol(dtype):
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
 @pytest.mark.parametrize("mask_kind", MASK_KINDS_triton)
 def test_sq_norm_matches_reference(dtype, adaptive, mask_kind):
-    grads = [_randn(s, dtype) for s in SHAPES_triton]
-    weights = [_randn(s, dtype) for s in SHAPES_triton]
+    grads = [rounded_randn(s, dtype=dtype) for s in SHAPES_triton]
+    weights = [rounded_randn(s, dtype=dtype) for s in SHAPES_triton]
     masks = _masks(mask_kind, dtype)
     ours = tk.sam_grad_sq_norm(grads, weights, masks, adaptive)
     ref = reference.sam_grad_sq_norm(grads, weights, masks, adaptive)
@@ -759,8 +755,8 @@ def test_sq_norm_matches_reference(dtype, adaptive, mask_kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_sq_norm_is_deterministic(dtype):
     shapes = [(5000,), (7,), (64, 129), (3, 5, 3, 3)]
-    grads = [_randn(s, dtype) * 1e3 ** i for i, s in enumerate(shapes)]  # wide range: order matters
-    weights = [_randn(s, dtype) for s in shapes]
+    grads = [rounded_randn(s, dtype=dtype) * 1e3 ** i for i, s in enumerate(shapes)]  # wide range: order matters
+    weights = [rounded_randn(s, dtype=dtype) for s in shapes]
     masks = _masks("mixed", dtype, shapes)
     for adaptive in (False, True):
         first = tk.sam_grad_sq_norm(grads, weights, masks, adaptive)
@@ -772,8 +768,8 @@ def test_sq_norm_is_deterministic(dtype):
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
 def test_sq_norm_ignores_pruned_entries(adaptive):
     masks = _masks("mixed", torch.float32)
-    grads = [_randn(s, torch.float32) for s in SHAPES_triton]
-    weights = [_randn(s, torch.float32) for s in SHAPES_triton]
+    grads = [rounded_randn(s, dtype=torch.float32) for s in SHAPES_triton]
+    weights = [rounded_randn(s, dtype=torch.float32) for s in SHAPES_triton]
     clean = tk.sam_grad_sq_norm(grads, weights, masks, adaptive)
     # inf/nan gradients and weights where pruned must add exactly nothing.
     poisoned = [g.masked_fill(_pruned(m, g), float("inf")) for g, m in zip(grads, masks)]
@@ -791,8 +787,8 @@ def test_sq_norm_empty():
 
 @triton_case
 def test_sq_norm_reads_weights_only_when_adaptive():
-    grads = [_randn((7,), torch.float32), _randn((129,), torch.float32)]
-    weights = [_randn((7,), torch.float32), _randn((129,), torch.float32)]
+    grads = [rounded_randn((7,), dtype=torch.float32), rounded_randn((129,), dtype=torch.float32)]
+    weights = [rounded_randn((7,), dtype=torch.float32), rounded_randn((129,), dtype=torch.float32)]
     masks = [None, torch.rand(129) > 0.5]
     with_weights = tk.sam_grad_sq_norm(grads, weights, masks, False)
     _assert_bits("no weights", tk.sam_grad_sq_norm(grads, [], masks, False), with_weights)
@@ -813,8 +809,8 @@ def test_sq_norm_reads_weights_only_when_adaptive():
 )
 def test_perturb_matches_reference(dtype, adaptive, rho_kind, mask_kind):
     masks = _masks(mask_kind, dtype)
-    params = _poison_pruned([_randn(s, dtype) for s in SHAPES_triton], masks)
-    grads = _poison_pruned([_randn(s, dtype) for s in SHAPES_triton], masks)
+    params = _poison_pruned([rounded_randn(s, dtype=dtype) for s in SHAPES_triton], masks)
+    grads = _poison_pruned([rounded_randn(s, dtype=dtype) for s in SHAPES_triton], masks)
     rhos = _rhos(rho_kind, params)
     sq_norm = reference.sam_grad_sq_norm(grads, params, masks, adaptive)
     # Buffers full of garbage: every entry must be written.
@@ -832,8 +828,8 @@ def test_perturb_matches_reference(dtype, adaptive, rho_kind, mask_kind):
 @pytest.mark.parametrize("norm_dtype", [torch.float32, torch.float64], ids=str)
 def test_perturb_sq_norm_and_eps(norm_dtype):
     """sq_norm of another dtype, a zero norm (eps alone), a large eps."""
-    params = [_randn(s, torch.float32) for s in SHAPES_triton]
-    grads = [_randn(s, torch.float32) for s in SHAPES_triton]
+    params = [rounded_randn(s, dtype=torch.float32) for s in SHAPES_triton]
+    grads = [rounded_randn(s, dtype=torch.float32) for s in SHAPES_triton]
     masks = _masks("bool", torch.float32)
     rhos = _rhos("scalar", params)
     for sq_norm, eps in [(torch.tensor(2.5, dtype=norm_dtype), 1e-12), (torch.tensor(0.0, dtype=norm_dtype), 1e-3),
@@ -846,8 +842,8 @@ def test_perturb_sq_norm_and_eps(norm_dtype):
 @triton_case
 def test_perturb_noncontiguous_out_and_inputs():
     shapes = [(6, 9), (4, 5, 3)]
-    params = [_randn(s, torch.float64).transpose(0, -1) for s in shapes]
-    grads = [_randn(s, torch.float64).transpose(0, -1) for s in shapes]
+    params = [rounded_randn(s, dtype=torch.float64).transpose(0, -1) for s in shapes]
+    grads = [rounded_randn(s, dtype=torch.float64).transpose(0, -1) for s in shapes]
     masks = [(torch.rand(s) > 0.5).transpose(0, -1) for s in shapes]
     rhos = [torch.rand(p.shape[0]) for p in params]
     out = [torch.zeros(s, dtype=torch.float64).transpose(0, -1) for s in shapes]
@@ -862,8 +858,8 @@ EMPTY_MIX = [(0,), (0, 3), (9000,), (0,), (0, 4), (7, 3)]
 
 
 def _empty_mix(dtype):
-    params = [_randn(s, dtype) for s in EMPTY_MIX]
-    grads = [_randn(s, dtype) for s in EMPTY_MIX]
+    params = [rounded_randn(s, dtype=dtype) for s in EMPTY_MIX]
+    grads = [rounded_randn(s, dtype=dtype) for s in EMPTY_MIX]
     masks = [None, None, torch.rand(9000) > 0.5, None, torch.zeros(0, 4, dtype=torch.bool), None]
     return params, grads, masks
 
@@ -895,9 +891,9 @@ SGD_OPTIONS_triton = list(itertools.product(
 
 def _sgd_case(dtype, mask_kind, momentum, shapes=SHAPES_triton):
     masks = _masks(mask_kind, dtype, shapes)
-    params = _poison_pruned([_randn(s, dtype) for s in shapes], masks)
-    grads = [_randn(s, dtype) for s in shapes]
-    buffers = _poison_pruned([_randn(s, dtype) for s in shapes], masks) if momentum else []
+    params = _poison_pruned([rounded_randn(s, dtype=dtype) for s in shapes], masks)
+    grads = [rounded_randn(s, dtype=dtype) for s in shapes]
+    buffers = _poison_pruned([rounded_randn(s, dtype=dtype) for s in shapes], masks) if momentum else []
     return params, grads, buffers, masks
 
 
@@ -945,7 +941,7 @@ def test_sgd_step_several_steps():
     ours_p, ours_b = [p.clone() for p in params], [b.clone() for b in buffers]
     ref_p, ref_b = params, buffers
     for step in range(3):
-        g = [_randn(p.shape, torch.float32) for p in params]
+        g = [rounded_randn(p.shape, dtype=torch.float32) for p in params]
         tk.sgd_step_(ours_p, g, ours_b, masks, 0.05, 0.9, 0.0, 5e-4, False, False, step == 0)
         ref_p, ref_b = reference.sgd_step(ref_p, g, ref_b, masks, 0.05, 0.9, 0.0, 5e-4, False, False, step == 0)
     _assert_all_bits("params", ours_p, ref_p)
@@ -955,9 +951,9 @@ def test_sgd_step_several_steps():
 @triton_case
 def test_sgd_step_noncontiguous_params_and_buffers():
     shapes = [(6, 9), (4, 5, 3)]
-    params = [_randn(s, torch.float32).transpose(0, -1) for s in shapes]
-    grads = [_randn(s, torch.float32).transpose(0, -1) for s in shapes]
-    buffers = [_randn(s, torch.float32).transpose(0, -1) for s in shapes]
+    params = [rounded_randn(s, dtype=torch.float32).transpose(0, -1) for s in shapes]
+    grads = [rounded_randn(s, dtype=torch.float32).transpose(0, -1) for s in shapes]
+    buffers = [rounded_randn(s, dtype=torch.float32).transpose(0, -1) for s in shapes]
     masks = [(torch.rand(s) > 0.5).transpose(0, -1) for s in shapes]
     options = (0.9, 0.1, 1e-2, False, True, False)
     ours_p, ours_b, ref_p, ref_b = _run_sgd(params, grads, buffers, masks, *options)
@@ -969,7 +965,7 @@ def test_sgd_step_noncontiguous_params_and_buffers():
 def test_sgd_step_empty():
     assert tk.sgd_step_([], [], [], [], 0.1, 0.9, 0.0, 0.0, False, False, True) is None
     params, grads, masks = _empty_mix(torch.float32)
-    buffers = [_randn(s, torch.float32) for s in EMPTY_MIX]
+    buffers = [rounded_randn(s, dtype=torch.float32) for s in EMPTY_MIX]
     ours_p, ours_b, ref_p, ref_b = _run_sgd(params, grads, buffers, masks, 0.9, 0.0, 1e-3, True, False, False)
     assert [tuple(p.shape) for p in ours_p] == [tuple(b.shape) for b in ours_b] == EMPTY_MIX
     _assert_all_bits("params", ours_p, ref_p)
@@ -1032,35 +1028,9 @@ MASK_KINDS_cuda_cpp = ["bool", "float"]
 ops_cuda_cpp = torch.ops.sparsesam_cuda
 
 
-def make_mask_cuda_cpp(shape, kind, dtype, device="cuda"):
-    keep = torch.rand(shape, device=device) > 0.4
-    if kind == "bool":
-        return keep
-    # A soft mask with exact zeros, as pruning produces.
-    return torch.where(keep, torch.rand(shape, device=device), 0.0).to(dtype)
-
-
-def f64(*tensors):
-    return [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
-
-
 def assert_exact(out, ref):
     assert out.shape == ref.shape and out.dtype == ref.dtype and out.device == ref.device
     torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
-
-
-def assert_as_accurate_as_pytorch(out, ref_lowp, ref64):
-    """The kernel's error versus float64 is at most twice PyTorch's own."""
-    assert out.shape == ref_lowp.shape and out.dtype == ref_lowp.dtype
-    if out.numel() == 0:
-        return
-    if out.dtype == torch.float64:
-        torch.testing.assert_close(out, ref64)
-        return
-    err = (out.double() - ref64).abs().max().item()
-    ref_err = (ref_lowp.double() - ref64).abs().max().item()
-    ulp = torch.finfo(out.dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * ref_err + ulp, f"error {err:.3g} vs PyTorch's {ref_err:.3g} ({out.dtype})"
 
 
 # ---------------------------------------------------------------------------
@@ -1088,7 +1058,7 @@ def make_masks(choice, dtype, shapes=PARAM_SHAPES):
         kinds = [("none", "bool", "float")[i % 3] for i in range(len(shapes))]
     else:
         kinds = [choice] * len(shapes)
-    return [None if kind == "none" else make_mask_cuda_cpp(s, kind, dtype) for s, kind in zip(shapes, kinds)]
+    return [None if kind == "none" else pruned_mask(s, kind, dtype) for s, kind in zip(shapes, kinds)]
 
 
 def make_rhos_cuda_cpp(params, kind):
@@ -1122,7 +1092,7 @@ def test_sam_grad_sq_norm_is_bitwise_deterministic_cuda_cpp():
     shapes = [(1000, 1000), (257,), (64, 3, 7, 7)]
     grads = [10 * g for g in make_tensors(torch.float32, shapes)]
     weights = make_tensors(torch.float32, shapes)
-    masks = [make_mask_cuda_cpp(shapes[0], "bool", torch.float32), None, make_mask_cuda_cpp(shapes[2], "float", torch.float32)]
+    masks = [pruned_mask(shapes[0], "bool", torch.float32), None, pruned_mask(shapes[2], "float", torch.float32)]
     first = ops_cuda_cpp.sam_grad_sq_norm(grads, weights, masks, True)
     for _ in range(5):
         assert torch.equal(ops_cuda_cpp.sam_grad_sq_norm(grads, weights, masks, True), first)
@@ -1173,7 +1143,7 @@ def test_sam_perturb_in_place_misaligned_and_strided():
     # copied into the weight's layout.
     w = torch.randn(shape[0] * shape[1] + 1, device="cuda")[1:].view(shape)
     g = torch.randn(shape, device="cuda").t().contiguous().t()
-    m = make_mask_cuda_cpp(shape, "bool", torch.float32)
+    m = pruned_mask(shape, "bool", torch.float32)
     rho = torch.rand(shape[0], device="cuda", dtype=torch.float64)
     sq_norm = ops_cuda_cpp.sam_grad_sq_norm([g], [w], [m], True)
     ref = reference.sam_perturb([w], [g], [m], [rho], sq_norm, True, EPS)[0]
@@ -1205,7 +1175,7 @@ def test_sgd_step(dtype, masks, options):
     bufs = make_tensors(dtype) if momentum else []
     ms = make_masks(masks, dtype)
     ref_params, ref_bufs = reference.sgd_step(params, grads, bufs, ms, *args)
-    ref64_params, ref64_bufs = reference.sgd_step(f64(*params), f64(*grads), f64(*bufs), ms, *args)
+    ref64_params, ref64_bufs = reference.sgd_step(tensors_to64(*params), tensors_to64(*grads), tensors_to64(*bufs), ms, *args)
     params_before, bufs_before = [p.clone() for p in params], [b.clone() for b in bufs]
     ops_cuda_cpp.sgd_step_(params, grads, bufs, ms, *args)
     results = list(zip(params, ref_params, ref64_params, params_before, ms))
@@ -1225,7 +1195,7 @@ def test_sgd_step(dtype, masks, options):
 def test_sam_step_ops_ignore_pruned_inf_and_nan(kind):
     shape = (129, 65)
     w, g, buf = (torch.randn(shape, device="cuda") for _ in range(3))
-    m = make_mask_cuda_cpp(shape, kind, torch.float32)
+    m = pruned_mask(shape, kind, torch.float32)
     g[m == 0] = float("nan")
     w[m == 0] = float("inf")
     for adaptive in (False, True):
@@ -1250,7 +1220,7 @@ def test_sam_step_ops_group_mixed_dtypes():
     shapes = [(33, 17), (20000,), (9, 5), (2, 3)]
     grads = [torch.randn(s, device="cuda", dtype=d) for s, d in zip(shapes, dtypes)]
     weights = [torch.randn(s, device="cuda", dtype=d) for s, d in zip(shapes, dtypes)]
-    masks = [make_mask_cuda_cpp(s, "bool", d) if i % 2 == 0 else None for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    masks = [pruned_mask(s, "bool", d) if i % 2 == 0 else None for i, (s, d) in enumerate(zip(shapes, dtypes))]
     sq_norm = ops_cuda_cpp.sam_grad_sq_norm(grads, weights, masks, True)
     ref = reference.sam_grad_sq_norm(grads, weights, masks, True)
     torch.testing.assert_close(sq_norm, ref, rtol=NORM_RTOL[torch.float32], atol=0)

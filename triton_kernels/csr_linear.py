@@ -1,4 +1,4 @@
-"""sparse_linear in Triton: ``y = x W^T + b`` with W kept as ``values`` at the
+"""csr_linear in Triton: ``y = x W^T + b`` with W kept as ``values`` at the
 entries of a fixed CSR pattern (sparsesam/sparse/csr.py), never densified.
 
 The weight is processed in blocks of BLOCK_E entries of one sparse row, every
@@ -131,7 +131,7 @@ def _spmm_rows(operand: Tensor, ptr: Tensor, idx: Tensor, values: Tensor, pos: O
     )
 
 
-def sparse_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, ccol_indices: Tensor,
+def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, ccol_indices: Tensor,
                   row_indices: Tensor, csr_positions: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """y = x W^T + b over the last dimension of x (any leading dimensions)."""
     out_features, in_features = crow_indices.numel() - 1, ccol_indices.numel() - 1
@@ -144,10 +144,10 @@ def sparse_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: 
     return y.view(*lead, out_features)
 
 
-def sparse_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
+def csr_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
                            ccol_indices: Tensor, row_indices: Tensor, csr_positions: Tensor,
                            output_mask: Sequence[bool]) -> Tuple[Tensor, Tensor]:
-    """(dx, dvalues) of :func:`sparse_linear` for output_mask = (dx, dvalues).
+    """(dx, dvalues) of :func:`csr_linear` for output_mask = (dx, dvalues).
 
     An output not asked for comes back as ``new_empty((0,))``, and the input
     only it reads (values for dx, x for dvalues) may be a zero-stride

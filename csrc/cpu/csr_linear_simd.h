@@ -1,6 +1,6 @@
-// The interface between the sparse_linear CPU op (sparse_linear_cpu.cpp) and
+// The interface between the csr_linear CPU op (csr_linear_cpu.cpp) and
 // its inner kernels, which are compiled once per instruction set: for the
-// baseline x86-64 ISA (SSE2, the wheel runs anywhere) in sparse_linear_cpu.cpp
+// baseline x86-64 ISA (SSE2, the wheel runs anywhere) in csr_linear_cpu.cpp
 // and, on x86-64, for AVX2+FMA in sparse_formats_avx2.cpp; the op picks one at
 // run time. Only plain structs and function pointers cross that boundary, so
 // no inline function is ever compiled for two instruction sets under one name.
@@ -83,7 +83,7 @@ struct UnpackTask {
 // One instruction set's kernels for one accumulation type; index k of each
 // array is the variant with kVecs = 1 << k vectors per tile.
 template <typename acc_t>
-struct SparseLinearKernels {
+struct CSRLinearKernels {
   const char* isa;
   int lanes;  // acc_t values per vector
   void (*spmm[4])(const SpmmTask<acc_t>&);
@@ -95,7 +95,7 @@ struct SparseLinearKernels {
 // The AVX2+FMA kernels (nullptr where they are not compiled: not x86-64, or
 // a compiler without target pragmas). Whether the CPU runs them is the
 // caller's question.
-const SparseLinearKernels<float>* sparse_linear_kernels_avx2_f32();
-const SparseLinearKernels<double>* sparse_linear_kernels_avx2_f64();
+const CSRLinearKernels<float>* csr_linear_kernels_avx2_f32();
+const CSRLinearKernels<double>* csr_linear_kernels_avx2_f64();
 
 }  // namespace sparsesam::cpu

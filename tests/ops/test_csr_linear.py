@@ -1,31 +1,31 @@
-"""The sparse_linear op on every backend.
+"""The csr_linear op on every backend.
 
 The first test runs on every backend (``backends.OP_BACKENDS``: reference, CPU C++, Triton under
 the interpreter, CUDA C++), each skipped with the reason where this machine lacks it; the sections
 after it are the backend-specific tests.
 
-Reference and CPU C++ kernels: sparse_linear (CSR weights, C++ CPU kernels through the registered op) vs sparsesam.reference,
+Reference and CPU C++ kernels: csr_linear (CSR weights, C++ CPU kernels through the registered op) vs sparsesam.reference,
 the CSRPattern format, and the CSRLinear module.
 
 Sizes are chosen for the kernels' paths: batches of 1, 3, 9, 17, 64 and 129
 give 1, 2, 4 and 8 vectors per batch tile and partial and several tiles;
 in_features 1100 at batch 129 gives several column (cache) blocks.
 
-Triton kernels (marked triton): The Triton sparse_linear kernels (sparsesam.triton_kernels.sparse_linear) vs sparsesam.reference.
+Triton kernels (marked triton): The Triton csr_linear kernels (sparsesam.triton_kernels.csr_linear) vs sparsesam.reference.
 
 They run on CPU under the Triton interpreter:
 
-    TRITON_INTERPRET=1 python -m pytest -m triton tests/ops/test_sparse_linear.py
+    TRITON_INTERPRET=1 python -m pytest -m triton tests/ops/test_csr_linear.py
 
 TRITON_INTERPRET must be set before triton is imported, so these cases skip
 themselves when it is not. Sizes are small (the interpreter runs one program at a
 time) but odd: rows longer than one 32-entry block, batches over one and
 several 16..64-row blocks, empty rows and columns, an all-pruned layer, a
 batch of 0. float16 stands in for the 16-bit path (the interpreter cannot do
-bfloat16 arithmetic; see tests/ops/test_sparse_linear.py). Tolerances follow the
+bfloat16 arithmetic; see tests/ops/test_csr_linear.py). Tolerances follow the
 flash-attention rule of tests/tolerance.py.
 
-On a GPU (marked gpu): sparse_linear on a GPU: the Triton kernels and the CUDA C++ kernels vs sparsesam.reference.
+On a GPU (marked gpu): csr_linear on a GPU: the Triton kernels and the CUDA C++ kernels vs sparsesam.reference.
 
 Through the public op (autograd included) with sparsesam.ops.use_backend binding
 the backend, so the CUDA router is covered too. Results must be within about
@@ -35,8 +35,6 @@ without a GPU; the CUDA C++ cases also without a SPARSESAM_CUDA=1 build.
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -46,11 +44,14 @@ import torch.nn.functional as F
 
 from sparsesam import reference
 from sparsesam.nn import MaskedLinear, CSRLinear
-from sparsesam.ops import sparse_linear, use_backend
+from sparsesam.ops import csr_linear, use_backend
 from sparsesam.sparse import CSRPattern
 
-from backends import assert_linear_format_matches_dense, backend_op, GPU_BACKENDS, gpu_case, OP_BACKENDS, tk, triton_case
-from op_cases import noncontiguous, outputs_and_grads, to64
+from backends import backend_op, GPU_BACKENDS, gpu_case, OP_BACKENDS, tk, triton_case
+from linear_formats import (assert_backward_within_torch_error, assert_linear_format_matches_dense,
+                            assert_op_within_torch_error, assert_same_bits_at_every_thread_count,
+                            assert_script_passes_on_the_baseline_isa)
+from op_cases import noncontiguous, outputs_and_grads
 from tolerance import assert_within_torch_error
 
 
@@ -59,8 +60,8 @@ from tolerance import assert_within_torch_error
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)
 def test_every_backend_matches_f_linear_on_the_dense_weight(backend):
-    forward, device = backend_op(backend, "sparse_linear")
-    backward, _ = backend_op(backend, "sparse_linear_backward")
+    forward, device = backend_op(backend, "csr_linear")
+    backward, _ = backend_op(backend, "csr_linear_backward")
     mask = torch.rand(17, 33) < 0.3
     mask[3] = False  # an empty row
     assert_linear_format_matches_dense(forward, backward, device, CSRPattern.from_mask(mask), lambda p: tuple(p))
@@ -109,24 +110,15 @@ def _inputs(lead, n_in, n_out, density, dtype, bias=True):
 
 
 def _ours(pattern):
-    return lambda x, values, bias: sparse_linear(x, values, pattern, bias)
+    return lambda x, values, bias: csr_linear(x, values, pattern, bias)
 
 
 def _reference(pattern):
-    return lambda x, values, bias: reference.sparse_linear(x, values, *pattern, bias)
+    return lambda x, values, bias: reference.csr_linear(x, values, *pattern, bias)
 
 
 def _check_against_reference(pattern, inputs):
-    ours, ours_grads = outputs_and_grads(_ours(pattern), inputs)
-    torch_own, torch_grads = outputs_and_grads(_reference(pattern), inputs)
-    ref, ref_grads = outputs_and_grads(_reference(pattern), to64(inputs))
-    n_in = pattern.in_features
-    batch = inputs["x"].numel() // max(n_in, 1)
-    assert_within_torch_error("y", ours, torch_own, ref, reduction_size=n_in)
-    assert set(ours_grads) == set(ref_grads)
-    for name in ref_grads:
-        sums = {"x": pattern.out_features, "values": batch, "bias": batch}[name]
-        assert_within_torch_error(f"d{name}", ours_grads[name], torch_grads[name], ref_grads[name], reduction_size=sums)
+    assert_op_within_torch_error(_ours(pattern), _reference(pattern), pattern, inputs)
 
 
 # --- the op vs the reference ---------------------------------------------------
@@ -158,12 +150,12 @@ def test_noncontiguous_x(layout, dtype):
 def test_without_bias_and_only_some_grads():
     pattern, inputs = _inputs((6,), 11, 9, 0.5, torch.float64, bias=False)
     values = inputs["values"].requires_grad_()
-    y = sparse_linear(inputs["x"], values, pattern)
+    y = csr_linear(inputs["x"], values, pattern)
     (dvalues,) = torch.autograd.grad(y.sum(), [values])
     expected = (torch.ones(6, 9, dtype=torch.float64).t() @ inputs["x"])[pattern.entry_rows(), pattern.col_indices.long()]
     torch.testing.assert_close(dvalues, expected)
     x = inputs["x"].requires_grad_()
-    (dx,) = torch.autograd.grad(sparse_linear(x, inputs["values"], pattern).sum(), [x])
+    (dx,) = torch.autograd.grad(csr_linear(x, inputs["values"], pattern).sum(), [x])
     torch.testing.assert_close(dx, torch.ones(6, 9, dtype=torch.float64) @ pattern.scatter(inputs["values"]))
 
 
@@ -179,43 +171,50 @@ def test_dense_pattern_matches_f_linear():
     w = torch.randn(13, 21, dtype=torch.float64)
     x = torch.randn(40, 21, dtype=torch.float64)
     pattern = CSRPattern.from_mask(torch.ones(13, 21, dtype=torch.bool))
-    torch.testing.assert_close(sparse_linear(x, pattern.gather(w), pattern), F.linear(x, w))
+    torch.testing.assert_close(csr_linear(x, pattern.gather(w), pattern), F.linear(x, w))
+
+
+def test_sparse_linear_is_the_deprecated_name_of_csr_linear():
+    """The op was sparse_linear before the CSR pieces were named csr_*: the old Python names still work and
+    warn, while torch.ops knows only csr_linear (the schema list has one name per op)."""
+    import importlib
+    import sparsesam.ops
+    pattern, inputs = _inputs((5,), 6, 4, 0.5, torch.float64)
+    with pytest.warns(DeprecationWarning, match="csr_linear"):
+        old = sparsesam.ops.sparse_linear(inputs["x"], inputs["values"], pattern, inputs["bias"])
+    assert torch.equal(old, csr_linear(inputs["x"], inputs["values"], pattern, inputs["bias"]))
+    assert not hasattr(torch.ops.sparsesam, "sparse_linear") and not hasattr(torch.ops.sparsesam,
+                                                                              "sparse_linear_backward")
+    sys.modules.pop("sparsesam.nn.sparse_linear", None)  # the warning comes once per import of the module
+    with pytest.warns(DeprecationWarning, match="csr_linear"):
+        old_module = importlib.import_module("sparsesam.nn.sparse_linear")
+    assert old_module.CSRLinear is old_module.SparseLinear is CSRLinear
 
 
 def test_result_does_not_depend_on_thread_count():
     pattern, inputs = _inputs((129,), 300, 77, 0.2, torch.float32)
     grad = torch.randn(129, 77)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append((
-                ops.sparse_linear(inputs["x"], inputs["values"], *pattern, inputs["bias"]),
-                *ops.sparse_linear_backward(grad, inputs["x"], inputs["values"], *pattern, [True, True]),
-            ))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    assert_same_bits_at_every_thread_count(lambda: (
+        ops.csr_linear(inputs["x"], inputs["values"], *pattern, inputs["bias"]),
+        *ops.csr_linear_backward(grad, inputs["x"], inputs["values"], *pattern, [True, True]),
+    ))
 
 
 def test_gradcheck():
     pattern, inputs = _inputs((4,), 7, 6, 0.5, torch.float64)
     args = (inputs["x"].requires_grad_(), inputs["values"].requires_grad_(), inputs["bias"].requires_grad_())
-    assert torch.autograd.gradcheck(lambda x, v, b: sparse_linear(x, v, pattern, b), args)
+    assert torch.autograd.gradcheck(lambda x, v, b: csr_linear(x, v, pattern, b), args)
 
 
 def test_opcheck():
     for shape in [((3,), 6, 5, 0.5), ((2, 3), 4, 7, 0.6), ((0,), 3, 2, 0.5), ((5,), 4, 3, 0.0)]:
         pattern, inputs = _inputs(*shape, torch.float32)
         args = (inputs["x"].requires_grad_(), inputs["values"].requires_grad_(), *pattern, inputs["bias"])
-        torch.library.opcheck(ops.sparse_linear.default, args)
+        torch.library.opcheck(ops.csr_linear.default, args)
         grad_out = torch.randn(*shape[0], shape[2])
         for output_mask in ([True, True], [True, False], [False, True]):
             torch.library.opcheck(
-                ops.sparse_linear_backward.default,
+                ops.csr_linear_backward.default,
                 (grad_out, inputs["x"].detach(), inputs["values"].detach(), *pattern, output_mask),
             )
 
@@ -223,8 +222,8 @@ def test_opcheck():
 def test_autocast_bfloat16_matches_reference_under_autocast():
     pattern, inputs = _inputs((8,), 16, 12, 0.5, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = sparse_linear(inputs["x"], inputs["values"], pattern, inputs["bias"])
-    theirs = reference.sparse_linear(*(t.to(torch.bfloat16) for t in (inputs["x"], inputs["values"])), *pattern,
+        ours = csr_linear(inputs["x"], inputs["values"], pattern, inputs["bias"])
+    theirs = reference.csr_linear(*(t.to(torch.bfloat16) for t in (inputs["x"], inputs["values"])), *pattern,
                                      inputs["bias"].to(torch.bfloat16))
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours, theirs)
@@ -246,20 +245,17 @@ def test_baseline_isa_kernels_match_reference():
                 p = CSRPattern.from_mask(mask)
                 x, g = torch.randn(batch, n_in, dtype=torch.float64), torch.randn(batch, n_out, dtype=torch.float64)
                 v, b = torch.randn(p.nnz, dtype=torch.float64), torch.randn(n_out, dtype=torch.float64)
-                y = torch.ops.sparsesam.sparse_linear(x.to(dtype), v.to(dtype), *p, b.to(dtype))
-                dx, dv = torch.ops.sparsesam.sparse_linear_backward(g.to(dtype), x.to(dtype), v.to(dtype), *p, [True, True])
-                ry = reference.sparse_linear(x, v, *p, b)
-                rdx, rdv = reference.sparse_linear_backward(g, x, v, *p, [True, True])
+                y = torch.ops.sparsesam.csr_linear(x.to(dtype), v.to(dtype), *p, b.to(dtype))
+                dx, dv = torch.ops.sparsesam.csr_linear_backward(g.to(dtype), x.to(dtype), v.to(dtype), *p, [True, True])
+                ry = reference.csr_linear(x, v, *p, b)
+                rdx, rdv = reference.csr_linear_backward(g, x, v, *p, [True, True])
                 tol = 1e-12 if dtype == torch.float64 else 1e-4
                 for ours, ref in ((y, ry), (dx, rdx), (dv, rdv)):
                     scale = max(1.0, ref.abs().max().item())
                     assert (ours.double() - ref).abs().max().item() <= tol * scale, (dtype, batch, n_in)
         print("ok")
     """)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    assert_script_passes_on_the_baseline_isa(script)
 
 
 # --- bad input -----------------------------------------------------------------
@@ -289,7 +285,7 @@ def test_bad_input_names_the_argument(change, error, words):
     args = _good_args()
     args.update(change(args))
     with pytest.raises(error, match=words):
-        sparse_linear(**args)
+        csr_linear(**args)
 
 
 def _corrupt(pattern: CSRPattern, field: str, position: int, value: int) -> CSRPattern:
@@ -323,20 +319,20 @@ def test_corrupt_pattern_is_refused_by_the_kernel(field, position, value, words,
     x, values = torch.randn(3, 5), torch.randn(pattern.nnz)
     if read_by == "forward":
         with pytest.raises(ValueError, match=words):
-            ops.sparse_linear(x, values, *bad, None)
+            ops.csr_linear(x, values, *bad, None)
     else:
-        forward = ops.sparse_linear(x, values, *bad, None)
-        torch.testing.assert_close(forward, ops.sparse_linear(x, values, *pattern, None), rtol=0, atol=0)
+        forward = ops.csr_linear(x, values, *bad, None)
+        torch.testing.assert_close(forward, ops.csr_linear(x, values, *pattern, None), rtol=0, atol=0)
     grad = torch.ones(3, 4)
     with pytest.raises(ValueError, match=words):
-        ops.sparse_linear_backward(grad, x, values, *bad, [True, True])
+        ops.csr_linear_backward(grad, x, values, *bad, [True, True])
 
 
 def test_int64_index_is_refused_by_the_kernel():
     pattern = CSRPattern.from_mask(torch.ones(4, 5, dtype=torch.bool))
     bad = pattern._replace(col_indices=pattern.col_indices.long())
     with pytest.raises(TypeError, match="col_indices must be int32"):
-        ops.sparse_linear(torch.randn(3, 5), torch.randn(pattern.nnz), *bad, None)
+        ops.csr_linear(torch.randn(3, 5), torch.randn(pattern.nnz), *bad, None)
 
 
 # --- CSRPattern ------------------------------------------------------------------
@@ -537,9 +533,9 @@ def test_forward_matches_reference(shape, dtype, layout):
     if layout == "noncontig":
         x = noncontiguous(x)
     for b in (bias, None):
-        ours = tk.sparse_linear(x, values, *pattern, b)
-        torch_own = reference.sparse_linear(x, values, *pattern, b)
-        ref = reference.sparse_linear(x.double(), values.double(), *pattern, b.double() if b is not None else None)
+        ours = tk.csr_linear(x, values, *pattern, b)
+        torch_own = reference.csr_linear(x, values, *pattern, b)
+        ref = reference.csr_linear(x.double(), values.double(), *pattern, b.double() if b is not None else None)
         assert_within_torch_error("y", ours, torch_own, ref, reduction_size=pattern.in_features)
 
 
@@ -553,16 +549,10 @@ def test_backward_matches_reference(shape, dtype, output_mask):
     # What autograd did not save arrives as a zero-stride placeholder, never read.
     x_arg = x if output_mask[1] else torch.zeros((), dtype=dtype).expand(x.shape)
     v_arg = values if output_mask[0] else torch.zeros((), dtype=dtype).expand(values.shape)
-    ours = tk.sparse_linear_backward(grad, x_arg, v_arg, *pattern, output_mask)
-    torch_own = reference.sparse_linear_backward(grad, x, values, *pattern, output_mask)
-    ref = reference.sparse_linear_backward(grad.double(), x.double(), values.double(), *pattern, output_mask)
-    batch = grad.numel() // max(pattern.out_features, 1)
-    for name, o, t, r, wanted, sums in zip(("dx", "dvalues"), ours, torch_own, ref, output_mask,
-                                           (pattern.out_features, batch)):
-        if wanted:
-            assert_within_torch_error(name, o, t, r.to(torch.float64), reduction_size=sums)
-        else:
-            assert o.shape == (0,)
+    ours = tk.csr_linear_backward(grad, x_arg, v_arg, *pattern, output_mask)
+    torch_own = reference.csr_linear_backward(grad, x, values, *pattern, output_mask)
+    ref = reference.csr_linear_backward(grad.double(), x.double(), values.double(), *pattern, output_mask)
+    assert_backward_within_torch_error(ours, torch_own, ref, output_mask, pattern, grad)
 
 
 # ============================================================================
@@ -593,14 +583,7 @@ def test_forward_backward_vs_reference_gpu(backend, dtype, shape):
     with use_backend(backend):
         torch.manual_seed(0)
         pattern, inputs = _case_gpu(*shape, dtype)
-        ours, ours_grads = outputs_and_grads(lambda x, values, bias: sparse_linear(x, values, pattern, bias), inputs)
-        ref_fn = lambda x, values, bias: reference.sparse_linear(x, values, *pattern, bias)  # noqa: E731
-        torch_own, torch_grads = outputs_and_grads(ref_fn, inputs)
-        ref, ref_grads = outputs_and_grads(ref_fn, to64(inputs))
-        batch = inputs["x"].numel() // max(pattern.in_features, 1)
-        assert_within_torch_error("y", ours, torch_own, ref, reduction_size=pattern.in_features)
-        for name, sums in (("x", pattern.out_features), ("values", batch), ("bias", batch)):
-            assert_within_torch_error(f"d{name}", ours_grads[name], torch_grads[name], ref_grads[name], reduction_size=sums)
+        _check_against_reference(pattern, inputs)
 
 
 @gpu_case
@@ -609,10 +592,10 @@ def test_only_one_gradient_reads_only_its_inputs(backend):
     with use_backend(backend):
         pattern, inputs = _case_gpu((33,), 40, 30, 0.3, torch.float32)
         x, values = inputs["x"], inputs["values"].requires_grad_()
-        (dvalues,) = torch.autograd.grad(sparse_linear(x, values, pattern).sum(), [values])
-        expected = reference.sparse_linear_backward(torch.ones(33, 30, device="cuda"), x, values.detach(), *pattern,
+        (dvalues,) = torch.autograd.grad(csr_linear(x, values, pattern).sum(), [values])
+        expected = reference.csr_linear_backward(torch.ones(33, 30, device="cuda"), x, values.detach(), *pattern,
                                                     [False, True])[1]
         torch.testing.assert_close(dvalues, expected)
         x = x.requires_grad_()
-        (dx,) = torch.autograd.grad(sparse_linear(x, values.detach(), pattern).sum(), [x])
+        (dx,) = torch.autograd.grad(csr_linear(x, values.detach(), pattern).sum(), [x])
         torch.testing.assert_close(dx, torch.ones(33, 30, device="cuda") @ pattern.scatter(values.detach()))

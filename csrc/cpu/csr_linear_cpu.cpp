@@ -1,9 +1,9 @@
-// sparse_linear on CPU: y = x W^T + b with W stored as CSR (fixed mask), and
+// csr_linear on CPU: y = x W^T + b with W stored as CSR (fixed mask), and
 // its backward: dx through the precomputed transposed index (no atomics, no
 // scatter-add) and dW at kept entries only (SDDMM).
 //
 // Every pass has the same shape. The dense operands (x, grad_out) are packed
-// batch-contiguous in tiles of T batch rows (sparse_linear_simd.h); the
+// batch-contiguous in tiles of T batch rows (csr_linear_simd.h); the
 // sparse rows are cut into tasks of about equal cost, and one parallel region
 // runs first the packing tasks, then the compute tasks, threads taking each
 // next task from a shared counter (so on a shared, oversubscribed machine a
@@ -64,14 +64,14 @@
 
 #include "../common/masked_layers.h"
 #include "sparse_matmul_common.h"
-#include "sparse_linear_simd.h"
+#include "csr_linear_simd.h"
 
 namespace sparsesam::cpu {
 
 // The baseline-ISA build of the kernels (SSE2 on x86-64, 16-byte vectors).
 namespace baseline {
 #define SPARSESAM_SPARSE_LINEAR_ISA "baseline"
-#include "sparse_linear_kernels.h"
+#include "csr_linear_kernels.h"
 #undef SPARSESAM_SPARSE_LINEAR_ISA
 }  // namespace baseline
 
@@ -92,15 +92,15 @@ constexpr int64_t kRowCost = 4;
 constexpr int64_t kPackColumns = 256;
 
 template <typename acc_t>
-const SparseLinearKernels<acc_t>& kernels() {
-  const SparseLinearKernels<acc_t>* avx2 = nullptr;
+const CSRLinearKernels<acc_t>& kernels() {
+  const CSRLinearKernels<acc_t>* avx2 = nullptr;
   if constexpr (std::is_same_v<acc_t, float>) {
-    avx2 = sparse_linear_kernels_avx2_f32();
+    avx2 = csr_linear_kernels_avx2_f32();
   } else {
-    avx2 = sparse_linear_kernels_avx2_f64();
+    avx2 = csr_linear_kernels_avx2_f64();
   }
   if (avx2 != nullptr && cpu_runs_avx2()) return *avx2;
-  return baseline::kSparseLinearKernels<acc_t, 16>;
+  return baseline::kCSRLinearKernels<acc_t, 16>;
 }
 
 // --- Checks -------------------------------------------------------------------
@@ -113,20 +113,20 @@ struct Pattern {
 Pattern check_pattern(const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
                       const at::Tensor& ccol, const at::Tensor& row, const at::Tensor& pos, bool csr,
                       bool transposed) {
-  TORCH_CHECK_VALUE(values.dim() == 1, "sparse_linear: values must be 1-D, got shape ", values.sizes());
-  TORCH_CHECK_VALUE(crow.dim() == 1 && crow.numel() >= 1, "sparse_linear: crow_indices must be 1-D and non-empty");
-  TORCH_CHECK_VALUE(ccol.dim() == 1 && ccol.numel() >= 1, "sparse_linear: ccol_indices must be 1-D and non-empty");
+  TORCH_CHECK_VALUE(values.dim() == 1, "csr_linear: values must be 1-D, got shape ", values.sizes());
+  TORCH_CHECK_VALUE(crow.dim() == 1 && crow.numel() >= 1, "csr_linear: crow_indices must be 1-D and non-empty");
+  TORCH_CHECK_VALUE(ccol.dim() == 1 && ccol.numel() >= 1, "csr_linear: ccol_indices must be 1-D and non-empty");
   const Pattern p{crow.numel() - 1, ccol.numel() - 1, values.numel()};
   TORCH_CHECK_VALUE(p.nnz < (int64_t(1) << 31) && p.out_features < (int64_t(1) << 31) &&
                         p.in_features < (int64_t(1) << 31),
-                    "sparse_linear: int32 indices need fewer than 2^31 entries and features");
-  check_index_tensor("sparse_linear", crow, "crow_indices", p.out_features + 1);
-  check_index_tensor("sparse_linear", col, "col_indices", p.nnz);
-  check_index_tensor("sparse_linear", ccol, "ccol_indices", p.in_features + 1);
-  check_index_tensor("sparse_linear", row, "row_indices", p.nnz);
-  check_index_tensor("sparse_linear", pos, "csr_positions", p.nnz);
-  if (csr) check_offsets("sparse_linear", crow, "crow_indices", p.nnz, "nnz");
-  if (transposed) check_offsets("sparse_linear", ccol, "ccol_indices", p.nnz, "nnz");
+                    "csr_linear: int32 indices need fewer than 2^31 entries and features");
+  check_index_tensor("csr_linear", crow, "crow_indices", p.out_features + 1);
+  check_index_tensor("csr_linear", col, "col_indices", p.nnz);
+  check_index_tensor("csr_linear", ccol, "ccol_indices", p.in_features + 1);
+  check_index_tensor("csr_linear", row, "row_indices", p.nnz);
+  check_index_tensor("csr_linear", pos, "csr_positions", p.nnz);
+  if (csr) check_offsets("csr_linear", crow, "crow_indices", p.nnz, "nnz");
+  if (transposed) check_offsets("csr_linear", ccol, "ccol_indices", p.nnz, "nnz");
   return p;
 }
 
@@ -186,7 +186,7 @@ int32_t* cursors(acc_t* scratch, int64_t width) {
 // kPackColumns columns.
 template <typename acc_t>
 struct Packing {
-  const SparseLinearKernels<acc_t>* k;
+  const CSRLinearKernels<acc_t>* k;
   Tiling tiling;
   const acc_t* src;
   int64_t ld, batch, cols;
@@ -209,7 +209,7 @@ const int32_t* index(const at::Tensor& t) { return t.const_data_ptr<int32_t>(); 
 template <typename acc_t>
 void forward(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
              const acc_t* bias, const Pattern& p, at::Tensor& y2) {
-  const SparseLinearKernels<acc_t>& k = kernels<acc_t>();
+  const CSRLinearKernels<acc_t>& k = kernels<acc_t>();
   const int64_t batch = x2.size(0);
   const Tiling tiling = plan_tiles(batch, k.lanes);
   const int64_t T = tiling.width;
@@ -241,8 +241,8 @@ void forward(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& c
         }
       },
       failed);
-  TORCH_CHECK_VALUE(!bad_index, "sparse_linear: every entry of col_indices must lie in [0, ", p.in_features, ")");
-  TORCH_CHECK(!failed, "sparse_linear: a CPU task failed");
+  TORCH_CHECK_VALUE(!bad_index, "csr_linear: every entry of col_indices must lie in [0, ", p.in_features, ")");
+  TORCH_CHECK(!failed, "csr_linear: a CPU task failed");
 }
 
 // --- Backward ---------------------------------------------------------------------
@@ -252,7 +252,7 @@ void backward(const at::Tensor& g2, const at::Tensor& x, const at::Tensor& value
               const at::Tensor& col, const at::Tensor& ccol, const at::Tensor& row, const at::Tensor& pos,
               const Pattern& p, at::Tensor& dx2, at::Tensor& dval) {
   const bool want_dx = dx2.defined(), want_dval = dval.defined();
-  const SparseLinearKernels<acc_t>& k = kernels<acc_t>();
+  const CSRLinearKernels<acc_t>& k = kernels<acc_t>();
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const at::TensorOptions opts = g2.options();
   const int64_t batch = g2.size(0);
@@ -334,34 +334,34 @@ void backward(const at::Tensor& g2, const at::Tensor& x, const at::Tensor& value
         }
       },
       failed);
-  TORCH_CHECK_VALUE(!bad_index, "sparse_linear_backward: an index is out of range: col_indices must lie in [0, ",
+  TORCH_CHECK_VALUE(!bad_index, "csr_linear_backward: an index is out of range: col_indices must lie in [0, ",
                     p.in_features, "), row_indices in [0, ", p.out_features, ") and csr_positions in [0, ", p.nnz,
                     ")");
-  TORCH_CHECK(!failed, "sparse_linear_backward: a CPU task failed");
+  TORCH_CHECK(!failed, "csr_linear_backward: a CPU task failed");
 }
 
 // --- The ops --------------------------------------------------------------------
 
-at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
+at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
                          const at::Tensor& col_indices, const at::Tensor& ccol_indices,
                          const at::Tensor& row_indices, const at::Tensor& csr_positions,
                          const std::optional<at::Tensor>& bias) {
   const Pattern p = check_pattern(values, crow_indices, col_indices, ccol_indices, row_indices, csr_positions,
                                   /*csr=*/true, /*transposed=*/false);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == p.in_features, "sparse_linear: x has shape ", x.sizes(),
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == p.in_features, "csr_linear: x has shape ", x.sizes(),
                     "; its last dimension must be in_features=", p.in_features);
-  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "sparse_linear: values dtype ", values.scalar_type(),
+  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "csr_linear: values dtype ", values.scalar_type(),
                    " differs from x dtype ", x.scalar_type());
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == p.out_features, "sparse_linear: bias must have ",
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == p.out_features, "csr_linear: bias must have ",
                       p.out_features, " entries, got shape ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "sparse_linear: bias dtype differs from x dtype");
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "csr_linear: bias dtype differs from x dtype");
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = p.out_features;
   at::Tensor y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_linear_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "csr_linear_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor x2 = rows_in(x, acc);
@@ -376,7 +376,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values, const at
   return at::_unsafe_view(y, out_shape);
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(
+std::tuple<at::Tensor, at::Tensor> csr_linear_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
     const at::Tensor& col_indices, const at::Tensor& ccol_indices, const at::Tensor& row_indices,
     const at::Tensor& csr_positions, std::array<bool, 2> output_mask) {
@@ -384,16 +384,16 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(
   // dx reads the transposed index, dW the CSR.
   const Pattern p = check_pattern(values, crow_indices, col_indices, ccol_indices, row_indices, csr_positions,
                                   /*csr=*/want_dvalues, /*transposed=*/want_dx);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == p.in_features, "sparse_linear_backward: x has shape ", x.sizes(),
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == p.in_features, "csr_linear_backward: x has shape ", x.sizes(),
                     "; its last dimension must be in_features=", p.in_features);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = p.out_features;
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), "sparse_linear_backward: grad_out has shape ",
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), "csr_linear_backward: grad_out has shape ",
                     grad_out.sizes(), ", expected ", at::IntArrayRef(out_shape));
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type() && values.scalar_type() == x.scalar_type(),
-                   "sparse_linear_backward: grad_out, x and values must have one dtype");
+                   "csr_linear_backward: grad_out, x and values must have one dtype");
   at::Tensor dx = empty_output(x), dvalues = empty_output(values);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_linear_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "csr_linear_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor g2 = rows_in(grad_out, acc);
@@ -418,8 +418,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsesam, CPU, m) {
-  m.impl("sparse_linear", &sparse_linear);
-  m.impl("sparse_linear_backward", &sparse_linear_backward);
+  m.impl("csr_linear", &csr_linear);
+  m.impl("csr_linear_backward", &csr_linear_backward);
 }
 
 }  // namespace sparsesam::cpu

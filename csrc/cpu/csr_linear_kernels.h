@@ -1,17 +1,17 @@
-// The inner kernels of sparse_linear on CPU, written once for any vector
+// The inner kernels of csr_linear on CPU, written once for any vector
 // width with GCC/Clang vector extensions (`a * b + c` on vectors becomes an
 // FMA where the target has one).
 //
 // This header is meant to be included INSIDE a namespace by each
-// instruction-set translation unit (sparse_linear_cpu.cpp for the baseline
+// instruction-set translation unit (csr_linear_cpu.cpp for the baseline
 // ISA, sparse_formats_avx2.cpp under a target("avx2,fma") pragma). Each ISA
 // so gets its own copies under its own names, and the header includes
 // nothing and calls no library function: only compiler builtins, so no
 // inline function of a shared header is ever compiled for AVX2. The includer
-// provides <cstdint>, <utility> and sparse_linear_simd.h first, and defines
+// provides <cstdint>, <utility> and csr_linear_simd.h first, and defines
 // SPARSESAM_SPARSE_LINEAR_ISA (the name of the ISA, for messages).
 //
-// The kernels' contracts are in sparse_linear_simd.h. The speed comes from:
+// The kernels' contracts are in csr_linear_simd.h. The speed comes from:
 //  * register blocking over the batch: a tile of T = kVecs vectors of
 //    accumulators stays in registers while a row's entries stream by, each
 //    entry reading one contiguous run of the packed operand;
@@ -307,7 +307,7 @@ void unpack(const UnpackTask<acc_t>& t) {
 // The table of this ISA's kernels; constexpr, so it is built at compile time
 // and reading it runs no code of this ISA.
 template <typename acc_t, int kVecBytes>
-inline constexpr SparseLinearKernels<acc_t> kSparseLinearKernels = {
+inline constexpr CSRLinearKernels<acc_t> kCSRLinearKernels = {
     SPARSESAM_SPARSE_LINEAR_ISA,
     Simd<acc_t, kVecBytes>::kLanes,
     {&spmm<acc_t, kVecBytes, 1>, &spmm<acc_t, kVecBytes, 2>, &spmm<acc_t, kVecBytes, 4>, &spmm<acc_t, kVecBytes, 8>},

@@ -14,7 +14,7 @@ from sparsesam.checkpoint import WRITE_DELAY_ENV, read_checkpoint
 
 from cli_helpers import assert_same_weights, read_weights, run, train_argv
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 3
 # Long enough for the poll below to see the held temporary file, short enough to keep the test quick.
 DELAY_SECONDS = 2.0

@@ -11,7 +11,7 @@ import pytest
 
 from cli_helpers import train_argv
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env():

@@ -1,4 +1,4 @@
-// sparse_linear on CUDA (the `sparsesam_cuda` namespace; SPARSESAM_BACKEND=cuda):
+// csr_linear on CUDA (the `sparsesam_cuda` namespace; SPARSESAM_BACKEND=cuda):
 // y = x W^T + b with W kept as CSR values at a fixed pattern, dx through the
 // precomputed transposed index (no atomics), dW at kept entries only (SDDMM).
 //
@@ -85,11 +85,11 @@ at::Tensor spmm_rows(const at::Tensor& operand_t, const at::Tensor& ptr, const a
   const int64_t rows = ptr.numel() - 1, batch = operand_t.size(1);
   at::Tensor out_t = at::empty({rows, batch}, operand_t.options());
   if (rows == 0 || batch == 0) return out_t;
-  TORCH_CHECK_VALUE((batch + kThreads - 1) / kThreads <= 65535, "sparse_linear (CUDA): a batch of ", batch,
+  TORCH_CHECK_VALUE((batch + kThreads - 1) / kThreads <= 65535, "csr_linear (CUDA): a batch of ", batch,
                     " rows is more than one launch covers");
   const dim3 grid(static_cast<unsigned int>(rows), static_cast<unsigned int>((batch + kThreads - 1) / kThreads));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, operand_t.scalar_type(), "sparse_linear_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, operand_t.scalar_type(), "csr_linear_cuda", [&] {
     const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
     if (pos.has_value()) {
       rows_spmm_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
@@ -106,10 +106,10 @@ at::Tensor spmm_rows(const at::Tensor& operand_t, const at::Tensor& ptr, const a
 }
 
 void check_index(const at::Tensor& t, const char* name, int64_t numel, const at::Tensor& like) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "sparse_linear (CUDA): ", name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == like.device(), "sparse_linear (CUDA): ", name, " is on ", t.device(), " but x is on ",
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "csr_linear (CUDA): ", name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == like.device(), "csr_linear (CUDA): ", name, " is on ", t.device(), " but x is on ",
                     like.device());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == numel && t.is_contiguous(), "sparse_linear (CUDA): ", name,
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == numel && t.is_contiguous(), "csr_linear (CUDA): ", name,
                     " must be a contiguous 1-D tensor of ", numel, " entries, got shape ", t.sizes());
 }
 
@@ -119,16 +119,16 @@ struct Shape {
 
 Shape check_pattern(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
                     const at::Tensor& ccol, const at::Tensor& row, const at::Tensor& pos) {
-  TORCH_CHECK_VALUE(values.dim() == 1, "sparse_linear (CUDA): values must be 1-D, got shape ", values.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 1, "csr_linear (CUDA): values must be 1-D, got shape ", values.sizes());
   TORCH_CHECK_VALUE(crow.dim() == 1 && crow.numel() >= 1 && ccol.dim() == 1 && ccol.numel() >= 1,
-                    "sparse_linear (CUDA): crow_indices and ccol_indices must be 1-D and non-empty");
+                    "csr_linear (CUDA): crow_indices and ccol_indices must be 1-D and non-empty");
   const Shape s{crow.numel() - 1, ccol.numel() - 1, values.numel()};
   check_index(crow, "crow_indices", s.out_features + 1, x);
   check_index(col, "col_indices", s.nnz, x);
   check_index(ccol, "ccol_indices", s.in_features + 1, x);
   check_index(row, "row_indices", s.nnz, x);
   check_index(pos, "csr_positions", s.nnz, x);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == s.in_features, "sparse_linear (CUDA): x has shape ", x.sizes(),
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == s.in_features, "csr_linear (CUDA): x has shape ", x.sizes(),
                     "; its last dimension must be in_features=", s.in_features);
   return s;
 }
@@ -136,19 +136,19 @@ Shape check_pattern(const at::Tensor& x, const at::Tensor& values, const at::Ten
 // t as [features][batch], contiguous (one transposed copy).
 at::Tensor transposed(const at::Tensor& t) { return as_rows(t).t().contiguous(); }
 
-at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
+at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
                          const at::Tensor& col_indices, const at::Tensor& ccol_indices,
                          const at::Tensor& row_indices, const at::Tensor& csr_positions,
                          const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.is_cuda(), "sparse_linear (CUDA): x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.is_cuda(), "csr_linear (CUDA): x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
   const Shape s = check_pattern(x, values, crow_indices, col_indices, ccol_indices, row_indices, csr_positions);
-  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "sparse_linear (CUDA): values dtype differs from x dtype");
+  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "csr_linear (CUDA): values dtype differs from x dtype");
   std::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.out_features, "sparse_linear (CUDA): bias must have ",
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.out_features, "csr_linear (CUDA): bias must have ",
                       s.out_features, " entries");
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "sparse_linear (CUDA): bias dtype differs from x dtype");
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "csr_linear (CUDA): bias dtype differs from x dtype");
     b = bias->contiguous();
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -157,19 +157,19 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values, const at
   return y_t.t().contiguous().view(out_shape);
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(
+std::tuple<at::Tensor, at::Tensor> csr_linear_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
     const at::Tensor& col_indices, const at::Tensor& ccol_indices, const at::Tensor& row_indices,
     const at::Tensor& csr_positions, std::array<bool, 2> output_mask) {
-  TORCH_CHECK(grad_out.is_cuda(), "sparse_linear_backward (CUDA): grad_out must be a CUDA tensor, got ",
+  TORCH_CHECK(grad_out.is_cuda(), "csr_linear_backward (CUDA): grad_out must be a CUDA tensor, got ",
               grad_out.device());
   const c10::cuda::CUDAGuard device_guard(grad_out.device());
   const auto [want_dx, want_dvalues] = output_mask;
   const Shape s = check_pattern(x, values, crow_indices, col_indices, ccol_indices, row_indices, csr_positions);
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type() && values.scalar_type() == x.scalar_type(),
-                   "sparse_linear_backward (CUDA): grad_out, x and values must have one dtype");
+                   "csr_linear_backward (CUDA): grad_out, x and values must have one dtype");
   TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.size(-1) == s.out_features,
-                    "sparse_linear_backward (CUDA): grad_out has shape ", grad_out.sizes());
+                    "csr_linear_backward (CUDA): grad_out has shape ", grad_out.sizes());
   const at::Tensor g_t = transposed(grad_out);  // [out_features][batch]
   const int64_t batch = g_t.size(1);
   at::Tensor dx = empty_output(x), dvalues = empty_output(values);
@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(
     } else if (s.nnz > 0) {
       const at::Tensor x_t = transposed(x);  // read only here: x may be a placeholder otherwise
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g_t.scalar_type(), "sparse_linear_backward_cuda", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g_t.scalar_type(), "csr_linear_backward_cuda", [&] {
         rows_sddmm_kernel<scalar_t><<<static_cast<unsigned int>(s.out_features), kThreads, 0, stream>>>(
             g_t.const_data_ptr<scalar_t>(), x_t.const_data_ptr<scalar_t>(), batch,
             crow_indices.const_data_ptr<int32_t>(), col_indices.const_data_ptr<int32_t>(),
@@ -200,8 +200,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsesam_cuda, CUDA, m) {
-  m.impl("sparse_linear", &sparse_linear);
-  m.impl("sparse_linear_backward", &sparse_linear_backward);
+  m.impl("csr_linear", &csr_linear);
+  m.impl("csr_linear_backward", &csr_linear_backward);
 }
 
 }  // namespace sparsesam::cuda

@@ -1,4 +1,4 @@
-"""True sparse execution of a fixed mask: sparsesam's CSR ``sparse_linear`` vs the
+"""True sparse execution of a fixed mask: sparsesam's CSR ``csr_linear`` vs the
 dense masked baseline ``F.linear(x, w*m, b)`` and vs ``torch.sparse`` CSR, all
 with autograd, forward + backward, measured in the same run; and ``auto``: a
 MaskedLinear converted by ``set_execution(layer, "auto", example=x)`` on the benchmark's batch
@@ -10,10 +10,10 @@ B=256, 4096x4096 linear, sparsity 0 to 0.99. The dense baseline's time does not
 depend on the sparsity; the sparse ones scale with nnz, so this also shows the
 crossover a dense/sparse dispatcher needs.
 
-In the report (ratios, targets, plot): ``.venv/bin/python bench/report.py --suite sparse_linear``
-Timings only: ``.venv/bin/python -m pytest bench/bench_sparse_linear.py --benchmark-enable``
+In the report (ratios, targets, plot): ``.venv/bin/python bench/report.py --suite csr_linear``
+Timings only: ``.venv/bin/python -m pytest bench/bench_csr_linear.py --benchmark-enable``
 Timings and the ratio table (medians and minima, each ratio from one run):
-``.venv/bin/python bench/bench_sparse_linear.py [pytest -k expression]``
+``.venv/bin/python bench/bench_csr_linear.py [pytest -k expression]``
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsesam.nn import DispatchCache, MaskedLinear, execution_summary, set_dispatch_cache, set_execution
-from sparsesam.ops import sparse_linear
+from sparsesam.ops import csr_linear
 from sparsesam.sparse import CSRPattern
 
 from memory import saved_bytes
@@ -38,7 +38,7 @@ BATCH = 256
 FEATURES = 4096
 SPARSITIES = [0.0, 0.5, 0.9, 0.95, 0.99]
 IMPLS = ["sparsesam", "dense_masked", "torch_sparse_csr", "auto"]
-KERNEL = "sparse_linear"  # report.py groups, tabulates and plots by this
+KERNEL = "csr_linear"  # report.py groups, tabulates and plots by this
 
 
 def _bytes(*tensors) -> int:
@@ -55,7 +55,7 @@ def _case(impl, sparsity):
     if impl == "sparsesam":
         pattern = CSRPattern.from_mask(m)
         values = pattern.gather(w).requires_grad_()
-        return (x, values, b), lambda x, v, b: sparse_linear(x, v, pattern, b), _bytes(values, *pattern), "csr"
+        return (x, values, b), lambda x, v, b: csr_linear(x, v, pattern, b), _bytes(values, *pattern), "csr"
     if impl == "dense_masked":
         w.requires_grad_()
         return (x, w, b), lambda x, w, b: F.linear(x, w * m, b), _bytes(w, m), "dense"
@@ -94,7 +94,7 @@ CASES = [(s, impl) for s in SPARSITIES for impl in IMPLS if not (impl == "torch_
 
 
 @pytest.mark.parametrize("sparsity, impl", CASES)
-def test_sparse_linear_fwd_bwd(benchmark, impl, sparsity):
+def test_csr_linear_fwd_bwd(benchmark, impl, sparsity):
     inputs, fn, weight_bytes, form = _case(impl, sparsity)
     grad = torch.randn(BATCH, FEATURES)
     benchmark.group = f"linear B={BATCH} {FEATURES}x{FEATURES} sparsity={sparsity}"
@@ -134,7 +134,7 @@ def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bench.json")
-        cmd = [sys.executable, "-m", "pytest", os.path.join(here, "bench_sparse_linear.py"), "-q", "-p",
+        cmd = [sys.executable, "-m", "pytest", os.path.join(here, "bench_csr_linear.py"), "-q", "-p",
                "no:cacheprovider", "--benchmark-enable", f"--benchmark-json={out}", "-o", "addopts="]
         if len(sys.argv) > 1:
             cmd += ["-k", sys.argv[1]]
