@@ -35,7 +35,7 @@ from distributed_helpers import needs_gloo
 
 pytestmark = needs_gloo
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ["--dataset", "synthetic", "--limit", "48", "--batch-size", "8", "--no-progress"]
 MODEL = ["--model", "smallcnn", "--width", "0.25"]
 FINISHED_TRAIN = {"config.json", "model.json", "model.safetensors", "sparsity.json", "train.json"}
