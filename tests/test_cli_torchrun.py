@@ -210,8 +210,8 @@ def test_prune_magnitude_under_torchrun_writes_once_and_resumes_after_sigkill(tm
 
 def test_an_algorithm_that_cannot_run_data_parallel_is_refused_by_name(tmp_path):
     out = tmp_path / "refused"
-    done = torchrun("prune", "--algorithm", "csam", *MODEL, *DATA, "--out", out)
+    done = torchrun("prune", "--algorithm", "adasap", *MODEL, *DATA, "--out", out)
     assert done.returncode != 0
-    assert "--algorithm csam cannot run under torchrun (world size 2)" in done.stderr
+    assert "--algorithm adasap cannot run under torchrun (world size 2)" in done.stderr
     assert "magnitude" in done.stderr and "sam_prune" in done.stderr
     assert not out.exists()
