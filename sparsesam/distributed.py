@@ -199,6 +199,47 @@ def all_reduce_mean(metrics: Mapping[str, float], weight: float = 1.0) -> Dict[s
     return {name: float(s) / total for name, s in zip(names, packed[:-1].tolist())}
 
 
+def all_reduce_tensors_mean(tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> Dict[str, torch.Tensor]:
+    """The mean of each tensor over the ranks, each rank counting ``weight`` (e.g. the samples it scored).
+
+    For a statistic every rank computes from its own share of the data
+    (AdaSAP's Taylor channel scores) that every rank must then use alike.
+    One all-reduce of the tensors flattened together, in float64 (so the
+    result does not depend on the order of the ranks' sums beyond float64
+    rounding, and is the same bits on every rank); each result keeps its
+    tensor's dtype, shape and device. Every rank must pass the same names
+    with the same shapes. In a world of one process, the tensors themselves.
+    """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a mapping of names to tensors, got {type(tensors).__name__}")
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise TypeError(f"tensors must map names (str) to tensors, got {name!r}: {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"tensors[{name!r}] must be floating point, got {value.dtype}")
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+    if not _initialized() or dist.get_world_size() == 1:
+        if weight == 0:
+            raise ValueError("weight must be > 0 on at least one rank")
+        return dict(tensors)
+    names = sorted(tensors)
+    device = _reduce_device()
+    parts = [tensors[name].detach().to(device, torch.float64).reshape(-1) * float(weight) for name in names]
+    packed = torch.cat(parts + [torch.tensor([float(weight)], dtype=torch.float64, device=device)])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    total = float(packed[-1])
+    if total == 0:
+        raise ValueError("weight must be > 0 on at least one rank")
+    out, offset = {}, 0
+    for name in names:
+        value = tensors[name]
+        chunk = packed[offset:offset + value.numel()] / total
+        offset += value.numel()
+        out[name] = chunk.reshape(value.shape).to(value.device, value.dtype)
+    return {name: out[name] for name in tensors}
+
+
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` is true on any rank (one all-reduce); ``flag`` itself in a world of one process.
 
@@ -378,6 +419,6 @@ def reseed_for_epoch(seed: int, epoch: int) -> None:
     torch.manual_seed(mixed)
 
 
-__all__ = ["World", "all_reduce_mean", "any_rank", "data_parallel", "distributed_sampler", "fixed_mask_buffer_names",
+__all__ = ["World", "all_reduce_mean", "all_reduce_tensors_mean", "any_rank", "data_parallel", "distributed_sampler", "fixed_mask_buffer_names",
            "ignore_masks_in_ddp", "is_main_process", "launched_world_size", "on_main_process", "process_group",
            "rank_device", "reseed_for_epoch", "set_sampler_epoch", "sync_masks", "unwrap", "world", "wrap_ddp"]

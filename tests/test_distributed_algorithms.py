@@ -139,3 +139,61 @@ def test_csam_ranks_agree_and_equal_one_process(tmp_path):
 def test_csam_with_batch_norm_keeps_ranks_identical(tmp_path):
     from sparsesam.algorithms import CSAM
     run_data_parallel(tmp_path, CSAM, _csam_config(), batch_norm=True, compare_one_process=False)
+
+
+# --- AdaSAP and its control asam_prune: per-channel radii from scores every rank agrees on ---------------
+
+def _adasap_config(config_type, **extra):
+    return config_type(target_sparsity=0.5, adaptive_epochs=2, finetune_epochs=1, execution="dense", **extra)
+
+
+@needs_gloo
+def test_adasap_l2_ranks_agree_and_equal_one_process(tmp_path):
+    from sparsesam.algorithms import AdaSAP, AdaSAPConfig
+    result = run_data_parallel(tmp_path, AdaSAP, _adasap_config(AdaSAPConfig), batch_norm=False,
+                               compare_one_process=True)
+    assert result["history"][0]["rho_spread"] > 0  # the radii are per channel
+    assert result["summary_sparsity"] == pytest.approx(0.5)
+
+
+@needs_gloo
+def test_adasap_taylor_with_batch_norm_keeps_ranks_identical(tmp_path):
+    """Taylor scores come from each rank's own batches: averaged over the ranks, they set the same radii and
+    prune the same channels everywhere (else the compacted fine-tuning would not even build one DDP)."""
+    from sparsesam.algorithms import AdaSAP, AdaSAPConfig
+    result = run_data_parallel(tmp_path, AdaSAP, _adasap_config(AdaSAPConfig, criterion="taylor", taylor_batches=2),
+                               batch_norm=True, compare_one_process=False)
+    assert result["history"][-1]["phase"] == "finetune"
+
+
+@needs_gloo
+def test_asam_prune_taylor_ranks_agree(tmp_path):
+    from sparsesam.algorithms import AsamPrune, AsamPruneConfig
+    run_data_parallel(tmp_path, AsamPrune, _adasap_config(AsamPruneConfig, criterion="taylor", taylor_batches=2),
+                      batch_norm=False, compare_one_process=False)
+
+
+def _average_ranks(rank, world_size):
+    from sparsesam.distributed import all_reduce_tensors_mean
+    mine = {"a": torch.full((2, 3), float(rank + 1)), "b": torch.tensor([rank * 4.0], dtype=torch.float32)}
+    # rank 0 counts 1 sample, rank 1 three: (1 * 1 + 3 * 2) / 4 and (1 * 0 + 3 * 4) / 4
+    mean = all_reduce_tensors_mean(mine, weight=1 if rank == 0 else 3)
+    assert torch.equal(mean["a"], torch.full((2, 3), 7 / 4)) and mean["a"].dtype == torch.float32
+    assert torch.equal(mean["b"], torch.tensor([3.0]))
+
+
+@needs_gloo
+def test_all_reduce_tensors_mean_weights_the_ranks():
+    run_ranks(_average_ranks)
+
+
+def test_all_reduce_tensors_mean_in_one_process_and_bad_input():
+    from sparsesam.distributed import all_reduce_tensors_mean
+    x = torch.ones(3)
+    assert all_reduce_tensors_mean({"x": x})["x"] is x
+    with pytest.raises(TypeError, match="floating point"):
+        all_reduce_tensors_mean({"x": torch.ones(3, dtype=torch.long)})
+    with pytest.raises(ValueError, match="weight"):
+        all_reduce_tensors_mean({"x": x}, weight=-1)
+    with pytest.raises(TypeError, match="tensors must"):
+        all_reduce_tensors_mean([x])
