@@ -197,3 +197,30 @@ def test_all_reduce_tensors_mean_in_one_process_and_bad_input():
         all_reduce_tensors_mean({"x": x}, weight=-1)
     with pytest.raises(TypeError, match="tensors must"):
         all_reduce_tensors_mean([x])
+
+
+# --- Every built-in algorithm trains data-parallel; one that does not declare it is refused by name --------
+
+def test_every_builtin_algorithm_is_data_parallel():
+    from sparsesam.algorithms.registry import algorithm_registry
+    assert sorted(name for name, cls in algorithm_registry().items() if not cls.data_parallel) == []
+
+
+def test_an_algorithm_that_is_not_data_parallel_is_refused_by_name_under_torchrun(monkeypatch):
+    from sparsesam import pruning_run
+    from sparsesam._validate import ConfigError
+    from sparsesam.algorithms import Hydra
+    from sparsesam.algorithms.registry import algorithm_registry
+    from sparsesam.distributed import World
+
+    class RankLocal(Hydra):
+        name = "rank_local"
+        data_parallel = False
+
+    registry = {**algorithm_registry(), "rank_local": RankLocal}
+    pruning_run.check_data_parallel("rank_local", registry)  # one process: anything runs
+    monkeypatch.setattr(pruning_run, "world", lambda: World(0, 2, 0))
+    pruning_run.check_data_parallel("hydra", registry)
+    with pytest.raises(ConfigError, match=r"--algorithm rank_local cannot run under torchrun \(world size 2\)"
+                                          r".*'magnitude'"):
+        pruning_run.check_data_parallel("rank_local", registry)
