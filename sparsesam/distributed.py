@@ -4,7 +4,8 @@ Under ``torchrun --nproc_per_node=N`` every process runs the same script on
 its part of the data. This module holds what sparsesam adds to that:
 
 * :func:`wrap_ddp`: ``DistributedDataParallel`` that leaves the fixed masks
-  out of its buffer broadcast. With DDP's default ``broadcast_buffers=True``
+  (and the index buffers of layers in a sparse execution form) out of its
+  buffer broadcast. With DDP's default ``broadcast_buffers=True``
   rank 0 sends every buffer before every forward: the BatchNorm statistics,
   which must follow rank 0, but also the bool masks (11 MB for ResNet-18),
   which only change when a pruner changes them. The masks are made equal
@@ -43,6 +44,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from ._validate import ConfigError
 from .nn import masked_layers
+from .nn.dispatch import form_of
 
 
 class World(NamedTuple):
@@ -73,12 +75,17 @@ def is_main_process() -> bool:
 
 
 def fixed_mask_buffer_names(model: nn.Module) -> List[str]:
-    """The qualified buffer names (as ``model.named_buffers()`` gives them) of every fixed mask in ``model``."""
+    """The qualified buffer names (as ``model.named_buffers()`` gives them) of every fixed sparsity pattern in
+    ``model``: the fixed masks of masked layers, and every buffer of a layer in a sparse execution form (the
+    CSR / BSR / N:M indices, offsets and their transposes, which only a conversion changes)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    masks = {id(layer._buffers["weight_mask"]) for _, layer in masked_layers(model)
+    fixed = {id(layer._buffers["weight_mask"]) for _, layer in masked_layers(model)
              if layer._buffers.get("weight_mask") is not None}
-    return [name for name, buffer in model.named_buffers() if id(buffer) in masks]
+    for module in model.modules():
+        if form_of(module) != "dense":
+            fixed.update(id(buffer) for buffer in module.buffers(recurse=False))
+    return [name for name, buffer in model.named_buffers() if id(buffer) in fixed]
 
 
 def ignore_masks_in_ddp(model: nn.Module) -> List[str]:
@@ -102,18 +109,22 @@ def ignore_masks_in_ddp(model: nn.Module) -> List[str]:
 
 @torch.no_grad()
 def sync_masks(model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] = None) -> int:
-    """Give every rank rank ``src``'s fixed masks (one broadcast per mask); returns how many were sent.
+    """Give every rank rank ``src``'s fixed masks and sparse-form index buffers (one broadcast per tensor, in
+    ``fixed_mask_buffer_names`` order); returns how many were sent.
 
     Call it after anything that may choose masks differently on different
     ranks (a pruner scoring rank-local data, a random mask): DDP built by
-    :func:`wrap_ddp` no longer broadcasts them. A no-op without a process group.
+    :func:`wrap_ddp` no longer broadcasts them. A layer in a sparse form
+    must hold as many kept weights on every rank (its values' shape): DDP's
+    construction checks that, so :func:`wrap_ddp` calls this after it. A
+    no-op without a process group.
     """
     if isinstance(model, DistributedDataParallel):
         model = model.module
     if not isinstance(src, numbers.Integral) or isinstance(src, bool) or src < 0:
         raise ValueError(f"src must be a rank (an integer >= 0), got {src!r}")
-    masks = [layer._buffers["weight_mask"] for _, layer in masked_layers(model)
-             if layer._buffers.get("weight_mask") is not None]
+    buffers = dict(model.named_buffers())
+    masks = [buffers[name] for name in fixed_mask_buffer_names(model)]
     if not _initialized():
         return 0
     if src >= dist.get_world_size(group):
@@ -128,8 +139,10 @@ def sync_masks(model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup
 def wrap_ddp(model: nn.Module, **ddp_kwargs) -> DistributedDataParallel:
     """``DistributedDataParallel(model, **ddp_kwargs)`` that does not broadcast the fixed masks at every forward.
 
-    The masks are made rank 0's once here (:func:`sync_masks`), then left out
-    of DDP's buffer broadcast (:func:`ignore_masks_in_ddp`); every other
+    The masks (and sparse forms' index buffers) are left out of DDP's buffer
+    broadcast (:func:`ignore_masks_in_ddp`), then made rank 0's once here
+    (:func:`sync_masks`, after DDP has checked the parameters' shapes agree
+    and broadcast rank 0's parameters); every other
     buffer (BatchNorm statistics) is still broadcast as ``broadcast_buffers``
     says. Pass the result to ``SAM(..., model=ddp)``.
     """
@@ -139,8 +152,9 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> DistributedDataParallel:
         raise RuntimeError("wrap_ddp needs an initialised process group (torch.distributed.init_process_group, "
                            "or run the script under torchrun)")
     ignore_masks_in_ddp(model)
+    ddp = DistributedDataParallel(model, **ddp_kwargs)
     sync_masks(model)
-    return DistributedDataParallel(model, **ddp_kwargs)
+    return ddp
 
 
 def distributed_sampler(dataset: Dataset, *, shuffle: bool = True, seed: int = 0,
