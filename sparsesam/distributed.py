@@ -89,7 +89,8 @@ def fixed_mask_buffer_names(model: nn.Module) -> List[str]:
 
 
 def ignore_masks_in_ddp(model: nn.Module) -> List[str]:
-    """Tell a DDP built on ``model`` afterwards to leave its fixed masks alone; returns their names.
+    """Tell a DDP built on ``model`` afterwards to leave its fixed masks (and sparse forms' index buffers,
+    :func:`fixed_mask_buffer_names`) alone; returns their names.
 
     Sets ``model._ddp_params_and_buffers_to_ignore`` (through DDP's own
     setter, kept with any names already there), the list DDP reads at
