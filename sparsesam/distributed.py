@@ -4,7 +4,8 @@ Under ``torchrun --nproc_per_node=N`` every process runs the same script on
 its part of the data. This module holds what sparsesam adds to that:
 
 * :func:`wrap_ddp`: ``DistributedDataParallel`` that leaves the fixed masks
-  out of its buffer broadcast. With DDP's default ``broadcast_buffers=True``
+  (and the index buffers of layers in a sparse execution form) out of its
+  buffer broadcast. With DDP's default ``broadcast_buffers=True``
   rank 0 sends every buffer before every forward: the BatchNorm statistics,
   which must follow rank 0, but also the bool masks (11 MB for ResNet-18),
   which only change when a pruner changes them. The masks are made equal
@@ -43,6 +44,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from ._validate import ConfigError
 from .nn import masked_layers
+from .nn.dispatch import form_of
 
 
 class World(NamedTuple):
@@ -73,16 +75,22 @@ def is_main_process() -> bool:
 
 
 def fixed_mask_buffer_names(model: nn.Module) -> List[str]:
-    """The qualified buffer names (as ``model.named_buffers()`` gives them) of every fixed mask in ``model``."""
+    """The qualified buffer names (as ``model.named_buffers()`` gives them) of every fixed sparsity pattern in
+    ``model``: the fixed masks of masked layers, and every buffer of a layer in a sparse execution form (the
+    CSR / BSR / N:M indices, offsets and their transposes, which only a conversion changes)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    masks = {id(layer._buffers["weight_mask"]) for _, layer in masked_layers(model)
+    fixed = {id(layer._buffers["weight_mask"]) for _, layer in masked_layers(model)
              if layer._buffers.get("weight_mask") is not None}
-    return [name for name, buffer in model.named_buffers() if id(buffer) in masks]
+    for module in model.modules():
+        if form_of(module) != "dense":
+            fixed.update(id(buffer) for buffer in module.buffers(recurse=False))
+    return [name for name, buffer in model.named_buffers() if id(buffer) in fixed]
 
 
 def ignore_masks_in_ddp(model: nn.Module) -> List[str]:
-    """Tell a DDP built on ``model`` afterwards to leave its fixed masks alone; returns their names.
+    """Tell a DDP built on ``model`` afterwards to leave its fixed masks (and sparse forms' index buffers,
+    :func:`fixed_mask_buffer_names`) alone; returns their names.
 
     Sets ``model._ddp_params_and_buffers_to_ignore`` (through DDP's own
     setter, kept with any names already there), the list DDP reads at
@@ -102,18 +110,22 @@ def ignore_masks_in_ddp(model: nn.Module) -> List[str]:
 
 @torch.no_grad()
 def sync_masks(model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] = None) -> int:
-    """Give every rank rank ``src``'s fixed masks (one broadcast per mask); returns how many were sent.
+    """Give every rank rank ``src``'s fixed masks and sparse-form index buffers (one broadcast per tensor, in
+    ``fixed_mask_buffer_names`` order); returns how many were sent.
 
     Call it after anything that may choose masks differently on different
     ranks (a pruner scoring rank-local data, a random mask): DDP built by
-    :func:`wrap_ddp` no longer broadcasts them. A no-op without a process group.
+    :func:`wrap_ddp` no longer broadcasts them. A layer in a sparse form
+    must hold as many kept weights on every rank (its values' shape): DDP's
+    construction checks that, so :func:`wrap_ddp` calls this after it. A
+    no-op without a process group.
     """
     if isinstance(model, DistributedDataParallel):
         model = model.module
     if not isinstance(src, numbers.Integral) or isinstance(src, bool) or src < 0:
         raise ValueError(f"src must be a rank (an integer >= 0), got {src!r}")
-    masks = [layer._buffers["weight_mask"] for _, layer in masked_layers(model)
-             if layer._buffers.get("weight_mask") is not None]
+    buffers = dict(model.named_buffers())
+    masks = [buffers[name] for name in fixed_mask_buffer_names(model)]
     if not _initialized():
         return 0
     if src >= dist.get_world_size(group):
@@ -128,8 +140,10 @@ def sync_masks(model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup
 def wrap_ddp(model: nn.Module, **ddp_kwargs) -> DistributedDataParallel:
     """``DistributedDataParallel(model, **ddp_kwargs)`` that does not broadcast the fixed masks at every forward.
 
-    The masks are made rank 0's once here (:func:`sync_masks`), then left out
-    of DDP's buffer broadcast (:func:`ignore_masks_in_ddp`); every other
+    The masks (and sparse forms' index buffers) are left out of DDP's buffer
+    broadcast (:func:`ignore_masks_in_ddp`), then made rank 0's once here
+    (:func:`sync_masks`, after DDP has checked the parameters' shapes agree
+    and broadcast rank 0's parameters); every other
     buffer (BatchNorm statistics) is still broadcast as ``broadcast_buffers``
     says. Pass the result to ``SAM(..., model=ddp)``.
     """
@@ -139,8 +153,9 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> DistributedDataParallel:
         raise RuntimeError("wrap_ddp needs an initialised process group (torch.distributed.init_process_group, "
                            "or run the script under torchrun)")
     ignore_masks_in_ddp(model)
+    ddp = DistributedDataParallel(model, **ddp_kwargs)
     sync_masks(model)
-    return DistributedDataParallel(model, **ddp_kwargs)
+    return ddp
 
 
 def distributed_sampler(dataset: Dataset, *, shuffle: bool = True, seed: int = 0,
@@ -197,6 +212,47 @@ def all_reduce_mean(metrics: Mapping[str, float], weight: float = 1.0) -> Dict[s
     if total == 0:
         raise ValueError("weight must be > 0 on at least one rank")
     return {name: float(s) / total for name, s in zip(names, packed[:-1].tolist())}
+
+
+def all_reduce_tensors_mean(tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> Dict[str, torch.Tensor]:
+    """The mean of each tensor over the ranks, each rank counting ``weight`` (e.g. the samples it scored).
+
+    For a statistic every rank computes from its own share of the data
+    (AdaSAP's Taylor channel scores) that every rank must then use alike.
+    One all-reduce of the tensors flattened together, in float64 (so the
+    result does not depend on the order of the ranks' sums beyond float64
+    rounding, and is the same bits on every rank); each result keeps its
+    tensor's dtype, shape and device. Every rank must pass the same names
+    with the same shapes. In a world of one process, the tensors themselves.
+    """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a mapping of names to tensors, got {type(tensors).__name__}")
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise TypeError(f"tensors must map names (str) to tensors, got {name!r}: {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"tensors[{name!r}] must be floating point, got {value.dtype}")
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+    if not _initialized() or dist.get_world_size() == 1:
+        if weight == 0:
+            raise ValueError("weight must be > 0 on at least one rank")
+        return dict(tensors)
+    names = sorted(tensors)
+    device = _reduce_device()
+    parts = [tensors[name].detach().to(device, torch.float64).reshape(-1) * float(weight) for name in names]
+    packed = torch.cat(parts + [torch.tensor([float(weight)], dtype=torch.float64, device=device)])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    total = float(packed[-1])
+    if total == 0:
+        raise ValueError("weight must be > 0 on at least one rank")
+    out, offset = {}, 0
+    for name in names:
+        value = tensors[name]
+        chunk = packed[offset:offset + value.numel()] / total
+        offset += value.numel()
+        out[name] = chunk.reshape(value.shape).to(value.device, value.dtype)
+    return {name: out[name] for name in tensors}
 
 
 def any_rank(flag: bool) -> bool:
@@ -378,6 +434,6 @@ def reseed_for_epoch(seed: int, epoch: int) -> None:
     torch.manual_seed(mixed)
 
 
-__all__ = ["World", "all_reduce_mean", "any_rank", "data_parallel", "distributed_sampler", "fixed_mask_buffer_names",
+__all__ = ["World", "all_reduce_mean", "all_reduce_tensors_mean", "any_rank", "data_parallel", "distributed_sampler", "fixed_mask_buffer_names",
            "ignore_masks_in_ddp", "is_main_process", "launched_world_size", "on_main_process", "process_group",
            "rank_device", "reseed_for_epoch", "set_sampler_epoch", "sync_masks", "unwrap", "world", "wrap_ddp"]

@@ -68,9 +68,9 @@ def check_data_parallel(algorithm_name: str, registry=None) -> None:
     from .algorithms.registry import algorithm_registry
     able = sorted(name for name, cls in (registry or algorithm_registry()).items()
                   if getattr(cls, "data_parallel", False))
-    raise ConfigError(f"--algorithm {algorithm_name} cannot run under torchrun (world size {size}) yet: its "
-                      f"search keeps state computed from each rank's own data (scores, rates, radii) that the "
-                      f"ranks would not agree on. Run it in one process, or use one of {able}")
+    raise ConfigError(f"--algorithm {algorithm_name} cannot run under torchrun (world size {size}): it does not "
+                      f"declare data_parallel (state computed from each rank's own data, which the ranks would "
+                      f"not agree on). Run it in one process, or use one of {able}")
 
 
 def prune_model(model: nn.Module, spec: Dict[str, Any], algorithm_name: str, config: Any, train_loader, test_loader,

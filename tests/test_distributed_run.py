@@ -231,10 +231,15 @@ def _small_cnn():
 def test_an_algorithm_that_is_not_data_parallel_refuses_parallel():
     from sparsesam.algorithms import Hydra, HydraConfig
     from sparsesam.distributed import data_parallel
+
+    class RankLocal(Hydra):  # an algorithm (a user's, say) that does not declare data_parallel
+        name = "rank_local"
+        data_parallel = False
+
     data = TensorDataset(torch.randn(8, 1, 6, 6), torch.randint(0, 5, (8,)))
-    with pytest.raises(ValueError, match="'hydra' cannot train data-parallel"):
-        Hydra(HydraConfig()).fit(_small_cnn(), torch.utils.data.DataLoader(data, batch_size=4),
-                                 parallel=data_parallel)
+    with pytest.raises(ValueError, match="'rank_local' cannot train data-parallel"):
+        RankLocal(HydraConfig()).fit(_small_cnn(), torch.utils.data.DataLoader(data, batch_size=4),
+                                     parallel=data_parallel)
     with pytest.raises(TypeError, match="parallel must be callable"):
         Hydra(HydraConfig()).fit(_small_cnn(), torch.utils.data.DataLoader(data, batch_size=4), parallel=1)
 

@@ -67,6 +67,12 @@ class ScorePruningConfig(_config.TrainingConfig):
 class ScorePruning(Algorithm):
     """Shared body of HYDRA and HARP (see the module docstring)."""
 
+    # The scores (and HARP's rate parameters, submodules of the score parametrizations) are parameters of the
+    # model DDP wraps: it averages their gradients, so every rank takes the same step and the score-to-mask
+    # step gives the same masks; the regulariser (HARP's L_hw) is added on every rank and so counted once in
+    # the average.
+    data_parallel = True
+
     def __init__(self, config=None) -> None:
         super().__init__(config)
         c = self.config

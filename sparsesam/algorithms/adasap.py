@@ -30,6 +30,16 @@
    put back into the original architecture, masked and gated (removed
    channels hold zeros), which is what fit() returns.
 
+Under torchrun (``fit(..., parallel=wrap_ddp)``) every phase is a SAM
+step through DDP (both passes' gradients averaged, so one norm and one
+step on every rank), and the channel scores are made the same on every
+rank: L2 scores read the weights (equal everywhere); Taylor scores, which
+each rank accumulates from its own batches, are averaged over the ranks
+(weighted by the samples each scored) before they set radii or prune.
+That average is not what one process would score on the concatenated
+batches (a batch's score is ``|sum w g|``, not linear in the batch), only
+the same on every rank.
+
 No official implementation was found (searched by name and title); the
 formula and defaults are the paper's. asam_prune (asam_prune.py) is this
 algorithm with one radius for every channel: its control.
@@ -50,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import all_reduce_tensors_mean, unwrap, world
 from ..nn import sparsify
 from ..optim import SAM
 from ..pruning import (CHANNEL_CRITERIA, accumulate_taylor, channel_prune, channel_scores, channel_sparsity,
@@ -129,6 +140,7 @@ class AdaSAP(Algorithm):
 
     config_type = AdaSAPConfig
     name = "adasap"
+    data_parallel = True  # SAM steps through DDP; channel scores equal on every rank (see the module docstring)
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
@@ -169,9 +181,20 @@ class AdaSAP(Algorithm):
         self._gate(model, loader)
 
     def _taylor_scores(self, model, loader) -> Dict[str, torch.Tensor]:
+        """Taylor scores over ``taylor_batches`` of this rank's batches; under torchrun, their mean over the
+        ranks weighted by the samples each scored (the same scores on every rank: see the module docstring)."""
         names = [name for name, _ in prunable_layers(model)]
         batches = on_device(loader, model_device(model))
-        return accumulate_taylor(model, batches, F.cross_entropy, num_batches=self.config.taylor_batches, include=names)
+        scored = [0]
+
+        def loss_fn(logits, targets):
+            scored[0] += targets.shape[0]  # called once per batch accumulate_taylor uses
+            return F.cross_entropy(logits, targets)
+
+        scores = accumulate_taylor(model, batches, loss_fn, num_batches=self.config.taylor_batches, include=names)
+        if world().size > 1:
+            scores = all_reduce_tensors_mean(scores, weight=scored[0])
+        return scores
 
     def _scores(self, model, loader) -> Dict[str, torch.Tensor]:
         if self.config.criterion == "taylor":
@@ -195,6 +218,9 @@ class AdaSAP(Algorithm):
 
     def _refresh_radii(self, model, loader, optimizer) -> Dict[str, float]:
         """Per-channel radii from the channel scores of the weights as they are now; their history columns."""
+        # Under torchrun ``model`` is the DDP the epoch trains through: scores, graph tracing and Taylor passes
+        # run on the module it wraps (the Taylor hooks want each pass's own gradient, not DDP's average).
+        model = unwrap(model)
         layers = dict(prunable_layers(model))
         if self._coupled is None or self._coupled[0]() is not model:
             self._coupled = (weakref.ref(model),

@@ -40,9 +40,11 @@ may choose otherwise on another rank). Each epoch reshuffles the
 DistributedSampler (``set_epoch``) and reseeds the global generators from
 (seed, rank, epoch); the epoch's metrics are the means over all ranks;
 rank 0 alone evaluates ``val_loader`` and shows progress. Only algorithms whose ``data_parallel`` is True accept
-``parallel``: their phases train with a step DDP can average (magnitude,
-sam_prune); the others keep rank-local state in their search (scores,
-rates, radii from rank-local data) that would need its own agreement.
+``parallel`` (every built-in one): their phases train with a step DDP can
+average, and whatever their search learns or measures is equal on every
+rank (learnt scores, rates and soft masks are parameters DDP averages;
+AdaSAP's Taylor scores are averaged over the ranks; see each algorithm's
+docstring). A user's algorithm that keeps rank-local state leaves it False.
 
 A checkpoint is duck-typed: ``load() -> Optional[dict]`` and
 ``save(state: dict)``; sparsesam.checkpoint.Checkpointer writes it to disk

@@ -46,6 +46,19 @@ of all entries (ties broken by |w|) are kept -- exactly the target. The
 weights are left as they are (the soft values are not folded into them).
 Then the weights are fine-tuned with the binary mask fixed.
 
+Under torchrun (``fit(..., parallel=wrap_ddp)``) the soft masks are
+parameters of the module DDP wraps, so both backward passes leave the
+rank-averaged dL/dC on every rank: the ascent's norm is that of the
+global gradient, and C' and Adam's step are the same everywhere. The rate
+term depends on C alone (equal on every rank) and its backward, after
+DDP's reduction, adds the same gradient on every rank. Two things would
+still depend on how the global batch is split, and are made not to, so
+that W ranks of B images compute what one process computes on the W*B:
+the transform parameters (each rank takes its images' share of one draw
+for the global batch, in the DistributedSampler's interleaved order) and
+the margin's normaliser (the number of correctly classified images in the
+global batch, one all-reduce per pass).
+
 Sources: the paper's abstract and problem statement (CC-Cert's Z and d,
 mask perturbation instead of weight perturbation). No official
 implementation was found (searched by name and title, January 2026 paper),
@@ -59,14 +72,18 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ..distributed import world
 from ..nn import masked_layers, sparsify
 from ..ops.mask_scoring import mask_ascent_, mask_grad_sq_norm
 from ..optim import PerturbedPoint, frozen_bn_stats
 from ..pruning import global_sparsity
-from ..robust import DEFAULT_RANGES, TRANSFORMS, random_transform
+from ..robust import DEFAULT_RANGES, TRANSFORMS, apply_transform
+from ..robust.semantic_transforms import sample_parameters
 from ..robust.cc_cert import prediction_discrepancy, top2_margin
 from . import _config
 from ..training import cross_entropy_loss
@@ -138,6 +155,10 @@ class CSAM(Algorithm):
     config_type = CSAMConfig
     name = "csam"
 
+    # The soft masks are parameters DDP averages; the transform draw and the margin's normaliser are made
+    # independent of the split (see the module docstring).
+    data_parallel = True
+
     def __init__(self, config=None) -> None:
         super().__init__(config)
         self._point = PerturbedPoint()  # C' lives here; swapped with the masks' storage for the second pass
@@ -199,11 +220,19 @@ class CSAM(Algorithm):
         total = sum(m.numel() for m in masks)
         return sum(m.sum() for m in masks) / total
 
-    def _transform(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        """T(x) for a transform and parameters drawn from a generator seeded by the step (resumable)."""
+    def _transform(self, x: torch.Tensor, step: int, parallel: bool = False) -> torch.Tensor:
+        """T(x) for a transform and parameters drawn from a generator seeded by the step (resumable).
+
+        parallel (a DDP step): the parameters are drawn for the global batch
+        (world size x this rank's images) and this rank takes every
+        world-size-th from its rank on -- the images the DistributedSampler
+        gave it -- so the ranks together transform as one process would.
+        """
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         which = self.config.transforms[int(torch.randint(len(self.config.transforms), (1,), generator=generator))]
-        return random_transform(x, which, DEFAULT_RANGES[which], generator)[0].to(x.dtype)
+        rank, size, _ = world() if parallel else (0, 1, 0)
+        params = sample_parameters(which, DEFAULT_RANGES[which], size * x.shape[0], generator)[rank::size]
+        return apply_transform(x, which, params).to(x.dtype)
 
     def rate_penalty(self, masks: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(``lambda_rate * N * (kept(C) - k_target)^2``, kept(C)) over the N entries of all masks.
@@ -218,7 +247,7 @@ class CSAM(Algorithm):
         total = sum(m.numel() for m in masks)
         return self.config.lambda_rate * total * (kept - self.keep_target) ** 2, kept
 
-    def objective(self, logits: torch.Tensor, logits_t: torch.Tensor, y: torch.Tensor
+    def objective(self, logits: torch.Tensor, logits_t: torch.Tensor, y: torch.Tensor, parallel: bool = False
                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """``L = CE + lambda_z * mean Z(x; T) - lambda_margin * margin`` from the logits of x and of T(x).
 
@@ -227,13 +256,23 @@ class CSAM(Algorithm):
         prediction would make the error more confident): its masked mean is
         ``sum(d * correct) / max(1, #correct)``, so its weight does not shrink
         with the batch's error rate, and it is 0 when nothing is correct.
+
+        parallel (a DDP step, whose gradients are averaged over the W ranks):
+        the normaliser is the global batch's count (all-reduced) and the
+        rank's sum is scaled by W, so the average over the ranks is the
+        global masked mean (the values logged, all-reduced by fit, too).
         """
         c = self.config
         task = F.cross_entropy(logits, y)
         probs = F.softmax(logits, dim=1)
         discrepancy = prediction_discrepancy(probs, F.softmax(logits_t, dim=1).unsqueeze(1)).squeeze(1).mean()
         correct = (logits.argmax(dim=1) == y).to(probs.dtype)
-        margin = (top2_margin(probs) * correct).sum() / correct.sum().clamp(min=1.0)
+        count, scale = correct.sum(), 1.0
+        if parallel and world().size > 1:
+            count = count.detach().clone()
+            dist.all_reduce(count)
+            scale = float(world().size)
+        margin = scale * (top2_margin(probs) * correct).sum() / count.clamp(min=1.0)
         total = task + c.lambda_z * discrepancy - c.lambda_margin * margin
         return total, {"task": task, "discrepancy": discrepancy, "margin": margin}
 
@@ -246,14 +285,14 @@ class CSAM(Algorithm):
         """
         logits = model(x)
         with frozen_bn_stats(model):
-            total, parts = self.objective(logits, model(x_t), y)
+            total, parts = self.objective(logits, model(x_t), y, isinstance(model, DistributedDataParallel))
             total.backward()
         return total, parts, logits
 
     def _mask_step(self, model, x, y, optimizer) -> Dict[str, float]:
         c = self.config
         masks = self._soft_masks(model)
-        x_t = self._transform(x, self.step)
+        x_t = self._transform(x, self.step, isinstance(model, DistributedDataParallel))
 
         # 1. dL/dC of the whole objective at C (BatchNorm statistics: this clean forward only); the ascent
         #    point C' = clip(C + rho dL/dC / ||dL/dC||, 0, 1) written by the fused op straight into the
