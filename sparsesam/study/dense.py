@@ -77,7 +77,7 @@ def train_dense(kind: str, seed: int, spec: Dict[str, Any], train, val, test, b:
     first = saved["epoch"] if saved and isinstance(saved["epoch"], int) and saved["epoch"] > 1 else 1
     for epochs in range(first, b["dense_max_epochs"] + 1):
         # fit_dense continues from the checkpoint of the epoch before (or of an interrupted call).
-        args = argparse.Namespace(**{**vars(optimizer_args), "epochs": epochs, "progress": progress})
+        args = argparse.Namespace(**{**vars(optimizer_args), "epochs": epochs, "progress": progress, "seed": seed})
         history = fit_dense(model, loader, val_loader, generator, args, checkpointer,
                             label=f"dense-{kind} seed {seed}", loss_fn=loss_fn)
         if plateaued([h["test_accuracy"] for h in history], b["dense_patience"], b["dense_min_delta"]):
