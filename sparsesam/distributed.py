@@ -312,6 +312,10 @@ def process_group(device: str = "cpu") -> Iterator[World]:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield world()
+        # No rank tears the group down (rank 0: its TCPStore) while another still uses it: under load a
+        # gloo rank whose peer had already destroyed the group aborted ("terminate called without an
+        # active exception"). Skipped after an error, where the other ranks may never arrive.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -27,6 +27,7 @@ def _entry(rank, fn, world_size, port, args):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # as sparsesam.distributed.process_group: no rank destroys the group under another
     finally:
         dist.destroy_process_group()
 
