@@ -240,4 +240,4 @@ def csam_mask_step_autograd(model: nn.Module, x, x_t, y, optimizer, objective, r
     with torch.no_grad():
         for m in masks:
             m.clamp_(0, 1)
-    return float(kept)
+    return float(kept.detach())
