@@ -34,8 +34,10 @@ import math
 import os
 import numbers
 import pickle
+import random
 from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -198,20 +200,28 @@ def all_reduce_mean(metrics: Mapping[str, float], weight: float = 1.0) -> Dict[s
         if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)) or (
                 isinstance(value, torch.Tensor) and value.numel() != 1):
             raise TypeError(f"metrics[{name!r}] must be a number, got {value!r}")
+    names = sorted(metrics)
+    values = torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64)
+    return dict(zip(names, _weighted_mean_over_ranks(values, weight).tolist()))
+
+
+def _weighted_mean_over_ranks(values: torch.Tensor, weight: float) -> torch.Tensor:
+    """``sum_r weight_r * values_r / sum_r weight_r`` in float64 with one all-reduce (``values`` itself in a
+    world of one process): the reduction behind :func:`all_reduce_mean` and :func:`all_reduce_tensors_mean`."""
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-    names = sorted(metrics)
-    values = [float(metrics[name]) for name in names]
     if not _initialized() or dist.get_world_size() == 1:
         if weight == 0:
             raise ValueError("weight must be > 0 on at least one rank")
-        return dict(zip(names, values))
-    packed = torch.tensor([weight * v for v in values] + [float(weight)], dtype=torch.float64, device=_reduce_device())
+        return values
+    device = _reduce_device()
+    packed = torch.cat([values.to(device, torch.float64) * float(weight),
+                        torch.tensor([float(weight)], dtype=torch.float64, device=device)])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     total = float(packed[-1])
     if total == 0:
         raise ValueError("weight must be > 0 on at least one rank")
-    return {name: float(s) / total for name, s in zip(names, packed[:-1].tolist())}
+    return packed[:-1] / total
 
 
 def all_reduce_tensors_mean(tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> Dict[str, torch.Tensor]:
@@ -232,26 +242,17 @@ def all_reduce_tensors_mean(tensors: Mapping[str, torch.Tensor], weight: float =
             raise TypeError(f"tensors must map names (str) to tensors, got {name!r}: {type(value).__name__}")
         if not value.is_floating_point():
             raise TypeError(f"tensors[{name!r}] must be floating point, got {value.dtype}")
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-    if not _initialized() or dist.get_world_size() == 1:
-        if weight == 0:
-            raise ValueError("weight must be > 0 on at least one rank")
-        return dict(tensors)
     names = sorted(tensors)
-    device = _reduce_device()
-    parts = [tensors[name].detach().to(device, torch.float64).reshape(-1) * float(weight) for name in names]
-    packed = torch.cat(parts + [torch.tensor([float(weight)], dtype=torch.float64, device=device)])
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    total = float(packed[-1])
-    if total == 0:
-        raise ValueError("weight must be > 0 on at least one rank")
+    if not _initialized() or dist.get_world_size() == 1:
+        _weighted_mean_over_ranks(torch.empty(0, dtype=torch.float64), weight)  # the weight's checks alone
+        return dict(tensors)
+    flat = torch.cat([tensors[name].detach().to(_reduce_device(), torch.float64).reshape(-1) for name in names])
+    means = _weighted_mean_over_ranks(flat, weight)
     out, offset = {}, 0
     for name in names:
         value = tensors[name]
-        chunk = packed[offset:offset + value.numel()] / total
+        out[name] = means[offset:offset + value.numel()].reshape(value.shape).to(value.device, value.dtype)
         offset += value.numel()
-        out[name] = chunk.reshape(value.shape).to(value.device, value.dtype)
     return {name: out[name] for name in tensors}
 
 
@@ -428,9 +429,6 @@ def reseed_for_epoch(seed: int, epoch: int) -> None:
     rank, size, _ = world()
     if size == 1:
         return
-    import random
-
-    import numpy as np
     state = np.random.SeedSequence([int(seed) % 2**63, rank, int(epoch)]).generate_state(2, dtype=np.uint32)
     mixed = int(state[0]) << 32 | int(state[1])
     random.seed(mixed)
@@ -438,6 +436,6 @@ def reseed_for_epoch(seed: int, epoch: int) -> None:
     torch.manual_seed(mixed)
 
 
-__all__ = ["World", "all_reduce_mean", "all_reduce_tensors_mean", "any_rank", "data_parallel", "distributed_sampler", "fixed_mask_buffer_names",
-           "ignore_masks_in_ddp", "is_main_process", "launched_world_size", "on_main_process", "process_group",
+__all__ = ["World", "all_reduce_mean", "all_reduce_tensors_mean", "any_rank", "data_parallel", "distributed_sampler",
+           "fixed_mask_buffer_names", "ignore_masks_in_ddp", "is_main_process", "launched_world_size", "on_main_process", "process_group",
            "rank_device", "reseed_for_epoch", "set_sampler_epoch", "sync_masks", "unwrap", "world", "wrap_ddp"]

@@ -3,17 +3,14 @@ global batch end with the weights of one process on the whole batch.
 
 DDP averages gradients in both backward passes, so every rank sees the same
 gradient, takes the same norm and perturbs identically."""
-import os
-import socket
-
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 import torch.nn.functional as F
 
 from sparsesam.optim import SAM
+
+from distributed_helpers import needs_gloo, run_ranks
 
 STEPS = 4
 GLOBAL_BATCH = 16
@@ -39,37 +36,25 @@ def _train(model, x_of, y_of, opt_model):
         optimizer.second_step(zero_grad=True)
 
 
-def _worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        half = GLOBAL_BATCH // world
-        part = slice(rank * half, (rank + 1) * half)
-        _train(ddp, lambda s: _batch(s)[0][part], lambda s: _batch(s)[1][part], ddp)
-        if rank == 0:
-            torch.save(model.state_dict(), out_path)
-        # Every rank must hold the same weights.
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        assert all(torch.equal(gathered[0], t) for t in gathered)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, out_path):
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    half = GLOBAL_BATCH // world
+    part = slice(rank * half, (rank + 1) * half)
+    _train(ddp, lambda s: _batch(s)[0][part], lambda s: _batch(s)[1][part], ddp)
+    if rank == 0:
+        torch.save(model.state_dict(), out_path)
+    # Every rank must hold the same weights.
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(gathered[0], t) for t in gathered)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+@needs_gloo
 def test_two_process_ddp_matches_one_process(tmp_path):
     out = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    run_ranks(_worker, str(out))
     single = _model()
     _train(single, lambda s: _batch(s)[0], lambda s: _batch(s)[1], single)
     for (name, a), (_, b) in zip(torch.load(out).items(), single.state_dict().items()):
