@@ -16,13 +16,13 @@ from .corruptions import CORRUPTION_GROUPS, CORRUPTIONS, corrupt
 from .plots import plot_accuracy_vs_epsilon, plot_cc_cert, plot_certified_accuracy, plot_corruption_accuracy
 from .semantic_transforms import DEFAULT_RANGES, TRANSFORMS, apply_transform, random_transform
 from .smoothing import (ABSTAIN, certified_accuracy, certified_radius, certify, certify_dataset,
-                        clopper_pearson_lower, predict)
+                        clopper_pearson_lower, largest_certified_radius, predict)
 
 __all__ = [
     "CORRUPTIONS", "CORRUPTION_GROUPS", "corrupt", "evaluate_corruptions", "evaluate_cifar10c", "mean_corruption_accuracy", "mce",
     "NORMS", "pgd", "fgsm", "autoattack", "cross_entropy_objective", "ATTACKS", "adversarial_accuracy",
     "pgd_at_loss", "trades_loss", "mart_loss",
-    "ABSTAIN", "clopper_pearson_lower", "certified_radius", "predict", "certify", "certify_dataset",
+    "ABSTAIN", "clopper_pearson_lower", "certified_radius", "largest_certified_radius", "predict", "certify", "certify_dataset",
     "certified_accuracy",
     "TRANSFORMS", "DEFAULT_RANGES", "apply_transform", "random_transform",
     "top2_margin", "prediction_discrepancy", "chernoff_cramer_bound", "official_bound",

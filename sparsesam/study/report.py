@@ -9,7 +9,9 @@ the mean difference, its standard deviation, a 95% confidence interval
 The p-values are Holm-adjusted within each comparison (every metric, every
 sparsity, every pair), and a difference is *called* (higher / lower) when
 the adjusted p is below 0.05; otherwise "no significant difference".
-Nothing is called on fewer than MIN_SEEDS seeds.
+A metric equal on every seed (certified accuracy at a radius out of
+reach) is not a test and stays out of the family. Nothing is called on
+fewer than MIN_SEEDS seeds.
 """
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ from .._files import atomic_write
 from ..model_files import read_json, write_json
 from ..reporting import markdown_table
 from ..robust import plots
+from ..robust.smoothing import largest_certified_radius
 from .plan import COMPARISONS, Comparison
 
 RUN_FILE = "run.json"
 MIN_SEEDS = 3  # the project's rule: no difference is called on fewer seeds
 LEVEL = 0.05   # family-wise (Holm, per comparison)
+CONSTANT_TOLERANCE = 1e-9  # a paired difference this close to constant is constant (rounding)
 NOT_COMPARED = ("sparsity", "compact_param_ratio")  # settings the methods share, not outcomes
 
 
@@ -121,13 +125,21 @@ def paired(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     d = x - y
     n = len(d)
     result = {"n": n, "mean": float(d.mean()), "std": float(d.std(ddof=1)) if n > 1 else 0.0,
-              "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "p": None, "ci95": None}
+              "wins": int((d > CONSTANT_TOLERANCE).sum()), "losses": int((d < -CONSTANT_TOLERANCE).sum()), "p": None, "ci95": None}
     if n > 1:
         half = float(stats.t.ppf(0.975, n - 1) * result["std"] / np.sqrt(n))
         result["ci95"] = [result["mean"] - half, result["mean"] + half]
-        # Identical differences (e.g. both methods at the same sparsity): no variance, no test.
-        result["p"] = float(stats.ttest_rel(x, y).pvalue) if result["std"] > 0 else (1.0 if result["mean"] == 0
-                                                                                    else 0.0)
+    # Accuracies are counts over the same images, so a difference the same on every seed differs only by
+    # float rounding (1e-17): the t statistic is then noise over noise.
+    constant = bool(np.ptp(d) <= CONSTANT_TOLERANCE) if n else False
+    result["identical"] = constant and abs(result["mean"]) <= CONSTANT_TOLERANCE
+    if n > 1 and not constant:
+        result["p"] = float(stats.ttest_rel(x, y).pvalue)
+    elif n > 1 and not result["identical"]:
+        # The same nonzero difference on every seed: t is infinite; the exact sign test is what is left.
+        result["p"] = float(stats.binomtest(result["wins"], n).pvalue)
+    # Equal on every seed (e.g. certified accuracy at a radius no model can reach): nothing to test, and
+    # left out of Holm's family, where a p of 1 would only raise the others' multiplier.
     return result
 
 
@@ -171,6 +183,8 @@ def verdicts(comparison: Comparison, rows: List[Dict[str, Any]]) -> List[Dict[st
         verdict["p_holm"] = p
         if verdict["n"] < MIN_SEEDS:
             verdict["call"] = f"not called (fewer than {MIN_SEEDS} seeds)"
+        elif verdict["identical"]:
+            verdict["call"] = "equal on every seed (no test)"
         elif p < LEVEL:
             verdict["call"] = "higher" if verdict["mean"] > 0 else "lower"
         else:
@@ -380,7 +394,9 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
         f"model {b['model']} (width x{b['width']}; csam comparison x{b['certified_width']}); SGD lr {b['lr']}",
         f"- evaluation: the first {b['test_limit']} test images (clean, corruptions {', '.join(b['corruptions'])} "
         f"at severities {b['severities']}, PGD L-inf {b['pgd_steps']} steps); smoothing sigma={b['sigma']} "
-        f"N0={b['smoothing_n0']} N={b['smoothing_n']} alpha={b['alpha']} on {b['smoothing_examples']} images; "
+        f"N0={b['smoothing_n0']} N={b['smoothing_n']} alpha={b['alpha']} on {b['smoothing_examples']} images "
+        f"(no radius above {largest_certified_radius(b['smoothing_n'], b['alpha'], b['sigma']):.3f} can be "
+        f"certified at this N and alpha); "
         f"CC-Cert (official bound) {', '.join(b['cc_transforms'])} ({b['cc_samples']} samples) on "
         f"{b['cc_examples']} images; HARP comparison: PGD-AT eps={b['adv_eps']}, {b['attack_steps']} steps, "
         f"for the dense model and every method; csam comparison: Gaussian noise sigma={b['sigma']} in every "

@@ -158,7 +158,7 @@ def test_structured_baselines_and_adversarial_setting_reach_the_configs(tmp_path
 def test_report_pairs_seeds_and_calls_with_holm_adjusted_paired_tests():
     from scipy import stats
     from sparsesam.study.plan import COMPARISONS
-    from sparsesam.study.report import holm, seed_stats, verdicts
+    from sparsesam.study.report import holm, paired, seed_stats, verdicts
     comparison = COMPARISONS["csam"]
 
     def row(method, values, seeds=(0, 1, 2, 3, 4)):
@@ -178,6 +178,21 @@ def test_report_pairs_seeds_and_calls_with_holm_adjusted_paired_tests():
     assert m["call"] == "higher" and m["ci95"][0] > 0
     assert found["sam_prune"]["call"] == "no significant difference"  # noisy: means differ, the test says no
     assert holm([0.01, None, 0.04, 0.03]) == pytest.approx([0.03, None, 0.06, 0.06])
+    # a metric equal on every seed (certified accuracy at an unreachable radius) is no test and not in the family
+    for r in rows:
+        r["metrics"]["certified_l2@1"] = seed_stats([0.0] * 5, [0, 1, 2, 3, 4])
+    found = verdicts(comparison, rows)
+    zero = [v for v in found if v["metric"] == "certified_l2@1"]
+    assert len(zero) == 3 and all(v["p"] is None and v["call"] == "equal on every seed (no test)" for v in zero)
+    assert {v["baseline"]: v for v in found if v["metric"] == "clean_accuracy"}["magnitude"]["p_holm"] == \
+        pytest.approx(min(1.0, 3 * m["p"]))  # still three tests, not six
+    # the same nonzero difference on every seed, up to float rounding: no t-test on the rounding, a sign test
+    theirs = [0.1, 0.7, 0.2, 0.33, 0.9]
+    ours_plus = [v + 0.03 for v in theirs]  # differences 0.03, 0.030000000000000027, 0.02999999999999997, ...
+    same = paired(seed_stats(ours_plus, list(range(5))), seed_stats(theirs, list(range(5))))
+    assert same["std"] > 0  # the rounding: a t-test would give p ~ 1e-15
+    assert same["wins"] == 5 and not same["identical"]
+    assert same["p"] == pytest.approx(stats.binomtest(5, 5).pvalue) == pytest.approx(2 * 0.5 ** 5)
     # seeds are paired by number: a seed one method lacks is left out of the pair
     rows[2] = row("magnitude", magnitude[:2], seeds=(0, 1))
     assert {v["baseline"]: v for v in verdicts(comparison, rows)}["magnitude"]["call"].startswith("not called")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsesam.robust import (ABSTAIN, certified_accuracy, certified_radius, certify, certify_dataset,
-                              clopper_pearson_lower, predict)
+                              clopper_pearson_lower, largest_certified_radius, predict)
 
 from sparsesam.robust.smoothing import sample_counts
 
@@ -40,6 +40,16 @@ def test_radius_formula():
     p = clopper_pearson_lower(100_000, 100_000, 0.001)
     assert certified_radius(p, 0.25) == pytest.approx(0.25 * stats.norm.ppf(0.001 ** 1e-5), rel=1e-12)
     assert 3.7 < certified_radius(p, 1.0) < 3.9
+
+
+def test_largest_certified_radius_is_the_unanimous_vote():
+    # All n votes for the top class: p_lower = alpha ** (1 / n), radius sigma * Phi^-1 of it.
+    assert largest_certified_radius(10_000, 0.001, 0.25) == pytest.approx(
+        0.25 * stats.norm.ppf(0.001 ** (1 / 10_000)), rel=1e-12)
+    assert 0.79 < largest_certified_radius(10_000, 0.001, 0.25) < 0.80  # the study's cap: radius 1.0 is out of reach
+    assert largest_certified_radius(1000, 0.001, 0.25) == pytest.approx(0.25 * stats.norm.ppf(0.001 ** 1e-3), rel=1e-12)
+    with pytest.raises(ValueError, match="n"):
+        largest_certified_radius(0, 0.001, 0.25)
 
 
 @pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5, 1.0])
