@@ -381,9 +381,11 @@ def _markdown(report: Dict[str, Any], chosen: List[Comparison]) -> str:
         "- commits of the code that ran (each run records its own in results.json): "
         + ", ".join(sorted({f"`{r.get('commit') or 'not recorded'}`" for r in report["runs"]}) or ["none yet"])
         + f"; report written at `{report['commit']}`",
-        f"- compute: {t['total_compute_seconds'] / 3600:.2f} process-hours in all (dense models "
+        f"- compute: {t['total_compute_seconds'] / 3600:.2f} process-hours of wall time in all (dense models "
         f"{t['dense_seconds'] / 3600:.2f} h; per run fit + evaluation: median "
-        f"{statistics.median(runs) if runs else 0:.0f} s, max {max(runs, default=0):.0f} s); {_elapsed(report)}",
+        f"{statistics.median(runs) if runs else 0:.0f} s, max {max(runs, default=0):.0f} s); the runs' CPU time: "
+        f"{sum(t['run_cpu_seconds']) / 3600:.2f} CPU-hours over {len(t['run_cpu_seconds'])} runs (a resumed run "
+        f"counts its last call); {_elapsed(report)}",
         "- invocations (the first started the study, later ones resumed it): "
         + "; ".join(f"{i['started']} ({i.get('workers', 1)} worker(s) x {i['threads']} thread(s), "
                     f"`{i.get('commit')}`)" for i in invocations),

@@ -68,6 +68,9 @@ def test_study_writes_runs_table_figures_and_results(csam_study):
     assert {"certified_l2@0.25", "cc_rotation@0.05", "cc_mean@0.05"} <= set(csam)
     table = open(os.path.join(out, "RESULTS.md")).read()
     assert "C-SAM vs magnitude vs plain SAM masks" in table and "seeds: 0" in table and "commits of the code that ran" in table
+    cpu_hours = sum(results["timing"]["run_cpu_seconds"]) / 3600
+    assert f"the runs' CPU time: {cpu_hours:.2f} CPU-hours over 4 runs" in table
+    assert "no radius above" in table  # the smoothing cap, sigma * Phi^-1(alpha^(1/N))
     for figure in results["figures"]:
         path = os.path.join(out, figure)
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
