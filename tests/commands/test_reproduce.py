@@ -240,7 +240,7 @@ def test_rerun_with_other_budgets_is_refused(csam_study, capsys):
 
 @pytest.mark.slow
 def test_reproduce_full_study(tmp_path):
-    """The real study (about 9 CPU-hours: docs/reproduce/PLAN.md): every planned run finishes and is reported."""
+    """The real study (about 6 CPU-hours: docs/reproduce/README.md, Cost): every planned run finishes and is reported."""
     out = tmp_path / "study"
     assert run(["reproduce", "--out", out, "--no-progress"]) == 0
     results = json.load(open(os.path.join(out, "results.json")))
