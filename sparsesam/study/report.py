@@ -125,7 +125,8 @@ def paired(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     d = x - y
     n = len(d)
     result = {"n": n, "mean": float(d.mean()), "std": float(d.std(ddof=1)) if n > 1 else 0.0,
-              "wins": int((d > CONSTANT_TOLERANCE).sum()), "losses": int((d < -CONSTANT_TOLERANCE).sum()), "p": None, "ci95": None}
+              "wins": int((d > CONSTANT_TOLERANCE).sum()), "losses": int((d < -CONSTANT_TOLERANCE).sum()),
+              "p": None, "ci95": None}
     if n > 1:
         half = float(stats.t.ppf(0.975, n - 1) * result["std"] / np.sqrt(n))
         result["ci95"] = [result["mean"] - half, result["mean"] + half]
